@@ -1,0 +1,211 @@
+"""Command-line arguments: dataclasses parsed by `HfArgumentParser`, recipes, and their checks.
+
+Every `TrainingArguments` flag works. `TransferTrainingArguments` only changes defaults to
+what image fine-tuning needs (per-epoch evaluation and model selection on validation
+accuracy, `remove_unused_columns=False` for the on-the-fly transforms, ...).
+
+Recipes: CNNs and ViTs want different optimisers. A recipe is a set of TrainingArguments
+flags per model family, placed *before* the user's flags, so anything given on the
+command line wins (`--recipe tutorial` reproduces the tutorial's settings).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import HfArgumentParser, TrainingArguments
+
+from .augment import AUGMENTATIONS
+from .errors import UserError
+from .models import preset_help
+
+RECIPES: dict[str, dict[str, dict[str, object]]] = {
+    # Chosen from published fine-tuning recipes (README, "Recipes"): SGD with momentum for
+    # CNNs (BiT, Kornblith et al. 2019), AdamW for ViTs, cosine decay with warmup for both.
+    "default": {
+        "cnn": {"optim": "sgd", "optim_args": "momentum=0.9,nesterov=True", "learning_rate": 0.01,
+                "weight_decay": 1e-4, "lr_scheduler_type": "cosine", "warmup_steps": 0.05},
+        "vit": {"optim": "adamw_torch", "learning_rate": 5e-5, "weight_decay": 0.05,
+                "lr_scheduler_type": "cosine", "warmup_steps": 0.1},
+    },
+    # The tutorial's exact settings: 3 epochs, constant learning rate.
+    "tutorial": {
+        "cnn": {"optim": "sgd", "optim_args": "momentum=0.9", "learning_rate": 1e-3, "weight_decay": 1e-4,
+                "lr_scheduler_type": "constant", "warmup_steps": 0, "num_train_epochs": 3},
+        "vit": {"optim": "adamw_torch", "learning_rate": 1e-5, "weight_decay": 1e-4,
+                "lr_scheduler_type": "constant", "warmup_steps": 0, "num_train_epochs": 3},
+    },
+}
+
+
+def _default_workers() -> int:
+    """DataLoader workers per process: the cores this process may use, less one for the main loop."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(8, per_process - 1))
+
+
+@dataclass
+class ModelArguments:
+    model: str | None = field(
+        default=None,
+        metadata={"help": "Model preset (default resnet50 unless --model_name_or_path is given). "
+                          + preset_help().replace("%", "%%")},
+    )
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Any Hub id or local directory of an image-classification checkpoint, "
+                          "transformers-native or timm (`timm/...`). Overrides --model."},
+    )
+    from_scratch: bool = field(
+        default=False,
+        metadata={"help": "Random weights: the architecture only, no weight download."},
+    )
+    image_size: int | None = field(
+        default=None,
+        metadata={"help": "Input size in pixels (square). Default: the checkpoint's own input size."},
+    )
+    recipe: str = field(
+        default="default",
+        metadata={"help": "Optimiser/schedule defaults per model family; flags you pass win.",
+                  "choices": list(RECIPES)},
+    )
+    model_revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of the checkpoint."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow code from the checkpoint's repository to run (off by default)."}
+    )
+
+    def run_name_default(self) -> str:
+        """Name of the default output directory: the preset, or the checkpoint's last path component."""
+        return self.model or (Path(self.model_name_or_path).name if self.model_name_or_path else "resnet50")
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str = field(
+        default="uoft-cs/cifar10",
+        metadata={"help": "Hub data set id, local directory (parquet repo, save_to_disk or image folder), "
+                          "or 'digits' (scikit-learn's bundled digits, no download)."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the Hub data set."})
+    train_dir: str | None = field(default=None, metadata={"help": "Image folder (one subfolder per class)."})
+    validation_dir: str | None = field(default=None, metadata={"help": "Image folder for validation."})
+    test_dir: str | None = field(default=None, metadata={"help": "Image folder for the final test."})
+    image_column: str | None = field(default=None, metadata={"help": "Image column (default: found from the features)."})
+    label_column: str | None = field(default=None, metadata={"help": "Label column (default: found from the features)."})
+    validation_split: float = field(
+        default=0.1,
+        metadata={"help": "Fraction of train held out (stratified, seeded) when the data set has no validation split."},
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only this many training images."})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Use only this many validation and test images (quick runs)."}
+    )
+    augmentation: str = field(
+        default="basic", metadata={"help": "Training augmentation preset.", "choices": list(AUGMENTATIONS)}
+    )
+
+
+@dataclass
+class TransferTrainingArguments(TrainingArguments):
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Where the model, checkpoints and results go (default runs/<model>)."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start afresh in an output directory that already holds files (its old checkpoints are removed)."},
+    )
+    early_stopping_patience: int | None = field(
+        default=None, metadata={"help": "Stop after this many evaluations without a better validation accuracy."}
+    )
+    # Defaults that differ from TrainingArguments':
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep False: the on-the-fly transforms need the raw columns."}
+    )
+    per_device_train_batch_size: int = field(default=128, metadata={"help": "Batch size per device for training."})
+    per_device_eval_batch_size: int = field(default=256, metadata={"help": "Batch size per device for evaluation."})
+    eval_strategy: str = field(default="epoch", metadata={"help": "When to evaluate on the validation split."})
+    save_strategy: str = field(default="epoch", metadata={"help": "When to save a checkpoint."})
+    logging_steps: float = field(default=50, metadata={"help": "Log every this many steps."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints (best kept)."})
+    load_best_model_at_end: bool = field(
+        default=True, metadata={"help": "Finish with the checkpoint of best validation accuracy."}
+    )
+    metric_for_best_model: str | None = field(default="accuracy", metadata={"help": "Metric for model selection."})
+    dataloader_num_workers: int = field(
+        default_factory=_default_workers, metadata={"help": "DataLoader worker processes per process (default: cores - 1)."}
+    )
+    dataloader_persistent_workers: bool = field(
+        default=True, metadata={"help": "Keep DataLoader workers alive between epochs (when there are workers)."}
+    )
+
+    def __post_init__(self):
+        if self.dataloader_num_workers == 0:
+            self.dataloader_persistent_workers = False  # the DataLoader refuses it without workers
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # pinned memory only helps copies to a GPU
+        super().__post_init__()
+
+
+def parse_arguments(argv: Sequence[str] | None, types: tuple) -> tuple:
+    """Parse `argv` into the dataclasses `types`; a bad combination is a one-line UserError."""
+    parser = HfArgumentParser(types)
+    try:
+        return parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
+    except ValueError as exc:  # TrainingArguments.__post_init__ checks
+        raise UserError(str(exc).strip().splitlines()[0]) from exc
+
+
+def recipe_flags(recipe: str, family: str) -> list[str]:
+    flags = []
+    for key, value in RECIPES[recipe][family].items():
+        flags += [f"--{key}", str(value)]
+    return flags
+
+
+def validate_numbers(model_args: ModelArguments, data_args: DataArguments, args: TransferTrainingArguments) -> None:
+    """Checks that must fail before any data or weights are downloaded (README, "Validated arguments")."""
+    checks = [
+        (args.learning_rate > 0, f"--learning_rate must be > 0, got {args.learning_rate}"),
+        (args.per_device_train_batch_size >= 1,
+         f"--per_device_train_batch_size must be >= 1, got {args.per_device_train_batch_size}"),
+        (args.per_device_eval_batch_size >= 1,
+         f"--per_device_eval_batch_size must be >= 1, got {args.per_device_eval_batch_size}"),
+        (args.num_train_epochs > 0 or args.max_steps > 0, "--num_train_epochs must be > 0 (or set --max_steps)"),
+        (args.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be >= 1"),
+        (0 < data_args.validation_split < 1,
+         f"--validation_split must be between 0 and 1 (exclusive), got {data_args.validation_split}"),
+        (model_args.image_size is None or model_args.image_size > 0,
+         f"--image_size must be a positive number of pixels, got {model_args.image_size}"),
+        (data_args.max_train_samples is None or data_args.max_train_samples >= 1, "--max_train_samples must be >= 1"),
+        (data_args.max_eval_samples is None or data_args.max_eval_samples >= 1, "--max_eval_samples must be >= 1"),
+        (args.early_stopping_patience is None or args.early_stopping_patience >= 1,
+         "--early_stopping_patience must be >= 1"),
+        (args.dataloader_num_workers >= 0, "--dataloader_num_workers must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    if model_args.model and model_args.model_name_or_path:
+        raise UserError("pass either --model or --model_name_or_path, not both")
+
+
+def _given(argv: Sequence[str], name: str) -> bool:
+    return any(a == f"--{name}" or a.startswith(f"--{name}=") for a in argv)
+
+
+def parse_with_defaults(argv: Sequence[str], types: tuple, family: str | None = None) -> tuple:
+    """Parse `argv`, filling what the user left out: `--output_dir runs/<model>`, and, once the
+    model family is known, the recipe's flags. User flags come last, so they always win."""
+    argv = list(argv)
+    parsed = parse_arguments(argv, types)
+    prefix = []
+    if not _given(argv, "output_dir"):
+        prefix += ["--output_dir", str(Path("runs") / parsed[0].run_name_default())]
+    if family is not None:
+        prefix += recipe_flags(parsed[0].recipe, family)
+    return parse_arguments(prefix + argv, types) if prefix else parsed

@@ -1,0 +1,279 @@
+"""Data: load an image-classification data set, find its columns, split it, and feed uint8 batches.
+
+Sources: a Hub data set id (default CIFAR-10), a local directory (a Hub-style repo of
+parquet files, a `save_to_disk` folder, or an image folder), `--train_dir`-style image
+folders, or `digits`: scikit-learn's bundled handwritten digits, real data with no download.
+
+Nothing is materialised: `set_transform` decodes and augments each sample when the
+DataLoader asks for it and returns uint8 tensors at storage resolution; `UInt8Collator`
+stacks them. Conversion to the model's float input happens later, on the device.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset, load_from_disk
+
+from .augment import Augmentation
+from .errors import UserError, wrap_load_error
+from .transforms import CorruptImageError, decode_rgb, resize_batch
+
+logger = logging.getLogger(__name__)
+
+ROW = "__row__"  # original row number in its split, carried along for error messages and caches
+_IMAGE_NAMES = ("image", "img", "images", "picture", "photo", "pixel_values")
+_LABEL_NAMES = ("label", "labels", "fine_label", "class", "target", "category", "coarse_label")
+_SPLIT_ALIASES = {"train": ("train", "training"), "validation": ("validation", "valid", "val", "dev", "eval"),
+                  "test": ("test", "testing")}
+DIGITS = "digits"
+
+
+@dataclass
+class ImageData:
+    train: Dataset
+    validation: Dataset
+    test: Dataset | None
+    label_names: list[str]
+    image_column: str
+    label_column: str
+    name: str  # what the model card calls the data set
+    validation_from_train: bool  # carved out of train with --validation_split
+
+
+def load_image_data(
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_dir: str | None = None,
+    validation_dir: str | None = None,
+    test_dir: str | None = None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    validation_split: float = 0.1,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    seed: int = 42,
+) -> ImageData:
+    """Load, check and split a data set; images stay undecoded until a batch asks for them."""
+    if not 0 < validation_split < 1:
+        raise UserError(f"--validation_split must be between 0 and 1 (exclusive), got {validation_split}")
+    raw, name = _load_raw(dataset_name, dataset_config_name, train_dir, validation_dir, test_dir)
+    splits = _canonical_splits(raw, name)
+
+    features = splits["train"].features
+    image_column = _pick_column(features, image_column, _IMAGE_NAMES, lambda f: isinstance(f, Image), "image")
+    label_column = _pick_column(
+        features, label_column, _LABEL_NAMES, lambda f: isinstance(f, ClassLabel), "label"
+    )
+    if not isinstance(features[image_column], Image):
+        raise UserError(f"column '{image_column}' holds {features[image_column]}, not images; pass --image_column")
+    splits, label_names = _as_class_labels(splits, label_column)
+    if len(label_names) < 2:
+        raise UserError(f"the data set has {len(label_names)} class(es) in column '{label_column}'; need at least 2")
+
+    splits = {key: ds.add_column(ROW, np.arange(len(ds))) for key, ds in splits.items()}
+    validation_from_train = "validation" not in splits
+    if validation_from_train:
+        splits["train"], splits["validation"] = _split_off(splits["train"], validation_split, label_column, seed)
+    if max_train_samples is not None:
+        splits["train"] = splits["train"].shuffle(seed=seed).select(range(min(max_train_samples, len(splits["train"]))))
+    if max_eval_samples is not None:
+        for key in ("validation", "test"):
+            if key in splits:
+                splits[key] = splits[key].select(range(min(max_eval_samples, len(splits[key]))))
+
+    # Decode ourselves (decode=False) so a broken file raises an error that names its row.
+    splits = {key: ds.cast_column(image_column, Image(decode=False)) for key, ds in splits.items()}
+    if len(splits["train"]) == 0 or len(splits["validation"]) == 0:
+        raise UserError("the train or validation split is empty; check --max_train_samples / --validation_split")
+    return ImageData(
+        train=splits["train"], validation=splits["validation"], test=splits.get("test"),
+        label_names=label_names, image_column=image_column, label_column=label_column,
+        name=name, validation_from_train=validation_from_train,
+    )
+
+
+def attach_transforms(data: ImageData, augmentation: str = "basic") -> None:
+    """Decode (and augment the train split) on the fly, per sample, in uint8."""
+    num_labels = len(data.label_names)
+    for split, ds, aug in (("train", data.train, Augmentation(augmentation)),
+                           ("validation", data.validation, None), ("test", data.test, None)):
+        if ds is not None:
+            ds.set_transform(SampleTransform(data.image_column, data.label_column, split, num_labels, aug),
+                             columns=[data.image_column, data.label_column, ROW])
+
+
+class SampleTransform:
+    """The `set_transform` function: a batch of rows -> uint8 CHW RGB tensors, labels, row numbers."""
+
+    def __init__(self, image_column: str, label_column: str, split: str, num_labels: int,
+                 augmentation: Augmentation | None = None):
+        self.image_column, self.label_column, self.split = image_column, label_column, split
+        self.num_labels, self.augmentation = num_labels, augmentation
+
+    def __call__(self, batch: dict) -> dict:
+        images, labels = [], []
+        for value, label, row in zip(batch[self.image_column], batch[self.label_column], batch[ROW]):
+            try:
+                image = decode_rgb(value)
+            except Exception as exc:  # PIL raises many types; all mean "this file is broken"
+                where = f" ({value['path']})" if isinstance(value, dict) and value.get("path") else ""
+                raise CorruptImageError(
+                    f"cannot decode the image in split '{self.split}', row {row}{where}: {exc}"
+                ) from exc
+            if label is None or not 0 <= label < self.num_labels:
+                raise CorruptImageError(
+                    f"label {label} in split '{self.split}', row {row} is outside 0..{self.num_labels - 1}"
+                )
+            images.append(self.augmentation(image) if self.augmentation is not None else image)
+            labels.append(label)
+        return {"pixel_values": images, "labels": labels, "row_index": list(batch[ROW])}
+
+
+class UInt8Collator:
+    """Stack samples into a uint8 batch; resize on the CPU only when their sizes differ.
+
+    Images of one size (CIFAR) travel at storage resolution and are resized on the device.
+    Mixed sizes cannot be stacked, so each is resized to the model's input size here, with
+    the same function and interpolation the device path and the saved processor use.
+    """
+
+    def __init__(self, size: tuple[int, int], interpolation: str):
+        self.size, self.interpolation = tuple(size), interpolation
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        images = [e["pixel_values"] for e in examples]
+        if any(image.shape != images[0].shape for image in images):
+            images = [resize_batch(image, self.size, self.interpolation) for image in images]
+        return {
+            "pixel_values": torch.stack(images),
+            "labels": torch.tensor([e["labels"] for e in examples], dtype=torch.long),
+            "row_index": torch.tensor([e["row_index"] for e in examples], dtype=torch.long),
+        }
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _load_raw(dataset_name, config_name, train_dir, validation_dir, test_dir) -> tuple[DatasetDict, str]:
+    if train_dir or validation_dir or test_dir:
+        if not train_dir:
+            raise UserError("--validation_dir/--test_dir need --train_dir as well")
+        files = {}
+        for split, folder in (("train", train_dir), ("validation", validation_dir), ("test", test_dir)):
+            if folder:
+                if not Path(folder).is_dir():
+                    raise UserError(f"--{split}_dir '{folder}' is not a directory")
+                files[split] = str(Path(folder) / "**")
+        try:
+            return load_dataset("imagefolder", data_files=files), str(train_dir)
+        except (OSError, ValueError) as exc:
+            raise wrap_load_error("image folder", train_dir, exc) from exc
+
+    name = dataset_name or "uoft-cs/cifar10"
+    if name == DIGITS:
+        return digits_dataset(), "sklearn digits"
+    path = Path(name)
+    try:
+        if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
+            loaded = load_from_disk(str(path))
+        elif path.exists() or name.startswith((".", "/")):
+            if not path.is_dir():
+                raise UserError(f"--dataset_name '{name}' is neither a directory nor a Hub data set id")
+            loaded = load_dataset(str(path), config_name)
+        else:
+            loaded = load_dataset(name, config_name)
+    except UserError:
+        raise
+    except (OSError, ValueError) as exc:  # ConnectionError, FileNotFoundError, DatasetNotFoundError, ...
+        raise wrap_load_error("data set", name, exc) from exc
+    if isinstance(loaded, Dataset):
+        loaded = DatasetDict(train=loaded)
+    return loaded, name
+
+
+def _canonical_splits(raw: DatasetDict, name: str) -> dict[str, Dataset]:
+    splits = {}
+    for canonical, aliases in _SPLIT_ALIASES.items():
+        for alias in aliases:
+            if alias in raw:
+                splits[canonical] = raw[alias]
+                break
+    if "train" not in splits:
+        raise UserError(f"data set '{name}' has no train split; its splits are: {', '.join(raw)}")
+    return splits
+
+
+def _pick_column(features: Features, chosen, names, is_kind, kind: str) -> str:
+    columns = [c for c in features if c != ROW]
+    if chosen:
+        if chosen not in features:
+            raise UserError(f"--{kind}_column '{chosen}' does not exist; the columns are: {', '.join(columns)}")
+        return chosen
+    typed = [c for c in columns if is_kind(features[c])]
+    if len(typed) == 1:
+        return typed[0]
+    for candidate in (*typed, *names):
+        if candidate in features and (not typed or candidate in typed):
+            return candidate
+    raise UserError(
+        f"cannot find the {kind} column; the columns are: {', '.join(columns)} (pass --{kind}_column)"
+    )
+
+
+def _as_class_labels(splits: dict[str, Dataset], label_column: str) -> tuple[dict[str, Dataset], list[str]]:
+    """Labels as a ClassLabel on every split; its names become the model's id2label."""
+    feature = splits["train"].features[label_column]
+    if isinstance(feature, ClassLabel):
+        return splits, list(feature.names)
+    values = {v for ds in splits.values() for v in ds.unique(label_column)}
+    if None in values:
+        raise UserError(f"column '{label_column}' has empty labels")
+    if all(isinstance(v, (int, np.integer)) for v in values):
+        if min(values) < 0:
+            raise UserError(f"column '{label_column}' has negative labels ({min(values)})")
+        names = [str(i) for i in range(max(values) + 1)]
+        splits = {k: ds.cast_column(label_column, ClassLabel(names=names)) for k, ds in splits.items()}
+    elif all(isinstance(v, str) for v in values):
+        names = sorted(values)
+        index = {n: i for i, n in enumerate(names)}
+        label = ClassLabel(names=names)
+        splits = {
+            k: ds.map(lambda b: {label_column: [index[v] for v in b[label_column]]}, batched=True,
+                      features=Features({**ds.features, label_column: label}))
+            for k, ds in splits.items()
+        }
+    else:
+        raise UserError(f"column '{label_column}' holds {feature}, which is not a class label")
+    return splits, names
+
+
+def _split_off(train: Dataset, fraction: float, label_column: str, seed: int) -> tuple[Dataset, Dataset]:
+    try:
+        parts = train.train_test_split(test_size=fraction, seed=seed, stratify_by_column=label_column)
+    except ValueError:  # a class too small to stratify
+        parts = train.train_test_split(test_size=fraction, seed=seed)
+    return parts["train"], parts["test"]
+
+
+def digits_dataset(test_fraction: float = 0.2) -> DatasetDict:
+    """scikit-learn's 1,797 real 8x8 handwritten digits as an image data set with train/test splits.
+
+    The train/test split is fixed (seed 0), so every run is scored on the same 360 images.
+    """
+    import PIL.Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = np.round(digits.images * (255 / 16)).astype(np.uint8)  # stored as 0..16
+    features = Features({"image": Image(), "label": ClassLabel(names=[str(i) for i in range(10)])})
+    ds = Dataset.from_dict(
+        {"image": [PIL.Image.fromarray(p) for p in pixels], "label": digits.target.tolist()},
+        features=features,
+    )
+    parts = ds.train_test_split(test_size=test_fraction, seed=0, stratify_by_column="label")
+    return DatasetDict(train=parts["train"], test=parts["test"])

@@ -1,0 +1,41 @@
+"""User-facing errors: one readable line and a non-zero exit, never a traceback.
+
+Everything a user can get wrong (a flag, a path, a data set, the network) is raised as
+`UserError` with a message that says what is wrong and what to do. The entry scripts
+run `main` through `run_cli`, which prints that message and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+
+class UserError(Exception):
+    """A mistake in the input (flags, data, paths, network) that the user can fix."""
+
+
+def offline_hint() -> str:
+    return (
+        "to run offline use a local directory, a filled cache with HF_HUB_OFFLINE=1, "
+        "or --dataset_name digits / --from_scratch"
+    )
+
+
+def wrap_load_error(what: str, name: str, exc: BaseException) -> UserError:
+    """Turn a loader's exception (network, missing repo, missing file) into one line."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return UserError(f"could not load {what} '{name}': {reason} ({offline_hint()})")
+
+
+def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
+    """Run `main(argv)`; a `UserError` becomes `error: <message>` on stderr and exit code 2."""
+    try:
+        main(argv)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

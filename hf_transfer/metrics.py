@@ -1,0 +1,91 @@
+"""Classification metrics, computed locally (no `evaluate.load`, which downloads its scripts).
+
+`compute_metrics` is what the Trainer calls at each evaluation. `write_test_report` turns the
+final test predictions into the per-class report and confusion matrix (JSON and PNG).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray, num_labels: int) -> dict[str, float]:
+    """Accuracy, weighted and macro precision/recall/F1, and top-5 accuracy when there are > 5 classes."""
+    logits, labels = np.asarray(logits), np.asarray(labels)
+    predictions = logits.argmax(axis=-1)
+    classes = list(range(num_labels))
+    metrics = {"accuracy": float((predictions == labels).mean())}
+    for average in ("weighted", "macro"):
+        precision, recall, f1, _ = precision_recall_fscore_support(
+            labels, predictions, labels=classes, average=average, zero_division=0
+        )
+        suffix = "" if average == "weighted" else "_macro"
+        metrics.update({f"precision{suffix}": float(precision), f"recall{suffix}": float(recall),
+                        f"f1{suffix}": float(f1)})
+    if num_labels > 5:
+        top5 = np.argsort(-logits, axis=-1)[:, :5]
+        metrics["top5_accuracy"] = float((top5 == labels[:, None]).any(axis=-1).mean())
+    return metrics
+
+
+class ComputeMetrics:
+    """`compute_metrics` for the Trainer (a class, so it pickles and knows the number of classes)."""
+
+    def __init__(self, num_labels: int):
+        self.num_labels = num_labels
+
+    def __call__(self, eval_prediction) -> dict[str, float]:
+        logits = eval_prediction.predictions
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        return classification_metrics(logits, eval_prediction.label_ids, self.num_labels)
+
+
+def write_test_report(output_dir: str | Path, logits: np.ndarray, labels: np.ndarray, label_names: list[str],
+                      rows: np.ndarray | None = None, prefix: str = "test") -> None:
+    """Per-class report, confusion matrix (JSON + PNG) and per-image predictions of the test split."""
+    output_dir = Path(output_dir)
+    predictions = np.asarray(logits).argmax(axis=-1)
+    classes = list(range(len(label_names)))
+    report = classification_report(labels, predictions, labels=classes, target_names=label_names,
+                                   output_dict=True, zero_division=0)
+    matrix = confusion_matrix(labels, predictions, labels=classes)
+    (output_dir / f"{prefix}_per_class.json").write_text(json.dumps(report, indent=2))
+    (output_dir / f"{prefix}_confusion_matrix.json").write_text(
+        json.dumps({"labels": label_names, "matrix": matrix.tolist()}, indent=2)
+    )
+    (output_dir / f"{prefix}_predictions.json").write_text(json.dumps({
+        "rows": (rows if rows is not None else np.arange(len(labels))).tolist(),
+        "labels": np.asarray(labels).tolist(),
+        "predictions": predictions.tolist(),
+    }))
+    plot_confusion_matrix(matrix, label_names, output_dir / f"{prefix}_confusion_matrix.png")
+
+
+def plot_confusion_matrix(matrix: np.ndarray, label_names: list[str], path: Path, title: str | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size = max(4.0, 0.5 * len(label_names) + 2)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(matrix, cmap="Blues")
+    ticks = range(len(label_names))
+    ax.set_xticks(ticks, label_names, rotation=90)
+    ax.set_yticks(ticks, label_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    if len(label_names) <= 30:
+        threshold = matrix.max() / 2 if matrix.size else 0
+        for i in ticks:
+            for j in ticks:
+                ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
+                        color="white" if matrix[i, j] > threshold else "black")
+    ax.set_title(title or "confusion matrix (test split)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

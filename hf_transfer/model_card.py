@@ -1,0 +1,100 @@
+"""The model card (README.md) written into every output directory, from the run's own numbers.
+
+The YAML block is what the Hub reads (base_model, datasets, `model-index` with the test
+results); the body says what was trained, how, and how to use it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+{{ body }}
+"""
+
+_RESULT_KEYS = [("accuracy", "accuracy"), ("f1", "f1 (weighted)"), ("precision", "precision (weighted)"),
+                ("recall", "recall (weighted)"), ("f1_macro", "f1 (macro)"), ("top5_accuracy", "top-5 accuracy")]
+
+
+@dataclass
+class CardInfo:
+    model_name: str
+    base_model: str  # checkpoint the run started from (or the architecture, when from scratch)
+    from_scratch: bool
+    dataset: str
+    label_names: list[str]
+    hyperparameters: dict[str, object] = field(default_factory=dict)
+    teacher: str | None = None  # set for distilled models
+
+
+def _is_hub_id(name: str) -> bool:
+    return name.count("/") == 1 and not Path(name).exists() and not name.startswith((".", "/"))
+
+
+def render_model_card(info: CardInfo, test_metrics: dict | None, eval_metrics: dict | None) -> ModelCard:
+    test_metrics, eval_metrics = test_metrics or {}, eval_metrics or {}
+    eval_results = [
+        EvalResult(task_type="image-classification", dataset_type=info.dataset, dataset_name=info.dataset,
+                   dataset_split="test", metric_type=key, metric_name=name,
+                   metric_value=round(float(test_metrics[f"test_{key}"]), 4))
+        for key, name in _RESULT_KEYS if f"test_{key}" in test_metrics
+    ]
+    tags = ["image-classification", "vision", "hf-vision-transfer",
+            "knowledge-distillation" if info.teacher else "transfer-learning"]
+    data = ModelCardData(
+        license="apache-2.0",
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        tags=tags,
+        model_name=info.model_name,
+        base_model=info.base_model if _is_hub_id(info.base_model) and not info.from_scratch else None,
+        datasets=[info.dataset] if _is_hub_id(info.dataset) else None,
+        eval_results=eval_results or None,
+    )
+    return ModelCard.from_template(data, template_str=_TEMPLATE, model_name=info.model_name, body=_body(info, test_metrics, eval_metrics))
+
+
+def _body(info: CardInfo, test_metrics: dict, eval_metrics: dict) -> str:
+    start = "trained from scratch (random initialisation)" if info.from_scratch else f"fine-tuned from `{info.base_model}`"
+    if info.teacher:
+        start = f"distilled from the teacher `{info.teacher}` ({start})"
+    lines = [f"An image classifier {start} on `{info.dataset}` ({len(info.label_names)} classes), "
+             "made with hf-vision-transfer and the transformers `Trainer`.", ""]
+
+    lines += ["## Results", ""]
+    if test_metrics:
+        lines += ["Test split, evaluated once after training with the checkpoint chosen on validation accuracy:", "",
+                  "| metric | value |", "|---|---|"]
+        lines += [f"| {name} | {test_metrics[f'test_{key}']:.4f} |" for key, name in _RESULT_KEYS if f"test_{key}" in test_metrics]
+        for key, name in (("test_teacher_accuracy", "teacher accuracy"), ("test_agreement", "student-teacher agreement")):
+            if key in test_metrics:
+                lines.append(f"| {name} | {test_metrics[key]:.4f} |")
+    else:
+        lines.append("The data set has no test split; see the validation results below.")
+    if "eval_accuracy" in eval_metrics:
+        lines += ["", f"Validation accuracy: {eval_metrics['eval_accuracy']:.4f}."]
+
+    lines += ["", "## Training", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {key} | {value} |" for key, value in info.hyperparameters.items()]
+
+    lines += ["", "## Usage", "", "```python", "from transformers import pipeline", "",
+              f'classifier = pipeline("image-classification", model="{info.model_name}")',
+              'print(classifier("image.png"))', "```", "",
+              "The saved image processor applies the same resize and normalisation as the evaluation did.", "",
+              "## Labels", "", ", ".join(f"{i}: {name}" for i, name in enumerate(info.label_names))]
+    return "\n".join(lines)
+
+
+def write_model_card(output_dir: str | Path, info: CardInfo, test_metrics: dict | None,
+                     eval_metrics: dict | None) -> Path:
+    path = Path(output_dir) / "README.md"
+    render_model_card(info, test_metrics, eval_metrics).save(path)
+    return path

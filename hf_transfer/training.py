@@ -1,0 +1,121 @@
+"""The one training path both scripts share: output directory, train, evaluate, test, save, card."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+from transformers.trainer_utils import get_last_checkpoint
+
+from .data import ROW, ImageData
+from .errors import UserError
+from .metrics import write_test_report
+from .model_card import CardInfo, write_model_card
+
+logger = logging.getLogger(__name__)
+
+
+def prepare_output_dir(args) -> str | None:
+    """Check the output directory before any download; return the checkpoint to resume from, if any.
+
+    - `--resume_from_checkpoint PATH` resumes from PATH.
+    - A directory holding checkpoints resumes from the last one (the same command continues a run).
+    - A directory holding anything else is refused unless `--overwrite_output_dir`, so no
+      earlier result is lost by accident.
+    """
+    out = Path(args.output_dir)
+    if args.resume_from_checkpoint:
+        if not Path(args.resume_from_checkpoint).is_dir():
+            raise UserError(f"--resume_from_checkpoint '{args.resume_from_checkpoint}' is not a directory")
+        return args.resume_from_checkpoint
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output_dir '{out}' exists and is not a directory")
+    resume = None
+    with args.main_process_first(desc="checking the output directory"):
+        if out.is_dir() and any(out.iterdir()):
+            last = get_last_checkpoint(str(out))
+            if args.overwrite_output_dir:
+                if args.process_index == 0:
+                    for old in out.glob("checkpoint-*"):
+                        shutil.rmtree(old, ignore_errors=True)
+            elif last is not None:
+                resume = last
+            else:
+                raise UserError(
+                    f"--output_dir '{out}' already holds files but no checkpoint to resume from; "
+                    "pass --overwrite_output_dir or choose another --output_dir"
+                )
+        _check_writable(out)
+    if resume is not None:
+        logger.warning("resuming from checkpoint %s", resume)
+    return resume
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"--output_dir '{out}' cannot be written: {exc.strerror or exc}") from exc
+
+
+def train_and_evaluate(trainer, data: ImageData, card: CardInfo, resume_from: str | None = None) -> dict:
+    """Train, keep the best checkpoint (by validation accuracy), test it once, save everything."""
+    train_result = trainer.train(resume_from_checkpoint=resume_from)
+    trainer.save_model()  # the model (safetensors + config with label names) and the image processor
+    results = dict(train_result.metrics, train_samples=len(data.train))
+    trainer.log_metrics("train", results)
+    trainer.save_metrics("train", results)
+    trainer.save_state()
+
+    eval_metrics = dict(trainer.evaluate(), eval_samples=len(data.validation))
+    trainer.log_metrics("eval", eval_metrics)
+    trainer.save_metrics("eval", eval_metrics)
+    results.update(eval_metrics)
+
+    test_metrics = None
+    if data.test is not None:
+        output = trainer.predict(data.test, metric_key_prefix="test")
+        test_metrics = dict(output.metrics, test_samples=len(data.test))
+        test_metrics.update(extra_test_metrics(trainer, output))
+        trainer.log_metrics("test", test_metrics)
+        trainer.save_metrics("test", test_metrics)
+        results.update(test_metrics)
+        if trainer.is_world_process_zero():
+            rows = np.asarray(data.test.with_format(None)[ROW])
+            write_test_report(trainer.args.output_dir, output.predictions, output.label_ids, data.label_names, rows)
+    else:
+        logger.warning("the data set has no test split: the run reports validation results only")
+
+    if trainer.is_world_process_zero():
+        write_model_card(trainer.args.output_dir, card, test_metrics, eval_metrics)
+    return results
+
+
+def extra_test_metrics(trainer, output) -> dict:
+    """Hook for trainers that measure more on the test split (the distillation trainer adds the teacher)."""
+    hook = getattr(trainer, "extra_test_metrics", None)
+    return hook(output) if hook is not None else {}
+
+
+def hyperparameters(args, **extra) -> dict[str, object]:
+    """The settings that matter, for the model card and the run's summary."""
+    world = max(1, args.world_size)
+    summary = dict(extra)
+    summary.update({
+        "epochs": args.num_train_epochs if args.max_steps <= 0 else f"{args.max_steps} steps",
+        "batch size (total)": args.per_device_train_batch_size * args.gradient_accumulation_steps * world,
+        "optimizer": f"{args.optim}" + (f" ({args.optim_args})" if args.optim_args else ""),
+        "learning rate": args.learning_rate,
+        "schedule": f"{args.lr_scheduler_type}, warmup {args.warmup_steps}",
+        "weight decay": args.weight_decay,
+        "label smoothing": args.label_smoothing_factor,
+        "mixed precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "no",
+        "seed": args.seed,
+    })
+    return summary

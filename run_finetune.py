@@ -1,0 +1,16 @@
+#!/usr/bin/env python
+"""Fine-tune a pretrained ResNet or ViT on CIFAR-10 (or any image-classification data set).
+
+    accelerate launch run_finetune.py --model resnet50
+    python run_finetune.py --model vit --bf16
+    python run_finetune.py --dataset_name digits --model resnet18 --from_scratch   # offline
+
+`--help` lists every flag (all TrainingArguments flags work); the logic lives in hf_transfer/.
+"""
+
+from hf_transfer.finetune import cli, main
+
+__all__ = ["main"]
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,86 @@
+"""Tiny checkpoints and data sets the tests build offline, in the formats users bring."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+
+
+def make_checkpoint(kind: str, directory: Path, image_size: int = 32, num_labels: int = 3, seed: int = 0) -> str:
+    """Save a tiny random checkpoint: 'resnet' (timm, via TimmWrapper), 'vit' (transformers-native ViT)
+    or 'hf-resnet' (transformers-native ResNet). Loaded like any Hub checkpoint."""
+    import timm
+    import torch
+    from transformers import (
+        AutoModelForImageClassification,
+        ResNetConfig,
+        TimmWrapperConfig,
+        ViTConfig,
+        ViTImageProcessor,
+    )
+
+    torch.manual_seed(seed)
+    labels = {"num_labels": num_labels, "id2label": {i: f"old{i}" for i in range(num_labels)},
+              "label2id": {f"old{i}": i for i in range(num_labels)}}
+    processor = None
+    if kind == "resnet":
+        pretrained_cfg = timm.get_pretrained_cfg("test_resnet").to_dict()
+        pretrained_cfg.update(input_size=[3, image_size, image_size], mean=[0.485, 0.456, 0.406],
+                              std=[0.229, 0.224, 0.225], interpolation="bicubic")
+        config = TimmWrapperConfig(architecture="test_resnet", pretrained_cfg=pretrained_cfg, **labels)
+    elif kind == "vit":
+        config = ViTConfig(image_size=image_size, patch_size=8, hidden_size=48, num_hidden_layers=2,
+                           num_attention_heads=2, intermediate_size=96, **labels)
+        processor = ViTImageProcessor(size={"height": image_size, "width": image_size},
+                                      image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    elif kind == "hf-resnet":
+        config = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic",
+                              downsample_in_first_stage=False, **labels)
+        processor = ViTImageProcessor(size={"height": image_size, "width": image_size},
+                                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+    else:
+        raise ValueError(kind)
+    model = AutoModelForImageClassification.from_config(config)
+    directory = Path(directory)
+    model.save_pretrained(directory)
+    if processor is not None:
+        processor.save_pretrained(directory)
+    return str(directory)
+
+
+def random_images(n: int, size: int = 32, mode: str = "RGB", seed: int = 0) -> list[PIL.Image.Image]:
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    arrays = rng.integers(0, 256, size=(n, size, size, channels), dtype=np.uint8)
+    return [PIL.Image.fromarray(a[..., 0] if channels == 1 else a, mode=None) for a in arrays]
+
+
+def colour_dataset(n_per_class: int = 12, size: int = 32, names=("red", "green", "blue"), image_key: str = "img",
+                   label_key: str = "label", seed: int = 0, mode: str = "RGB", splits=("train", "test")) -> DatasetDict:
+    """A learnable toy set: each class is noise around one dominant colour channel (CIFAR-10's schema by default)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for split in splits:
+        images, labels = [], []
+        for label in range(len(names)):
+            for _ in range(n_per_class):
+                array = rng.integers(0, 90, size=(size, size, 3), dtype=np.uint8)
+                array[..., label % 3] += 150
+                image = PIL.Image.fromarray(array)
+                if mode != "RGB":
+                    image = image.convert(mode)
+                images.append(image)
+                labels.append(label)
+        features = Features({image_key: Image(), label_key: ClassLabel(names=list(names))})
+        out[split] = Dataset.from_dict({image_key: images, label_key: labels}, features=features)
+    return DatasetDict(out)
+
+
+def png_bytes(image: PIL.Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

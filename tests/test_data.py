@@ -1,0 +1,197 @@
+"""Loading, columns, splits and the uint8 sample path."""
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
+from helpers import colour_dataset, png_bytes, random_images
+
+from hf_transfer.augment import Augmentation
+from hf_transfer.data import ROW, UInt8Collator, attach_transforms, digits_dataset, load_image_data
+from hf_transfer.errors import UserError
+from hf_transfer.transforms import CorruptImageError
+
+
+def save(ds: DatasetDict, tmp_path) -> str:
+    path = tmp_path / "ds"
+    ds.save_to_disk(str(path))
+    return str(path)
+
+
+def test_cifar_schema_columns_and_labels(cifar_like):
+    data = load_image_data(cifar_like, validation_split=0.25, seed=0)
+    assert (data.image_column, data.label_column) == ("img", "label")
+    assert data.label_names == ["red", "green", "blue"]
+    assert data.validation_from_train
+    assert len(data.train) + len(data.validation) == 48 and len(data.test) == 48
+    # stratified: each class keeps its share in validation
+    assert sorted(np.bincount(data.validation["label"]).tolist()) == [4, 4, 4]
+
+
+def test_validation_split_is_seeded(cifar_like):
+    rows = [load_image_data(cifar_like, seed=seed).validation[ROW] for seed in (1, 1, 2)]
+    assert rows[0] == rows[1]
+    assert rows[0] != rows[2]
+
+
+def test_image_labels_variant_and_string_labels(tmp_path):
+    ds = colour_dataset(n_per_class=3, image_key="image", label_key="labels")
+    names = ds["train"].features["labels"].names
+    as_strings = ds.map(lambda b: {"labels": [names[i] for i in b["labels"]]}, batched=True,
+                        features=Features({"image": Image(), "labels": Value("string")}))
+    data = load_image_data(save(as_strings, tmp_path))
+    assert (data.image_column, data.label_column) == ("image", "labels")
+    assert data.label_names == sorted(names)
+    # the label of every row still names its colour
+    for row in data.test.select(range(9)):
+        assert data.label_names[row["labels"]] == as_strings["test"][row[ROW]]["labels"]
+
+
+def test_missing_label_column_names_existing_columns(tmp_path):
+    features = Features({"picture": Image(), "note": Value("string")})
+    ds = DatasetDict(train=Dataset.from_dict({"picture": random_images(4), "note": ["a"] * 4}, features=features))
+    with pytest.raises(UserError, match="cannot find the label column; the columns are: picture, note"):
+        load_image_data(save(ds, tmp_path))
+
+
+def test_explicit_columns_must_exist(cifar_like):
+    with pytest.raises(UserError, match="--image_column 'pixels' does not exist; the columns are: img, label"):
+        load_image_data(cifar_like, image_column="pixels")
+
+
+def test_fewer_than_two_classes_is_an_error(tmp_path):
+    features = Features({"image": Image(), "label": ClassLabel(names=["only"])})
+    ds = DatasetDict(train=Dataset.from_dict({"image": random_images(4), "label": [0] * 4}, features=features))
+    with pytest.raises(UserError, match="1 class"):
+        load_image_data(save(ds, tmp_path))
+
+
+@pytest.mark.parametrize("fraction", [0, 1, 1.5, -0.1])
+def test_validation_split_range(cifar_like, fraction):
+    with pytest.raises(UserError, match="--validation_split must be between 0 and 1"):
+        load_image_data(cifar_like, validation_split=fraction)
+
+
+def test_missing_local_dataset_is_one_line(tmp_path):
+    with pytest.raises(UserError, match="could not load data set|neither a directory"):
+        load_image_data(str(tmp_path / "nope"))
+
+
+def test_unreachable_hub_dataset_says_how_to_run_offline():
+    with pytest.raises(UserError) as info:
+        load_image_data("someone/not-a-real-dataset-for-tests")
+    message = str(info.value)
+    assert "someone/not-a-real-dataset-for-tests" in message and "HF_HUB_OFFLINE=1" in message
+    assert "--dataset_name digits" in message and "\n" not in message
+
+
+def test_image_folders(tmp_path):
+    for split in ("train", "test"):
+        for label, colour in enumerate(("cat", "dog")):
+            folder = tmp_path / split / colour
+            folder.mkdir(parents=True)
+            for i, image in enumerate(random_images(3, size=20 + label * 4, seed=label)):
+                image.save(folder / f"{i}.png")
+    data = load_image_data(train_dir=str(tmp_path / "train"), test_dir=str(tmp_path / "test"), validation_split=0.34)
+    assert data.label_names == ["cat", "dog"]
+    assert len(data.test) == 6
+    attach_transforms(data)
+    sample = data.test[0]
+    assert sample["pixel_values"][0].dtype == torch.uint8
+
+
+def test_grayscale_rgba_and_palette_become_rgb(tmp_path):
+    rgba = PIL.Image.new("RGBA", (4, 4), (255, 0, 0, 0))  # fully transparent red
+    gray = PIL.Image.new("L", (4, 4), 77)
+    palette = PIL.Image.new("RGB", (4, 4), (0, 0, 200)).convert("P")
+    features = Features({"image": Image(), "label": ClassLabel(names=["a", "b"])})
+    train = Dataset.from_dict({"image": [rgba, gray, palette, gray], "label": [0, 1, 0, 1]}, features=features)
+    ds = DatasetDict(train=train, test=train)
+    data = load_image_data(save(ds, tmp_path))
+    attach_transforms(data, augmentation="none")
+    images = data.test[:3]["pixel_values"]
+    assert all(image.shape == (3, 4, 4) and image.dtype == torch.uint8 for image in images)
+    assert images[0].flatten().unique().tolist() == [255]  # transparent -> composited on white
+    assert images[1].flatten().unique().tolist() == [77]
+    assert images[2][2].min() > 190 and images[2][0].max() == 0  # palette (web-quantised) blue
+
+
+def test_sixteen_bit_images_keep_their_range(tmp_path):
+    array = np.full((4, 4), 40000, dtype=np.uint16)  # 61% of the 16-bit range
+    image = PIL.Image.fromarray(array)
+    assert image.mode.startswith("I;16")
+    features = Features({"image": Image(), "label": ClassLabel(names=["a", "b"])})
+    ds = DatasetDict(train=Dataset.from_dict({"image": [image, image], "label": [0, 1]}, features=features))
+    ds = DatasetDict(train=ds["train"], test=ds["train"])
+    data = load_image_data(save(ds, tmp_path))
+    attach_transforms(data, augmentation="none")
+    assert data.test[0]["pixel_values"].flatten().unique().tolist() == [round(40000 * 255 / 65535)]  # 156
+
+
+def test_corrupt_image_error_names_split_and_row(tmp_path):
+    good = png_bytes(random_images(1)[0])
+    cells = [{"bytes": good, "path": None}, {"bytes": good[:40], "path": None}, {"bytes": b"not an image", "path": None}]
+    features = Features({"image": Image(), "label": ClassLabel(names=["a", "b"])})
+    ds = DatasetDict(train=Dataset.from_dict({"image": cells * 2, "label": [0, 1, 0, 1, 0, 1]}, features=features))
+    ds = DatasetDict(train=ds["train"], test=ds["train"])
+    data = load_image_data(save(ds, tmp_path))
+    attach_transforms(data)
+    assert data.test[0]["pixel_values"].shape == (3, 32, 32)
+    with pytest.raises(CorruptImageError, match="cannot decode the image in split 'test', row 1"):
+        data.test[1]
+    with pytest.raises(CorruptImageError, match="split 'test', row 2"):
+        data.test[2]
+
+
+def test_dataset_is_not_materialised(cifar_like):
+    data = load_image_data(cifar_like)
+    attach_transforms(data)
+    # The stored table still holds the encoded files; pixels exist only when a batch is read.
+    assert data.train.format["type"] == "custom"
+    stored = data.train.with_format(None)[0]["img"]
+    assert isinstance(stored["bytes"], bytes) and stored["bytes"][:4] == b"\x89PNG"
+
+
+def test_collator_keeps_uint8_at_storage_size_and_resizes_only_mixed_sizes():
+    collate = UInt8Collator((40, 40), "bilinear")
+    same = [{"pixel_values": torch.zeros(3, 32, 32, dtype=torch.uint8), "labels": i, "row_index": i} for i in range(4)]
+    batch = collate(same)
+    assert batch["pixel_values"].shape == (4, 3, 32, 32) and batch["pixel_values"].dtype == torch.uint8
+    assert batch["labels"].tolist() == [0, 1, 2, 3]
+    mixed = same[:2] + [{"pixel_values": torch.zeros(3, 20, 28, dtype=torch.uint8), "labels": 0, "row_index": 9}]
+    assert collate(mixed)["pixel_values"].shape == (3, 3, 40, 40)
+
+
+def test_digits_is_real_and_fixed():
+    digits = digits_dataset()
+    assert len(digits["train"]) + len(digits["test"]) == 1797
+    assert digits["train"].features["label"].names == [str(i) for i in range(10)]
+    assert digits_dataset()["test"]["label"] == digits["test"]["label"]
+    image = digits["test"][0]["image"]
+    assert image.size == (8, 8) and np.asarray(image).max() > 200  # real strokes, scaled to 0..255
+
+
+@pytest.mark.parametrize("preset", ["basic", "strong"])
+def test_augmentation_presets_differ_between_draws(preset):
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    augment = Augmentation(preset)
+    draws = [augment(image) for _ in range(4)]
+    assert all(d.shape == image.shape and d.dtype == torch.uint8 for d in draws)
+    assert any(not torch.equal(draws[0], d) for d in draws[1:])
+
+
+def test_augmentation_none_is_identity():
+    image = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    assert torch.equal(Augmentation("none")(image), image)
+
+
+def test_train_split_is_augmented_and_eval_splits_are_not(cifar_like):
+    data = load_image_data(cifar_like)
+    attach_transforms(data, augmentation="basic")
+    torch.manual_seed(0)
+    train_draws = [data.train[0]["pixel_values"] for _ in range(5)]
+    test_draws = [data.test[0]["pixel_values"] for _ in range(3)]
+    assert any(not torch.equal(train_draws[0], d) for d in train_draws[1:])
+    assert all(torch.equal(test_draws[0], d) for d in test_draws[1:])

@@ -1,0 +1,197 @@
+"""run_finetune end to end, in-process, offline, on tiny models and on real digits."""
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from datasets import load_dataset
+from transformers import AutoModelForImageClassification, pipeline
+
+import run_finetune
+from hf_transfer.arguments import parse_with_defaults
+from hf_transfer.errors import UserError
+from hf_transfer.finetune import ARGUMENT_TYPES
+
+ROOT = Path(__file__).resolve().parents[1]
+OUTPUT_FILES = ["model.safetensors", "config.json", "preprocessor_config.json", "train_results.json",
+                "eval_results.json", "test_results.json", "all_results.json", "trainer_state.json", "README.md",
+                "test_per_class.json", "test_confusion_matrix.json", "test_confusion_matrix.png"]
+
+
+def pipeline_predictions(output_dir, images):
+    classify = pipeline("image-classification", model=str(output_dir), device="cpu")
+    label2id = classify.model.config.label2id
+    return [label2id[result[0]["label"]] for result in classify(images, top_k=1)]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_vit", "tiny_resnet"])
+def test_end_to_end_on_cifar_schema(request, fixture, cifar_like, tmp_path, quick_args):
+    out = tmp_path / "run"
+    results = run_finetune.main(["--model_name_or_path", request.getfixturevalue(fixture), "--dataset_name", cifar_like,
+                                 "--output_dir", str(out), "--num_train_epochs", "2", *quick_args])
+    for name in OUTPUT_FILES:
+        assert (out / name).exists(), name
+    assert not list(out.glob("*.bin")) or [p.name for p in out.glob("*.bin")] == ["training_args.bin"]
+
+    test = json.loads((out / "test_results.json").read_text())
+    assert {"test_accuracy", "test_f1", "test_precision", "test_recall", "test_f1_macro", "test_loss"} <= set(test)
+    assert test["test_accuracy"] == results["test_accuracy"]
+
+    # the output is a plain transformers model with the data set's label names
+    model = AutoModelForImageClassification.from_pretrained(out)
+    assert model.config.id2label == {0: "red", 1: "green", 2: "blue"}
+
+    # pipeline() with the saved processor predicts exactly what the test evaluation predicted
+    saved = json.loads((out / "test_predictions.json").read_text())
+    raw_test = load_dataset(cifar_like, split="test")
+    images = [raw_test[row]["img"] for row in saved["rows"]]
+    assert pipeline_predictions(out, images) == saved["predictions"]
+    assert np.mean(np.array(saved["predictions"]) == np.array(saved["labels"])) == pytest.approx(test["test_accuracy"])
+
+    # the model card carries the test results in metadata the Hub reads
+    card = (out / "README.md").read_text()
+    metadata = yaml.safe_load(card.split("---")[1])
+    metrics = {m["type"]: m["value"] for m in metadata["model-index"][0]["results"][0]["metrics"]}
+    assert metrics["accuracy"] == round(test["test_accuracy"], 4)
+    assert "pipeline(\"image-classification\"" in card
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory):
+    """A small ResNet trained from scratch on the real digits (8x8 px, shown to the model at 32 px)."""
+    from helpers import make_checkpoint
+
+    checkpoint = make_checkpoint("resnet", tmp_path_factory.mktemp("digits-arch"))
+    out = tmp_path_factory.mktemp("digits-run")
+    results = run_finetune.main([
+        "--model_name_or_path", checkpoint, "--from_scratch", "--dataset_name", "digits", "--output_dir", str(out),
+        "--overwrite_output_dir", "--num_train_epochs", "5", "--learning_rate", "0.05",
+        "--per_device_train_batch_size", "32", "--dataloader_num_workers", "0", "--disable_tqdm", "true",
+        "--seed", "0",
+    ])
+    return out, results
+
+
+def test_digits_from_scratch_learns(digits_run):
+    out, results = digits_run
+    assert results["test_accuracy"] >= 0.95
+    assert results["test_samples"] == 360  # the fixed test split of the real data set
+
+
+def test_checkpoint_transfers_to_new_labels(digits_run, cifar_like, tmp_path, quick_args):
+    checkpoint, _ = digits_run
+    out = tmp_path / "transfer"
+    results = run_finetune.main(["--model_name_or_path", str(checkpoint), "--dataset_name", cifar_like,
+                                 "--output_dir", str(out), "--num_train_epochs", "3", "--learning_rate", "0.02",
+                                 *quick_args])
+    model = AutoModelForImageClassification.from_pretrained(out)
+    assert model.config.id2label == {0: "red", 1: "green", 2: "blue"}
+    assert results["test_accuracy"] > 0.6  # 3 colour classes: chance is 1/3
+
+
+def test_mixed_size_image_folder_with_rgba_and_grayscale(tiny_hf_resnet, tmp_path, quick_args):
+    from helpers import colour_dataset
+
+    folders = tmp_path / "folders"
+    ds = colour_dataset(n_per_class=6, size=24)
+    for split, part in ds.items():
+        for i, row in enumerate(part):
+            image = row["img"].resize((24 + 4 * (i % 3), 24))  # three different sizes
+            image = image.convert(["RGB", "RGBA", "L"][i % 3]) if i % 3 else image
+            target = folders / split / part.features["label"].names[row["label"]]
+            target.mkdir(parents=True, exist_ok=True)
+            image.save(target / f"{i}.png")
+    out = tmp_path / "run"
+    run_finetune.main(["--model_name_or_path", tiny_hf_resnet, "--train_dir", str(folders / "train"),
+                       "--test_dir", str(folders / "test"), "--output_dir", str(out), "--max_steps", "3", *quick_args])
+    saved = json.loads((out / "test_predictions.json").read_text())
+    raw = load_dataset("imagefolder", data_files={"test": str(folders / "test" / "**")}, split="test")
+    assert pipeline_predictions(out, [raw[row]["image"] for row in saved["rows"]]) == saved["predictions"]
+
+
+def test_rerun_resumes_and_foreign_directories_are_refused(tiny_vit, cifar_like, tmp_path, quick_args, caplog):
+    out = tmp_path / "run"
+    args = ["--model_name_or_path", tiny_vit, "--dataset_name", cifar_like, "--output_dir", str(out),
+            "--num_train_epochs", "2", *quick_args]
+    run_finetune.main(args)
+    state = json.loads((out / "trainer_state.json").read_text())
+    last = out / f"checkpoint-{state['global_step']}"
+    assert last.is_dir()
+
+    with caplog.at_level(logging.WARNING):
+        run_finetune.main(args)  # the same command again: continues from the last checkpoint, trains nothing more
+    assert f"resuming from checkpoint {last}" in caplog.text
+    again = json.loads((out / "trainer_state.json").read_text())
+    assert again["global_step"] == state["global_step"]
+    assert again["log_history"][:len(state["log_history"]) - 1] == state["log_history"][:-1]
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    elsewhere = [*args[:4], "--output_dir", str(other), *args[6:]]
+    with pytest.raises(UserError, match="already holds files but no checkpoint"):
+        run_finetune.main(elsewhere)
+    run_finetune.main([*elsewhere, "--overwrite_output_dir"])
+    assert (other / "notes.txt").read_text() == "mine" and (other / "model.safetensors").exists()
+
+
+def test_early_stopping(tiny_vit, cifar_like, tmp_path, quick_args):
+    out = tmp_path / "run"
+    run_finetune.main(["--model_name_or_path", tiny_vit, "--dataset_name", cifar_like, "--output_dir", str(out),
+                       "--num_train_epochs", "20", "--learning_rate", "1e-9", "--early_stopping_patience", "1",
+                       *quick_args])
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["epoch"] == 2  # no improvement at the second evaluation stops the run
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--learning_rate", "0"], "--learning_rate must be > 0"),
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be >= 1"),
+    (["--validation_split", "1.5"], "--validation_split must be between 0 and 1"),
+    (["--image_size", "0"], "--image_size must be a positive number"),
+    (["--model", "resnet51"], "unknown --model 'resnet51'"),
+    (["--early_stopping_patience", "2", "--load_best_model_at_end", "false"], "needs --load_best_model_at_end"),
+])
+def test_bad_flags_fail_before_loading_anything(flags, message, tmp_path):
+    with pytest.raises(UserError, match=message):
+        run_finetune.main(["--dataset_name", "does-not/matter", "--output_dir", str(tmp_path / "o"), *flags])
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_output_dir_that_cannot_be_written(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(UserError, match="cannot be written|is not a directory"):
+        run_finetune.main(["--dataset_name", "digits", "--output_dir", str(blocker / "sub")])
+
+
+def test_cli_error_is_one_line_and_exit_code_2(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "run_finetune.py"), "--model", "resnet51",
+                           "--output_dir", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown --model 'resnet51'; choose one of:")
+    assert "Traceback" not in proc.stderr
+
+
+def test_help_lists_the_presets():
+    proc = subprocess.run([sys.executable, str(ROOT / "run_finetune.py"), "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0
+    for preset in ("resnet18", "resnet34", "resnet50", "vit-base", "vit-small", "--learning_rate", "--from_scratch"):
+        assert preset in proc.stdout
+
+
+def test_recipes_fill_only_what_the_user_left_out():
+    _, _, cnn = parse_with_defaults(["--output_dir", "x"], ARGUMENT_TYPES, family="cnn")
+    assert (cnn.optim, cnn.learning_rate, cnn.lr_scheduler_type) == ("sgd", 0.01, "cosine")
+    assert "momentum=0.9" in cnn.optim_args
+    _, _, vit = parse_with_defaults(["--output_dir", "x", "--learning_rate", "3e-4"], ARGUMENT_TYPES, family="vit")
+    assert (vit.optim, vit.learning_rate) == ("adamw_torch", 3e-4)
+    _, _, tutorial = parse_with_defaults(["--recipe", "tutorial"], ARGUMENT_TYPES, family="cnn")
+    assert (tutorial.learning_rate, tutorial.weight_decay, tutorial.num_train_epochs) == (1e-3, 1e-4, 3)
+    assert tutorial.output_dir == str(Path("runs") / "resnet50")

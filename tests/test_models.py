@@ -1,0 +1,117 @@
+"""Presets, checkpoint loading (timm and transformers-native), the head and the input size."""
+
+import pytest
+import torch
+from transformers import AutoModelForImageClassification
+
+from hf_transfer.errors import UserError
+from hf_transfer.models import (
+    ALIASES,
+    PRESETS,
+    classifier_head,
+    load_model,
+    model_family,
+    resolve_source,
+    set_input_size,
+)
+
+NAMES = ["cat", "dog", "frog"]
+
+
+def test_presets_resolve_to_checkpoints():
+    assert resolve_source("resnet50", None) == "timm/resnet50.a1_in1k"
+    assert resolve_source("resnet50-tv", None) == "timm/resnet50.tv_in1k"
+    assert resolve_source("vit", None) == resolve_source("vit-base", None) == "google/vit-base-patch16-224-in21k"
+    assert resolve_source(None, None) == PRESETS["resnet50"].checkpoint
+    assert resolve_source("resnet18", "some/path") == "some/path"
+    assert {"resnet18", "resnet34", "resnet50", "vit-base", "vit-small"} <= set(PRESETS) | set(ALIASES)
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(UserError, match="unknown --model 'resnet51'; choose one of: resnet18, resnet34, resnet50"):
+        resolve_source("resnet51", None)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_vit", "tiny_resnet", "tiny_hf_resnet"])
+def test_new_labels_get_a_new_head(request, fixture):
+    path = request.getfixturevalue(fixture)
+    loaded = load_model(path, ["a", "b", "c", "d"])
+    assert loaded.model.config.id2label == {0: "a", 1: "b", 2: "c", 3: "d"}
+    assert loaded.head_reset
+    logits = loaded.model(pixel_values=torch.zeros(1, 3, *loaded.spec.size)).logits
+    assert logits.shape == (1, 4)
+
+
+def test_same_number_of_labels_with_other_names_resets_the_head(tiny_vit):
+    original = AutoModelForImageClassification.from_pretrained(tiny_vit)
+    kept = load_model(tiny_vit, ["old0", "old1", "old2"])  # the checkpoint's own labels: head kept
+    renamed = load_model(tiny_vit, NAMES)
+    assert not kept.head_reset and renamed.head_reset
+    assert torch.equal(classifier_head(kept.model).weight, classifier_head(original).weight)
+    assert not torch.equal(classifier_head(renamed.model).weight, classifier_head(original).weight)
+    # the backbone is the checkpoint's either way
+    ours, theirs = renamed.model.state_dict(), original.state_dict()
+    backbone = [key for key in theirs if not key.startswith("classifier")]
+    assert len(backbone) > 10 and all(torch.equal(ours[key], theirs[key]) for key in backbone)
+
+
+def test_spec_is_read_from_the_checkpoint(tiny_vit, tiny_resnet):
+    vit = load_model(tiny_vit, NAMES)
+    assert vit.spec.mean == (0.5, 0.5, 0.5) and vit.spec.size == (32, 32) and vit.family == "vit"
+    resnet = load_model(tiny_resnet, NAMES)  # timm: from pretrained_cfg
+    assert resnet.spec.mean == pytest.approx((0.485, 0.456, 0.406)) and resnet.spec.interpolation == "bicubic"
+    assert resnet.family == "cnn"
+
+
+def test_preset_from_scratch_needs_no_download():
+    loaded = load_model(PRESETS["resnet18"].checkpoint, NAMES, from_scratch=True)
+    assert type(loaded.model).__name__ == "TimmWrapperForImageClassification"
+    assert loaded.spec.size == (224, 224) and loaded.family == "cnn"
+    assert loaded.model.config.pretrained_cfg["mean"] == pytest.approx([0.485, 0.456, 0.406])
+
+
+def test_vit_base_from_scratch_is_the_in21k_architecture():
+    loaded = load_model(PRESETS["vit-base"].checkpoint, NAMES, from_scratch=True)
+    config = loaded.model.config
+    assert (config.hidden_size, config.num_hidden_layers, config.patch_size, config.image_size) == (768, 12, 16, 224)
+    assert loaded.spec.mean == (0.5, 0.5, 0.5) and loaded.family == "vit"
+
+
+def test_unreachable_checkpoint_says_how_to_run_offline():
+    with pytest.raises(UserError, match="could not load model config 'someone/no-such-model'.*HF_HUB_OFFLINE=1"):
+        load_model("someone/no-such-model", NAMES)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_vit", "tiny_resnet", "tiny_hf_resnet"])
+def test_image_size_changes_the_input_size(request, fixture, tmp_path):
+    loaded = load_model(request.getfixturevalue(fixture), NAMES, image_size=48)
+    assert loaded.spec.size == (48, 48)
+    model = loaded.model.eval()
+    x = torch.randn(2, 3, 48, 48)
+    logits = model(pixel_values=x).logits
+    assert logits.shape == (2, 3)
+    model.save_pretrained(tmp_path)  # the saved config rebuilds the model at the new size
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(reloaded(pixel_values=x).logits, logits)
+
+
+def test_vit_position_embeddings_are_resampled_not_reset(tiny_vit):
+    original = load_model(tiny_vit, NAMES).model
+    resized = set_input_size(load_model(tiny_vit, NAMES).model, 64)
+    old = original.vit.embeddings.position_embeddings
+    new = resized.vit.embeddings.position_embeddings
+    assert new.shape[1] == 1 + (64 // 8) ** 2
+    assert torch.equal(new[:, 0], old[:, 0])  # the class token's embedding is kept
+
+
+def test_image_size_must_fit_the_patches(tiny_vit):
+    with pytest.raises(UserError, match="--image_size 50 is not a multiple of the model's patch size 8"):
+        load_model(tiny_vit, NAMES, image_size=50)
+
+
+def test_family():
+    from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification
+
+    assert model_family(ResNetForImageClassification(ResNetConfig(depths=[1], hidden_sizes=[8]))) == "cnn"
+    assert model_family(ViTForImageClassification(ViTConfig(num_hidden_layers=1, hidden_size=8,
+                                                            num_attention_heads=1, intermediate_size=8))) == "vit"
