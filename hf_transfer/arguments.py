@@ -85,6 +85,47 @@ class ModelArguments:
 
 
 @dataclass
+class StudentArguments(ModelArguments):
+    """The model being trained by run_distill.py; `--student` is `--model` under its own name."""
+
+    model: str | None = field(
+        default=None,
+        metadata={"aliases": ["--student"], "help": "Student preset (default resnet18). Same presets as run_finetune.py."},
+    )
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"aliases": ["--student_model_name_or_path"],
+                  "help": "Any Hub id or local directory of an image-classification checkpoint for the student."},
+    )
+
+    def run_name_default(self) -> str:
+        return (self.model or (Path(self.model_name_or_path).name if self.model_name_or_path else "resnet18")) + "-distilled"
+
+
+@dataclass
+class DistillationArguments:
+    teacher_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "The teacher: an output directory of run_finetune.py, or any Hub/local image-classification "
+                          "checkpoint fine-tuned on the same labels."},
+    )
+    teacher_revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of the teacher."})
+    alpha: float = field(
+        default=0.5,
+        metadata={"help": "Weight of the distillation (KL) term, in [0, 1]; the label cross-entropy gets 1 - alpha. "
+                          "0 is plain fine-tuning, 1 ignores the labels."},
+    )
+    temperature: float = field(
+        default=2.0, metadata={"help": "Softmax temperature (> 0) of the distillation term; the term is scaled by T^2."}
+    )
+    cache_teacher_logits: bool = field(
+        default=False,
+        metadata={"help": "Compute the teacher's logits once per training image and reuse them every epoch "
+                          "(only with --augmentation none; stored in the output directory)."},
+    )
+
+
+@dataclass
 class DataArguments:
     dataset_name: str = field(
         default="uoft-cs/cifar10",
@@ -192,6 +233,18 @@ def validate_numbers(model_args: ModelArguments, data_args: DataArguments, args:
             raise UserError(message)
     if model_args.model and model_args.model_name_or_path:
         raise UserError("pass either --model or --model_name_or_path, not both")
+
+
+def validate_distillation(distill_args: DistillationArguments, data_args: DataArguments) -> None:
+    if not distill_args.teacher_model_name_or_path:
+        raise UserError("pass --teacher_model_name_or_path (an output directory of run_finetune.py or a Hub id)")
+    if not 0.0 <= distill_args.alpha <= 1.0:
+        raise UserError(f"--alpha must be in [0, 1], got {distill_args.alpha}")
+    if distill_args.temperature <= 0:
+        raise UserError(f"--temperature must be > 0, got {distill_args.temperature}")
+    if distill_args.cache_teacher_logits and data_args.augmentation != "none":
+        raise UserError("--cache_teacher_logits needs --augmentation none: with augmentation the teacher "
+                        "must see every new view of an image")
 
 
 def _given(argv: Sequence[str], name: str) -> bool:

@@ -49,11 +49,11 @@ def preset_help() -> str:
     return "; ".join(lines)
 
 
-def resolve_source(model: str | None, model_name_or_path: str | None) -> str:
+def resolve_source(model: str | None, model_name_or_path: str | None, default: str = "resnet50") -> str:
     """The checkpoint to start from: a preset's Hub id, or the path/id the user gave."""
     if model_name_or_path:
         return model_name_or_path
-    name = ALIASES.get(model or "resnet50", model or "resnet50")
+    name = ALIASES.get(model or default, model or default)
     if name not in PRESETS:
         choices = ", ".join([*PRESETS, *ALIASES])
         raise UserError(f"unknown --model '{model}'; choose one of: {choices} (or pass --model_name_or_path)")
@@ -116,8 +116,31 @@ def load_model(
     if image_size is not None and (image_size,) * 2 != spec.size:
         model = set_input_size(model, image_size)
         spec = spec.with_size(image_size)
-    _record_preprocessing(model.config, spec)
+    _drop_timm_preprocessing(model.config)
     return LoadedModel(model=model, spec=spec, family=model_family(model), source=source, head_reset=head_reset)
+
+
+def load_teacher(source: str, label_names: list[str], *, revision: str | None = None,
+                 trust_remote_code: bool = False) -> LoadedModel:
+    """A fine-tuned classifier to distil from: frozen, in eval mode, with the data set's labels."""
+    hub_kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
+    config, spec = _config_and_spec(source, False, hub_kwargs)
+    names = [config.id2label[i] for i in sorted(config.id2label)]
+    if names != list(label_names):
+        raise UserError(
+            f"the teacher's labels do not match the data set's: teacher has {len(names)} ({_preview(names)}), "
+            f"data set has {len(label_names)} ({_preview(label_names)}); use a teacher fine-tuned on these labels"
+        )
+    try:
+        model = AutoModelForImageClassification.from_pretrained(source, **hub_kwargs)
+    except OSError as exc:
+        raise wrap_load_error("teacher", source, exc) from exc
+    model.eval().requires_grad_(False)
+    return LoadedModel(model=model, spec=spec, family=model_family(model), source=source, head_reset=False)
+
+
+def _preview(names: list[str], n: int = 4) -> str:
+    return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
 
 
 def _config_and_spec(source: str, from_scratch: bool, hub_kwargs: dict):
@@ -172,18 +195,16 @@ def _timm_spec(source: str, config, hub_kwargs: dict) -> ImageSpec:
     return ImageSpec.from_timm_config(pretrained_cfg)
 
 
-def _record_preprocessing(config, spec: ImageSpec) -> None:
-    """Keep a timm checkpoint's `pretrained_cfg` true to the preprocessing this run uses."""
-    if config.model_type != "timm_wrapper":
-        return
-    pretrained_cfg = dict(getattr(config, "pretrained_cfg", None) or {})
-    pretrained_cfg.update(
-        input_size=[3, *spec.size], mean=list(spec.mean), std=list(spec.std),
-        interpolation=spec.interpolation, crop_pct=1.0, crop_mode="center",
-    )
-    pretrained_cfg.pop("test_input_size", None)
-    pretrained_cfg.pop("test_crop_pct", None)
-    config.pretrained_cfg = pretrained_cfg
+def _drop_timm_preprocessing(config) -> None:
+    """Make the saved image processor the one source of preprocessing for timm checkpoints.
+
+    For a local directory whose config.json holds a timm `pretrained_cfg`, AutoImageProcessor
+    builds timm's PIL transforms from it and ignores preprocessor_config.json (a Hub copy of
+    the same directory uses preprocessor_config.json). Without `pretrained_cfg`, both load the
+    standard processor saved beside the model: exactly the preprocessing the run used.
+    """
+    if config.model_type == "timm_wrapper" and hasattr(config, "pretrained_cfg"):
+        del config.pretrained_cfg
 
 
 def model_family(model: nn.Module) -> str:

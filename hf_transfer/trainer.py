@@ -27,7 +27,17 @@ class TransferTrainer(Trainer):
 
     def model_inputs(self, images: torch.Tensor, labels: torch.Tensor | None, batch: dict) -> dict:
         """The keyword arguments of the model's forward, built from a uint8 batch on the device."""
-        inputs = {"pixel_values": self.to_model_input(images)}
+        inputs = {"pixel_values": self.cast_for_model(self.to_model_input(images))}
         if labels is not None:
             inputs["labels"] = labels
         return inputs
+
+    def cast_for_model(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        # DeepSpeed holds the weights in its own dtype and, unlike autocast, does not cast inputs.
+        if self.is_deepspeed_enabled:
+            return pixel_values.to(self.accelerator.state.deepspeed_plugin.hf_ds_config.dtype())
+        return pixel_values
+
+    def extra_test_metrics(self, dataset, output) -> dict[str, float]:
+        """More numbers measured on the test split, prefixed `test_` (the distillation trainer adds the teacher's)."""
+        return {}

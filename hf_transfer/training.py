@@ -1,21 +1,76 @@
-"""The one training path both scripts share: output directory, train, evaluate, test, save, card."""
+"""The one training path both scripts share, step by step.
+
+run_finetune.py and run_distill.py call these in order: check the arguments and the output
+directory, load the data, load the model, build the Trainer's arguments, then
+`train_and_evaluate` (train, pick the best checkpoint on validation, test once, save, card).
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from transformers import EarlyStoppingCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from .data import ROW, ImageData
+from .arguments import parse_with_defaults, validate_numbers
+from .data import ROW, ImageData, UInt8Collator, load_image_data
 from .errors import UserError
-from .metrics import write_test_report
+from .metrics import ComputeMetrics, write_test_report
 from .model_card import CardInfo, write_model_card
+from .models import LoadedModel, load_model
 
 logger = logging.getLogger(__name__)
+
+
+def parse_and_check(argv: Sequence[str], types: tuple) -> tuple:
+    """Parse the flags and check every number, before anything is downloaded or written."""
+    parsed = parse_with_defaults(argv, types)
+    model_args, data_args, args = parsed[0], parsed[-2], parsed[-1]
+    validate_numbers(model_args, data_args, args)
+    if args.early_stopping_patience is not None and not args.load_best_model_at_end:
+        raise UserError("--early_stopping_patience needs --load_best_model_at_end (the default)")
+    return parsed
+
+
+def load_data(data_args, seed: int) -> ImageData:
+    return load_image_data(
+        dataset_name=data_args.dataset_name, dataset_config_name=data_args.dataset_config_name,
+        train_dir=data_args.train_dir, validation_dir=data_args.validation_dir, test_dir=data_args.test_dir,
+        image_column=data_args.image_column, label_column=data_args.label_column,
+        validation_split=data_args.validation_split, max_train_samples=data_args.max_train_samples,
+        max_eval_samples=data_args.max_eval_samples, seed=seed,
+    )
+
+
+def load_trained_model(model_args, source: str, data: ImageData) -> LoadedModel:
+    """The model to train, with a head for the data set's labels."""
+    return load_model(
+        source, data.label_names, from_scratch=model_args.from_scratch, image_size=model_args.image_size,
+        revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code,
+    )
+
+
+def trainer_kwargs(args, data: ImageData, loaded: LoadedModel) -> dict:
+    """What every trainer of this project is built from."""
+    callbacks = []
+    if args.early_stopping_patience is not None:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
+    return dict(
+        model=loaded.model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.validation,
+        data_collator=UInt8Collator(loaded.spec.size, loaded.spec.interpolation),
+        processing_class=loaded.spec.to_image_processor(),
+        compute_metrics=ComputeMetrics(len(data.label_names)),
+        callbacks=callbacks,
+        image_spec=loaded.spec,
+    )
 
 
 def prepare_output_dir(args) -> str | None:
@@ -35,7 +90,8 @@ def prepare_output_dir(args) -> str | None:
         raise UserError(f"--output_dir '{out}' exists and is not a directory")
     resume = None
     with args.main_process_first(desc="checking the output directory"):
-        if out.is_dir() and any(out.iterdir()):
+        # Files a run writes before its first checkpoint (the teacher-logit cache) are its own, not foreign.
+        if out.is_dir() and any(not p.name.startswith("teacher_logits-") for p in out.iterdir()):
             last = get_last_checkpoint(str(out))
             if args.overwrite_output_dir:
                 if args.process_index == 0:
@@ -82,7 +138,7 @@ def train_and_evaluate(trainer, data: ImageData, card: CardInfo, resume_from: st
     if data.test is not None:
         output = trainer.predict(data.test, metric_key_prefix="test")
         test_metrics = dict(output.metrics, test_samples=len(data.test))
-        test_metrics.update(extra_test_metrics(trainer, output))
+        test_metrics.update(trainer.extra_test_metrics(data.test, output))
         trainer.log_metrics("test", test_metrics)
         trainer.save_metrics("test", test_metrics)
         results.update(test_metrics)
@@ -95,12 +151,6 @@ def train_and_evaluate(trainer, data: ImageData, card: CardInfo, resume_from: st
     if trainer.is_world_process_zero():
         write_model_card(trainer.args.output_dir, card, test_metrics, eval_metrics)
     return results
-
-
-def extra_test_metrics(trainer, output) -> dict:
-    """Hook for trainers that measure more on the test split (the distillation trainer adds the teacher)."""
-    hook = getattr(trainer, "extra_test_metrics", None)
-    return hook(output) if hook is not None else {}
 
 
 def hyperparameters(args, **extra) -> dict[str, object]:

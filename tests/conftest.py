@@ -55,8 +55,39 @@ def cifar_like(tmp_path_factory):
     return str(root)
 
 
+def quick_flags():
+    return ["--dataloader_num_workers", "0", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "32",
+            "--disable_tqdm", "true", "--logging_steps", "5", "--report_to", "none"]
+
+
 @pytest.fixture
 def quick_args():
     """Flags that keep an end-to-end run to a few seconds on 2 CPU cores."""
-    return ["--dataloader_num_workers", "0", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "32",
-            "--disable_tqdm", "true", "--logging_steps", "5", "--report_to", "none"]
+    return quick_flags()
+
+
+@pytest.fixture(scope="session")
+def digits_run(tmp_path_factory):
+    """A small ResNet trained from scratch by run_finetune on the real digits (8x8 px, shown at 32 px)."""
+    import run_finetune
+
+    checkpoint = make_checkpoint("resnet", tmp_path_factory.mktemp("digits-arch"))
+    out = tmp_path_factory.mktemp("digits-run")
+    results = run_finetune.main([
+        "--model_name_or_path", checkpoint, "--from_scratch", "--dataset_name", "digits", "--output_dir", str(out),
+        "--overwrite_output_dir", "--num_train_epochs", "5", "--learning_rate", "0.05",
+        "--per_device_train_batch_size", "32", "--dataloader_num_workers", "0", "--disable_tqdm", "true",
+        "--seed", "0",
+    ])
+    return out, results
+
+
+@pytest.fixture(scope="session")
+def cifar_teacher(tiny_vit, cifar_like, tmp_path_factory):
+    """A tiny ViT fine-tuned by run_finetune on the CIFAR-schema set (mean/std 0.5, 32 px)."""
+    import run_finetune
+
+    out = tmp_path_factory.mktemp("cifar-teacher")
+    run_finetune.main(["--model_name_or_path", tiny_vit, "--dataset_name", cifar_like, "--output_dir", str(out),
+                       "--overwrite_output_dir", "--num_train_epochs", "2", *quick_flags()])
+    return str(out)

@@ -10,7 +10,8 @@ import PIL.Image
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 
 
-def make_checkpoint(kind: str, directory: Path, image_size: int = 32, num_labels: int = 3, seed: int = 0) -> str:
+def make_checkpoint(kind: str, directory: Path, image_size: int = 32, num_labels: int = 3, seed: int = 0,
+                    mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> str:
     """Save a tiny random checkpoint: 'resnet' (timm, via TimmWrapper), 'vit' (transformers-native ViT)
     or 'hf-resnet' (transformers-native ResNet). Loaded like any Hub checkpoint."""
     import timm
@@ -29,8 +30,8 @@ def make_checkpoint(kind: str, directory: Path, image_size: int = 32, num_labels
     processor = None
     if kind == "resnet":
         pretrained_cfg = timm.get_pretrained_cfg("test_resnet").to_dict()
-        pretrained_cfg.update(input_size=[3, image_size, image_size], mean=[0.485, 0.456, 0.406],
-                              std=[0.229, 0.224, 0.225], interpolation="bicubic")
+        pretrained_cfg.update(input_size=[3, image_size, image_size], mean=list(mean), std=list(std),
+                              interpolation="bicubic")
         config = TimmWrapperConfig(architecture="test_resnet", pretrained_cfg=pretrained_cfg, **labels)
     elif kind == "vit":
         config = ViTConfig(image_size=image_size, patch_size=8, hidden_size=48, num_hidden_layers=2,
@@ -41,7 +42,7 @@ def make_checkpoint(kind: str, directory: Path, image_size: int = 32, num_labels
         config = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], layer_type="basic",
                               downsample_in_first_stage=False, **labels)
         processor = ViTImageProcessor(size={"height": image_size, "width": image_size},
-                                      image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225])
+                                      image_mean=list(mean), image_std=list(std))
     else:
         raise ValueError(kind)
     model = AutoModelForImageClassification.from_config(config)

@@ -61,22 +61,6 @@ def test_end_to_end_on_cifar_schema(request, fixture, cifar_like, tmp_path, quic
     assert "pipeline(\"image-classification\"" in card
 
 
-@pytest.fixture(scope="module")
-def digits_run(tmp_path_factory):
-    """A small ResNet trained from scratch on the real digits (8x8 px, shown to the model at 32 px)."""
-    from helpers import make_checkpoint
-
-    checkpoint = make_checkpoint("resnet", tmp_path_factory.mktemp("digits-arch"))
-    out = tmp_path_factory.mktemp("digits-run")
-    results = run_finetune.main([
-        "--model_name_or_path", checkpoint, "--from_scratch", "--dataset_name", "digits", "--output_dir", str(out),
-        "--overwrite_output_dir", "--num_train_epochs", "5", "--learning_rate", "0.05",
-        "--per_device_train_batch_size", "32", "--dataloader_num_workers", "0", "--disable_tqdm", "true",
-        "--seed", "0",
-    ])
-    return out, results
-
-
 def test_digits_from_scratch_learns(digits_run):
     out, results = digits_run
     assert results["test_accuracy"] >= 0.95

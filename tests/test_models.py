@@ -67,7 +67,7 @@ def test_preset_from_scratch_needs_no_download():
     loaded = load_model(PRESETS["resnet18"].checkpoint, NAMES, from_scratch=True)
     assert type(loaded.model).__name__ == "TimmWrapperForImageClassification"
     assert loaded.spec.size == (224, 224) and loaded.family == "cnn"
-    assert loaded.model.config.pretrained_cfg["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    assert loaded.spec.mean == pytest.approx((0.485, 0.456, 0.406)) and loaded.spec.interpolation == "bicubic"
 
 
 def test_vit_base_from_scratch_is_the_in21k_architecture():

@@ -1,0 +1,142 @@
+"""`DistillationTrainer`: a TransferTrainer whose loss also pulls the student towards a frozen teacher.
+
+What it adds to TransferTrainer, and why:
+- `model_inputs`: the teacher's own view of the batch (its input size and normalisation),
+  made on the device from the same augmented uint8 images the student sees, so the teacher
+  always grades exactly the picture the student was shown ("consistent teaching").
+- `compute_loss`: the distillation loss (`losses.distillation_loss`) during training; in
+  evaluation the student alone is scored, as in fine-tuning.
+- `log`: the two terms of the loss (`ce_loss`, `kd_loss`), averaged over each logging window.
+- `extra_test_metrics`: the teacher's test accuracy and the student-teacher agreement.
+
+The teacher is frozen (eval mode, no gradients, not in the optimizer) and lives beside the
+model, not inside it, so it is never saved into the student's checkpoints or pushed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from .losses import distillation_loss
+from .trainer import TransferTrainer
+from .transforms import ImageSpec, ToModelInput
+
+logger = logging.getLogger(__name__)
+
+
+class DistillationTrainer(TransferTrainer):
+    def __init__(self, *args, teacher: torch.nn.Module, teacher_spec: ImageSpec, alpha: float = 0.5,
+                 temperature: float = 2.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.alpha, self.temperature = alpha, temperature
+        self.teacher = self._prepare_teacher(teacher)
+        self.teacher_input = ToModelInput(teacher_spec)
+        self.teacher_logits: torch.Tensor | None = None  # (rows, classes), set by `use_cached_teacher_logits`
+        self._terms = {"ce_loss": 0.0, "kd_loss": 0.0}
+        self._terms_count = 0
+
+    def _prepare_teacher(self, teacher: torch.nn.Module) -> torch.nn.Module:
+        teacher.eval().requires_grad_(False)
+        if self.is_deepspeed_enabled:
+            # DeepSpeed runs in its own dtype without autocast; a frozen teacher needs no engine
+            # under ZeRO-1/2, only the same device and dtype as the student.
+            dtype = self.accelerator.state.deepspeed_plugin.hf_ds_config.dtype()
+            return teacher.to(self.accelerator.device, dtype=dtype)
+        # On the device, with the run's autocast, and not wrapped in DDP (evaluation mode).
+        return self.accelerator.prepare_model(teacher, evaluation_mode=True)
+
+    def model_inputs(self, images: torch.Tensor, labels: torch.Tensor | None, batch: dict) -> dict:
+        inputs = super().model_inputs(images, labels, batch)
+        if self.model.training:
+            if self.teacher_logits is not None:
+                inputs["teacher_logits"] = self.teacher_logits[batch["row_index"].to(self.teacher_logits.device)]
+            else:
+                inputs["teacher_pixel_values"] = self.cast_for_model(self.teacher_input(images))
+        return inputs
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        teacher_logits = inputs.pop("teacher_logits", None)
+        teacher_pixel_values = inputs.pop("teacher_pixel_values", None)
+        if teacher_logits is None and teacher_pixel_values is None:  # evaluation: the student alone
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        if teacher_logits is None:
+            with torch.no_grad():
+                teacher_logits = self.teacher(pixel_values=teacher_pixel_values).logits
+        loss, ce, kd = distillation_loss(
+            outputs.logits, teacher_logits, labels, self.alpha, self.temperature,
+            num_items_in_batch=num_items_in_batch, label_smoothing=self.args.label_smoothing_factor,
+        )
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            # num_items_in_batch counts all processes; DDP averages gradients over them (as Trainer.compute_loss does).
+            loss = loss * self.accelerator.num_processes
+        self._terms["ce_loss"] += ce.detach()
+        self._terms["kd_loss"] += kd.detach()
+        self._terms_count += 1
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._terms_count:  # a training log: add the mean of each term since the last one
+            for name, total in self._terms.items():
+                mean = torch.as_tensor(total / self._terms_count, device=self.args.device, dtype=torch.float32)
+                logs[name] = round(self.accelerator.reduce(mean, reduction="mean").item(), 4)
+            self._terms = dict.fromkeys(self._terms, 0.0)
+            self._terms_count = 0
+        super().log(logs, start_time)
+
+    @torch.no_grad()
+    def teacher_predict(self, dataset) -> tuple[np.ndarray, np.ndarray]:
+        """The teacher's logits and the row numbers for a (non-augmented) split, gathered from all processes."""
+        all_rows, all_logits = [], []
+        for batch in self.get_test_dataloader(dataset):
+            logits = self.teacher(pixel_values=self.cast_for_model(self.teacher_input(batch["pixel_values"]))).logits
+            rows, logits = self.accelerator.gather_for_metrics((batch["row_index"], logits.float()))
+            all_rows.append(rows.cpu())
+            all_logits.append(logits.cpu())
+        return torch.cat(all_rows).numpy(), torch.cat(all_logits).numpy()
+
+    def extra_test_metrics(self, dataset, output) -> dict[str, float]:
+        _, teacher_logits = self.teacher_predict(dataset)
+        teacher_predictions = teacher_logits.argmax(-1)
+        return {
+            "test_teacher_accuracy": float((teacher_predictions == output.label_ids).mean()),
+            "test_agreement": float((teacher_predictions == output.predictions.argmax(-1)).mean()),
+        }
+
+    def use_cached_teacher_logits(self, dataset, path: Path) -> None:
+        """Compute the teacher's logits for every training image once (or load them), and train from them.
+
+        Only valid without augmentation: the cached logits are those of the unaugmented image.
+        """
+        if path.exists():
+            stored = load_file(str(path))
+            rows, logits = stored["rows"], stored["logits"]
+            logger.info("teacher logits loaded from %s", path)
+        else:
+            rows, logits = (torch.from_numpy(a) for a in self.teacher_predict(dataset))
+            if self.is_world_process_zero():
+                save_file({"rows": rows, "logits": logits}, str(path))
+                logger.info("teacher logits cached in %s", path)
+            self.accelerator.wait_for_everyone()
+        table = torch.zeros(int(rows.max()) + 1, logits.shape[-1])
+        table[rows.long()] = logits
+        self.teacher_logits = table.to(self.args.device)
+
+
+def teacher_cache_path(output_dir: str, teacher: torch.nn.Module, teacher_spec: ImageSpec, dataset) -> Path:
+    """Where the cached logits of this teacher on this data live; any change gives another file."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(teacher.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(repr(teacher_spec).encode())
+    digest.update(dataset._fingerprint.encode())
+    return Path(output_dir) / f"teacher_logits-{digest.hexdigest()[:16]}.safetensors"

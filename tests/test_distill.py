@@ -1,0 +1,188 @@
+"""run_distill end to end, the teacher's handling, its view of the images, and the logit cache."""
+
+import json
+
+import pytest
+import torch
+from conftest import quick_flags
+from datasets import Image
+from helpers import make_checkpoint
+from safetensors.torch import load_file
+from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
+
+import run_distill
+from hf_transfer.arguments import TransferTrainingArguments
+from hf_transfer.data import ROW, attach_transforms, load_image_data
+from hf_transfer.distillation import DistillationTrainer, teacher_cache_path
+from hf_transfer.errors import UserError
+from hf_transfer.models import load_model, load_teacher
+from hf_transfer.training import trainer_kwargs
+
+
+@pytest.fixture(scope="module")
+def student_checkpoint(tmp_path_factory):
+    """Another family than the ViT teacher, with ImageNet statistics and 24 px input."""
+    return make_checkpoint("resnet", tmp_path_factory.mktemp("student"), image_size=24)
+
+
+def state(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_end_to_end(cifar_teacher, student_checkpoint, cifar_like, tmp_path, monkeypatch):
+    teacher_before = state(AutoModelForImageClassification.from_pretrained(cifar_teacher))
+    out = tmp_path / "student"
+    results = run_distill.main(["--teacher_model_name_or_path", cifar_teacher,
+                                "--student_model_name_or_path", student_checkpoint, "--dataset_name", cifar_like,
+                                "--output_dir", str(out), "--num_train_epochs", "2", *quick_flags(),
+                                "--logging_steps", "2"])
+
+    test = json.loads((out / "test_results.json").read_text())
+    assert {"test_accuracy", "test_teacher_accuracy", "test_agreement", "test_f1"} <= set(test)
+    assert 0 <= test["test_agreement"] <= 1 and test["test_accuracy"] == results["test_accuracy"]
+
+    # both terms are logged at every training log
+    train_logs = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    assert train_logs and all("ce_loss" in h and "kd_loss" in h for h in train_logs)
+
+    # the student is a plain model: its own weights only, its own processor; no teacher anywhere
+    student = AutoModelForImageClassification.from_pretrained(out)
+    assert set(load_file(str(out / "model.safetensors"))) == set(student.state_dict())
+    assert AutoImageProcessor.from_pretrained(out).size == {"height": 24, "width": 24}
+    classify = pipeline("image-classification", model=str(out), device="cpu")
+    assert classify.model.config.id2label == {0: "red", 1: "green", 2: "blue"}
+
+    # the teacher is untouched, bit for bit
+    teacher_after = AutoModelForImageClassification.from_pretrained(cifar_teacher).state_dict()
+    assert all(torch.equal(teacher_before[k], teacher_after[k]) for k in teacher_before)
+
+    card = (out / "README.md").read_text()
+    assert cifar_teacher in card and "knowledge-distillation" in card
+
+
+def test_digits_student_learns_from_the_teacher(digits_run, tmp_path):
+    teacher_dir, _ = digits_run
+    student = make_checkpoint("resnet", tmp_path / "arch", image_size=24, mean=(0.5,) * 3, std=(0.5,) * 3)
+    results = run_distill.main([
+        "--teacher_model_name_or_path", str(teacher_dir), "--student_model_name_or_path", student, "--from_scratch",
+        "--dataset_name", "digits", "--output_dir", str(tmp_path / "out"), "--num_train_epochs", "5",
+        "--learning_rate", "0.05", "--per_device_train_batch_size", "32", "--dataloader_num_workers", "0",
+        "--disable_tqdm", "true", "--seed", "0",
+    ])
+    assert results["test_accuracy"] >= 0.9
+    assert results["test_agreement"] >= 0.9
+
+
+def build_trainer(teacher_dir, student_dir, data_path, output_dir, augmentation="none"):
+    data = load_image_data(data_path, seed=0)
+    teacher = load_teacher(teacher_dir, data.label_names)
+    student = load_model(student_dir, data.label_names)
+    fingerprint = data.train._fingerprint
+    attach_transforms(data, augmentation)
+    args = TransferTrainingArguments(output_dir=str(output_dir), per_device_train_batch_size=6,
+                                     dataloader_num_workers=0, report_to="none", use_cpu=True, max_steps=2)
+    trainer = DistillationTrainer(teacher=teacher.model, teacher_spec=teacher.spec, alpha=0.5, temperature=2.0,
+                                  **trainer_kwargs(args, data, student))
+    return trainer, data, teacher, student, fingerprint
+
+
+def test_each_model_receives_exactly_its_own_processors_input(cifar_teacher, student_checkpoint, cifar_like,
+                                                             tmp_path):
+    trainer, data, teacher, student, _ = build_trainer(cifar_teacher, student_checkpoint, cifar_like, tmp_path)
+    seen = {}
+    trainer.teacher.register_forward_pre_hook(lambda m, a, kw: seen.__setitem__("teacher", kw["pixel_values"]),
+                                              with_kwargs=True)
+    trainer.model.register_forward_pre_hook(lambda m, a, kw: seen.__setitem__("student", kw["pixel_values"]),
+                                            with_kwargs=True)
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, trainer._prepare_inputs(batch))  # what training_step does
+
+    # the same rows, decoded by datasets and preprocessed by each model's saved processor
+    decoded = data.train.with_format(None).cast_column(data.image_column, Image())
+    by_row = {row: image for row, image in zip(decoded[ROW], decoded[data.image_column])}
+    images = [by_row[int(row)] for row in batch["row_index"]]
+    expected_teacher = AutoImageProcessor.from_pretrained(cifar_teacher)(images, return_tensors="pt")["pixel_values"]
+    expected_student = student.spec.to_image_processor()(images, return_tensors="pt")["pixel_values"]
+    assert seen["teacher"].shape[-1] == 32 and seen["student"].shape[-1] == 24
+    torch.testing.assert_close(seen["teacher"], expected_teacher, rtol=0, atol=1e-6)
+    torch.testing.assert_close(seen["student"], expected_student, rtol=0, atol=1e-6)
+
+
+def test_teacher_is_frozen_and_outside_the_optimizer(cifar_teacher, student_checkpoint, cifar_like, tmp_path):
+    trainer, *_ = build_trainer(cifar_teacher, student_checkpoint, cifar_like, tmp_path, augmentation="basic")
+    before = state(trainer.teacher)
+    trainer.train()
+    assert not trainer.teacher.training
+    assert all(not p.requires_grad for p in trainer.teacher.parameters())
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert not optimized & {id(p) for p in trainer.teacher.parameters()}
+    assert all(torch.equal(before[k], v) for k, v in trainer.teacher.state_dict().items())
+
+
+def test_cached_teacher_logits(cifar_teacher, student_checkpoint, cifar_like, tmp_path):
+    trainer, data, teacher, _, fingerprint = build_trainer(cifar_teacher, student_checkpoint, cifar_like, tmp_path)
+    path = teacher_cache_path(str(tmp_path), teacher.model, teacher.spec, type("D", (), {"_fingerprint": fingerprint}))
+    trainer.use_cached_teacher_logits(data.train, path)
+    assert path.exists()
+    calls = []
+    trainer.teacher.register_forward_hook(lambda *a: calls.append(1))
+    batch = next(iter(trainer.get_train_dataloader()))
+    # the cached logits are the teacher's on these very (unaugmented) images
+    with torch.no_grad():
+        direct = trainer.teacher(pixel_values=trainer.teacher_input(batch["pixel_values"])).logits
+    calls.clear()
+    trainer.model.train()
+    inputs = trainer._prepare_inputs(batch)
+    torch.testing.assert_close(inputs["teacher_logits"], direct)
+    trainer.compute_loss(trainer.model, inputs)
+    assert calls == []  # no teacher forward while training from the cache
+
+    # a second trainer loads the file instead of recomputing
+    again, *_ = build_trainer(cifar_teacher, student_checkpoint, cifar_like, tmp_path)
+    again.teacher.register_forward_hook(lambda *a: calls.append(1))
+    again.use_cached_teacher_logits(data.train, path)
+    assert calls == [] and torch.equal(again.teacher_logits, trainer.teacher_logits)
+
+
+def test_cache_file_changes_with_teacher_and_data(cifar_teacher, cifar_like, tmp_path):
+    data = load_image_data(cifar_like, seed=0)
+    teacher = load_teacher(cifar_teacher, data.label_names)
+    base = teacher_cache_path("o", teacher.model, teacher.spec, data.train)
+    assert base == teacher_cache_path("o", teacher.model, teacher.spec, load_image_data(cifar_like, seed=0).train)
+    assert base != teacher_cache_path("o", teacher.model, teacher.spec, load_image_data(cifar_like, seed=1).train)
+    with torch.no_grad():
+        next(teacher.model.parameters()).add_(1e-3)
+    assert base != teacher_cache_path("o", teacher.model, teacher.spec, data.train)
+
+
+def test_cached_run_end_to_end(cifar_teacher, student_checkpoint, cifar_like, tmp_path):
+    out = tmp_path / "cached"
+    run_distill.main(["--teacher_model_name_or_path", cifar_teacher, "--student_model_name_or_path",
+                      student_checkpoint, "--dataset_name", cifar_like, "--output_dir", str(out),
+                      "--augmentation", "none", "--cache_teacher_logits", "--num_train_epochs", "2", *quick_flags()])
+    assert len(list(out.glob("teacher_logits-*.safetensors"))) == 1
+    assert (out / "test_results.json").exists()
+
+
+def test_label_mismatch_is_an_error_before_training(tiny_vit, cifar_like, tmp_path):
+    with pytest.raises(UserError, match="the teacher's labels do not match the data set's: teacher has 3 "
+                                        r"\(old0, old1, old2\), data set has 3 \(red, green, blue\)"):
+        run_distill.main(["--teacher_model_name_or_path", tiny_vit, "--dataset_name", cifar_like,
+                          "--output_dir", str(tmp_path / "o"), "--student", "resnet18", "--from_scratch"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--alpha", "1.5"], r"--alpha must be in \[0, 1\]"),
+    (["--alpha", "-0.1"], r"--alpha must be in \[0, 1\]"),
+    (["--temperature", "0"], "--temperature must be > 0"),
+    (["--cache_teacher_logits"], "--cache_teacher_logits needs --augmentation none"),
+])
+def test_bad_distillation_flags(flags, message, tmp_path):
+    with pytest.raises(UserError, match=message):
+        run_distill.main(["--teacher_model_name_or_path", "t", "--output_dir", str(tmp_path / "o"), *flags])
+
+
+def test_teacher_is_required(tmp_path):
+    with pytest.raises(UserError, match="pass --teacher_model_name_or_path"):
+        run_distill.main(["--output_dir", str(tmp_path / "o")])

@@ -1,0 +1,79 @@
+"""The distillation loss at its limits."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_transfer.losses import cross_entropy, distillation_loss
+
+
+@pytest.fixture
+def logits():
+    torch.manual_seed(0)
+    return torch.randn(8, 5), torch.randn(8, 5), torch.randint(0, 5, (8,))
+
+
+def test_identical_logits_have_zero_kl(logits):
+    student, _, labels = logits
+    _, _, kd = distillation_loss(student, student.clone(), labels, alpha=0.5, temperature=3.0)
+    assert kd.abs().item() < 1e-6
+
+
+def test_alpha_zero_is_plain_fine_tuning_exactly(logits):
+    student, teacher, labels = logits
+    loss, ce, _ = distillation_loss(student, teacher, labels, alpha=0.0, temperature=4.0)
+    assert torch.equal(loss, F.cross_entropy(student, labels))
+    assert torch.equal(ce, F.cross_entropy(student, labels))
+
+
+def test_alpha_one_ignores_labels(logits):
+    student, teacher, labels = logits
+    a, _, _ = distillation_loss(student, teacher, labels, alpha=1.0, temperature=2.0)
+    b, _, _ = distillation_loss(student, teacher, (labels + 1) % 5, alpha=1.0, temperature=2.0)
+    assert torch.equal(a, b)
+
+
+def test_kl_matches_definition_with_t_squared_scaling(logits):
+    student, teacher, labels = logits
+    for t in (1.0, 2.0, 5.0):
+        _, _, kd = distillation_loss(student, teacher, labels, alpha=0.5, temperature=t)
+        p = F.softmax(teacher / t, dim=-1)
+        kl = (p * (p.log() - F.log_softmax(student / t, dim=-1))).sum(-1).mean()  # batchmean
+        torch.testing.assert_close(kd, kl * t * t)
+
+
+def test_weighting(logits):
+    student, teacher, labels = logits
+    loss, ce, kd = distillation_loss(student, teacher, labels, alpha=0.3, temperature=2.0)
+    torch.testing.assert_close(loss, 0.7 * ce + 0.3 * kd)
+
+
+def test_gradients_reach_the_student_only(logits):
+    student, teacher, labels = logits
+    student = student.clone().requires_grad_(True)
+    teacher = teacher.clone().requires_grad_(True)
+    loss, _, _ = distillation_loss(student, teacher, labels, alpha=0.5, temperature=2.0)
+    loss.backward()
+    assert student.grad is not None and student.grad.abs().sum() > 0
+    assert teacher.grad is None
+
+
+def test_num_items_in_batch_makes_accumulation_equal_one_big_batch(logits):
+    student, teacher, labels = logits
+    full, _, _ = distillation_loss(student, teacher, labels, alpha=0.4, temperature=2.0)
+    halves = sum(distillation_loss(student[i:i + 4], teacher[i:i + 4], labels[i:i + 4], alpha=0.4, temperature=2.0,
+                                   num_items_in_batch=8)[0] for i in (0, 4))
+    torch.testing.assert_close(halves, full)
+
+
+def test_soft_targets(logits):
+    student, _, labels = logits
+    one_hot = F.one_hot(labels, 5).float()
+    torch.testing.assert_close(cross_entropy(student, one_hot), F.cross_entropy(student, labels))
+
+
+@pytest.mark.parametrize("alpha, temperature", [(-0.1, 1.0), (1.1, 1.0), (0.5, 0.0), (0.5, -2.0)])
+def test_invalid_hyperparameters(logits, alpha, temperature):
+    student, teacher, labels = logits
+    with pytest.raises(ValueError):
+        distillation_loss(student, teacher, labels, alpha=alpha, temperature=temperature)
