@@ -21,6 +21,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from .augment import AUGMENTATIONS
 from .errors import UserError
+from .freezing import parse_schedule
 from .models import preset_help
 
 RECIPES: dict[str, dict[str, dict[str, object]]] = {
@@ -163,6 +164,32 @@ class TransferTrainingArguments(TrainingArguments):
     early_stopping_patience: int | None = field(
         default=None, metadata={"help": "Stop after this many evaluations without a better validation accuracy."}
     )
+    # Transfer strategies (README, "Transfer strategies")
+    freeze_backbone: bool = field(default=False, metadata={"help": "Linear probe: only the classification head trains."})
+    unfreeze_schedule: str | None = field(
+        default=None,
+        metadata={"help": "Gradual unfreezing, EPOCH:STAGE pairs from epoch 0, e.g. \"0:head,2:last_stage,4:all\". "
+                          "Stages: head, last_stage (ResNet layer4 / last quarter of ViT blocks), all."},
+    )
+    backbone_lr_scale: float = field(
+        default=1.0, metadata={"help": "The backbone trains at learning_rate x this; the head at learning_rate."}
+    )
+    layer_decay: float | None = field(
+        default=None,
+        metadata={"help": "Layer-wise learning-rate decay in (0, 1]: each block/stage below the head gets this factor once more."},
+    )
+    lr_step_size: float | None = field(
+        default=None,
+        metadata={"help": "Step decay (the tutorial's StepLR): multiply the learning rate by --lr_step_gamma every this many "
+                          "epochs. Replaces --lr_scheduler_type."},
+    )
+    lr_step_gamma: float = field(default=0.1, metadata={"help": "Factor of the step decay."})
+    mixup: float = field(default=0.0, metadata={"help": "Mixup alpha (0: off); a draw per sample, on the device."})
+    cutmix: float = field(default=0.0, metadata={"help": "CutMix alpha (0: off); a box per sample, on the device."})
+    channels_last: bool = field(
+        default=False, metadata={"help": "Feed CNNs channels-last tensors (faster convolutions on recent GPUs)."}
+    )
+
     # Defaults that differ from TrainingArguments':
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep False: the on-the-fly transforms need the raw columns."}
@@ -185,6 +212,8 @@ class TransferTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self):
+        if (self.freeze_backbone or self.unfreeze_schedule) and self.ddp_find_unused_parameters is None:
+            self.ddp_find_unused_parameters = True  # frozen parameters get no gradient (freezing.py)
         if self.dataloader_num_workers == 0:
             self.dataloader_persistent_workers = False  # the DataLoader refuses it without workers
         if not torch.cuda.is_available():
@@ -227,12 +256,27 @@ def validate_numbers(model_args: ModelArguments, data_args: DataArguments, args:
         (args.early_stopping_patience is None or args.early_stopping_patience >= 1,
          "--early_stopping_patience must be >= 1"),
         (args.dataloader_num_workers >= 0, "--dataloader_num_workers must be >= 0"),
+        (args.backbone_lr_scale >= 0, f"--backbone_lr_scale must be >= 0, got {args.backbone_lr_scale}"),
+        (args.layer_decay is None or 0 < args.layer_decay <= 1, f"--layer_decay must be in (0, 1], got {args.layer_decay}"),
+        (args.lr_step_size is None or args.lr_step_size > 0, f"--lr_step_size must be > 0 epochs, got {args.lr_step_size}"),
+        (0 < args.lr_step_gamma <= 1, f"--lr_step_gamma must be in (0, 1], got {args.lr_step_gamma}"),
+        (args.mixup >= 0 and args.cutmix >= 0, "--mixup and --cutmix must be >= 0"),
+        (0 <= args.label_smoothing_factor < 1, f"--label_smoothing_factor must be in [0, 1), got {args.label_smoothing_factor}"),
+        (not (args.freeze_backbone and args.unfreeze_schedule), "pass either --freeze_backbone or --unfreeze_schedule, not both"),
     ]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
     if model_args.model and model_args.model_name_or_path:
         raise UserError("pass either --model or --model_name_or_path, not both")
+    freeze_schedule(args)  # checks the schedule's syntax and stage names
+
+
+def freeze_schedule(args) -> list[tuple[int, str]] | None:
+    """The unfreezing schedule the flags ask for, or None when everything trains from the start."""
+    if args.freeze_backbone:
+        return [(0, "head")]
+    return parse_schedule(args.unfreeze_schedule) if args.unfreeze_schedule else None
 
 
 def validate_distillation(distill_args: DistillationArguments, data_args: DataArguments) -> None:

@@ -75,9 +75,7 @@ class DistillationTrainer(TransferTrainer):
             outputs.logits, teacher_logits, labels, self.alpha, self.temperature,
             num_items_in_batch=num_items_in_batch, label_smoothing=self.args.label_smoothing_factor,
         )
-        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
-            # num_items_in_batch counts all processes; DDP averages gradients over them (as Trainer.compute_loss does).
-            loss = loss * self.accelerator.num_processes
+        loss = self.scale_for_devices(loss, num_items_in_batch)
         self._terms["ce_loss"] += ce.detach()
         self._terms["kd_loss"] += kd.detach()
         self._terms_count += 1

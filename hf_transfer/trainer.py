@@ -3,8 +3,17 @@
 The DataLoader delivers uint8 images at storage resolution (see `data.py`); accelerate moves
 them to the device; `_prepare_inputs` -- the Trainer's own hook for "make this batch ready for
 the model", used by training and evaluation alike -- turns them into the model's float input
-there, batched. Nothing else of the Trainer changes. `DistillationTrainer` builds on this
-class and adds the teacher's view of the same images.
+there, batched (and, in training, mixes them when `--mixup`/`--cutmix` ask for it).
+
+The other overrides exist because the Trainer has no option for them:
+- `create_optimizer`: parameter groups with per-layer learning rates, no weight decay on
+  biases and norms, and every parameter included so that layers unfrozen later train.
+- `create_scheduler`: adds the tutorial's step decay to the Trainer's schedules.
+- `compute_loss`: cross-entropy with the soft targets mixup/CutMix produce (hard labels go
+  through the Trainer's own loss).
+- `log`: adds the learning rate of each parameter group.
+
+`DistillationTrainer` builds on this class and adds the teacher.
 """
 
 from __future__ import annotations
@@ -12,21 +21,31 @@ from __future__ import annotations
 import torch
 from transformers import Trainer
 
+from .augment import BatchMix
+from .losses import cross_entropy
+from .optimization import param_groups, step_schedule, updates_per_epoch
 from .transforms import ImageSpec, ToModelInput
 
 
 class TransferTrainer(Trainer):
-    def __init__(self, *args, image_spec: ImageSpec, channels_last: bool = False, **kwargs):
+    def __init__(self, *args, image_spec: ImageSpec, **kwargs):
         super().__init__(*args, **kwargs)
         self.image_spec = image_spec
-        self.to_model_input = ToModelInput(image_spec, channels_last=channels_last)
+        self.to_model_input = ToModelInput(image_spec, channels_last=self.args.channels_last)
+        mixup, cutmix = self.args.mixup, self.args.cutmix
+        self.batch_mix = BatchMix(self.model.config.num_labels, mixup, cutmix) if mixup or cutmix else None
+
+    # ---------------------------------------------------------------- inputs
 
     def _prepare_inputs(self, inputs: dict) -> dict:
         batch = super()._prepare_inputs(inputs)  # on the device, still uint8
-        return self.model_inputs(batch["pixel_values"], batch.get("labels"), batch)
+        images, labels = batch["pixel_values"], batch.get("labels")
+        if self.batch_mix is not None and self.model.training and labels is not None:
+            images, labels = self.batch_mix(images, labels)
+        return self.model_inputs(images, labels, batch)
 
     def model_inputs(self, images: torch.Tensor, labels: torch.Tensor | None, batch: dict) -> dict:
-        """The keyword arguments of the model's forward, built from a uint8 batch on the device."""
+        """The keyword arguments of the model's forward, built from an image batch on the device."""
         inputs = {"pixel_values": self.cast_for_model(self.to_model_input(images))}
         if labels is not None:
             inputs["labels"] = labels
@@ -37,6 +56,61 @@ class TransferTrainer(Trainer):
         if self.is_deepspeed_enabled:
             return pixel_values.to(self.accelerator.state.deepspeed_plugin.hf_ds_config.dtype())
         return pixel_values
+
+    # ---------------------------------------------------------------- loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.get("labels")
+        if labels is None or labels.ndim == 1:  # hard labels: the Trainer's loss
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs = dict(inputs)
+        targets = inputs.pop("labels")  # soft targets from mixup/CutMix
+        outputs = model(**inputs)
+        loss = cross_entropy(outputs.logits, targets, num_items_in_batch, self.args.label_smoothing_factor)
+        loss = self.scale_for_devices(loss, num_items_in_batch)
+        return (loss, outputs) if return_outputs else loss
+
+    def scale_for_devices(self, loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+        """As Trainer.compute_loss does: `num_items_in_batch` counts the samples of all processes
+        while DDP averages gradients over them, so a loss divided by it is multiplied back."""
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            return loss * self.accelerator.num_processes
+        return loss
+
+    # ---------------------------------------------------------------- optimizer and schedule
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            model = self.model if model is None else model
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+            groups = param_groups(model, self.args.learning_rate, self.args.weight_decay,
+                                  backbone_lr_scale=self.args.backbone_lr_scale, layer_decay=self.args.layer_decay)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        step_size = self.args.lr_step_size
+        if self.lr_scheduler is None and step_size:
+            steps_per_epoch = updates_per_epoch(len(self.get_train_dataloader()), self.args.gradient_accumulation_steps)
+            self.lr_scheduler = step_schedule(optimizer or self.optimizer, steps_per_epoch, step_size,
+                                              self.args.lr_step_gamma, self.args.get_warmup_steps(num_training_steps))
+            return self.lr_scheduler
+        return super().create_scheduler(num_training_steps, optimizer)
+
+    # ---------------------------------------------------------------- logging
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "learning_rate" in logs and self.optimizer is not None:
+            # `learning_rate` is the rate of the step just taken (the first group's, the head's); the
+            # schedule has moved on since, but it scales every group alike, so their ratios hold.
+            groups = self.optimizer.param_groups
+            rates = {}
+            for group in groups:
+                ratio = group.get("initial_lr", group["lr"]) / groups[0].get("initial_lr", groups[0]["lr"])
+                rates.setdefault(group.get("name", "all"), logs["learning_rate"] * ratio)
+            if len(rates) > 1:
+                logs.update({f"learning_rate/{name}": lr for name, lr in rates.items()})
+        super().log(logs, start_time)
 
     def extra_test_metrics(self, dataset, output) -> dict[str, float]:
         """More numbers measured on the test split, prefixed `test_` (the distillation trainer adds the teacher's)."""

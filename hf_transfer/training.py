@@ -17,12 +17,13 @@ import numpy as np
 from transformers import EarlyStoppingCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from .arguments import parse_with_defaults, validate_numbers
+from .arguments import freeze_schedule, parse_with_defaults, validate_numbers
 from .data import ROW, ImageData, UInt8Collator, load_image_data
 from .errors import UserError
+from .freezing import UnfreezeCallback, trainable_names
 from .metrics import ComputeMetrics, write_test_report
 from .model_card import CardInfo, write_model_card
-from .models import LoadedModel, load_model
+from .models import LoadedModel, depth_groups, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,13 @@ def load_trained_model(model_args, source: str, data: ImageData) -> LoadedModel:
 def trainer_kwargs(args, data: ImageData, loaded: LoadedModel) -> dict:
     """What every trainer of this project is built from."""
     callbacks = []
+    schedule = freeze_schedule(args)
+    if schedule is not None:
+        for _, stage in schedule:
+            trainable_names(loaded.model, stage)  # fails now, not at the first epoch, if the stage has no modules
+        callbacks.append(UnfreezeCallback(schedule))
+    if args.layer_decay is not None or args.backbone_lr_scale != 1.0:
+        depth_groups(loaded.model)  # the same check for per-layer learning rates
     if args.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
     return dict(
