@@ -48,6 +48,8 @@ class DistillationTrainer(TransferTrainer):
             # under ZeRO-1/2, only the same device and dtype as the student.
             dtype = self.accelerator.state.deepspeed_plugin.hf_ds_config.dtype()
             return teacher.to(self.accelerator.device, dtype=dtype)
+        if self.is_fsdp_enabled:
+            teacher.to(self.accelerator.device)  # prepare_model leaves placement to FSDP, which only shards the student
         # On the device, with the run's autocast, and not wrapped in DDP (evaluation mode).
         return self.accelerator.prepare_model(teacher, evaluation_mode=True)
 

@@ -28,12 +28,24 @@ def wrap_load_error(what: str, name: str, exc: BaseException) -> UserError:
     return UserError(f"could not load {what} '{name}': {reason} ({offline_hint()})")
 
 
+def one_line(exc: BaseException) -> str:
+    """The message of `exc` on one line; for an error re-raised from a DataLoader worker (whose
+    message carries the worker's traceback), the original message, which is its last line."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if len(lines) > 1 and "Original Traceback" in str(exc):
+        last = lines[-1]
+        return last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].isidentifier() else last
+    return " ".join(lines)
+
+
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
     """Run `main(argv)`; a `UserError` becomes `error: <message>` on stderr and exit code 2."""
     try:
         main(argv)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -116,6 +116,7 @@ def load_model(
     if model.config.model_type == "timm_wrapper":
         # TimmWrapperConfig saves `label_names` and prefers an old value over id2label: keep them in step.
         model.config.label_names = list(label_names)
+    set_fsdp_units(model)
     if image_size is not None and (image_size,) * 2 != spec.size:
         model = set_input_size(model, image_size)
         spec = spec.with_size(image_size)
@@ -208,6 +209,21 @@ def _drop_timm_preprocessing(config) -> None:
     """
     if config.model_type == "timm_wrapper" and hasattr(config, "pretrained_cfg"):
         del config.pretrained_cfg
+
+
+# The units FSDP shards one by one: ViT blocks and ResNet residual stages (transformers) or blocks (timm).
+FSDP_UNITS = ("ViTLayer", "ViTEmbeddings", "Block", "ResNetStage", "BasicBlock", "Bottleneck")
+
+
+def set_fsdp_units(model: PreTrainedModel) -> None:
+    """Tell accelerate's FSDP auto-wrap (which reads `_no_split_modules`) which blocks to shard.
+
+    TimmWrapper names a class its classification model does not contain, and transformers'
+    ResNet names single convolutions; without this, FSDP would fail or shard too finely.
+    """
+    present = sorted({type(m).__name__ for m in model.modules()} & set(FSDP_UNITS))
+    if present:
+        model._no_split_modules = present
 
 
 def model_family(model: nn.Module) -> str:

@@ -28,10 +28,10 @@ from .transforms import ImageSpec, ToModelInput
 
 
 class TransferTrainer(Trainer):
-    def __init__(self, *args, image_spec: ImageSpec, **kwargs):
+    def __init__(self, *args, image_spec: ImageSpec, channels_last: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.image_spec = image_spec
-        self.to_model_input = ToModelInput(image_spec, channels_last=self.args.channels_last)
+        self.to_model_input = ToModelInput(image_spec, channels_last=channels_last)
         mixup, cutmix = self.args.mixup, self.args.cutmix
         self.batch_mix = BatchMix(self.model.config.num_labels, mixup, cutmix) if mixup or cutmix else None
 

@@ -14,11 +14,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from transformers import EarlyStoppingCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from .arguments import freeze_schedule, parse_with_defaults, validate_numbers
 from .data import ROW, ImageData, UInt8Collator, load_image_data
+from .distributed import check_launch
 from .errors import UserError
 from .freezing import UnfreezeCallback, trainable_names
 from .metrics import ComputeMetrics, write_test_report
@@ -33,6 +35,7 @@ def parse_and_check(argv: Sequence[str], types: tuple) -> tuple:
     parsed = parse_with_defaults(argv, types)
     model_args, data_args, args = parsed[0], parsed[-2], parsed[-1]
     validate_numbers(model_args, data_args, args)
+    check_launch(args)
     if args.early_stopping_patience is not None and not args.load_best_model_at_end:
         raise UserError("--early_stopping_patience needs --load_best_model_at_end (the default)")
     return parsed
@@ -66,6 +69,9 @@ def trainer_kwargs(args, data: ImageData, loaded: LoadedModel) -> dict:
         callbacks.append(UnfreezeCallback(schedule))
     if args.layer_decay is not None or args.backbone_lr_scale != 1.0:
         depth_groups(loaded.model)  # the same check for per-layer learning rates
+    channels_last = args.channels_last and loaded.family == "cnn"
+    if channels_last:
+        loaded.model.to(memory_format=torch.channels_last)
     if args.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
     return dict(
@@ -78,6 +84,7 @@ def trainer_kwargs(args, data: ImageData, loaded: LoadedModel) -> dict:
         compute_metrics=ComputeMetrics(len(data.label_names)),
         callbacks=callbacks,
         image_spec=loaded.spec,
+        channels_last=channels_last,
     )
 
 

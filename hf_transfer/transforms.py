@@ -26,6 +26,8 @@ from torchvision.transforms import InterpolationMode
 from transformers.image_transforms import convert_to_rgb
 from transformers.image_utils import PILImageResampling
 
+from .errors import UserError
+
 _RESAMPLE_NAMES = {
     PILImageResampling.NEAREST: "nearest",
     PILImageResampling.BILINEAR: "bilinear",
@@ -37,8 +39,8 @@ _RESAMPLE_CODES = {"nearest": PILImageResampling.NEAREST, "bilinear": PILImageRe
                    "bicubic": PILImageResampling.BICUBIC}
 
 
-class CorruptImageError(ValueError):
-    """An image that cannot be decoded; the message names the split and the row."""
+class CorruptImageError(UserError):
+    """An image (or label) that cannot be used; the message names the split and the row."""
 
 
 @dataclass(frozen=True)

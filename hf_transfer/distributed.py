@@ -1,0 +1,70 @@
+"""Checks of the launch: process count, devices, mixed precision, accelerate config files.
+
+accelerate (torch DDP, FSDP, DeepSpeed underneath) is the distributed engine; this module
+only refuses launches that would silently do the wrong thing, before any training starts.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+
+CPU_COMMAND = "accelerate launch --config_file accelerate_configs/cpu.yaml run_finetune.py --use_cpu ..."
+
+
+def check_launch(args, environ=os.environ, cuda_devices: int | None = None) -> None:
+    """Refuse launches whose processes would not form the run the user asked for."""
+    cuda_devices = torch.cuda.device_count() if cuda_devices is None else cuda_devices
+    started = int(environ.get("WORLD_SIZE", "1"))
+    local = int(environ.get("LOCAL_WORLD_SIZE", str(started)))
+    on_cpu = args.use_cpu or environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if cuda_devices and not on_cpu and local > cuda_devices:
+        raise UserError(f"{local} processes were started on this machine but it has {cuda_devices} GPU(s); "
+                        f"set num_processes to at most {cuda_devices} per machine")
+    if started > 1 and args.world_size == 1:
+        raise UserError(
+            f"{started} processes were started but they do not form one distributed run (no GPU, and CPU "
+            f"processes were not requested), so each would train alone; on a machine without a GPU add "
+            f"--use_cpu (or set ACCELERATE_USE_CPU=1): {CPU_COMMAND}"
+        )
+    mixed = environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if (args.fp16 or mixed == "fp16") and (on_cpu or not cuda_devices):
+        raise UserError("fp16 mixed precision needs a GPU; on the CPU use --bf16 (or bf16.yaml), or no mixed precision")
+
+
+def check_config_file(path: str | Path, cuda_devices: int | None = None) -> dict:
+    """Load an accelerate config with accelerate's own loader and check what it leaves unchecked.
+
+    Returns a summary. Raises UserError for a missing file, an unknown key (top-level or inside
+    fsdp_config/deepspeed_config, which accelerate would silently ignore), more processes per
+    machine than GPUs, or fp16 without a GPU.
+    """
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"accelerate config '{path}' does not exist; the project's configs are in accelerate_configs/")
+    try:
+        config = load_config_from_file(str(path))
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"accelerate config '{path}': {str(exc).splitlines()[0]}") from exc
+    known = {action.dest for action in launch_command_parser()._actions}
+    for section in ("fsdp_config", "deepspeed_config"):
+        unknown = sorted(set(getattr(config, section) or {}) - known)
+        if unknown:
+            raise UserError(f"accelerate config '{path}': unknown keys in {section}: {', '.join(unknown)}")
+    cuda_devices = torch.cuda.device_count() if cuda_devices is None else cuda_devices
+    distributed = str(config.distributed_type).split(".")[-1]
+    per_machine = max(1, config.num_processes // max(1, config.num_machines))
+    if cuda_devices and per_machine > cuda_devices:
+        raise UserError(f"accelerate config '{path}' starts {per_machine} processes per machine but this machine has "
+                        f"{cuda_devices} GPU(s); lower num_processes")
+    if config.mixed_precision == "fp16" and not cuda_devices:
+        raise UserError(f"accelerate config '{path}' asks for fp16, which needs a GPU; this machine has none")
+    return {"file": str(path), "distributed_type": distributed, "num_processes": config.num_processes,
+            "num_machines": config.num_machines, "mixed_precision": config.mixed_precision}

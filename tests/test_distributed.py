@@ -1,0 +1,233 @@
+"""accelerate configs, launch checks, and real 2-process runs on the CPU (gloo)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.commands.config.config_args import load_config_from_file
+from accelerate.commands.launch import launch_command_parser
+from conftest import quick_flags
+from transformers import AutoModelForImageClassification
+
+import run_distill
+import run_finetune
+from hf_transfer.arguments import TransferTrainingArguments
+from hf_transfer.distributed import check_config_file, check_launch
+from hf_transfer.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "accelerate_configs").glob("*.yaml"))
+# 2 processes against 1 with the same global batch: training is the same up to float rounding. Metrics
+# computed from the gathered predictions are equal; the eval/test *loss* may differ a little, because
+# the Trainer averages per-batch losses and the padded last batch of a rank repeats samples.
+TOLERANCE = {"train_loss_rel": 1e-5, "weights": 1e-4, "eval_loss_rel": 0.05}
+
+
+def test_the_configs_the_issue_asks_for_exist():
+    names = {p.stem for p in CONFIGS}
+    assert {"single_gpu", "multi_gpu", "fp16", "bf16", "multi_node", "fsdp", "deepspeed_zero2", "cpu"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_loads_with_accelerates_loader_and_only_known_keys(path):
+    config = load_config_from_file(str(path))  # raises on unknown top-level keys
+    known = {action.dest for action in launch_command_parser()._actions}
+    assert set(config.fsdp_config) <= known and set(config.deepspeed_config) <= known
+    summary = check_config_file(path, cuda_devices=8)
+    assert summary["num_processes"] >= 1
+
+
+def test_fsdp_config_wraps_vit_blocks_and_resnet_stages(tiny_vit, tiny_resnet, tiny_hf_resnet):
+    from accelerate import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+
+    from hf_transfer.models import load_model
+
+    fsdp = load_config_from_file(str(ROOT / "accelerate_configs" / "fsdp.yaml")).fsdp_config
+    assert fsdp["fsdp_version"] == 2
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy=fsdp["fsdp_auto_wrap_policy"].lower())
+    expected = {"tiny_vit": {"ViTLayer", "ViTEmbeddings"}, "tiny_resnet": {"BasicBlock", "Bottleneck"},  # timm test_resnet mixes both
+                "tiny_hf_resnet": {"ResNetStage"}}
+    for name, path in (("tiny_vit", tiny_vit), ("tiny_resnet", tiny_resnet), ("tiny_hf_resnet", tiny_hf_resnet)):
+        model = load_model(path, ["a", "b", "c"]).model
+        policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+        wrapped = {type(m).__name__ for m in model.modules() if policy(m)}
+        assert wrapped == expected[name], name
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        check_config_file(tmp_path / "nope.yaml")
+    text = (ROOT / "accelerate_configs" / "bf16.yaml").read_text()
+    (tmp_path / "typo.yaml").write_text(text + "num_proceses: 2\n")
+    with pytest.raises(UserError, match="unknown keys"):
+        check_config_file(tmp_path / "typo.yaml")
+    text = (ROOT / "accelerate_configs" / "fsdp.yaml").read_text()
+    (tmp_path / "nested.yaml").write_text(text.replace("fsdp_version: 2", "fsdp_version: 2\n  fsdp_shard_everything: true"))
+    with pytest.raises(UserError, match="unknown keys in fsdp_config: fsdp_shard_everything"):
+        check_config_file(tmp_path / "nested.yaml")
+    with pytest.raises(UserError, match="starts 8 processes per machine but this machine has 2 GPU"):
+        check_config_file(ROOT / "accelerate_configs" / "multi_gpu.yaml", cuda_devices=2)
+    with pytest.raises(UserError, match="fp16, which needs a GPU"):
+        check_config_file(ROOT / "accelerate_configs" / "fp16.yaml", cuda_devices=0)
+
+
+def test_check_config_command_is_one_line():
+    proc = subprocess.run([sys.executable, "-m", "hf_transfer", "check-config", "missing.yaml"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: accelerate config 'missing.yaml' does not")
+
+
+def test_launch_checks():
+    args = TransferTrainingArguments(output_dir="x", use_cpu=True)
+    check_launch(args, environ={}, cuda_devices=0)
+    with pytest.raises(UserError, match="4 processes were started on this machine but it has 2 GPU"):
+        check_launch(TransferTrainingArguments(output_dir="x"), environ={"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"},
+                     cuda_devices=2)
+    with pytest.raises(UserError, match="do not form one distributed run.*--use_cpu"):
+        check_launch(args, environ={"WORLD_SIZE": "2"}, cuda_devices=0)
+    with pytest.raises(UserError, match="fp16 mixed precision needs a GPU"):
+        check_launch(TransferTrainingArguments(output_dir="x", fp16=True), environ={}, cuda_devices=0)
+    with pytest.raises(UserError, match="fp16 mixed precision needs a GPU"):
+        check_launch(args, environ={"ACCELERATE_MIXED_PRECISION": "fp16"}, cuda_devices=0)
+
+
+def launch(tmp_path, script, flags, *, use_cpu=True, timeout=420):
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "accelerate_configs" / "cpu.yaml"), str(ROOT / "tests" / "record_rows.py"), script,
+               *flags, *(["--use_cpu"] if use_cpu else [])]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
+
+
+def results(out: Path) -> dict:
+    return json.loads((out / "all_results.json").read_text())
+
+
+def assert_same_run(one: Path, two: Path):
+    a, b = results(one), results(two)
+    for key in ("eval_accuracy", "eval_f1", "test_accuracy", "test_f1", "test_f1_macro"):
+        assert a[key] == b[key], key
+    assert abs(a["train_loss"] - b["train_loss"]) <= TOLERANCE["train_loss_rel"] * abs(a["train_loss"])
+    assert abs(a["eval_loss"] - b["eval_loss"]) <= TOLERANCE["eval_loss_rel"] * abs(a["eval_loss"])
+    first, second = (AutoModelForImageClassification.from_pretrained(p).state_dict() for p in (one, two))
+    assert max((first[k] - second[k]).abs().max().item() for k in first) <= TOLERANCE["weights"]
+    steps = [json.loads((p / "trainer_state.json").read_text())["global_step"] for p in (one, two)]
+    assert steps[0] == steps[1]
+
+
+def assert_sharded(two: Path, train_rows: int):
+    ranks = [json.loads((two / f"rows-rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) > 0
+    for step0, step1 in zip(*ranks):
+        assert not set(step0) & set(step1)  # each rank its own shard of every global batch
+    per_epoch = len(ranks[0]) // 2
+    seen = {row for rank in ranks for step in rank[:per_epoch] for row in step}
+    assert len(seen) == train_rows  # together they cover the training set once per epoch
+
+
+@pytest.mark.slow
+def test_two_process_finetune_with_unfreezing_matches_one_process(tiny_vit, cifar_like, tmp_path):
+    common = ["--model_name_or_path", tiny_vit, "--dataset_name", cifar_like, "--num_train_epochs", "2",
+              "--max_train_samples", "40", "--augmentation", "none", "--unfreeze_schedule", "0:head,1:all",
+              "--learning_rate", "0.01", "--seed", "3", "--save_total_limit", "5", *quick_flags()]
+    two = tmp_path / "two"
+    proc = launch(tmp_path, "finetune", [*common, "--output_dir", str(two), "--per_device_train_batch_size", "4"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = tmp_path / "one"
+    run_finetune.main([*common, "--output_dir", str(one), "--per_device_train_batch_size", "8"])
+
+    assert_same_run(one, two)
+    assert_sharded(two, train_rows=40)
+    # the output directory is written once: the same files as a 1-process run
+    ignore = {"rows-rank0.json", "rows-rank1.json"}
+    assert {p.name for p in two.iterdir()} - ignore == {p.name for p in one.iterdir()}
+    # unfreezing under DDP: the backbone stayed put in epoch 0 and trained (in step on both ranks) in epoch 1
+    first_epoch = sorted(two.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[0]
+    before = AutoModelForImageClassification.from_pretrained(tiny_vit).state_dict()
+    after_0 = AutoModelForImageClassification.from_pretrained(first_epoch).state_dict()
+    final = AutoModelForImageClassification.from_pretrained(two).state_dict()
+    key = "vit.layers.0.mlp.fc1.weight"
+    assert torch.equal(after_0[key], before[key]) and not torch.equal(final[key], before[key])
+
+
+@pytest.mark.slow
+def test_two_process_distillation_matches_one_process(cifar_teacher, tiny_vit, cifar_like, tmp_path):
+    common = ["--teacher_model_name_or_path", cifar_teacher, "--student_model_name_or_path", tiny_vit,
+              "--image_size", "24", "--dataset_name", cifar_like, "--num_train_epochs", "2", "--max_train_samples",
+              "40", "--augmentation", "none", "--seed", "3", *quick_flags()]
+    two = tmp_path / "two"
+    proc = launch(tmp_path, "distill", [*common, "--output_dir", str(two), "--per_device_train_batch_size", "4"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = tmp_path / "one"
+    run_distill.main([*common, "--output_dir", str(one), "--per_device_train_batch_size", "8"])
+    assert_same_run(one, two)
+    assert_sharded(two, train_rows=40)
+    assert results(two)["test_teacher_accuracy"] == results(one)["test_teacher_accuracy"]
+    logs = [h for h in json.loads((two / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    assert all("kd_loss" in h for h in logs)
+
+
+@pytest.mark.slow
+def test_two_processes_without_a_distributed_backend_are_refused(tiny_vit, cifar_like, tmp_path):
+    proc = launch(tmp_path, "finetune", ["--model_name_or_path", tiny_vit, "--dataset_name", cifar_like,
+                                         "--output_dir", str(tmp_path / "o"), *quick_flags()], use_cpu=False)
+    assert proc.returncode != 0
+    assert "error: 2 processes were started but they do not form one distributed run" in proc.stderr
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("script", ["finetune", "distill"])
+def test_bf16_on_cpu(script, cifar_teacher, tiny_resnet, cifar_like, tmp_path):
+    flags = ["--dataset_name", cifar_like, "--output_dir", str(tmp_path / "o"), "--max_steps", "3", "--bf16",
+             "--use_cpu", *quick_flags()]
+    if script == "finetune":
+        results = run_finetune.main(["--model_name_or_path", tiny_resnet, *flags])
+    else:
+        results = run_distill.main(["--teacher_model_name_or_path", cifar_teacher,
+                                    "--student_model_name_or_path", tiny_resnet, *flags])
+    assert 0 <= results["test_accuracy"] <= 1
+
+
+def test_teacher_forward_runs_in_the_runs_autocast_dtype(cifar_teacher, tiny_resnet, cifar_like, tmp_path):
+    from hf_transfer.data import attach_transforms, load_image_data
+    from hf_transfer.distillation import DistillationTrainer
+    from hf_transfer.models import load_model, load_teacher
+    from hf_transfer.training import trainer_kwargs
+
+    data = load_image_data(cifar_like)
+    attach_transforms(data, "none")
+    teacher, student = load_teacher(cifar_teacher, data.label_names), load_model(tiny_resnet, data.label_names)
+    args = TransferTrainingArguments(output_dir=str(tmp_path), bf16=True, use_cpu=True, dataloader_num_workers=0,
+                                     per_device_train_batch_size=4, report_to="none")
+    trainer = DistillationTrainer(teacher=teacher.model, teacher_spec=teacher.spec, **trainer_kwargs(args, data, student))
+    dtypes = []
+    linear = next(m for m in trainer.teacher.modules() if isinstance(m, torch.nn.Linear))
+    linear.register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    trainer.model.train()
+    trainer.compute_loss(trainer.model, trainer._prepare_inputs(next(iter(trainer.get_train_dataloader()))))
+    assert dtypes == [torch.bfloat16]
+
+
+def test_channels_last_and_compile_flags(tiny_resnet, cifar_like, tmp_path):
+    results = run_finetune.main(["--model_name_or_path", tiny_resnet, "--dataset_name", cifar_like,
+                                 "--output_dir", str(tmp_path / "o"), "--max_steps", "2", "--channels_last",
+                                 "--torch_compile", "--torch_compile_backend", "eager", *quick_flags()])
+    assert 0 <= results["test_accuracy"] <= 1
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "o")
+    assert reloaded(pixel_values=torch.zeros(1, 3, 32, 32)).logits.shape == (1, 3)
+
+
+@pytest.mark.multi_gpu
+def test_two_gpus(tiny_vit, cifar_like, tmp_path):
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               str(ROOT / "accelerate_configs" / "multi_gpu.yaml"), "--num_processes", "2",
+               str(ROOT / "run_finetune.py"), "--model_name_or_path", tiny_vit, "--dataset_name", cifar_like,
+               "--output_dir", str(tmp_path / "o"), "--num_train_epochs", "1", *quick_flags()]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "o" / "model.safetensors").exists()
