@@ -150,6 +150,11 @@ class DataArguments:
     augmentation: str = field(
         default="basic", metadata={"help": "Training augmentation preset.", "choices": list(AUGMENTATIONS)}
     )
+    skip_corrupt_images: bool = field(
+        default=False,
+        metadata={"help": "Decode every image before training and drop (and count) those that fail, instead of "
+                          "stopping at the first broken one."},
+    )
 
 
 @dataclass
@@ -186,6 +191,10 @@ class TransferTrainingArguments(TrainingArguments):
     lr_step_gamma: float = field(default=0.1, metadata={"help": "Factor of the step decay."})
     mixup: float = field(default=0.0, metadata={"help": "Mixup alpha (0: off); a draw per sample, on the device."})
     cutmix: float = field(default=0.0, metadata={"help": "CutMix alpha (0: off); a box per sample, on the device."})
+    max_nan_steps: int = field(
+        default=0,
+        metadata={"help": "Training steps with a NaN/inf loss to skip before stopping the run (0: stop at the first)."},
+    )
     channels_last: bool = field(
         default=False, metadata={"help": "Feed CNNs channels-last tensors (faster convolutions on recent GPUs)."}
     )
@@ -221,13 +230,32 @@ class TransferTrainingArguments(TrainingArguments):
         super().__post_init__()
 
 
+class ArgumentParser(HfArgumentParser):
+    """HfArgumentParser whose errors are one line (argparse would print the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 def parse_arguments(argv: Sequence[str] | None, types: tuple) -> tuple:
     """Parse `argv` into the dataclasses `types`; a bad combination is a one-line UserError."""
-    parser = HfArgumentParser(types)
+    parser = ArgumentParser(types)
     try:
-        return parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
-    except ValueError as exc:  # TrainingArguments.__post_init__ checks
-        raise UserError(str(exc).strip().splitlines()[0]) from exc
+        parsed = parser.parse_args_into_dataclasses(args=list(argv) if argv is not None else None)
+    except ValueError as exc:  # TrainingArguments.__post_init__ checks, some of them several lines long
+        raise UserError(" ".join(line.strip() for line in str(exc).strip().splitlines())) from exc
+    for arguments in parsed:
+        _move_token_to_environment(arguments)
+    return parsed
+
+
+def _move_token_to_environment(arguments) -> None:
+    """`--hub_token` goes where huggingface_hub reads it (HF_TOKEN) and out of the arguments, which
+    the Trainer pickles into every checkpoint (training_args.bin) and trackers record."""
+    token = getattr(arguments, "hub_token", None)
+    if token:
+        os.environ["HF_TOKEN"] = token
+        arguments.hub_token = None
 
 
 def recipe_flags(recipe: str, family: str) -> list[str]:
@@ -261,6 +289,7 @@ def validate_numbers(model_args: ModelArguments, data_args: DataArguments, args:
         (args.lr_step_size is None or args.lr_step_size > 0, f"--lr_step_size must be > 0 epochs, got {args.lr_step_size}"),
         (0 < args.lr_step_gamma <= 1, f"--lr_step_gamma must be in (0, 1], got {args.lr_step_gamma}"),
         (args.mixup >= 0 and args.cutmix >= 0, "--mixup and --cutmix must be >= 0"),
+        (args.max_nan_steps >= 0, f"--max_nan_steps must be >= 0, got {args.max_nan_steps}"),
         (0 <= args.label_smoothing_factor < 1, f"--label_smoothing_factor must be in [0, 1), got {args.label_smoothing_factor}"),
         (not (args.freeze_backbone and args.unfreeze_schedule), "pass either --freeze_backbone or --unfreeze_schedule, not both"),
     ]

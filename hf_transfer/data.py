@@ -12,14 +12,17 @@ stacks them. Conversion to the model's float input happens later, on the device.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import math
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset, load_from_disk
+from transformers import TrainerCallback
 
-from .augment import Augmentation
+from .augment import Augmentation, sample_seed
 from .errors import UserError, wrap_load_error
 from .transforms import CorruptImageError, decode_rgb, resize_batch
 
@@ -43,6 +46,19 @@ class ImageData:
     label_column: str
     name: str  # what the model card calls the data set
     validation_from_train: bool  # carved out of train with --validation_split
+    skipped_images: dict[str, int]  # split -> images dropped by --skip_corrupt_images
+    # The training epoch, in shared memory so that DataLoader workers (persistent ones too) see it.
+    epoch: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64).share_memory_())
+
+
+class EpochCallback(TrainerCallback):
+    """Tells the augmentation which epoch starts, so an image's view depends on (seed, epoch, row) only."""
+
+    def __init__(self, epoch: torch.Tensor):
+        self.epoch = epoch
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.epoch.fill_(math.floor((state.epoch or 0.0) + 1e-6))
 
 
 def load_image_data(
@@ -57,6 +73,7 @@ def load_image_data(
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
     seed: int = 42,
+    skip_corrupt_images: bool = False,
 ) -> ImageData:
     """Load, check and split a data set; images stay undecoded until a batch asks for them."""
     if not 0 < validation_split < 1:
@@ -75,6 +92,8 @@ def load_image_data(
     if len(label_names) < 2:
         raise UserError(f"the data set has {len(label_names)} class(es) in column '{label_column}'; need at least 2")
 
+    _check_label_range(splits, label_column, len(label_names))
+
     splits = {key: ds.add_column(ROW, np.arange(len(ds))) for key, ds in splits.items()}
     validation_from_train = "validation" not in splits
     if validation_from_train:
@@ -88,32 +107,36 @@ def load_image_data(
 
     # Decode ourselves (decode=False) so a broken file raises an error that names its row.
     splits = {key: ds.cast_column(image_column, Image(decode=False)) for key, ds in splits.items()}
+    skipped = {}
+    if skip_corrupt_images:
+        splits, skipped = _drop_corrupt_images(splits, image_column)
     if len(splits["train"]) == 0 or len(splits["validation"]) == 0:
         raise UserError("the train or validation split is empty; check --max_train_samples / --validation_split")
     return ImageData(
         train=splits["train"], validation=splits["validation"], test=splits.get("test"),
         label_names=label_names, image_column=image_column, label_column=label_column,
-        name=name, validation_from_train=validation_from_train,
+        name=name, validation_from_train=validation_from_train, skipped_images=skipped,
     )
 
 
-def attach_transforms(data: ImageData, augmentation: str = "basic") -> None:
+def attach_transforms(data: ImageData, augmentation: str = "basic", seed: int = 42) -> None:
     """Decode (and augment the train split) on the fly, per sample, in uint8."""
     num_labels = len(data.label_names)
     for split, ds, aug in (("train", data.train, Augmentation(augmentation)),
                            ("validation", data.validation, None), ("test", data.test, None)):
         if ds is not None:
-            ds.set_transform(SampleTransform(data.image_column, data.label_column, split, num_labels, aug),
-                             columns=[data.image_column, data.label_column, ROW])
+            transform = SampleTransform(data.image_column, data.label_column, split, num_labels, aug, seed, data.epoch)
+            ds.set_transform(transform, columns=[data.image_column, data.label_column, ROW])
 
 
 class SampleTransform:
     """The `set_transform` function: a batch of rows -> uint8 CHW RGB tensors, labels, row numbers."""
 
     def __init__(self, image_column: str, label_column: str, split: str, num_labels: int,
-                 augmentation: Augmentation | None = None):
+                 augmentation: Augmentation | None = None, seed: int = 42, epoch: torch.Tensor | None = None):
         self.image_column, self.label_column, self.split = image_column, label_column, split
-        self.num_labels, self.augmentation = num_labels, augmentation
+        self.num_labels, self.augmentation, self.seed = num_labels, augmentation, seed
+        self.epoch = epoch if epoch is not None else torch.zeros((), dtype=torch.int64)
 
     def __call__(self, batch: dict) -> dict:
         images, labels = [], []
@@ -129,7 +152,9 @@ class SampleTransform:
                 raise CorruptImageError(
                     f"label {label} in split '{self.split}', row {row} is outside 0..{self.num_labels - 1}"
                 )
-            images.append(self.augmentation(image) if self.augmentation is not None else image)
+            if self.augmentation is not None:
+                image = self.augmentation(image, sample_seed(self.seed, int(self.epoch), int(row)))
+            images.append(image)
             labels.append(label)
         return {"pixel_values": images, "labels": labels, "row_index": list(batch[ROW])}
 
@@ -250,6 +275,37 @@ def _as_class_labels(splits: dict[str, Dataset], label_column: str) -> tuple[dic
     else:
         raise UserError(f"column '{label_column}' holds {feature}, which is not a class label")
     return splits, names
+
+
+def _check_label_range(splits: dict[str, Dataset], label_column: str, num_labels: int) -> None:
+    for split, ds in splits.items():
+        labels = np.asarray(ds[label_column])
+        bad = np.flatnonzero((labels < 0) | (labels >= num_labels))
+        if bad.size:
+            raise UserError(f"label {labels[bad[0]]} in split '{split}', row {bad[0]} is outside 0..{num_labels - 1} "
+                            f"({bad.size} such rows); every row needs one of the {num_labels} classes")
+
+
+def _decodes(value) -> bool:
+    try:
+        decode_rgb(value)
+    except Exception:  # PIL raises many types; any of them means the file is unusable
+        return False
+    return True
+
+
+def _drop_corrupt_images(splits: dict[str, Dataset], image_column: str) -> tuple[dict[str, Dataset], dict[str, int]]:
+    """Decode every image once (in parallel for large splits) and keep the rows that decode."""
+    kept, skipped = {}, {}
+    for split, ds in splits.items():
+        workers = min(8, os.cpu_count() or 1) if len(ds) > 20_000 else None
+        kept[split] = ds.filter(lambda batch: [_decodes(v) for v in batch[image_column]], batched=True,
+                                num_proc=workers, desc=f"checking {split} images")
+        skipped[split] = len(ds) - len(kept[split])
+        if skipped[split]:
+            logger.warning("skipped %d of %d images in split '%s' that could not be decoded", skipped[split], len(ds),
+                           split)
+    return kept, skipped
 
 
 def _split_off(train: Dataset, fraction: float, label_column: str, seed: int) -> tuple[Dataset, Dataset]:

@@ -57,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 student.spec.size)
 
     cache_path = teacher_cache_path(args.output_dir, teacher.model, teacher.spec, data.train)
-    attach_transforms(data, data_args.augmentation)
+    attach_transforms(data, data_args.augmentation, args.seed)
     trainer = DistillationTrainer(teacher=teacher.model, teacher_spec=teacher.spec, alpha=distill_args.alpha,
                                   temperature=distill_args.temperature, **trainer_kwargs(args, data, student))
     if distill_args.cache_teacher_logits:

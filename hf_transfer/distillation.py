@@ -1,11 +1,11 @@
 """`DistillationTrainer`: a TransferTrainer whose loss also pulls the student towards a frozen teacher.
 
 What it adds to TransferTrainer, and why:
-- `model_inputs`: the teacher's own view of the batch (its input size and normalisation),
-  made on the device from the same augmented uint8 images the student sees, so the teacher
-  always grades exactly the picture the student was shown ("consistent teaching").
 - `compute_loss`: the distillation loss (`losses.distillation_loss`) during training; in
-  evaluation the student alone is scored, as in fine-tuning.
+  evaluation the student alone is scored, as in fine-tuning. The teacher gets its own view of
+  the batch (its input size and normalisation), made on the device from the same augmented
+  images the student sees, so it grades exactly the picture the student was shown
+  ("consistent teaching").
 - `log`: the two terms of the loss (`ce_loss`, `kd_loss`), averaged over each logging window.
 - `extra_test_metrics`: the teacher's test accuracy and the student-teacher agreement.
 
@@ -53,33 +53,24 @@ class DistillationTrainer(TransferTrainer):
         # On the device, with the run's autocast, and not wrapped in DDP (evaluation mode).
         return self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
-    def model_inputs(self, images: torch.Tensor, labels: torch.Tensor | None, batch: dict) -> dict:
-        inputs = super().model_inputs(images, labels, batch)
-        if self.model.training:
-            if self.teacher_logits is not None:
-                inputs["teacher_logits"] = self.teacher_logits[batch["row_index"].to(self.teacher_logits.device)]
-            else:
-                inputs["teacher_pixel_values"] = self.cast_for_model(self.teacher_input(images))
-        return inputs
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        teacher_logits = inputs.pop("teacher_logits", None)
-        teacher_pixel_values = inputs.pop("teacher_pixel_values", None)
-        if teacher_logits is None and teacher_pixel_values is None:  # evaluation: the student alone
+        if not model.training:  # evaluation: the student alone, as in fine-tuning
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
-        labels = inputs.pop("labels")
-        outputs = model(**inputs)
-        if teacher_logits is None:
+        outputs = model(pixel_values=inputs["pixel_values"])
+        if self.teacher_logits is not None:
+            teacher_logits = self.teacher_logits[inputs["row_index"].to(self.teacher_logits.device)]
+        else:
             with torch.no_grad():
-                teacher_logits = self.teacher(pixel_values=teacher_pixel_values).logits
+                teacher_view = self.cast_for_model(self.teacher_input(inputs["images"]))
+                teacher_logits = self.teacher(pixel_values=teacher_view).logits
         loss, ce, kd = distillation_loss(
-            outputs.logits, teacher_logits, labels, self.alpha, self.temperature,
+            outputs.logits, teacher_logits, inputs["labels"], self.alpha, self.temperature,
             num_items_in_batch=num_items_in_batch, label_smoothing=self.args.label_smoothing_factor,
         )
-        loss = self.scale_for_devices(loss, num_items_in_batch)
-        self._terms["ce_loss"] += ce.detach()
-        self._terms["kd_loss"] += kd.detach()
+        loss = self.skip_if_not_finite(self.scale_for_devices(loss, num_items_in_batch), model)
+        self._terms["ce_loss"] += ce
+        self._terms["kd_loss"] += kd
         self._terms_count += 1
         return (loss, outputs) if return_outputs else loss
 

@@ -7,12 +7,17 @@ run `main` through `run_cli`, which prints that message and exits with status 2.
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Callable, Sequence
 
 
 class UserError(Exception):
     """A mistake in the input (flags, data, paths, network) that the user can fix."""
+
+
+class Preempted(Exception):
+    """The run was told to stop (SIGTERM) and saved a checkpoint to resume from."""
 
 
 def offline_hint() -> str:
@@ -35,8 +40,7 @@ def one_line(exc: BaseException) -> str:
     if not lines:
         return type(exc).__name__
     if len(lines) > 1 and "Original Traceback" in str(exc):
-        last = lines[-1]
-        return last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].isidentifier() else last
+        return re.sub(r"^[\w.]+: ", "", lines[-1])  # "module.SomeError: message" -> "message"
     return " ".join(lines)
 
 
@@ -47,6 +51,9 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
     except UserError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
+    except Preempted as exc:
+        print(f"stopped: {exc}", file=sys.stderr)
+        return 143  # 128 + SIGTERM, as a process ended by the signal would report
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     model_args, data_args, args = parse_with_defaults(argv, ARGUMENT_TYPES, family=loaded.family)
     logger.info("model %s (%s), input %s, %d labels", source, loaded.family, loaded.spec.size, len(data.label_names))
 
-    attach_transforms(data, data_args.augmentation)
+    attach_transforms(data, data_args.augmentation, args.seed)
     trainer = TransferTrainer(**trainer_kwargs(args, data, loaded))
     card = CardInfo(
         model_name=args.hub_model_id or args.output_dir, base_model=source, from_scratch=model_args.from_scratch,

@@ -9,6 +9,7 @@ plain transformers model that saves, loads, pushes and runs in `pipeline`.
 from __future__ import annotations
 
 import logging
+import pickle
 import re
 from dataclasses import dataclass
 
@@ -97,12 +98,7 @@ def load_model(
     else:
         if config.model_type != "timm_wrapper":
             del labels["num_labels"]  # implied by id2label; TimmWrapperConfig alone needs it spelled out
-        try:
-            model = AutoModelForImageClassification.from_pretrained(
-                source, ignore_mismatched_sizes=True, **labels, **hub_kwargs
-            )
-        except OSError as exc:
-            raise wrap_load_error("model", source, exc) from exc
+        model = _from_pretrained("model", source, ignore_mismatched_sizes=True, **labels, **hub_kwargs)
         head_reset = old_names != list(label_names)
         if head_reset and len(old_names) == len(label_names):
             # Same number of classes, other names: the weights load without a size mismatch,
@@ -135,12 +131,20 @@ def load_teacher(source: str, label_names: list[str], *, revision: str | None = 
             f"the teacher's labels do not match the data set's: teacher has {len(names)} ({_preview(names)}), "
             f"data set has {len(label_names)} ({_preview(label_names)}); use a teacher fine-tuned on these labels"
         )
-    try:
-        model = AutoModelForImageClassification.from_pretrained(source, **hub_kwargs)
-    except OSError as exc:
-        raise wrap_load_error("teacher", source, exc) from exc
+    model = _from_pretrained("teacher", source, **hub_kwargs)
     model.eval().requires_grad_(False)
     return LoadedModel(model=model, spec=spec, family=model_family(model), source=source, head_reset=False)
+
+
+def _from_pretrained(what: str, source: str, **kwargs) -> PreTrainedModel:
+    """Load weights; safetensors, or a .bin only as plain tensors (transformers' weights_only default)."""
+    try:
+        return AutoModelForImageClassification.from_pretrained(source, **kwargs)
+    except pickle.UnpicklingError as exc:
+        raise UserError(f"refusing to load the {what} '{source}': its .bin weights hold Python objects that would run "
+                        "code when loaded; use a safetensors checkpoint") from exc
+    except OSError as exc:
+        raise wrap_load_error(what, source, exc) from exc
 
 
 def _preview(names: list[str], n: int = 4) -> str:

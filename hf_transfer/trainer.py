@@ -3,28 +3,42 @@
 The DataLoader delivers uint8 images at storage resolution (see `data.py`); accelerate moves
 them to the device; `_prepare_inputs` -- the Trainer's own hook for "make this batch ready for
 the model", used by training and evaluation alike -- turns them into the model's float input
-there, batched (and, in training, mixes them when `--mixup`/`--cutmix` ask for it).
+there, batched (and, in training, mixes them when `--mixup`/`--cutmix` ask for it). In training
+it also passes the device batch on as `images` for losses that need another view of it.
 
 The other overrides exist because the Trainer has no option for them:
 - `create_optimizer`: parameter groups with per-layer learning rates, no weight decay on
   biases and norms, and every parameter included so that layers unfrozen later train.
 - `create_scheduler`: adds the tutorial's step decay to the Trainer's schedules.
 - `compute_loss`: cross-entropy with the soft targets mixup/CutMix produce (hard labels go
-  through the Trainer's own loss).
+  through the Trainer's own loss), and no training on a NaN/inf loss.
 - `log`: adds the learning rate of each parameter group.
+- `_load_from_checkpoint`, `_load_best_model`: work around a transformers 5 bug that loses the
+  renamed layers of ViT-style checkpoints on resume and at the end of training.
 
 `DistillationTrainer` builds on this class and adds the teacher.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+
 import torch
 from transformers import Trainer
+from transformers.trainer_utils import get_last_checkpoint
 
 from .augment import BatchMix
+from .errors import UserError
 from .losses import cross_entropy
 from .optimization import param_groups, step_schedule, updates_per_epoch
 from .transforms import ImageSpec, ToModelInput
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(UserError):
+    """The loss became NaN or infinite more often than --max_nan_steps allows."""
 
 
 class TransferTrainer(Trainer):
@@ -42,14 +56,13 @@ class TransferTrainer(Trainer):
         images, labels = batch["pixel_values"], batch.get("labels")
         if self.batch_mix is not None and self.model.training and labels is not None:
             images, labels = self.batch_mix(images, labels)
-        return self.model_inputs(images, labels, batch)
-
-    def model_inputs(self, images: torch.Tensor, labels: torch.Tensor | None, batch: dict) -> dict:
-        """The keyword arguments of the model's forward, built from an image batch on the device."""
-        inputs = {"pixel_values": self.cast_for_model(self.to_model_input(images))}
+        prepared = {"pixel_values": self.cast_for_model(self.to_model_input(images))}
         if labels is not None:
-            inputs["labels"] = labels
-        return inputs
+            prepared["labels"] = labels
+        if self.model.training:
+            # What a loss may need besides the model's input (the distillation teacher makes its own view).
+            prepared.update(images=images, row_index=batch["row_index"])
+        return prepared
 
     def cast_for_model(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # DeepSpeed holds the weights in its own dtype and, unlike autocast, does not cast inputs.
@@ -60,14 +73,17 @@ class TransferTrainer(Trainer):
     # ---------------------------------------------------------------- loss
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = {key: inputs[key] for key in ("pixel_values", "labels") if key in inputs}
         labels = inputs.get("labels")
-        if labels is None or labels.ndim == 1:  # hard labels: the Trainer's loss
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        inputs = dict(inputs)
-        targets = inputs.pop("labels")  # soft targets from mixup/CutMix
-        outputs = model(**inputs)
-        loss = cross_entropy(outputs.logits, targets, num_items_in_batch, self.args.label_smoothing_factor)
-        loss = self.scale_for_devices(loss, num_items_in_batch)
+        if labels is None or labels.ndim == 1:  # hard labels: the Trainer's own loss
+            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
+        else:  # soft targets from mixup/CutMix
+            targets = inputs.pop("labels")
+            outputs = model(**inputs)
+            loss = cross_entropy(outputs.logits, targets, num_items_in_batch, self.args.label_smoothing_factor)
+            loss = self.scale_for_devices(loss, num_items_in_batch)
+        if model.training:
+            loss = self.skip_if_not_finite(loss, model)
         return (loss, outputs) if return_outputs else loss
 
     def scale_for_devices(self, loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
@@ -76,6 +92,29 @@ class TransferTrainer(Trainer):
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             return loss * self.accelerator.num_processes
         return loss
+
+    def skip_if_not_finite(self, loss: torch.Tensor, model) -> torch.Tensor:
+        """Never train on a NaN/inf loss: stop the run before it reaches the weights (the last
+        checkpoint stays good), or, within --max_nan_steps, replace it by a zero loss.
+
+        The check reads the loss on the host; the Trainer already does so every step (its
+        NaN filter for logging), so it costs no extra synchronisation.
+        """
+        if torch.isfinite(loss.detach()).all():
+            return loss
+        self.non_finite_steps = getattr(self, "non_finite_steps", 0) + 1
+        step = self.state.global_step + 1
+        if self.non_finite_steps > self.args.max_nan_steps:
+            last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+            raise NonFiniteLossError(
+                f"the training loss is {loss.detach().float().item()} at step {step} (epoch {self.state.epoch or 0:.2f}); "
+                f"stopped before applying it, the last checkpoint is {last or 'not written yet'}; lower "
+                "--learning_rate, prefer --bf16 over --fp16, or tolerate a few such steps with --max_nan_steps"
+            )
+        logger.warning("non-finite loss at step %d: step skipped (%d of %d allowed)", step,
+                       self.non_finite_steps, self.args.max_nan_steps)
+        # Zero, yet connected to every parameter, so that DDP's gradient all-reduce still completes.
+        return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
 
     # ---------------------------------------------------------------- optimizer and schedule
 
@@ -96,6 +135,36 @@ class TransferTrainer(Trainer):
                                               self.args.lr_step_gamma, self.args.get_warmup_steps(num_training_steps))
             return self.lr_scheduler
         return super().create_scheduler(num_training_steps, optimizer)
+
+    # ---------------------------------------------------------------- loading checkpoints
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        if not self._load_converted(resume_from_checkpoint, model):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        if not self._load_converted(self.state.best_model_checkpoint):
+            super()._load_best_model()
+
+    def _load_converted(self, checkpoint: str, model=None) -> bool:
+        """Load a checkpoint's weights the way `from_pretrained` does.
+
+        transformers 5 saves some models (ViT among them) with their original key names and
+        renames them when loading with `from_pretrained`; the Trainer's own resume and
+        load-best-model paths call `load_state_dict(strict=False)` on the saved keys, which
+        silently skips the renamed layers (a resumed ViT would restart its blocks from the
+        pretrained weights; huggingface/transformers#43701, #48805). Loading through
+        `from_pretrained` and copying strictly avoids that.
+        Sharded (FSDP, DeepSpeed) and multi-file checkpoints keep the Trainer's own path.
+        """
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled or not os.path.isfile(
+                os.path.join(checkpoint, "model.safetensors")):
+            return False
+        model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        logger.info("loading weights from %s", checkpoint)
+        loaded = type(model).from_pretrained(checkpoint)
+        model.load_state_dict(loaded.state_dict(), strict=True)
+        return True
 
     # ---------------------------------------------------------------- logging
 

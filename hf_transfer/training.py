@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers import EarlyStoppingCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from .arguments import freeze_schedule, parse_with_defaults, validate_numbers
-from .data import ROW, ImageData, UInt8Collator, load_image_data
+from .checkpoints import StopOnSignal, last_complete_checkpoint
+from .data import ROW, EpochCallback, ImageData, UInt8Collator, load_image_data
 from .distributed import check_launch
-from .errors import UserError
+from .errors import Preempted, UserError
 from .freezing import UnfreezeCallback, trainable_names
 from .metrics import ComputeMetrics, write_test_report
 from .model_card import CardInfo, write_model_card
@@ -47,7 +47,7 @@ def load_data(data_args, seed: int) -> ImageData:
         train_dir=data_args.train_dir, validation_dir=data_args.validation_dir, test_dir=data_args.test_dir,
         image_column=data_args.image_column, label_column=data_args.label_column,
         validation_split=data_args.validation_split, max_train_samples=data_args.max_train_samples,
-        max_eval_samples=data_args.max_eval_samples, seed=seed,
+        max_eval_samples=data_args.max_eval_samples, seed=seed, skip_corrupt_images=data_args.skip_corrupt_images,
     )
 
 
@@ -61,7 +61,7 @@ def load_trained_model(model_args, source: str, data: ImageData) -> LoadedModel:
 
 def trainer_kwargs(args, data: ImageData, loaded: LoadedModel) -> dict:
     """What every trainer of this project is built from."""
-    callbacks = []
+    callbacks = [StopOnSignal(), EpochCallback(data.epoch)]
     schedule = freeze_schedule(args)
     if schedule is not None:
         for _, stage in schedule:
@@ -92,7 +92,8 @@ def prepare_output_dir(args) -> str | None:
     """Check the output directory before any download; return the checkpoint to resume from, if any.
 
     - `--resume_from_checkpoint PATH` resumes from PATH.
-    - A directory holding checkpoints resumes from the last one (the same command continues a run).
+    - A directory holding checkpoints resumes from the newest complete one (the same command
+      continues a run; see checkpoints.py).
     - A directory holding anything else is refused unless `--overwrite_output_dir`, so no
       earlier result is lost by accident.
     """
@@ -104,21 +105,21 @@ def prepare_output_dir(args) -> str | None:
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir '{out}' exists and is not a directory")
     resume = None
-    with args.main_process_first(desc="checking the output directory"):
+    # The main process looks first (and moves incomplete checkpoints aside); the others then agree with it.
+    with args.main_process_first(local=False, desc="checking the output directory"):
         # Files a run writes before its first checkpoint (the teacher-logit cache) are its own, not foreign.
         if out.is_dir() and any(not p.name.startswith("teacher_logits-") for p in out.iterdir()):
-            last = get_last_checkpoint(str(out))
             if args.overwrite_output_dir:
                 if args.process_index == 0:
-                    for old in out.glob("checkpoint-*"):
+                    for old in out.glob("*checkpoint-*"):
                         shutil.rmtree(old, ignore_errors=True)
-            elif last is not None:
-                resume = last
             else:
-                raise UserError(
-                    f"--output_dir '{out}' already holds files but no checkpoint to resume from; "
-                    "pass --overwrite_output_dir or choose another --output_dir"
-                )
+                resume = last_complete_checkpoint(out)
+                if resume is None:
+                    raise UserError(
+                        f"--output_dir '{out}' already holds files but no checkpoint to resume from; "
+                        "pass --overwrite_output_dir or choose another --output_dir"
+                    )
         _check_writable(out)
     if resume is not None:
         logger.warning("resuming from checkpoint %s", resume)
@@ -138,8 +139,14 @@ def _check_writable(out: Path) -> None:
 def train_and_evaluate(trainer, data: ImageData, card: CardInfo, resume_from: str | None = None) -> dict:
     """Train, keep the best checkpoint (by validation accuracy), test it once, save everything."""
     train_result = trainer.train(resume_from_checkpoint=resume_from)
+    stopper = next((c for c in trainer.callback_handler.callbacks if isinstance(c, StopOnSignal)), None)
+    if stopper is not None and stopper.stopped_at is not None:
+        checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{stopper.stopped_at}"
+        raise Preempted(f"SIGTERM at step {stopper.stopped_at}; checkpoint saved in {checkpoint}; "
+                        "run the same command again to resume")
     trainer.save_model()  # the model (safetensors + config with label names) and the image processor
     results = dict(train_result.metrics, train_samples=len(data.train))
+    results.update({f"{split}_skipped_images": n for split, n in data.skipped_images.items()})
     trainer.log_metrics("train", results)
     trainer.save_metrics("train", results)
     trainer.save_state()

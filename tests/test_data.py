@@ -187,11 +187,16 @@ def test_augmentation_none_is_identity():
     assert torch.equal(Augmentation("none")(image), image)
 
 
-def test_train_split_is_augmented_and_eval_splits_are_not(cifar_like):
+def test_train_split_is_augmented_per_row_and_epoch_and_eval_splits_are_not(cifar_like):
     data = load_image_data(cifar_like)
-    attach_transforms(data, augmentation="basic")
-    torch.manual_seed(0)
-    train_draws = [data.train[0]["pixel_values"] for _ in range(5)]
-    test_draws = [data.test[0]["pixel_values"] for _ in range(3)]
-    assert any(not torch.equal(train_draws[0], d) for d in train_draws[1:])
-    assert all(torch.equal(test_draws[0], d) for d in test_draws[1:])
+    attach_transforms(data, augmentation="basic", seed=1)
+    raw = load_image_data(cifar_like)
+    attach_transforms(raw, augmentation="none")
+    rows = range(6)
+    epoch_0 = [data.train[i]["pixel_values"] for i in rows]
+    assert all(torch.equal(a, data.train[i]["pixel_values"]) for i, a in zip(rows, epoch_0))  # (seed, epoch, row)
+    assert any(not torch.equal(a, raw.train[i]["pixel_values"]) for i, a in zip(rows, epoch_0))  # augmented
+    data.epoch.fill_(1)
+    epoch_1 = [data.train[i]["pixel_values"] for i in rows]
+    assert any(not torch.equal(a, b) for a, b in zip(epoch_0, epoch_1))  # a new view every epoch
+    assert all(torch.equal(data.test[i]["pixel_values"], raw.test[i]["pixel_values"]) for i in rows)

@@ -132,10 +132,9 @@ def test_cached_teacher_logits(cifar_teacher, student_checkpoint, cifar_like, tm
     with torch.no_grad():
         direct = trainer.teacher(pixel_values=trainer.teacher_input(batch["pixel_values"])).logits
     calls.clear()
+    torch.testing.assert_close(trainer.teacher_logits[batch["row_index"]], direct)
     trainer.model.train()
-    inputs = trainer._prepare_inputs(batch)
-    torch.testing.assert_close(inputs["teacher_logits"], direct)
-    trainer.compute_loss(trainer.model, inputs)
+    trainer.compute_loss(trainer.model, trainer._prepare_inputs(batch))
     assert calls == []  # no teacher forward while training from the cache
 
     # a second trainer loads the file instead of recomputing

@@ -98,7 +98,7 @@ def test_launch_checks():
 
 def launch(tmp_path, script, flags, *, use_cpu=True, timeout=420):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               str(ROOT / "accelerate_configs" / "cpu.yaml"), str(ROOT / "tests" / "record_rows.py"), script,
+               str(ROOT / "accelerate_configs" / "cpu.yaml"), str(ROOT / "tests" / "instrumented.py"), script,
                *flags, *(["--use_cpu"] if use_cpu else [])]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
@@ -147,12 +147,11 @@ def test_two_process_finetune_with_unfreezing_matches_one_process(tiny_vit, cifa
     ignore = {"rows-rank0.json", "rows-rank1.json"}
     assert {p.name for p in two.iterdir()} - ignore == {p.name for p in one.iterdir()}
     # unfreezing under DDP: the backbone stayed put in epoch 0 and trained (in step on both ranks) in epoch 1
-    first_epoch = sorted(two.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))[0]
-    before = AutoModelForImageClassification.from_pretrained(tiny_vit).state_dict()
-    after_0 = AutoModelForImageClassification.from_pretrained(first_epoch).state_dict()
-    final = AutoModelForImageClassification.from_pretrained(two).state_dict()
+    epoch_0, epoch_1 = sorted(two.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    before, after_0, after_1 = (AutoModelForImageClassification.from_pretrained(p).state_dict()
+                                for p in (tiny_vit, epoch_0, epoch_1))
     key = "vit.layers.0.mlp.fc1.weight"
-    assert torch.equal(after_0[key], before[key]) and not torch.equal(final[key], before[key])
+    assert torch.equal(after_0[key], before[key]) and not torch.equal(after_1[key], before[key])
 
 
 @pytest.mark.slow

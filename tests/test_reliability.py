@@ -1,0 +1,411 @@
+"""Interruption and resume, bad data, bad numbers, unsafe files and leaked secrets, a small soak."""
+
+import gc
+import json
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import psutil
+import pytest
+import torch
+from conftest import quick_flags
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
+from helpers import png_bytes, random_images
+from transformers import AutoModelForImageClassification
+
+import run_distill
+import run_finetune
+from hf_transfer.arguments import TransferTrainingArguments
+from hf_transfer.checkpoints import is_complete, last_complete_checkpoint
+from hf_transfer.data import attach_transforms, load_image_data
+from hf_transfer.errors import UserError
+from hf_transfer.models import load_model
+from hf_transfer.trainer import NonFiniteLossError, TransferTrainer
+from hf_transfer.training import trainer_kwargs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_flags(model, data, out):
+    """12 steps (2 epochs of 6), a checkpoint every 2 steps, augmentation on: the run the interruption tests repeat."""
+    return ["--model_name_or_path", model, "--dataset_name", data, "--output_dir", str(out), "--num_train_epochs", "2",
+            "--save_strategy", "steps", "--save_steps", "2", "--eval_strategy", "steps", "--eval_steps", "2",
+            "--save_total_limit", "20", "--seed", "7",
+            "--augmentation", "basic", *quick_flags()]
+
+
+def start(flags, sleep=0.0):
+    env = {**os.environ, "TEST_STEP_SLEEP": str(sleep), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    return subprocess.Popen([sys.executable, str(ROOT / "tests" / "instrumented.py"), "finetune", *flags], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, process, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if path.is_dir() and is_complete(path):
+            return
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        time.sleep(0.05)
+    raise AssertionError(f"{path} did not appear")
+
+
+def final(out: Path) -> tuple[dict, dict]:
+    results = json.loads((out / "all_results.json").read_text())
+    keep = {k: v for k, v in results.items() if "runtime" not in k and "per_second" not in k and "flos" not in k}
+    return keep, AutoModelForImageClassification.from_pretrained(out).state_dict()
+
+
+def assert_identical(a: Path, b: Path):
+    (results_a, weights_a), (results_b, weights_b) = final(a), final(b)
+    for key in ("eval_accuracy", "eval_loss", "test_accuracy", "test_loss", "test_f1"):
+        assert results_a[key] == results_b[key], key
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_vit, cifar_like, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference") / "run"
+    process = start(run_flags(tiny_vit, cifar_like, out))
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_the_same_command_finishes_bit_identical(uninterrupted, tiny_vit, cifar_like, tmp_path):
+    out = tmp_path / "run"
+    flags = run_flags(tiny_vit, cifar_like, out)
+    process = start(flags, sleep=0.3)
+    wait_for(out / "checkpoint-4", process)  # epoch 0 has 6 steps: this is mid-epoch
+    process.kill()
+    process.wait()
+    assert not (out / "model.safetensors").exists()
+
+    again = start(flags)
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-3000:]
+    resumed_from = [line for line in err.splitlines() if "resuming from checkpoint" in line]
+    assert len(resumed_from) == 1 and resumed_from[0].endswith("checkpoint-4") or "checkpoint-" in resumed_from[0]
+    assert_identical(uninterrupted, out)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(uninterrupted, tiny_vit, cifar_like, tmp_path):
+    out = tmp_path / "run"
+    flags = run_flags(tiny_vit, cifar_like, out)
+    process = start(flags, sleep=0.3)
+    wait_for(out / "checkpoint-2", process)
+    sent = time.time()
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert time.time() - sent < 30
+    assert process.returncode == 143
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("stopped: SIGTERM at step ") and "run the same command again to resume" in last
+    step = int(last.split("at step ")[1].split(";")[0])
+    assert step >= 2 and is_complete(out / f"checkpoint-{step}") and "Traceback" not in err
+
+    again = start(flags)
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-3000:]
+    assert f"resuming from checkpoint {out / f'checkpoint-{step}'}" in err
+    assert_identical(uninterrupted, out)
+
+
+@pytest.mark.slow
+def test_a_truncated_checkpoint_is_never_resumed_from(uninterrupted, tiny_vit, cifar_like, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    weights = out / "checkpoint-12" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # killed while writing it
+    assert not is_complete(out / "checkpoint-12") and is_complete(out / "checkpoint-10")
+
+    process = start(run_flags(tiny_vit, cifar_like, out))
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err[-3000:]
+    assert f"resuming from checkpoint {out / 'checkpoint-10'}" in err
+    assert (out / "incomplete-checkpoint-12").is_dir()
+    assert_identical(uninterrupted, out)
+
+
+def test_completeness_checks_each_file(tmp_path):
+    checkpoint = tmp_path / "checkpoint-3"
+    checkpoint.mkdir()
+    AutoModelForImageClassification.from_config(
+        __import__("transformers").ViTConfig(num_hidden_layers=1, hidden_size=8, num_attention_heads=1,
+                                             intermediate_size=8, image_size=8, patch_size=4)
+    ).save_pretrained(checkpoint)
+    torch.save({"state": {}}, checkpoint / "optimizer.pt")
+    assert not is_complete(checkpoint)  # no trainer_state.json yet: it is written last
+    (checkpoint / "trainer_state.json").write_text("{}")
+    assert is_complete(checkpoint)
+    optimizer = (checkpoint / "optimizer.pt").read_bytes()
+    (checkpoint / "optimizer.pt").write_bytes(optimizer[:-30])
+    assert not is_complete(checkpoint)
+    assert last_complete_checkpoint(tmp_path) is None and (tmp_path / "incomplete-checkpoint-3").is_dir()
+
+
+# ---------------------------------------------------------------- non-finite losses
+
+
+class NanAt:
+    """Forward pre-hook: the n-th training forward pass gets NaN pixels (so its loss is NaN)."""
+
+    def __init__(self, n):
+        self.n, self.calls = n, 0
+
+    def __call__(self, module, args, kwargs):
+        if module.training:
+            self.calls += 1
+            if self.calls == self.n:
+                kwargs = {**kwargs, "pixel_values": kwargs["pixel_values"] * float("nan")}
+        return args, kwargs
+
+
+def nan_trainer(tiny_vit, cifar_like, tmp_path, **overrides):
+    data = load_image_data(cifar_like)
+    attach_transforms(data, "none")
+    loaded = load_model(tiny_vit, data.label_names)
+    args = TransferTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, dataloader_num_workers=0,
+                                     report_to="none", use_cpu=True, save_strategy="steps", save_steps=2,
+                                     eval_strategy="no", load_best_model_at_end=False, max_steps=6, **overrides)
+    trainer = TransferTrainer(**trainer_kwargs(args, data, loaded))
+    loaded.model.register_forward_pre_hook(NanAt(3), with_kwargs=True)
+    return trainer
+
+
+def test_a_nan_loss_stops_the_run_at_its_step_and_keeps_the_last_checkpoint(tiny_vit, cifar_like, tmp_path):
+    trainer = nan_trainer(tiny_vit, cifar_like, tmp_path)
+    with pytest.raises(NonFiniteLossError, match="the training loss is nan at step 3 .*the last checkpoint is "
+                                                 f"{tmp_path / 'checkpoint-2'}"):
+        trainer.train()
+    assert is_complete(tmp_path / "checkpoint-2") and not (tmp_path / "checkpoint-4").exists()
+    saved = AutoModelForImageClassification.from_pretrained(tmp_path / "checkpoint-2").state_dict()
+    assert all(torch.isfinite(v).all() for v in saved.values())
+
+
+def test_max_nan_steps_skips_a_bad_step(tiny_vit, cifar_like, tmp_path, caplog):
+    trainer = nan_trainer(tiny_vit, cifar_like, tmp_path, max_nan_steps=1)
+    trainer.train()
+    assert trainer.state.global_step == 6
+    assert "non-finite loss at step 3: step skipped (1 of 1 allowed)" in caplog.text
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_a_diverging_run_stops_with_one_line(tiny_vit, cifar_like, tmp_path):
+    with pytest.raises(UserError, match=r"the training loss is (nan|inf|-inf) at step \d+"):
+        run_finetune.main(["--model_name_or_path", tiny_vit, "--dataset_name", cifar_like, "--output_dir",
+                           str(tmp_path / "o"), "--learning_rate", "1e30", "--optim", "sgd", "--max_grad_norm", "0",
+                           "--num_train_epochs", "3", *quick_flags()])
+
+
+# ---------------------------------------------------------------- bad data
+
+
+def zero_size_png() -> bytes:
+    data = bytearray(png_bytes(PIL.Image.new("RGB", (1, 1))))
+    data[16:20] = struct.pack(">I", 0)  # IHDR width 0
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def broken_dataset(tmp_path) -> str:
+    good = [{"bytes": png_bytes(image), "path": None} for image in random_images(12, seed=5)]
+    broken = [{"bytes": good[0]["bytes"][:50], "path": None}, {"bytes": b"GIF89a not really", "path": None},
+              {"bytes": zero_size_png(), "path": None}]
+    features = Features({"image": Image(), "label": ClassLabel(names=["a", "b"])})
+    train = Dataset.from_dict({"image": good[:8] + broken, "label": [i % 2 for i in range(11)]}, features=features)
+    test = Dataset.from_dict({"image": good[8:] + broken[:1], "label": [0, 1, 0, 1, 0]}, features=features)
+    DatasetDict(train=train, test=test).save_to_disk(str(tmp_path / "broken"))
+    return str(tmp_path / "broken")
+
+
+def test_zero_size_image_is_reported_as_corrupt(tmp_path):
+    data = load_image_data(broken_dataset(tmp_path), validation_split=0.3)
+    attach_transforms(data, "none")
+    rows = data.train.with_format(None)["__row__"]
+    with pytest.raises(UserError, match="cannot decode the image in split 'train', row 10"):
+        data.train[rows.index(10)]
+
+
+def test_corrupt_images_stop_the_run_naming_split_and_row(tiny_resnet, tmp_path):
+    with pytest.raises(UserError, match=r"cannot decode the image in split '(train|test|validation)', row \d+"):
+        run_finetune.main(["--model_name_or_path", tiny_resnet, "--dataset_name", broken_dataset(tmp_path),
+                           "--output_dir", str(tmp_path / "o"), "--validation_split", "0.3", *quick_flags()])
+
+
+def test_corrupt_image_error_from_a_dataloader_worker_is_one_line(tiny_resnet, tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "run_finetune.py"), "--model_name_or_path", tiny_resnet,
+                           "--dataset_name", broken_dataset(tmp_path), "--output_dir", str(tmp_path / "o"),
+                           "--validation_split", "0.3", *quick_flags(), "--dataloader_num_workers", "1"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot decode the image in split '") and ", row " in last
+
+
+def test_skip_corrupt_images_drops_and_counts_them(tiny_resnet, tmp_path):
+    results = run_finetune.main(["--model_name_or_path", tiny_resnet, "--dataset_name", broken_dataset(tmp_path),
+                                 "--output_dir", str(tmp_path / "o"), "--validation_split", "0.3",
+                                 "--skip_corrupt_images", *quick_flags()])
+    assert results["train_skipped_images"] + results["validation_skipped_images"] == 3
+    assert results["test_skipped_images"] == 1 and results["test_samples"] == 4
+    assert json.loads((tmp_path / "o" / "train_results.json").read_text())["test_skipped_images"] == 1
+
+
+def test_labels_outside_the_class_range_are_refused_up_front(tmp_path):
+    features = Features({"image": Image(), "label": Value("int64")})
+    train = Dataset.from_dict({"image": random_images(4), "label": [0, 1, 0, 1]}, features=features)
+    train = train.cast_column("label", ClassLabel(names=["a", "b"]))
+    bad = Dataset.from_dict({"image": random_images(3), "label": [1, 5, -1]}, features=features)
+    bad = bad.cast_column("label", ClassLabel(names=["a", "b"]))
+    DatasetDict(train=train, test=bad).save_to_disk(str(tmp_path / "ds"))
+    with pytest.raises(UserError, match=r"label 5 in split 'test', row 1 is outside 0..1 \(2 such rows\)"):
+        load_image_data(str(tmp_path / "ds"))
+
+
+# ---------------------------------------------------------------- bad flags (README, "Validated arguments")
+
+
+def cli(main, argv, capsys) -> tuple[int, str]:
+    """What the command line does with `argv`: exit code and stderr (in-process, to save start-up time)."""
+    from hf_transfer.errors import run_cli
+
+    try:
+        code = run_cli(main, argv)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--learning_rate", "-1"], "--learning_rate must be > 0"),
+    (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be >= 1"),
+    (["--validation_split", "0"], "--validation_split must be between 0 and 1"),
+    (["--image_size", "-3"], "--image_size must be a positive number"),
+    (["--unfreeze_schedule", "0:head,1:top"], "unknown stage 'top'"),
+    (["--max_nan_steps", "-1"], "--max_nan_steps must be >= 0"),
+    (["--augmentation", "wild"], "argument --augmentation: invalid choice: 'wild'"),
+    (["--learning_rate", "fast"], "invalid float value: 'fast'"),
+])
+def test_invalid_values_are_one_line_and_exit_2(flags, message, tmp_path, capsys):
+    code, err = cli(run_finetune.main, ["--dataset_name", "x/y", "--output_dir", str(tmp_path / "o"), *flags], capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "-1"], "error: --temperature must be > 0, got -1.0"),
+    (["--alpha", "2"], "error: --alpha must be in [0, 1], got 2.0"),
+])
+def test_distillation_values_are_one_line_and_exit_2(flags, message, tmp_path, capsys):
+    code, err = cli(run_distill.main, ["--teacher_model_name_or_path", "t", "--output_dir", str(tmp_path / "o"),
+                                       *flags], capsys)
+    assert code == 2 and err.strip() == message
+
+
+def test_image_size_the_model_cannot_take_is_refused(tiny_vit, cifar_like, tmp_path):
+    with pytest.raises(UserError, match="--image_size 30 is not a multiple of the model's patch size 8"):
+        run_finetune.main(["--model_name_or_path", tiny_vit, "--dataset_name", cifar_like, "--output_dir",
+                           str(tmp_path / "o"), "--image_size", "30", *quick_flags()])
+
+
+# ---------------------------------------------------------------- nothing unsafe loaded or leaked
+
+
+def test_pickled_weights_are_refused_without_running_them(tiny_vit, tmp_path):
+    evil = tmp_path / "evil"
+    shutil.copytree(tiny_vit, evil)
+    (evil / "model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    import pickle
+
+    (evil / "pytorch_model.bin").write_bytes(pickle.dumps({"vit.embeddings.cls_token": Payload()}))
+    with pytest.raises(UserError, match="refusing to load the model .* use a safetensors checkpoint"):
+        load_model(str(evil), ["a", "b"])
+    assert not marker.exists()
+
+
+def test_remote_code_is_not_run_unless_asked(tiny_vit, tmp_path):
+    custom = tmp_path / "custom"
+    shutil.copytree(tiny_vit, custom)
+    marker = tmp_path / "ran"
+    (custom / "configuration_custom.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    config = json.loads((custom / "config.json").read_text())
+    config.update(model_type="custom-vit", auto_map={"AutoConfig": "configuration_custom.CustomConfig"})
+    (custom / "config.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="could not load model config"):
+        load_model(str(custom), ["a", "b"])
+    assert not marker.exists()
+
+
+def test_the_hub_token_is_written_nowhere(tiny_resnet, cifar_like, tmp_path, monkeypatch, capfd):
+    token = "hf_FAKEtokenFORtests0123456789abcdef"
+    monkeypatch.setenv("HF_TOKEN", token)
+    out = tmp_path / "run"
+    run_finetune.main(["--model_name_or_path", tiny_resnet, "--dataset_name", cifar_like, "--output_dir", str(out),
+                       "--hub_token", token, "--max_steps", "2", "--save_steps", "1", "--save_strategy", "steps",
+                       "--eval_strategy", "steps", "--eval_steps", "1",
+                       *quick_flags()])
+    written = [p for p in out.rglob("*") if p.is_file()]
+    assert any(p.name == "training_args.bin" for p in written)
+    assert [p for p in written if token.encode() in p.read_bytes()] == []
+    captured = capfd.readouterr()
+    assert token not in captured.out and token not in captured.err
+
+
+# ---------------------------------------------------------------- soak
+
+
+def test_back_to_back_runs_do_not_leak(tiny_resnet, cifar_teacher, cifar_like, tmp_path):
+    process = psutil.Process()
+    memory = []
+    for i in range(3):
+        run_distill.main(["--teacher_model_name_or_path", cifar_teacher, "--student_model_name_or_path", tiny_resnet,
+                          "--dataset_name", cifar_like, "--output_dir", str(tmp_path / f"run{i}"),
+                          "--num_train_epochs", "1", *quick_flags()])
+        gc.collect()
+        memory.append(process.memory_info().rss)
+        assert not [o for o in gc.get_objects() if isinstance(o, TransferTrainer)]  # nothing keeps a trainer alive
+    assert memory[2] - memory[1] < 40 * 2**20, [m / 2**20 for m in memory]
+    assert np.isfinite(memory).all()
+
+
+def test_resume_and_best_model_load_every_layer_of_a_vit(tiny_vit, cifar_like, tmp_path):
+    """transformers 5 saves ViT weights under their original names; the Trainer's own loaders would skip them."""
+    from safetensors import safe_open
+
+    data = load_image_data(cifar_like)
+    attach_transforms(data, "none")
+    best = load_model(tiny_vit, data.label_names).model
+    with torch.no_grad():
+        for p in best.parameters():
+            p.add_(torch.randn_like(p))
+    best.save_pretrained(tmp_path / "checkpoint-1")
+    with safe_open(str(tmp_path / "checkpoint-1" / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) != set(best.state_dict())  # saved under other names than the model's
+
+    loaded = load_model(tiny_vit, data.label_names)
+    args = TransferTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True,
+                                     dataloader_num_workers=0)
+    trainer = TransferTrainer(**trainer_kwargs(args, data, loaded))
+    trainer.state.best_model_checkpoint = str(tmp_path / "checkpoint-1")
+    trainer._load_best_model()
+    expected = best.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in trainer.model.state_dict().items())
