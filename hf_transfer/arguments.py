@@ -12,6 +12,7 @@ command line wins (`--recipe tutorial` reproduces the tutorial's settings).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,6 +214,11 @@ class TransferTrainingArguments(TrainingArguments):
         default=True, metadata={"help": "Finish with the checkpoint of best validation accuracy."}
     )
     metric_for_best_model: str | None = field(default="accuracy", metadata={"help": "Metric for model selection."})
+    hub_strategy: str = field(
+        default="end",
+        metadata={"help": "With --push_to_hub: 'end' pushes the finished run once (model, processor, card, results); "
+                          "'every_save', 'checkpoint', 'all_checkpoints' also push during training (the Trainer's)."},
+    )
     dataloader_num_workers: int = field(
         default_factory=_default_workers, metadata={"help": "DataLoader worker processes per process (default: cores - 1)."}
     )
@@ -256,6 +262,8 @@ def _move_token_to_environment(arguments) -> None:
     if token:
         os.environ["HF_TOKEN"] = token
         arguments.hub_token = None
+        # Trackers record the command line (W&B's run metadata): keep the token out of it too.
+        sys.argv[:] = [a.replace(token, "<hub_token>") for a in sys.argv]
 
 
 def recipe_flags(recipe: str, family: str) -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 
 from transformers import set_seed
 
@@ -27,6 +28,7 @@ from .errors import run_cli
 from .model_card import CardInfo
 from .models import load_teacher, resolve_source
 from .training import (
+    hub_push_plan,
     hyperparameters,
     load_data,
     load_trained_model,
@@ -58,12 +60,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     cache_path = teacher_cache_path(args.output_dir, teacher.model, teacher.spec, data.train)
     attach_transforms(data, data_args.augmentation, args.seed)
+    push_to = hub_push_plan(args)
+    run_config = {**asdict(student_args), **asdict(distill_args), **asdict(data_args)}
     trainer = DistillationTrainer(teacher=teacher.model, teacher_spec=teacher.spec, alpha=distill_args.alpha,
-                                  temperature=distill_args.temperature, **trainer_kwargs(args, data, student))
+                                  temperature=distill_args.temperature,
+                                  **trainer_kwargs(args, data, student, run_config, tags=["distillation"]))
     if distill_args.cache_teacher_logits:
         trainer.use_cached_teacher_logits(data.train, cache_path)
     card = CardInfo(
-        model_name=args.hub_model_id or args.output_dir, base_model=source, from_scratch=student_args.from_scratch,
+        model_name=push_to or args.output_dir, base_model=source, from_scratch=student_args.from_scratch,
         dataset=data.name, label_names=data.label_names, teacher=teacher.source,
         hyperparameters=hyperparameters(
             args, model=source, family=student.family, image_size=student.spec.size[0],
@@ -71,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             alpha=distill_args.alpha, temperature=distill_args.temperature,
         ),
     )
-    return train_and_evaluate(trainer, data, card, resume_from)
+    return train_and_evaluate(trainer, data, card, resume_from, push_to)
 
 
 def cli() -> None:

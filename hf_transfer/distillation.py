@@ -130,4 +130,4 @@ def teacher_cache_path(output_dir: str, teacher: torch.nn.Module, teacher_spec: 
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     digest.update(repr(teacher_spec).encode())
     digest.update(dataset._fingerprint.encode())
-    return Path(output_dir) / f"teacher_logits-{digest.hexdigest()[:16]}.safetensors"
+    return Path(output_dir) / f"_teacher_logits-{digest.hexdigest()[:16]}.safetensors"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import asdict
 
 from transformers import set_seed
 
@@ -20,6 +21,7 @@ from .model_card import CardInfo
 from .models import resolve_source
 from .trainer import TransferTrainer
 from .training import (
+    hub_push_plan,
     hyperparameters,
     load_data,
     load_trained_model,
@@ -47,14 +49,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     logger.info("model %s (%s), input %s, %d labels", source, loaded.family, loaded.spec.size, len(data.label_names))
 
     attach_transforms(data, data_args.augmentation, args.seed)
-    trainer = TransferTrainer(**trainer_kwargs(args, data, loaded))
+    push_to = hub_push_plan(args)
+    run_config = {**asdict(model_args), **asdict(data_args)}
+    trainer = TransferTrainer(**trainer_kwargs(args, data, loaded, run_config, tags=["fine-tuning"]))
     card = CardInfo(
-        model_name=args.hub_model_id or args.output_dir, base_model=source, from_scratch=model_args.from_scratch,
+        model_name=push_to or args.output_dir, base_model=source, from_scratch=model_args.from_scratch,
         dataset=data.name, label_names=data.label_names,
         hyperparameters=hyperparameters(args, model=source, family=loaded.family, image_size=loaded.spec.size[0],
                                         augmentation=data_args.augmentation, recipe=model_args.recipe),
     )
-    return train_and_evaluate(trainer, data, card, resume_from)
+    return train_and_evaluate(trainer, data, card, resume_from, push_to)
 
 
 def cli() -> None:

@@ -73,6 +73,15 @@ def plot_confusion_matrix(matrix: np.ndarray, label_names: list[str], path: Path
 
     size = max(4.0, 0.5 * len(label_names) + 2)
     fig, ax = plt.subplots(figsize=(size, size))
+    draw_confusion_matrix(ax, matrix, label_names, title or "confusion matrix (test split)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def draw_confusion_matrix(ax, matrix: np.ndarray, label_names: list[str], title: str) -> None:
+    """Draw into a matplotlib axis: counts in the cells when there are few classes."""
+    matrix = np.asarray(matrix)
     ax.imshow(matrix, cmap="Blues")
     ticks = range(len(label_names))
     ax.set_xticks(ticks, label_names, rotation=90)
@@ -85,7 +94,4 @@ def plot_confusion_matrix(matrix: np.ndarray, label_names: list[str], path: Path
             for j in ticks:
                 ax.text(j, i, int(matrix[i, j]), ha="center", va="center", fontsize=7,
                         color="white" if matrix[i, j] > threshold else "black")
-    ax.set_title(title or "confusion matrix (test split)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    ax.set_title(title)

@@ -23,9 +23,11 @@ from .data import ROW, EpochCallback, ImageData, UInt8Collator, load_image_data
 from .distributed import check_launch
 from .errors import Preempted, UserError
 from .freezing import UnfreezeCallback, trainable_names
+from .hub import check_push_possible, push_at_end, resolve_repo_id
 from .metrics import ComputeMetrics, write_test_report
 from .model_card import CardInfo, write_model_card
 from .models import LoadedModel, depth_groups, load_model
+from .tracking import RunConfigCallback, check_tracking, peak_memory, reset_peak_memory
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +38,8 @@ def parse_and_check(argv: Sequence[str], types: tuple) -> tuple:
     model_args, data_args, args = parsed[0], parsed[-2], parsed[-1]
     validate_numbers(model_args, data_args, args)
     check_launch(args)
+    check_tracking(args)
+    check_push_possible(args)
     if args.early_stopping_patience is not None and not args.load_best_model_at_end:
         raise UserError("--early_stopping_patience needs --load_best_model_at_end (the default)")
     return parsed
@@ -59,9 +63,10 @@ def load_trained_model(model_args, source: str, data: ImageData) -> LoadedModel:
     )
 
 
-def trainer_kwargs(args, data: ImageData, loaded: LoadedModel) -> dict:
+def trainer_kwargs(args, data: ImageData, loaded: LoadedModel, run_config: dict | None = None,
+                   tags: Sequence[str] = ()) -> dict:
     """What every trainer of this project is built from."""
-    callbacks = [StopOnSignal(), EpochCallback(data.epoch)]
+    callbacks = [StopOnSignal(), EpochCallback(data.epoch), RunConfigCallback(run_config or {}, [*tags, loaded.family])]
     schedule = freeze_schedule(args)
     if schedule is not None:
         for _, stage in schedule:
@@ -108,7 +113,7 @@ def prepare_output_dir(args) -> str | None:
     # The main process looks first (and moves incomplete checkpoints aside); the others then agree with it.
     with args.main_process_first(local=False, desc="checking the output directory"):
         # Files a run writes before its first checkpoint (the teacher-logit cache) are its own, not foreign.
-        if out.is_dir() and any(not p.name.startswith("teacher_logits-") for p in out.iterdir()):
+        if out.is_dir() and any(not p.name.startswith("_teacher_logits-") for p in out.iterdir()):
             if args.overwrite_output_dir:
                 if args.process_index == 0:
                     for old in out.glob("*checkpoint-*"):
@@ -136,8 +141,22 @@ def _check_writable(out: Path) -> None:
         raise UserError(f"--output_dir '{out}' cannot be written: {exc.strerror or exc}") from exc
 
 
-def train_and_evaluate(trainer, data: ImageData, card: CardInfo, resume_from: str | None = None) -> dict:
-    """Train, keep the best checkpoint (by validation accuracy), test it once, save everything."""
+def hub_push_plan(args) -> str | None:
+    """The repo the run pushes to at its end (None: no push). With the default `--hub_strategy end`
+    the Trainer itself does not push (its end-of-training push writes its own model card); the
+    other strategies keep its pushes during training."""
+    if not args.push_to_hub:
+        return None
+    repo_id = resolve_repo_id(args)
+    if args.hub_strategy == "end":
+        args.push_to_hub = False
+    return repo_id
+
+
+def train_and_evaluate(trainer, data: ImageData, card: CardInfo, resume_from: str | None = None,
+                       push_to: str | None = None) -> dict:
+    """Train, keep the best checkpoint (by validation accuracy), test it once, save everything, push."""
+    reset_peak_memory()
     train_result = trainer.train(resume_from_checkpoint=resume_from)
     stopper = next((c for c in trainer.callback_handler.callbacks if isinstance(c, StopOnSignal)), None)
     if stopper is not None and stopper.stopped_at is not None:
@@ -146,6 +165,8 @@ def train_and_evaluate(trainer, data: ImageData, card: CardInfo, resume_from: st
                         "run the same command again to resume")
     trainer.save_model()  # the model (safetensors + config with label names) and the image processor
     results = dict(train_result.metrics, train_samples=len(data.train))
+    results.update({f"train_{key}": value for key, value in peak_memory().items()})
+    trainer.log({key: value for key, value in results.items() if key == "train_peak_memory_mb"})
     results.update({f"{split}_skipped_images": n for split, n in data.skipped_images.items()})
     trainer.log_metrics("train", results)
     trainer.save_metrics("train", results)
@@ -160,7 +181,10 @@ def train_and_evaluate(trainer, data: ImageData, card: CardInfo, resume_from: st
     if data.test is not None:
         output = trainer.predict(data.test, metric_key_prefix="test")
         test_metrics = dict(output.metrics, test_samples=len(data.test))
-        test_metrics.update(trainer.extra_test_metrics(data.test, output))
+        extra = trainer.extra_test_metrics(data.test, output)
+        if extra:
+            trainer.log(dict(extra))  # to the trackers too (the Trainer logged only predict()'s own metrics)
+        test_metrics.update(extra)
         trainer.log_metrics("test", test_metrics)
         trainer.save_metrics("test", test_metrics)
         results.update(test_metrics)
@@ -172,11 +196,13 @@ def train_and_evaluate(trainer, data: ImageData, card: CardInfo, resume_from: st
 
     if trainer.is_world_process_zero():
         write_model_card(trainer.args.output_dir, card, test_metrics, eval_metrics)
+        if push_to is not None:
+            logger.info("pushed to %s", push_at_end(trainer.args, push_to))
     return results
 
 
 def hyperparameters(args, **extra) -> dict[str, object]:
-    """The settings that matter, for the model card and the run's summary."""
+    """The settings that matter, for the model card."""
     world = max(1, args.world_size)
     summary = dict(extra)
     summary.update({
@@ -184,10 +210,16 @@ def hyperparameters(args, **extra) -> dict[str, object]:
         "batch size (total)": args.per_device_train_batch_size * args.gradient_accumulation_steps * world,
         "optimizer": f"{args.optim}" + (f" ({args.optim_args})" if args.optim_args else ""),
         "learning rate": args.learning_rate,
-        "schedule": f"{args.lr_scheduler_type}, warmup {args.warmup_steps}",
+        "schedule": (f"step x{args.lr_step_gamma} every {args.lr_step_size} epochs" if args.lr_step_size
+                     else str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)))
+        + f", warmup {args.warmup_steps}",
         "weight decay": args.weight_decay,
-        "label smoothing": args.label_smoothing_factor,
+        "freezing": "backbone frozen (linear probe)" if args.freeze_backbone else args.unfreeze_schedule or "none",
         "mixed precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "no",
         "seed": args.seed,
     })
+    optional = {"label smoothing": args.label_smoothing_factor, "mixup": args.mixup, "cutmix": args.cutmix,
+                "backbone lr scale": args.backbone_lr_scale if args.backbone_lr_scale != 1.0 else 0,
+                "layer decay": args.layer_decay}
+    summary.update({key: value for key, value in optional.items() if value})
     return summary

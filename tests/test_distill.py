@@ -160,7 +160,7 @@ def test_cached_run_end_to_end(cifar_teacher, student_checkpoint, cifar_like, tm
     run_distill.main(["--teacher_model_name_or_path", cifar_teacher, "--student_model_name_or_path",
                       student_checkpoint, "--dataset_name", cifar_like, "--output_dir", str(out),
                       "--augmentation", "none", "--cache_teacher_logits", "--num_train_epochs", "2", *quick_flags()])
-    assert len(list(out.glob("teacher_logits-*.safetensors"))) == 1
+    assert len(list(out.glob("_teacher_logits-*.safetensors"))) == 1
     assert (out / "test_results.json").exists()
 
 

@@ -1,0 +1,76 @@
+"""Pushing an output directory to the Hugging Face Hub, at the end of a run or later.
+
+The run saves everything locally first; the push uploads the model (safetensors, config with
+the label names), the image processor, the model card and the result files, never the
+checkpoints' optimizer state, the teacher-logit cache or the pickled training arguments.
+A push that cannot work (offline, no token, token refused) is refused before training; one
+that fails at the end says so in one line with the command that pushes the saved directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from huggingface_hub import HfApi, get_token
+
+from .errors import UserError
+
+# Checkpoints (optimizer state), files private to the run ("_*": the teacher-logit cache),
+# pickles, TensorBoard logs and test instruments stay local.
+IGNORE = ["checkpoint-*", "incomplete-checkpoint-*", "_*", "*.bin", "*.pt", "*.pth", "runs/*", "rows-rank*",
+          ".write-test-*"]
+
+
+def later_command(output_dir: str, repo_id: str) -> str:
+    return f"python -m hf_transfer push {output_dir} --hub_model_id {repo_id}"
+
+
+def resolve_repo_id(args) -> str:
+    return args.hub_model_id or Path(args.output_dir).name
+
+
+def check_push_possible(args) -> None:
+    """Refuse, before any training, a push that cannot work."""
+    if not args.push_to_hub:
+        return
+    repo_id = resolve_repo_id(args)
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        raise UserError(f"--push_to_hub cannot work with HF_HUB_OFFLINE set; train without it and push later with: "
+                        f"{later_command(args.output_dir, repo_id)}")
+    token = get_token()
+    if not token:
+        raise UserError("--push_to_hub needs a Hugging Face token: set HF_TOKEN (or run `hf auth login`) with write "
+                        "access")
+    try:
+        HfApi().whoami(token=token)
+    except Exception as exc:  # HTTP errors, connection errors: either way the push would fail
+        raise UserError(f"--push_to_hub: the Hub refused the token or cannot be reached ({_first_line(exc)})") from exc
+
+
+def push_output_dir(output_dir: str | Path, repo_id: str, private: bool | None = None, token: str | None = None,
+                    commit_message: str = "Upload model trained with hf-vision-transfer") -> str:
+    """Create the repo if needed and upload the directory; returns the repo URL."""
+    output_dir = Path(output_dir)
+    for required in ("config.json", "model.safetensors", "preprocessor_config.json"):
+        if not (output_dir / required).exists():
+            raise UserError(f"'{output_dir}' is not a finished run (no {required}); nothing to push")
+    api = HfApi(token=token)
+    url = api.create_repo(repo_id, private=private, exist_ok=True)
+    api.upload_folder(repo_id=str(getattr(url, "repo_id", repo_id)), folder_path=str(output_dir),
+                      ignore_patterns=IGNORE, commit_message=commit_message)
+    return str(url)
+
+
+def push_at_end(args, repo_id: str) -> str:
+    """The end-of-run push: a failure keeps the local run and says how to push it later."""
+    try:
+        return push_output_dir(args.output_dir, repo_id, private=args.hub_private_repo)
+    except Exception as exc:
+        raise UserError(f"the push to {repo_id} failed ({_first_line(exc)}); the run is saved in {args.output_dir}; "
+                        f"push it later with: {later_command(args.output_dir, repo_id)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,232 @@
+"""Hub push (the client replaced at its API boundary), W&B / TensorBoard tracking, the comparison report."""
+
+import fnmatch
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import quick_flags
+from huggingface_hub import HfApi
+
+import run_distill
+import run_finetune
+from hf_transfer.__main__ import main as tools
+from hf_transfer.errors import UserError
+from hf_transfer.hub import IGNORE
+from hf_transfer.report import build_report, count_parameters
+
+
+class FakeHub:
+    """Records what would reach the Hub: repos created, files uploaded (with the ignore patterns applied)."""
+
+    def __init__(self, monkeypatch, fail_upload=False, whoami_error=None):
+        self.repos, self.uploaded = [], []
+        hub = self
+
+        def whoami(self, token=None, **kwargs):
+            if whoami_error:
+                raise whoami_error
+            return {"name": "me"}
+
+        def create_repo(self, repo_id, private=None, exist_ok=False, **kwargs):
+            hub.repos.append({"repo_id": repo_id, "private": private})
+            return repo_id
+
+        def upload_folder(self, repo_id, folder_path, ignore_patterns=None, **kwargs):
+            if fail_upload:
+                raise ConnectionError("Hub unreachable")
+            root = Path(folder_path)
+            for path in root.rglob("*"):
+                relative = path.relative_to(root).as_posix()
+                if path.is_file() and not any(fnmatch.fnmatch(relative, p) or fnmatch.fnmatch(relative.split("/")[0], p)
+                                              for p in ignore_patterns or []):
+                    hub.uploaded.append(relative)
+
+        monkeypatch.setattr(HfApi, "whoami", whoami)
+        monkeypatch.setattr(HfApi, "create_repo", create_repo)
+        monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_TOKEN", "hf_fake_token_for_tests")
+
+
+def card_metadata(card: str) -> dict:
+    return yaml.safe_load(card.split("---")[1])
+
+
+def test_distilled_model_is_pushed_with_card_and_without_teacher_or_optimizer_state(
+        cifar_teacher, tiny_resnet, cifar_like, tmp_path, monkeypatch):
+    hub = FakeHub(monkeypatch)
+    out = tmp_path / "student"
+    results = run_distill.main(["--teacher_model_name_or_path", cifar_teacher, "--student_model_name_or_path",
+                                tiny_resnet, "--dataset_name", cifar_like, "--output_dir", str(out),
+                                "--augmentation", "none", "--cache_teacher_logits", "--num_train_epochs", "1",
+                                "--push_to_hub", "--hub_model_id", "me/tiny-student", "--hub_private_repo", "true",
+                                *quick_flags()])
+    assert hub.repos == [{"repo_id": "me/tiny-student", "private": True}]
+    uploaded = set(hub.uploaded)
+    assert {"model.safetensors", "config.json", "preprocessor_config.json", "README.md", "test_results.json",
+            "test_confusion_matrix.png"} <= uploaded
+    assert not [f for f in uploaded if f.startswith(("checkpoint-", "_teacher_logits")) or f.endswith((".pt", ".bin"))]
+    assert list(out.glob("_teacher_logits-*")) and list(out.glob("checkpoint-*"))  # kept locally
+
+    card = (out / "README.md").read_text()
+    metadata = card_metadata(card)
+    metrics = {m["type"]: m["value"] for m in metadata["model-index"][0]["results"][0]["metrics"]}
+    assert metrics["accuracy"] == round(results["test_accuracy"], 4)
+    assert metadata["pipeline_tag"] == "image-classification" and "knowledge-distillation" in metadata["tags"]
+    assert metadata["model-index"][0]["name"] == "me/tiny-student"
+    for text in ("| alpha | 0.5 |", "| temperature | 2.0 |", f"| teacher | {cifar_teacher} |",
+                 'pipeline("image-classification", model="me/tiny-student")', "| freezing | none |"):
+        assert text in card, text
+
+
+def test_a_failed_push_keeps_the_run_and_prints_the_command_to_push_later(tiny_resnet, cifar_like, tmp_path,
+                                                                         monkeypatch):
+    FakeHub(monkeypatch, fail_upload=True)
+    out = tmp_path / "run"
+    with pytest.raises(UserError) as info:
+        run_finetune.main(["--model_name_or_path", tiny_resnet, "--dataset_name", cifar_like, "--output_dir", str(out),
+                           "--max_steps", "2", "--push_to_hub", "--hub_model_id", "me/run", *quick_flags()])
+    message = str(info.value)
+    assert "the push to me/run failed (Hub unreachable)" in message
+    assert f"python -m hf_transfer push {out} --hub_model_id me/run" in message
+    assert (out / "model.safetensors").exists() and (out / "test_results.json").exists()
+
+    hub = FakeHub(monkeypatch)  # later, with the network back
+    tools(["push", str(out), "--hub_model_id", "me/run"])
+    assert hub.repos == [{"repo_id": "me/run", "private": None}] and "model.safetensors" in hub.uploaded
+
+
+@pytest.mark.parametrize("situation, message", [
+    ("offline", "cannot work with HF_HUB_OFFLINE set; train without it and push later with: python -m hf_transfer push"),
+    ("no token", "--push_to_hub needs a Hugging Face token"),
+    ("refused", "the Hub refused the token or cannot be reached"),
+])
+def test_a_push_that_cannot_work_is_refused_before_training(situation, message, tiny_resnet, cifar_like, tmp_path,
+                                                            monkeypatch):
+    FakeHub(monkeypatch, whoami_error=PermissionError("401 Unauthorized") if situation == "refused" else None)
+    if situation == "offline":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if situation == "no token":
+        monkeypatch.setattr("hf_transfer.hub.get_token", lambda: None)
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=message):
+        run_finetune.main(["--model_name_or_path", tiny_resnet, "--dataset_name", cifar_like, "--output_dir", str(out),
+                           "--push_to_hub", "--hub_model_id", "me/run", *quick_flags()])
+    assert not (out / "model.safetensors").exists()
+
+
+def test_push_command_refuses_an_unfinished_run(tmp_path):
+    with pytest.raises(UserError, match="is not a finished run"):
+        tools(["push", str(tmp_path), "--hub_model_id", "me/x"])
+
+
+def test_wandb_offline_run_holds_results_config_and_loss_terms(cifar_teacher, tiny_resnet, cifar_like, tmp_path,
+                                                              monkeypatch):
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_PROJECT", "hf-transfer-tests")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    try:
+        results = run_distill.main(["--teacher_model_name_or_path", cifar_teacher, "--student_model_name_or_path",
+                                    tiny_resnet, "--dataset_name", cifar_like, "--output_dir", str(tmp_path / "o"),
+                                    "--num_train_epochs", "1", *quick_flags(), "--report_to", "wandb",
+                                    "--run_name", "tiny-distill", "--backbone_lr_scale", "0.1", "--logging_steps", "2"])
+        run = wandb.run
+        assert run is not None and run.name == "tiny-distill" and run.project == "hf-transfer-tests"
+        assert run.summary["eval/accuracy"] == results["eval_accuracy"]
+        assert run.summary["test/accuracy"] == results["test_accuracy"]
+        assert run.summary["test/agreement"] == results["test_agreement"]
+        for key in ("train/kd_loss", "train/ce_loss", "train/learning_rate/head", "train/learning_rate/backbone"):
+            assert key in run.summary.keys(), key
+        assert run.config["model_name_or_path"] == tiny_resnet
+        assert run.config["teacher_model_name_or_path"] == cifar_teacher and run.config["alpha"] == 0.5
+        assert run.config["hub_token"] == "<HUB_TOKEN>"  # TrainingArguments masks it
+        assert {"distillation", "cnn"} <= set(run.tags)
+    finally:
+        wandb.finish()
+
+
+def test_wandb_without_account_or_offline_mode_fails_before_training(tiny_resnet, cifar_like, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(UserError, match="--report_to wandb needs a W&B account .* or WANDB_MODE=offline"):
+        run_finetune.main(["--model_name_or_path", tiny_resnet, "--dataset_name", cifar_like, "--output_dir",
+                           str(tmp_path / "o"), "--report_to", "wandb", *quick_flags()[:-2]])
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_tensorboard_event_files_hold_the_eval_accuracy(tiny_resnet, cifar_like, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "o"
+    results = run_finetune.main(["--model_name_or_path", tiny_resnet, "--dataset_name", cifar_like, "--output_dir",
+                                 str(out), "--num_train_epochs", "2", *quick_flags()[:-2], "--report_to", "tensorboard"])
+    event_dirs = {p.parent for p in out.rglob("events.out.tfevents.*")}
+    assert event_dirs
+    accuracies = []
+    for directory in event_dirs:
+        events = EventAccumulator(str(directory))
+        events.Reload()
+        if "eval/accuracy" in events.Tags()["scalars"]:
+            accuracies += [e.value for e in events.Scalars("eval/accuracy")]
+    assert len(accuracies) >= 2 and pytest.approx(results["eval_accuracy"]) in accuracies
+
+
+def test_trackio_offline(tiny_resnet, cifar_like, tmp_path):
+    pytest.importorskip("trackio")  # optional: not a dependency (it pins pillow<13)
+    results = run_finetune.main(["--model_name_or_path", tiny_resnet, "--dataset_name", cifar_like, "--output_dir",
+                                 str(tmp_path / "o"), "--max_steps", "2", *quick_flags()[:-2], "--report_to", "trackio"])
+    assert 0 <= results["test_accuracy"] <= 1
+
+
+def test_comparison_report_is_made_of_the_runs_own_numbers(cifar_teacher, tiny_resnet, cifar_like, tmp_path):
+    cnn = tmp_path / "resnet"
+    run_finetune.main(["--model_name_or_path", tiny_resnet, "--dataset_name", cifar_like, "--output_dir", str(cnn),
+                       "--num_train_epochs", "2", *quick_flags()])
+    distilled = tmp_path / "distilled"
+    run_distill.main(["--teacher_model_name_or_path", cifar_teacher, "--student_model_name_or_path", tiny_resnet,
+                      "--dataset_name", cifar_like, "--output_dir", str(distilled), "--num_train_epochs", "2",
+                      *quick_flags()])
+    runs = [cifar_teacher, str(cnn), str(distilled)]
+    report = tmp_path / "report"
+    tools(["report", *runs, "--output", str(report)])
+
+    summary = json.loads((report / "summary.json").read_text())
+    for row, run in zip(summary, map(Path, runs)):
+        test = json.loads((run / "test_results.json").read_text())
+        train = json.loads((run / "train_results.json").read_text())
+        evaluation = json.loads((run / "eval_results.json").read_text())
+        assert row["test_accuracy"] == test["test_accuracy"] and row["test_f1"] == test["test_f1"]
+        assert row["train_runtime_s"] == train["train_runtime"]
+        assert row["train_images_per_s"] == train["train_samples_per_second"]
+        assert row["eval_images_per_s"] == evaluation["eval_samples_per_second"]
+        assert row["peak_memory_mb"] == train["train_peak_memory_mb"] > 0
+        from transformers import AutoModelForImageClassification
+
+        assert row["parameters_m"] * 1e6 == count_parameters(run) == sum(
+            p.numel() for p in AutoModelForImageClassification.from_pretrained(run).parameters())
+        state = json.loads((run / "trainer_state.json").read_text())
+        best = [h for h in state["log_history"] if h.get("step") == state["best_global_step"] and "eval_accuracy" in h]
+        assert row["epochs_to_best"] == round(best[0]["epoch"], 2)
+    assert summary[2]["test_agreement"] == json.loads((distilled / "test_results.json").read_text())["test_agreement"]
+
+    table = (report / "report.md").read_text()
+    assert f"{summary[1]['test_accuracy']:.4f}" in table and "| resnet |" in table and "agreement" in table
+    for image in ("curves.png", "confusion_matrices.png"):
+        assert (report / image).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_needs_finished_runs(tmp_path):
+    with pytest.raises(UserError, match="is not a finished run: train_results.json is missing"):
+        build_report([tmp_path], tmp_path / "out")
+
+
+def test_ignore_patterns_cover_the_private_files():
+    for name in ("checkpoint-10", "_teacher_logits-abc.safetensors", "training_args.bin", "optimizer.pt"):
+        assert any(fnmatch.fnmatch(name, p) for p in IGNORE), name
