@@ -174,8 +174,10 @@ class UInt8Collator:
         images = [e["pixel_values"] for e in examples]
         if any(image.shape != images[0].shape for image in images):
             images = [resize_batch(image, self.size, self.interpolation) for image in images]
+        # Stacked as NHWC memory, viewed as NCHW: channels-last, the layout the resize kernels prefer.
+        batch = torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
         return {
-            "pixel_values": torch.stack(images),
+            "pixel_values": batch,
             "labels": torch.tensor([e["labels"] for e in examples], dtype=torch.long),
             "row_index": torch.tensor([e["row_index"] for e in examples], dtype=torch.long),
         }

@@ -27,7 +27,7 @@ from .hub import check_push_possible, push_at_end, resolve_repo_id
 from .metrics import ComputeMetrics, write_test_report
 from .model_card import CardInfo, write_model_card
 from .models import LoadedModel, depth_groups, load_model
-from .tracking import RunConfigCallback, check_tracking, peak_memory, reset_peak_memory
+from .tracking import RunConfigCallback, ThroughputCallback, check_tracking, peak_memory, reset_peak_memory
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,8 @@ def load_trained_model(model_args, source: str, data: ImageData) -> LoadedModel:
 def trainer_kwargs(args, data: ImageData, loaded: LoadedModel, run_config: dict | None = None,
                    tags: Sequence[str] = ()) -> dict:
     """What every trainer of this project is built from."""
-    callbacks = [StopOnSignal(), EpochCallback(data.epoch), RunConfigCallback(run_config or {}, [*tags, loaded.family])]
+    callbacks = [StopOnSignal(), EpochCallback(data.epoch), RunConfigCallback(run_config or {}, [*tags, loaded.family]),
+                 ThroughputCallback()]
     schedule = freeze_schedule(args)
     if schedule is not None:
         for _, stage in schedule:
@@ -166,6 +167,9 @@ def train_and_evaluate(trainer, data: ImageData, card: CardInfo, resume_from: st
     trainer.save_model()  # the model (safetensors + config with label names) and the image processor
     results = dict(train_result.metrics, train_samples=len(data.train))
     results.update({f"train_{key}": value for key, value in peak_memory().items()})
+    timer = next((c for c in trainer.callback_handler.callbacks if isinstance(c, ThroughputCallback)), None)
+    if timer is not None:
+        results.update({f"train_{key}": value for key, value in timer.summary().items()})
     trainer.log({key: value for key, value in results.items() if key == "train_peak_memory_mb"})
     results.update({f"{split}_skipped_images": n for split, n in data.skipped_images.items()})
     trainer.log_metrics("train", results)

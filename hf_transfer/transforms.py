@@ -183,9 +183,11 @@ class ToModelInput:
         return self._stats[device]
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        # Batches arrive channels-last (see UInt8Collator), where the uint8 resize is twice as fast on
+        # the CPU; the result is the same. The float copy writes the layout the model wants.
         images = resize_batch(images, self.spec.size, self.spec.interpolation)
         mean, std = self._mean_std(images.device)
-        x = tvF.normalize(images.to(torch.float32), mean, std)
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
+        x = torch.empty(images.shape, dtype=torch.float32, device=images.device, memory_format=layout)
+        x.copy_(images)
+        return tvF.normalize(x, mean, std, inplace=True)  # in place, as the processor does: the same values

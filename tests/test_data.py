@@ -200,3 +200,11 @@ def test_train_split_is_augmented_per_row_and_epoch_and_eval_splits_are_not(cifa
     epoch_1 = [data.train[i]["pixel_values"] for i in rows]
     assert any(not torch.equal(a, b) for a, b in zip(epoch_0, epoch_1))  # a new view every epoch
     assert all(torch.equal(data.test[i]["pixel_values"], raw.test[i]["pixel_values"]) for i in rows)
+
+
+def test_batches_are_channels_last_uint8():
+    collate = UInt8Collator((32, 32), "bilinear")
+    images = [torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8) for _ in range(3)]
+    batch = collate([{"pixel_values": im, "labels": 0, "row_index": i} for i, im in enumerate(images)])
+    assert batch["pixel_values"].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch["pixel_values"], torch.stack(images))

@@ -59,3 +59,12 @@ def test_channels_last_output():
     x = ToModelInput(spec, channels_last=True)(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))
     assert x.is_contiguous(memory_format=torch.channels_last)
     assert np.allclose(x.numpy(), -1.0)
+
+
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic"])
+def test_memory_layout_does_not_change_the_values(interpolation):
+    spec = ImageSpec(size=(56, 56), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), interpolation=interpolation)
+    batch = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    nhwc = batch.contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(ToModelInput(spec)(nhwc), ToModelInput(spec)(batch), rtol=0, atol=0)
+    assert ToModelInput(spec)(nhwc).is_contiguous()

@@ -1,0 +1,41 @@
+"""The benchmark and the GPU check run (tiny, on the CPU); their numbers are not asserted here."""
+
+import json
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import benchmark  # noqa: E402
+
+
+def test_every_benchmark_mode_runs_and_the_summary_has_the_goal_ratios(tmp_path):
+    benchmark.make_dataset(tmp_path / "data", n_train=96, n_eval=16)
+    cfg = {"data": str(tmp_path / "data"), "out": str(tmp_path / "out"), "steps": 7, "batch_size": 8, "workers": 0,
+           "image_size": 32, "bf16": False, "threads": 0, **benchmark.make_checkpoints(tmp_path, 32, width=16)}
+    runs = {mode: [benchmark.run_mode(mode, cfg)] for mode in benchmark.MODES}
+    for mode, (result,) in runs.items():
+        assert result["steady_images_per_second"] > 0 and result["peak_memory_mb"] > 0, mode
+    assert 0 <= runs["project"][0]["data_wait_share"] < 1
+    args = Namespace(image_size=32, batch_size=8, steps=7, workers=0, rounds=1, bf16=False, width=16, depth=1)
+    summary = benchmark.summarize(runs, args)
+    ips = summary["train_images_per_second"]
+    assert summary["project_vs_reference"] == round(ips["project"] / ips["reference"], 2)
+    assert summary["trainer_overhead"] == round(ips["plain"] / ips["project"] - 1, 3)
+    assert summary["distill_vs_parts"] > 0 and set(summary["eval_images_per_second"]) >= {"reference", "project"}
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke():
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke"], capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout[proc.stdout.rindex("\n{") + 1:])
+    assert set(report["runs"]) == {"resnet50", "vit-base", "distill"}
+    for run in report["runs"].values():
+        assert run["train_images_per_second"] > 0 and 0 <= run["data_wait_share"] <= 1 and run["peak_memory_mb"] > 0
