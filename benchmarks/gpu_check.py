@@ -70,7 +70,7 @@ def main() -> None:
         else:
             sources = {"resnet50": ["--model", "resnet50"], "vit-base": ["--model", "vit-base"]}
             common.append("--bf16")
-        cnn_flags = ["--from_scratch", "--channels_last"]
+        cnn_flags = ["--from_scratch", "--channels_last", "true"]
 
         results = {}
         for name in ("resnet50", "vit-base"):

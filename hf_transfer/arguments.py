@@ -196,8 +196,10 @@ class TransferTrainingArguments(TrainingArguments):
         default=0,
         metadata={"help": "Training steps with a NaN/inf loss to skip before stopping the run (0: stop at the first)."},
     )
-    channels_last: bool = field(
-        default=False, metadata={"help": "Feed CNNs channels-last tensors (faster convolutions on recent GPUs)."}
+    channels_last: bool | None = field(
+        default=None,
+        metadata={"help": "Channels-last memory format for CNNs (faster convolutions with tensor cores). "
+                          "Default: on for CNNs when training on a GPU."},
     )
 
     # Defaults that differ from TrainingArguments':

@@ -75,7 +75,8 @@ def trainer_kwargs(args, data: ImageData, loaded: LoadedModel, run_config: dict 
         callbacks.append(UnfreezeCallback(schedule))
     if args.layer_decay is not None or args.backbone_lr_scale != 1.0:
         depth_groups(loaded.model)  # the same check for per-layer learning rates
-    channels_last = args.channels_last and loaded.family == "cnn"
+    on_gpu = args.device.type == "cuda"
+    channels_last = loaded.family == "cnn" and (args.channels_last if args.channels_last is not None else on_gpu)
     if channels_last:
         loaded.model.to(memory_format=torch.channels_last)
     if args.early_stopping_patience is not None:

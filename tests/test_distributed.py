@@ -214,7 +214,7 @@ def test_teacher_forward_runs_in_the_runs_autocast_dtype(cifar_teacher, tiny_res
 
 def test_channels_last_and_compile_flags(tiny_resnet, cifar_like, tmp_path):
     results = run_finetune.main(["--model_name_or_path", tiny_resnet, "--dataset_name", cifar_like,
-                                 "--output_dir", str(tmp_path / "o"), "--max_steps", "2", "--channels_last",
+                                 "--output_dir", str(tmp_path / "o"), "--max_steps", "2", "--channels_last", "true",
                                  "--torch_compile", "--torch_compile_backend", "eager", *quick_flags()])
     assert 0 <= results["test_accuracy"] <= 1
     reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "o")
@@ -230,3 +230,21 @@ def test_two_gpus(tiny_vit, cifar_like, tmp_path):
     proc = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "o" / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize("flag, family_model, expected", [
+    (None, "tiny_resnet", False),  # auto: only on a GPU
+    (True, "tiny_resnet", True),
+    (True, "tiny_vit", False),  # channels-last is for CNNs
+])
+def test_channels_last_choice(flag, family_model, expected, request, cifar_like, tmp_path):
+    from hf_transfer.data import load_image_data
+    from hf_transfer.models import load_model
+    from hf_transfer.training import trainer_kwargs
+
+    data = load_image_data(cifar_like)
+    loaded = load_model(request.getfixturevalue(family_model), data.label_names)
+    args = TransferTrainingArguments(output_dir=str(tmp_path), use_cpu=True, channels_last=flag)
+    assert trainer_kwargs(args, data, loaded)["channels_last"] is expected
+    conv = next(m for m in loaded.model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size[0] > 1)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) == expected
