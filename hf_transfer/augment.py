@@ -69,9 +69,6 @@ class Augmentation:
             v2.TrivialAugmentWide(),
         ])
 
-    def __repr__(self) -> str:
-        return f"Augmentation({self.preset!r})"
-
 
 class BatchMix:
     """Mixup and CutMix on a batch, on the device, with one draw per sample.

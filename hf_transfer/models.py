@@ -287,10 +287,6 @@ def _check_patch_multiple(size: int, patch: int) -> None:
         raise UserError(f"--image_size {size} is not a multiple of the model's patch size {patch}")
 
 
-def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
-
-
 
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|stages|blocks)\.(\d+)\.")
 

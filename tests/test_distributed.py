@@ -248,3 +248,16 @@ def test_channels_last_choice(flag, family_model, expected, request, cifar_like,
     assert trainer_kwargs(args, data, loaded)["channels_last"] is expected
     conv = next(m for m in loaded.model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size[0] > 1)
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) == expected
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("script", ["finetune", "distill"])
+def test_fp16_on_a_gpu(script, cifar_teacher, tiny_resnet, cifar_like, tmp_path):
+    flags = ["--dataset_name", cifar_like, "--output_dir", str(tmp_path / "o"), "--max_steps", "3", "--fp16",
+             *quick_flags()]
+    if script == "finetune":
+        results = run_finetune.main(["--model_name_or_path", tiny_resnet, *flags])
+    else:
+        results = run_distill.main(["--teacher_model_name_or_path", cifar_teacher,
+                                    "--student_model_name_or_path", tiny_resnet, *flags])
+    assert 0 <= results["test_accuracy"] <= 1
