@@ -180,3 +180,25 @@ def test_recipes_fill_only_what_the_user_left_out():
     _, _, tutorial = parse_with_defaults(["--recipe", "tutorial"], ARGUMENT_TYPES, family="cnn")
     assert (tutorial.learning_rate, tutorial.weight_decay, tutorial.num_train_epochs) == (1e-3, 1e-4, 3)
     assert tutorial.output_dir == str(Path("runs") / "resnet50")
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("preset", ["resnet18", "vit-tiny"])
+def test_pretrained_presets_download_and_fine_tune(preset, tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    results = run_finetune.main(["--model", preset, "--dataset_name", "digits", "--output_dir", str(tmp_path / "o"),
+                                 "--max_steps", "3", "--image_size", "64" if preset == "resnet18" else "224",
+                                 "--per_device_train_batch_size", "8", "--max_eval_samples", "32",
+                                 "--dataloader_num_workers", "0"])
+    assert 0 <= results["test_accuracy"] <= 1
+
+
+@pytest.mark.network
+def test_cifar10_from_the_hub_has_the_expected_schema(monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    from hf_transfer.data import load_image_data
+
+    data = load_image_data("uoft-cs/cifar10", max_train_samples=64, max_eval_samples=64)
+    assert (data.image_column, data.label_column) == ("img", "label") and len(data.label_names) == 10
+    assert data.validation_from_train and len(data.test) == 64
