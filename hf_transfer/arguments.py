@@ -318,16 +318,17 @@ def freeze_schedule(args) -> list[tuple[int, str]] | None:
     return parse_schedule(args.unfreeze_schedule) if args.unfreeze_schedule else None
 
 
-def validate_distillation(distill_args: DistillationArguments, data_args: DataArguments) -> None:
+def validate_distillation(distill_args: DistillationArguments, data_args: DataArguments,
+                          args: TransferTrainingArguments) -> None:
     if not distill_args.teacher_model_name_or_path:
         raise UserError("pass --teacher_model_name_or_path (an output directory of run_finetune.py or a Hub id)")
     if not 0.0 <= distill_args.alpha <= 1.0:
         raise UserError(f"--alpha must be in [0, 1], got {distill_args.alpha}")
     if distill_args.temperature <= 0:
         raise UserError(f"--temperature must be > 0, got {distill_args.temperature}")
-    if distill_args.cache_teacher_logits and data_args.augmentation != "none":
-        raise UserError("--cache_teacher_logits needs --augmentation none: with augmentation the teacher "
-                        "must see every new view of an image")
+    if distill_args.cache_teacher_logits and (data_args.augmentation != "none" or args.mixup or args.cutmix):
+        raise UserError("--cache_teacher_logits needs --augmentation none and no --mixup/--cutmix: with "
+                        "augmentation the teacher must see every new view of an image")
 
 
 def _given(argv: Sequence[str], name: str) -> bool:

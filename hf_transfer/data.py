@@ -121,21 +121,20 @@ def load_image_data(
 
 def attach_transforms(data: ImageData, augmentation: str = "basic", seed: int = 42) -> None:
     """Decode (and augment the train split) on the fly, per sample, in uint8."""
-    num_labels = len(data.label_names)
     for split, ds, aug in (("train", data.train, Augmentation(augmentation)),
                            ("validation", data.validation, None), ("test", data.test, None)):
         if ds is not None:
-            transform = SampleTransform(data.image_column, data.label_column, split, num_labels, aug, seed, data.epoch)
+            transform = SampleTransform(data.image_column, data.label_column, split, aug, seed, data.epoch)
             ds.set_transform(transform, columns=[data.image_column, data.label_column, ROW])
 
 
 class SampleTransform:
     """The `set_transform` function: a batch of rows -> uint8 CHW RGB tensors, labels, row numbers."""
 
-    def __init__(self, image_column: str, label_column: str, split: str, num_labels: int,
-                 augmentation: Augmentation | None = None, seed: int = 42, epoch: torch.Tensor | None = None):
+    def __init__(self, image_column: str, label_column: str, split: str, augmentation: Augmentation | None = None,
+                 seed: int = 42, epoch: torch.Tensor | None = None):
         self.image_column, self.label_column, self.split = image_column, label_column, split
-        self.num_labels, self.augmentation, self.seed = num_labels, augmentation, seed
+        self.augmentation, self.seed = augmentation, seed
         self.epoch = epoch if epoch is not None else torch.zeros((), dtype=torch.int64)
 
     def __call__(self, batch: dict) -> dict:
@@ -148,10 +147,6 @@ class SampleTransform:
                 raise CorruptImageError(
                     f"cannot decode the image in split '{self.split}', row {row}{where}: {exc}"
                 ) from exc
-            if label is None or not 0 <= label < self.num_labels:
-                raise CorruptImageError(
-                    f"label {label} in split '{self.split}', row {row} is outside 0..{self.num_labels - 1}"
-                )
             if self.augmentation is not None:
                 image = self.augmentation(image, sample_seed(self.seed, int(self.epoch), int(row)))
             images.append(image)

@@ -45,7 +45,7 @@ ARGUMENT_TYPES = (StudentArguments, DistillationArguments, DataArguments, Transf
 def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     student_args, distill_args, data_args, args = parse_and_check(argv, ARGUMENT_TYPES)
-    validate_distillation(distill_args, data_args)
+    validate_distillation(distill_args, data_args, args)
     source = resolve_source(student_args.model, student_args.model_name_or_path, default="resnet18")
     resume_from = prepare_output_dir(args)
 

@@ -112,10 +112,10 @@ def load_model(
     if model.config.model_type == "timm_wrapper":
         # TimmWrapperConfig saves `label_names` and prefers an old value over id2label: keep them in step.
         model.config.label_names = list(label_names)
-    set_fsdp_units(model)
     if image_size is not None and (image_size,) * 2 != spec.size:
         model = set_input_size(model, image_size)
         spec = spec.with_size(image_size)
+    set_fsdp_units(model)
     _drop_timm_preprocessing(model.config)
     return LoadedModel(model=model, spec=spec, family=model_family(model), source=source, head_reset=head_reset)
 

@@ -77,7 +77,7 @@ def trainer_kwargs(args, data: ImageData, loaded: LoadedModel, run_config: dict 
         depth_groups(loaded.model)  # the same check for per-layer learning rates
     on_gpu = args.device.type == "cuda"
     channels_last = loaded.family == "cnn" and (args.channels_last if args.channels_last is not None else on_gpu)
-    if channels_last:
+    if channels_last:  # the weights too, so convolutions need no layout conversion
         loaded.model.to(memory_format=torch.channels_last)
     if args.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
@@ -160,7 +160,7 @@ def train_and_evaluate(trainer, data: ImageData, card: CardInfo, resume_from: st
     """Train, keep the best checkpoint (by validation accuracy), test it once, save everything, push."""
     reset_peak_memory()
     train_result = trainer.train(resume_from_checkpoint=resume_from)
-    stopper = next((c for c in trainer.callback_handler.callbacks if isinstance(c, StopOnSignal)), None)
+    stopper = _callback(trainer, StopOnSignal)
     if stopper is not None and stopper.stopped_at is not None:
         checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{stopper.stopped_at}"
         raise Preempted(f"SIGTERM at step {stopper.stopped_at}; checkpoint saved in {checkpoint}; "
@@ -168,10 +168,10 @@ def train_and_evaluate(trainer, data: ImageData, card: CardInfo, resume_from: st
     trainer.save_model()  # the model (safetensors + config with label names) and the image processor
     results = dict(train_result.metrics, train_samples=len(data.train))
     results.update({f"train_{key}": value for key, value in peak_memory().items()})
-    timer = next((c for c in trainer.callback_handler.callbacks if isinstance(c, ThroughputCallback)), None)
+    timer = _callback(trainer, ThroughputCallback)
     if timer is not None:
         results.update({f"train_{key}": value for key, value in timer.summary().items()})
-    trainer.log({key: value for key, value in results.items() if key == "train_peak_memory_mb"})
+    trainer.log({"train_peak_memory_mb": results["train_peak_memory_mb"]})  # the trackers get it too
     results.update({f"{split}_skipped_images": n for split, n in data.skipped_images.items()})
     trainer.log_metrics("train", results)
     trainer.save_metrics("train", results)
@@ -206,6 +206,10 @@ def train_and_evaluate(trainer, data: ImageData, card: CardInfo, resume_from: st
     return results
 
 
+def _callback(trainer, kind):
+    return next((c for c in trainer.callback_handler.callbacks if isinstance(c, kind)), None)
+
+
 def hyperparameters(args, **extra) -> dict[str, object]:
     """The settings that matter, for the model card."""
     world = max(1, args.world_size)
@@ -220,7 +224,8 @@ def hyperparameters(args, **extra) -> dict[str, object]:
         + f", warmup {args.warmup_steps}",
         "weight decay": args.weight_decay,
         "freezing": "backbone frozen (linear probe)" if args.freeze_backbone else args.unfreeze_schedule or "none",
-        "mixed precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "no",
+        "mixed precision": "bf16" if args.bf16 else "fp16" if args.fp16
+        else os.environ.get("ACCELERATE_MIXED_PRECISION", "no"),  # set by an accelerate config
         "seed": args.seed,
     })
     optional = {"label smoothing": args.label_smoothing_factor, "mixup": args.mixup, "cutmix": args.cutmix,

@@ -176,6 +176,7 @@ def test_label_mismatch_is_an_error_before_training(tiny_vit, cifar_like, tmp_pa
     (["--alpha", "-0.1"], r"--alpha must be in \[0, 1\]"),
     (["--temperature", "0"], "--temperature must be > 0"),
     (["--cache_teacher_logits"], "--cache_teacher_logits needs --augmentation none"),
+    (["--cache_teacher_logits", "--augmentation", "none", "--mixup", "0.2"], "needs --augmentation none and no --mixup"),
 ])
 def test_bad_distillation_flags(flags, message, tmp_path):
     with pytest.raises(UserError, match=message):
