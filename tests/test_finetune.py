@@ -115,6 +115,13 @@ def test_rerun_resumes_and_foreign_directories_are_refused(tiny_vit, cifar_like,
     steps = [h for h in state["log_history"] if "loss" in h or "eval_loss" in h]
     assert [h for h in again["log_history"] if "loss" in h or "eval_loss" in h] == steps  # nothing trained again
 
+    # --resume_from_checkpoint PATH: continue that run's state into another directory
+    elsewhere = tmp_path / "continued"
+    run_finetune.main([*args[:4], "--output_dir", str(elsewhere), *args[6:], "--resume_from_checkpoint", str(last)])
+    assert json.loads((elsewhere / "trainer_state.json").read_text())["global_step"] == state["global_step"]
+    with pytest.raises(UserError, match="--resume_from_checkpoint '.*nope' is not a directory"):
+        run_finetune.main([*args, "--resume_from_checkpoint", str(tmp_path / "nope")])
+
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
