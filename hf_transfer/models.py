@@ -29,9 +29,9 @@ class Preset:
 
 
 # Why these checkpoints (README, "Model presets"):
-# - resnet50 uses timm's A1 weights (80.4% ImageNet-1k top-1 at 224 px against 76.1% for the
-#   torchvision weights the tutorial used); fine-tuning accuracy tracks ImageNet accuracy
-#   closely (Kornblith et al. 2019). The tutorial's weights stay one flag away: resnet50-tv.
+# - resnet50 uses timm's A1 weights (80.4% ImageNet-1k top-1 at 224 px, "ResNet strikes back",
+#   against 76.1% for the torchvision weights the tutorial used); fine-tuning accuracy tracks
+#   ImageNet accuracy closely (Kornblith et al. 2019). The tutorial's weights: resnet50-tv.
 # - the small ViTs are the AugReg ImageNet-21k checkpoints, the same pretraining data as vit-base.
 PRESETS: dict[str, Preset] = {
     "resnet18": Preset("timm/resnet18.a1_in1k", "ResNet-18, ImageNet-1k (timm A1 recipe)"),
