@@ -139,6 +139,7 @@ class SampleTransform:
 
     def __call__(self, batch: dict) -> dict:
         images, labels = [], []
+        epoch = int(self.epoch)  # read the shared counter once per batch
         for value, label, row in zip(batch[self.image_column], batch[self.label_column], batch[ROW]):
             try:
                 image = decode_rgb(value)
@@ -148,7 +149,7 @@ class SampleTransform:
                     f"cannot decode the image in split '{self.split}', row {row}{where}: {exc}"
                 ) from exc
             if self.augmentation is not None:
-                image = self.augmentation(image, sample_seed(self.seed, int(self.epoch), int(row)))
+                image = self.augmentation(image, sample_seed(self.seed, epoch, int(row)))
             images.append(image)
             labels.append(label)
         return {"pixel_values": images, "labels": labels, "row_index": list(batch[ROW])}

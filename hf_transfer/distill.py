@@ -58,7 +58,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     logger.info("teacher %s (input %s) -> student %s (input %s)", teacher.source, teacher.spec.size, source,
                 student.spec.size)
 
-    cache_path = teacher_cache_path(args.output_dir, teacher.model, teacher.spec, data.train)
+    # Hashing the teacher's weights costs a second on a ViT-B: only when the cache is asked for. Before
+    # attach_transforms, which changes the data set's fingerprint.
+    cache_path = (teacher_cache_path(args.output_dir, teacher.model, teacher.spec, data.train)
+                  if distill_args.cache_teacher_logits else None)
     attach_transforms(data, data_args.augmentation, args.seed)
     push_to = hub_push_plan(args)
     run_config = {**asdict(student_args), **asdict(distill_args), **asdict(data_args)}
