@@ -98,8 +98,8 @@ def load_image_data(
     validation_from_train = "validation" not in splits
     if validation_from_train:
         splits["train"], splits["validation"] = _split_off(splits["train"], validation_split, label_column, seed)
-    if max_train_samples is not None:
-        splits["train"] = splits["train"].shuffle(seed=seed).select(range(min(max_train_samples, len(splits["train"]))))
+    if max_train_samples is not None and max_train_samples < len(splits["train"]):
+        splits["train"] = _subsample(splits["train"], max_train_samples, label_column, seed)
     if max_eval_samples is not None:
         for key in ("validation", "test"):
             if key in splits:
@@ -312,6 +312,14 @@ def _split_off(train: Dataset, fraction: float, label_column: str, seed: int) ->
     except ValueError:  # a class too small to stratify
         parts = train.train_test_split(test_size=fraction, seed=seed)
     return parts["train"], parts["test"]
+
+
+def _subsample(train: Dataset, n: int, label_column: str, seed: int) -> Dataset:
+    """`n` rows drawn with every class in proportion (10 per class for 100 digits), seeded."""
+    try:
+        return train.train_test_split(train_size=n, seed=seed, stratify_by_column=label_column)["train"]
+    except ValueError:  # fewer rows than classes
+        return train.shuffle(seed=seed).select(range(n))
 
 
 def digits_dataset(test_fraction: float = 0.2) -> DatasetDict:

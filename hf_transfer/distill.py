@@ -19,9 +19,12 @@ from .arguments import (
     DistillationArguments,
     StudentArguments,
     TransferTrainingArguments,
+    fit_to_data,
+    given_flags,
     parse_with_defaults,
     validate_distillation,
 )
+from .augment import resolve_augmentation
 from .data import attach_transforms
 from .distillation import DistillationTrainer, teacher_cache_path
 from .errors import run_cli
@@ -55,8 +58,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
                            revision=distill_args.teacher_revision, trust_remote_code=student_args.trust_remote_code)
     student = load_trained_model(student_args, source, data)
     student_args, distill_args, data_args, args = parse_with_defaults(argv, ARGUMENT_TYPES, family=student.family)
-    logger.info("teacher %s (input %s) -> student %s (input %s)", teacher.source, teacher.spec.size, source,
-                student.spec.size)
+    for change in fit_to_data(args, len(data.train), given_flags(argv, student_args.recipe, student.family)):
+        logger.info("small data set: %s", change)
+    data_args.augmentation = resolve_augmentation(data_args.augmentation, data.name)
+    logger.info("teacher %s (input %s) -> student %s (input %s), augmentation %s", teacher.source, teacher.spec.size,
+                source, student.spec.size, data_args.augmentation)
 
     # Hashing the teacher's weights costs a second on a ViT-B: only when the cache is asked for. Before
     # attach_transforms, which changes the data set's fingerprint.

@@ -14,7 +14,15 @@ from dataclasses import asdict
 
 from transformers import set_seed
 
-from .arguments import DataArguments, ModelArguments, TransferTrainingArguments, parse_with_defaults
+from .arguments import (
+    DataArguments,
+    ModelArguments,
+    TransferTrainingArguments,
+    fit_to_data,
+    given_flags,
+    parse_with_defaults,
+)
+from .augment import resolve_augmentation
 from .data import attach_transforms
 from .errors import run_cli
 from .model_card import CardInfo
@@ -46,7 +54,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     loaded = load_trained_model(model_args, source, data)
     # Now that the model family is known, its recipe fills the optimiser flags the user left out.
     model_args, data_args, args = parse_with_defaults(argv, ARGUMENT_TYPES, family=loaded.family)
-    logger.info("model %s (%s), input %s, %d labels", source, loaded.family, loaded.spec.size, len(data.label_names))
+    for change in fit_to_data(args, len(data.train), given_flags(argv, model_args.recipe, loaded.family)):
+        logger.info("small data set: %s", change)
+    data_args.augmentation = resolve_augmentation(data_args.augmentation, data.name)
+    logger.info("model %s (%s), input %s, %d labels, augmentation %s", source, loaded.family, loaded.spec.size,
+                len(data.label_names), data_args.augmentation)
 
     attach_transforms(data, data_args.augmentation, args.seed)
     push_to = hub_push_plan(args)

