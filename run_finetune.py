@@ -8,7 +8,7 @@
 `--help` lists every flag (all TrainingArguments flags work); the logic lives in hf_transfer/.
 """
 
-from hf_transfer.finetune import cli, main
+from hf_transfer.commands.finetune import cli, main
 
 __all__ = ["main"]
 

@@ -76,7 +76,7 @@ def make_checkpoints(root: Path, image_size: int, width: int = 32, depth: int = 
 
 
 def training_args(cfg: dict, output_dir: str, **overrides):
-    from hf_transfer.arguments import TransferTrainingArguments
+    from hf_transfer.trainers.distillation_config import DistillationConfig
 
     values = dict(output_dir=output_dir, per_device_train_batch_size=cfg["batch_size"],
                   per_device_eval_batch_size=cfg["batch_size"] * 2, max_steps=cfg["steps"],
@@ -84,7 +84,7 @@ def training_args(cfg: dict, output_dir: str, **overrides):
                   load_best_model_at_end=False, report_to="none", disable_tqdm=True, logging_steps=10_000,
                   optim="adamw_torch", learning_rate=1e-4, bf16=cfg["bf16"], seed=0)
     values.update(overrides)
-    return TransferTrainingArguments(**values)
+    return DistillationConfig(**values)  # a TransferConfig with the distillation defaults on top
 
 
 def peak_memory_mb() -> float:
@@ -138,11 +138,12 @@ def run_reference(cfg: dict) -> dict:
 
 
 def project_trainer(cfg: dict, teacher: bool = False):
-    from hf_transfer.data import attach_transforms, load_image_data
-    from hf_transfer.distillation import DistillationTrainer
-    from hf_transfer.models import load_model, load_teacher
-    from hf_transfer.trainer import TransferTrainer
-    from hf_transfer.training import trainer_kwargs
+    from hf_transfer.data.dataset import load_image_data
+    from hf_transfer.data.samples import attach_transforms
+    from hf_transfer.models.loading import load_model, load_teacher
+    from hf_transfer.trainers.distillation_trainer import DistillationTrainer
+    from hf_transfer.trainers.transfer_trainer import TransferTrainer
+    from hf_transfer.workflow import trainer_kwargs
 
     data = load_image_data(cfg["data"])
     attach_transforms(data, "basic")

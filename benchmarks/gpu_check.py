@@ -44,8 +44,8 @@ def main() -> None:
     import torch
     from benchmark import make_checkpoints, make_dataset
 
-    from hf_transfer.distill import main as distill
-    from hf_transfer.finetune import main as finetune
+    from hf_transfer.commands.distill import main as distill
+    from hf_transfer.commands.finetune import main as finetune
 
     if args.smoke:
         args.steps, args.batch_size, args.images, args.workers = 8, 8, 128, 0

@@ -1,27 +1,36 @@
 """Transfer learning for image classification with the Hugging Face Trainer.
 
-Modules, one concept each:
-  arguments     command-line dataclasses, recipes, checks of the numbers
-  data          loading, columns, splits, uint8 sample transforms and collation
-  augment       per-sample training augmentation presets (CPU, uint8) and batch mixup/CutMix
-  transforms    what a checkpoint expects (ImageSpec) and the device-side batch preprocessing
-  models        presets, checkpoint loading, classification head, input size, depth groups
-  metrics       accuracy/precision/recall/F1/top-5, per-class report, confusion matrix
-  losses        the distillation loss and soft-target cross-entropy (pure functions)
-  trainer       TransferTrainer: the Trainer fed uint8 batches
-  distillation  DistillationTrainer: the teacher and its loss
-  freezing      freezing and progressive unfreezing
-  optimization  parameter groups (per-layer learning rates, weight decay) and step decay
-  checkpoints   which checkpoint to resume from; stopping cleanly on SIGTERM
-  distributed   checks of the launch and of accelerate config files
-  tracking      W&B configuration, throughput and peak memory of a run
-  hub           pushing a run to the Hugging Face Hub
-  model_card    the README.md written into every output directory
-  report        comparison of finished runs
-  training      the one training path both scripts share
-  finetune      run_finetune.py's main
-  distill       run_distill.py's main
-  __main__      `python -m hf_transfer push|report|check-config`
+One module per concept:
+  commands/finetune.py         run_finetune.py's main, top to bottom
+  commands/distill.py          run_distill.py's main, top to bottom
+  commands/tools.py            `python -m hf_transfer push|report|check-config`
+  arguments.py                 model and data flags; parsing once, with the recipe as defaults; data-fitted defaults
+  recipes.py                   optimiser and schedule defaults per model family
+  workflow.py                  the steps both commands share: output directory, loading, train, test, save
+  data/dataset.py              data sets, their image and label columns, their splits
+  data/decoding.py             one stored image -> uint8 RGB tensor
+  data/augmentation.py         per-sample training augmentation (CPU, uint8)
+  data/samples.py              per-sample transform and batch collation for the DataLoader
+  on_device/preprocessing.py   uint8 batch -> one model's input, on the training device (ImageSpec)
+  on_device/mixing.py          mixup and CutMix on the device
+  models/presets.py            the checkpoints --model names
+  models/loading.py            loading a checkpoint with a new head; the model family
+  models/structure.py          a backbone's stem, blocks and head
+  trainers/transfer_config.py  TransferConfig: the fine-tuning trainer's TrainingArguments
+  trainers/transfer_trainer.py TransferTrainer: the Trainer fed uint8 batches
+  trainers/distillation_config.py, trainers/distillation_trainer.py   the same for distillation
+  trainers/freezing.py         freezing and progressive unfreezing
+  trainers/optimizer.py        parameter groups (per-layer learning rates, weight decay), step decay
+  losses.py                    the distillation loss, soft-target cross-entropy (pure functions)
+  metrics.py                   accuracy, precision, recall, F1, top-5, per-class report, confusion matrix
+  checkpoints.py               which checkpoint to resume from; stopping cleanly on SIGTERM
+  launch.py                    checks of the launch and of accelerate config files
+  tracking.py                  W&B configuration, throughput and peak memory
+  hub.py                       pushing a run to the Hugging Face Hub
+  model_card.py                the README.md of every output directory
+  report.py                    comparison of finished runs
+  compat.py                    every workaround of a library internal, with its versions
+  errors.py                    one-line user errors
 """
 
 __version__ = "0.1.0"

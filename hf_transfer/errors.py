@@ -16,6 +16,10 @@ class UserError(Exception):
     """A mistake in the input (flags, data, paths, network) that the user can fix."""
 
 
+class CorruptImageError(UserError):
+    """An image (or label) that cannot be used; the message names the split and the row."""
+
+
 class Preempted(Exception):
     """The run was told to stop (SIGTERM) and saved a checkpoint to resume from."""
 

@@ -18,8 +18,7 @@ from .errors import UserError
 
 # Checkpoints (optimizer state), files private to the run ("_*": the teacher-logit cache),
 # pickles, TensorBoard logs and test instruments stay local.
-IGNORE = ["checkpoint-*", "incomplete-checkpoint-*", "_*", "*.bin", "*.pt", "*.pth", "runs/*", "rows-rank*",
-          ".write-test-*"]
+IGNORE = ["checkpoint-*", "incomplete-checkpoint-*", "_*", "*.bin", "*.pt", "*.pth", "runs/*", ".write-test-*"]
 
 
 def later_command(output_dir: str, repo_id: str) -> str:
@@ -49,23 +48,28 @@ def check_push_possible(args) -> None:
 
 
 def push_output_dir(output_dir: str | Path, repo_id: str, private: bool | None = None, token: str | None = None,
+                    revision: str | None = None,
                     commit_message: str = "Upload model trained with hf-vision-transfer") -> str:
-    """Create the repo if needed and upload the directory; returns the repo URL."""
+    """Create the repo (and the branch `revision`) if needed and upload the directory; returns the repo URL."""
     output_dir = Path(output_dir)
     for required in ("config.json", "model.safetensors", "preprocessor_config.json"):
         if not (output_dir / required).exists():
             raise UserError(f"'{output_dir}' is not a finished run (no {required}); nothing to push")
     api = HfApi(token=token)
     url = api.create_repo(repo_id, private=private, exist_ok=True)
-    api.upload_folder(repo_id=str(getattr(url, "repo_id", repo_id)), folder_path=str(output_dir),
-                      ignore_patterns=IGNORE, commit_message=commit_message)
+    repo_id = str(getattr(url, "repo_id", repo_id))
+    if revision:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=str(output_dir), ignore_patterns=IGNORE,
+                      commit_message=commit_message, revision=revision)
     return str(url)
 
 
-def push_at_end(args, repo_id: str) -> str:
+def push_at_end(args, repo_id: str | None, revision: str | None = None) -> str:
     """The end-of-run push: a failure keeps the local run and says how to push it later."""
+    repo_id = repo_id or resolve_repo_id(args)
     try:
-        return push_output_dir(args.output_dir, repo_id, private=args.hub_private_repo)
+        return push_output_dir(args.output_dir, repo_id, private=args.hub_private_repo, revision=revision)
     except Exception as exc:
         raise UserError(f"the push to {repo_id} failed ({_first_line(exc)}); the run is saved in {args.output_dir}; "
                         f"push it later with: {later_command(args.output_dir, repo_id)}") from exc

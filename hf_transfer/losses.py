@@ -38,12 +38,9 @@ def distillation_loss(
     `alpha` weights the distillation term: 0 is plain fine-tuning, 1 ignores the labels. The KL
     is summed over classes and averaged over the batch ("batchmean"); T^2 keeps its gradients
     on the scale of the cross-entropy's as T changes (Hinton et al. 2015). The teacher's
-    logits are treated as constants. Returns (loss, ce, kd) with ce and kd unweighted.
+    logits are treated as constants. Returns (loss, ce, kd) with ce and kd unweighted. `alpha` in
+    [0, 1] and `temperature` > 0 are checked where they are set (`DistillationConfig`).
     """
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
     ce = cross_entropy(student_logits, labels, num_items_in_batch, label_smoothing)
     student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
     teacher_log_probs = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)

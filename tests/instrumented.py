@@ -1,7 +1,7 @@
 """run_finetune / run_distill as a subprocess would run them, with test instruments:
 `instrumented.py finetune|distill ARGS...`.
 
-- Each rank records which training rows every step used (rows-rank<R>.json in the output dir).
+- Each rank records which training rows every step used (rows-rank<R>.json in $TEST_ROWS_DIR, when set).
 - TEST_STEP_SLEEP=<seconds> slows every training step, so a test can interrupt a run mid-epoch.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hf_transfer.trainer import TransferTrainer  # noqa: E402
+from hf_transfer.trainers.transfer_trainer import TransferTrainer  # noqa: E402
 
 seen: list[list[int]] = []
 _prepare = TransferTrainer._prepare_inputs
@@ -35,13 +35,14 @@ if __name__ == "__main__":
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     script, argv = sys.argv[1], sys.argv[2:]
     if script == "finetune":
-        from hf_transfer.finetune import main
+        from hf_transfer.commands.finetune import main
     else:
-        from hf_transfer.distill import main
+        from hf_transfer.commands.distill import main
     from hf_transfer.errors import run_cli
 
     code = run_cli(main, argv)
-    output_dir = Path(argv[argv.index("--output_dir") + 1])
-    if output_dir.is_dir():
-        (output_dir / f"rows-rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(seen))
+    if os.environ.get("TEST_ROWS_DIR"):
+        rows = Path(os.environ["TEST_ROWS_DIR"])
+        rows.mkdir(parents=True, exist_ok=True)
+        (rows / f"rows-rank{os.environ.get('RANK', '0')}.json").write_text(json.dumps(seen))
     sys.exit(code)

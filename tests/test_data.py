@@ -7,10 +7,10 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 from helpers import colour_dataset, png_bytes, random_images
 
-from hf_transfer.augment import Augmentation
-from hf_transfer.data import ROW, UInt8Collator, attach_transforms, digits_dataset, load_image_data
-from hf_transfer.errors import UserError
-from hf_transfer.transforms import CorruptImageError
+from hf_transfer.data.augmentation import Augmentation
+from hf_transfer.data.dataset import ROW, digits_dataset, load_image_data
+from hf_transfer.data.samples import UInt8Collator, attach_transforms
+from hf_transfer.errors import CorruptImageError, UserError
 
 
 def save(ds: DatasetDict, tmp_path) -> str:
@@ -96,7 +96,7 @@ def test_image_folders(tmp_path):
     data = load_image_data(train_dir=str(tmp_path / "train"), test_dir=str(tmp_path / "test"), validation_split=0.34)
     assert data.label_names == ["cat", "dog"]
     assert len(data.test) == 6
-    attach_transforms(data)
+    attach_transforms(data, "basic")
     sample = data.test[0]
     assert sample["pixel_values"][0].dtype == torch.uint8
 
@@ -136,7 +136,7 @@ def test_corrupt_image_error_names_split_and_row(tmp_path):
     ds = DatasetDict(train=Dataset.from_dict({"image": cells * 2, "label": [0, 1, 0, 1, 0, 1]}, features=features))
     ds = DatasetDict(train=ds["train"], test=ds["train"])
     data = load_image_data(save(ds, tmp_path))
-    attach_transforms(data)
+    attach_transforms(data, "basic")
     assert data.test[0]["pixel_values"].shape == (3, 32, 32)
     with pytest.raises(CorruptImageError, match="cannot decode the image in split 'test', row 1"):
         data.test[1]
@@ -146,7 +146,7 @@ def test_corrupt_image_error_names_split_and_row(tmp_path):
 
 def test_dataset_is_not_materialised(cifar_like):
     data = load_image_data(cifar_like)
-    attach_transforms(data)
+    attach_transforms(data, "basic")
     # The stored table still holds the encoded files; pixels exist only when a batch is read.
     assert data.train.format["type"] == "custom"
     stored = data.train.with_format(None)[0]["img"]

@@ -11,12 +11,14 @@ from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
 import run_distill
-from hf_transfer.arguments import TransferTrainingArguments
-from hf_transfer.data import ROW, attach_transforms, load_image_data
-from hf_transfer.distillation import DistillationTrainer, teacher_cache_path
+from hf_transfer.compat import dataset_fingerprint
+from hf_transfer.data.dataset import ROW, load_image_data
+from hf_transfer.data.samples import attach_transforms
 from hf_transfer.errors import UserError
-from hf_transfer.models import load_model, load_teacher
-from hf_transfer.training import trainer_kwargs
+from hf_transfer.models.loading import load_model, load_teacher
+from hf_transfer.trainers.distillation_config import DistillationConfig
+from hf_transfer.trainers.distillation_trainer import DistillationTrainer, teacher_cache_path
+from hf_transfer.workflow import trainer_kwargs
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +62,7 @@ def test_end_to_end(cifar_teacher, student_checkpoint, cifar_like, tmp_path, mon
     assert cifar_teacher in card and "knowledge-distillation" in card
 
 
+@pytest.mark.slow
 def test_digits_student_learns_from_the_teacher(digits_run, tmp_path):
     teacher_dir, _ = digits_run
     student = make_checkpoint("resnet", tmp_path / "arch", image_size=24, mean=(0.5,) * 3, std=(0.5,) * 3)
@@ -77,11 +80,11 @@ def build_trainer(teacher_dir, student_dir, data_path, output_dir, augmentation=
     data = load_image_data(data_path, seed=0)
     teacher = load_teacher(teacher_dir, data.label_names)
     student = load_model(student_dir, data.label_names)
-    fingerprint = data.train._fingerprint
+    fingerprint = dataset_fingerprint(data.train)
     attach_transforms(data, augmentation)
-    args = TransferTrainingArguments(output_dir=str(output_dir), per_device_train_batch_size=6,
-                                     dataloader_num_workers=0, report_to="none", use_cpu=True, max_steps=2)
-    trainer = DistillationTrainer(teacher=teacher.model, teacher_spec=teacher.spec, alpha=0.5, temperature=2.0,
+    args = DistillationConfig(output_dir=str(output_dir), per_device_train_batch_size=6, dataloader_num_workers=0,
+                              report_to="none", use_cpu=True, max_steps=2, alpha=0.5, temperature=2.0)
+    trainer = DistillationTrainer(teacher=teacher.model, teacher_spec=teacher.spec,
                                   **trainer_kwargs(args, data, student))
     return trainer, data, teacher, student, fingerprint
 
@@ -176,7 +179,7 @@ def test_label_mismatch_is_an_error_before_training(tiny_vit, cifar_like, tmp_pa
     (["--alpha", "-0.1"], r"--alpha must be in \[0, 1\]"),
     (["--temperature", "0"], "--temperature must be > 0"),
     (["--cache_teacher_logits"], "--cache_teacher_logits needs --augmentation none"),
-    (["--cache_teacher_logits", "--augmentation", "none", "--mixup", "0.2"], "needs --augmentation none and no --mixup"),
+    (["--cache_teacher_logits", "--augmentation", "none", "--mixup", "0.2"], "--cache_teacher_logits cannot be used with --mixup"),
 ])
 def test_bad_distillation_flags(flags, message, tmp_path):
     with pytest.raises(UserError, match=message):

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from accelerate.commands.config.config_args import load_config_from_file
@@ -15,9 +16,9 @@ from transformers import AutoModelForImageClassification
 
 import run_distill
 import run_finetune
-from hf_transfer.arguments import TransferTrainingArguments
-from hf_transfer.distributed import check_config_file, check_launch
 from hf_transfer.errors import UserError
+from hf_transfer.launch import check_config_file, check_launch
+from hf_transfer.trainers.transfer_config import TransferConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "accelerate_configs").glob("*.yaml"))
@@ -45,7 +46,7 @@ def test_fsdp_config_wraps_vit_blocks_and_resnet_stages(tiny_vit, tiny_resnet, t
     from accelerate import FullyShardedDataParallelPlugin
     from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
 
-    from hf_transfer.models import load_model
+    from hf_transfer.models.loading import load_model
 
     fsdp = load_config_from_file(str(ROOT / "accelerate_configs" / "fsdp.yaml")).fsdp_config
     assert fsdp["fsdp_version"] == 2
@@ -76,6 +77,7 @@ def test_config_file_errors(tmp_path):
         check_config_file(ROOT / "accelerate_configs" / "fp16.yaml", cuda_devices=0)
 
 
+@pytest.mark.slow
 def test_check_config_command_is_one_line():
     proc = subprocess.run([sys.executable, "-m", "hf_transfer", "check-config", "missing.yaml"], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
@@ -83,15 +85,15 @@ def test_check_config_command_is_one_line():
 
 
 def test_launch_checks():
-    args = TransferTrainingArguments(output_dir="x", use_cpu=True)
+    args = TransferConfig(output_dir="x", use_cpu=True)
     check_launch(args, environ={}, cuda_devices=0)
     with pytest.raises(UserError, match="4 processes were started on this machine but it has 2 GPU"):
-        check_launch(TransferTrainingArguments(output_dir="x"), environ={"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"},
+        check_launch(TransferConfig(output_dir="x"), environ={"WORLD_SIZE": "4", "LOCAL_WORLD_SIZE": "4"},
                      cuda_devices=2)
     with pytest.raises(UserError, match="do not form one distributed run.*--use_cpu"):
         check_launch(args, environ={"WORLD_SIZE": "2"}, cuda_devices=0)
     with pytest.raises(UserError, match="fp16 mixed precision needs a GPU"):
-        check_launch(TransferTrainingArguments(output_dir="x", fp16=True), environ={}, cuda_devices=0)
+        check_launch(TransferConfig(output_dir="x", fp16=True), environ={}, cuda_devices=0)
     with pytest.raises(UserError, match="fp16 mixed precision needs a GPU"):
         check_launch(args, environ={"ACCELERATE_MIXED_PRECISION": "fp16"}, cuda_devices=0)
 
@@ -100,7 +102,7 @@ def launch(tmp_path, script, flags, *, use_cpu=True, timeout=420):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                str(ROOT / "accelerate_configs" / "cpu.yaml"), str(ROOT / "tests" / "instrumented.py"), script,
                *flags, *(["--use_cpu"] if use_cpu else [])]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TEST_ROWS_DIR": str(tmp_path / "rows")}
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
 
 
@@ -120,8 +122,8 @@ def assert_same_run(one: Path, two: Path):
     assert steps[0] == steps[1]
 
 
-def assert_sharded(two: Path, train_rows: int):
-    ranks = [json.loads((two / f"rows-rank{r}.json").read_text()) for r in (0, 1)]
+def assert_sharded(rows: Path, train_rows: int):
+    ranks = [json.loads((rows / f"rows-rank{r}.json").read_text()) for r in (0, 1)]
     assert len(ranks[0]) == len(ranks[1]) > 0
     for step0, step1 in zip(*ranks):
         assert not set(step0) & set(step1)  # each rank its own shard of every global batch
@@ -142,10 +144,9 @@ def test_two_process_finetune_with_unfreezing_matches_one_process(tiny_vit, cifa
     run_finetune.main([*common, "--output_dir", str(one), "--per_device_train_batch_size", "8"])
 
     assert_same_run(one, two)
-    assert_sharded(two, train_rows=40)
+    assert_sharded(tmp_path / "rows", train_rows=40)
     # the output directory is written once: the same files as a 1-process run
-    ignore = {"rows-rank0.json", "rows-rank1.json"}
-    assert {p.name for p in two.iterdir()} - ignore == {p.name for p in one.iterdir()}
+    assert {p.name for p in two.iterdir()} == {p.name for p in one.iterdir()}
     # unfreezing under DDP: the backbone stayed put in epoch 0 and trained (in step on both ranks) in epoch 1
     epoch_0, epoch_1 = sorted(two.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
     before, after_0, after_1 = (AutoModelForImageClassification.from_pretrained(p).state_dict()
@@ -165,7 +166,7 @@ def test_two_process_distillation_matches_one_process(cifar_teacher, tiny_vit, c
     one = tmp_path / "one"
     run_distill.main([*common, "--output_dir", str(one), "--per_device_train_batch_size", "8"])
     assert_same_run(one, two)
-    assert_sharded(two, train_rows=40)
+    assert_sharded(tmp_path / "rows", train_rows=40)
     assert results(two)["test_teacher_accuracy"] == results(one)["test_teacher_accuracy"]
     logs = [h for h in json.loads((two / "trainer_state.json").read_text())["log_history"] if "loss" in h]
     assert all("kd_loss" in h for h in logs)
@@ -189,20 +190,25 @@ def test_bf16_on_cpu(script, cifar_teacher, tiny_resnet, cifar_like, tmp_path):
     else:
         results = run_distill.main(["--teacher_model_name_or_path", cifar_teacher,
                                     "--student_model_name_or_path", tiny_resnet, *flags])
-    assert 0 <= results["test_accuracy"] <= 1
+    assert np.isfinite(results["train_loss"]) and results["test_samples"] == 48
+    # autocast computes in bf16; the weights stay float32 and are saved so
+    saved = AutoModelForImageClassification.from_pretrained(tmp_path / "o")
+    assert {p.dtype for p in saved.parameters()} == {torch.float32}
 
 
 def test_teacher_forward_runs_in_the_runs_autocast_dtype(cifar_teacher, tiny_resnet, cifar_like, tmp_path):
-    from hf_transfer.data import attach_transforms, load_image_data
-    from hf_transfer.distillation import DistillationTrainer
-    from hf_transfer.models import load_model, load_teacher
-    from hf_transfer.training import trainer_kwargs
+    from hf_transfer.data.dataset import load_image_data
+    from hf_transfer.data.samples import attach_transforms
+    from hf_transfer.models.loading import load_model, load_teacher
+    from hf_transfer.trainers.distillation_config import DistillationConfig
+    from hf_transfer.trainers.distillation_trainer import DistillationTrainer
+    from hf_transfer.workflow import trainer_kwargs
 
     data = load_image_data(cifar_like)
     attach_transforms(data, "none")
     teacher, student = load_teacher(cifar_teacher, data.label_names), load_model(tiny_resnet, data.label_names)
-    args = TransferTrainingArguments(output_dir=str(tmp_path), bf16=True, use_cpu=True, dataloader_num_workers=0,
-                                     per_device_train_batch_size=4, report_to="none")
+    args = DistillationConfig(output_dir=str(tmp_path), bf16=True, use_cpu=True, dataloader_num_workers=0,
+                              per_device_train_batch_size=4, report_to="none")
     trainer = DistillationTrainer(teacher=teacher.model, teacher_spec=teacher.spec, **trainer_kwargs(args, data, student))
     dtypes = []
     linear = next(m for m in trainer.teacher.modules() if isinstance(m, torch.nn.Linear))
@@ -216,7 +222,7 @@ def test_channels_last_and_compile_flags(tiny_resnet, cifar_like, tmp_path):
     results = run_finetune.main(["--model_name_or_path", tiny_resnet, "--dataset_name", cifar_like,
                                  "--output_dir", str(tmp_path / "o"), "--max_steps", "2", "--channels_last", "true",
                                  "--torch_compile", "--torch_compile_backend", "eager", *quick_flags()])
-    assert 0 <= results["test_accuracy"] <= 1
+    assert np.isfinite(results["train_loss"])
     reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "o")
     assert reloaded(pixel_values=torch.zeros(1, 3, 32, 32)).logits.shape == (1, 3)
 
@@ -238,13 +244,13 @@ def test_two_gpus(tiny_vit, cifar_like, tmp_path):
     (True, "tiny_vit", False),  # channels-last is for CNNs
 ])
 def test_channels_last_choice(flag, family_model, expected, request, cifar_like, tmp_path):
-    from hf_transfer.data import load_image_data
-    from hf_transfer.models import load_model
-    from hf_transfer.training import trainer_kwargs
+    from hf_transfer.data.dataset import load_image_data
+    from hf_transfer.models.loading import load_model
+    from hf_transfer.workflow import trainer_kwargs
 
     data = load_image_data(cifar_like)
     loaded = load_model(request.getfixturevalue(family_model), data.label_names)
-    args = TransferTrainingArguments(output_dir=str(tmp_path), use_cpu=True, channels_last=flag)
+    args = TransferConfig(output_dir=str(tmp_path), use_cpu=True, channels_last=flag)
     assert trainer_kwargs(args, data, loaded)["channels_last"] is expected
     conv = next(m for m in loaded.model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size[0] > 1)
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) == expected
@@ -260,4 +266,7 @@ def test_fp16_on_a_gpu(script, cifar_teacher, tiny_resnet, cifar_like, tmp_path)
     else:
         results = run_distill.main(["--teacher_model_name_or_path", cifar_teacher,
                                     "--student_model_name_or_path", tiny_resnet, *flags])
-    assert 0 <= results["test_accuracy"] <= 1
+    assert np.isfinite(results["train_loss"]) and results["test_samples"] == 48
+    # autocast computes in bf16; the weights stay float32 and are saved so
+    saved = AutoModelForImageClassification.from_pretrained(tmp_path / "o")
+    assert {p.dtype for p in saved.parameters()} == {torch.float32}

@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_transfer.losses import cross_entropy, distillation_loss
+from hf_transfer.trainers.distillation_config import DistillationConfig
 
 
 @pytest.fixture
@@ -73,7 +74,6 @@ def test_soft_targets(logits):
 
 
 @pytest.mark.parametrize("alpha, temperature", [(-0.1, 1.0), (1.1, 1.0), (0.5, 0.0), (0.5, -2.0)])
-def test_invalid_hyperparameters(logits, alpha, temperature):
-    student, teacher, labels = logits
-    with pytest.raises(ValueError):
-        distillation_loss(student, teacher, labels, alpha=alpha, temperature=temperature)
+def test_invalid_hyperparameters_are_refused_by_the_config(alpha, temperature):
+    with pytest.raises(ValueError, match="--alpha|--temperature"):
+        DistillationConfig(output_dir="x", alpha=alpha, temperature=temperature)

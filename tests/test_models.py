@@ -5,15 +5,9 @@ import torch
 from transformers import AutoModelForImageClassification
 
 from hf_transfer.errors import UserError
-from hf_transfer.models import (
-    ALIASES,
-    PRESETS,
-    classifier_head,
-    load_model,
-    model_family,
-    resolve_source,
-    set_input_size,
-)
+from hf_transfer.models.loading import checkpoint_family, load_model, model_family, set_input_size
+from hf_transfer.models.presets import ALIASES, PRESETS, resolve_source
+from hf_transfer.models.structure import classifier_head
 
 NAMES = ["cat", "dog", "frog"]
 
@@ -23,7 +17,9 @@ def test_presets_resolve_to_checkpoints():
     assert resolve_source("resnet50-tv", None) == "timm/resnet50.tv_in1k"
     assert resolve_source("vit", None) == resolve_source("vit-base", None) == "google/vit-base-patch16-224-in21k"
     assert resolve_source(None, None) == PRESETS["resnet50"].checkpoint
-    assert resolve_source("resnet18", "some/path") == "some/path"
+    assert resolve_source(None, "some/path") == "some/path"
+    with pytest.raises(UserError, match="not both"):
+        resolve_source("resnet18", "some/path")
     assert {"resnet18", "resnet34", "resnet50", "vit-base", "vit-small"} <= set(PRESETS) | set(ALIASES)
 
 
@@ -115,3 +111,11 @@ def test_family():
     assert model_family(ResNetForImageClassification(ResNetConfig(depths=[1], hidden_sizes=[8]))) == "cnn"
     assert model_family(ViTForImageClassification(ViTConfig(num_hidden_layers=1, hidden_size=8,
                                                             num_attention_heads=1, intermediate_size=8))) == "vit"
+
+
+def test_family_from_the_checkpoint_alone_and_of_every_preset(tiny_vit, tiny_resnet, tiny_hf_resnet):
+    """The family picks the recipe before the flags are parsed: from the config, without weights."""
+    assert checkpoint_family(tiny_vit) == "vit"
+    assert checkpoint_family(tiny_resnet) == checkpoint_family(tiny_hf_resnet) == "cnn"
+    for name, preset in PRESETS.items():  # what the preset table says is what the architecture is
+        assert checkpoint_family(preset.checkpoint, from_scratch=True) == preset.family, name

@@ -12,7 +12,6 @@ import time
 import zlib
 from pathlib import Path
 
-import numpy as np
 import PIL.Image
 import psutil
 import pytest
@@ -24,13 +23,14 @@ from transformers import AutoModelForImageClassification
 
 import run_distill
 import run_finetune
-from hf_transfer.arguments import TransferTrainingArguments
 from hf_transfer.checkpoints import is_complete, last_complete_checkpoint
-from hf_transfer.data import attach_transforms, load_image_data
+from hf_transfer.data.dataset import load_image_data
+from hf_transfer.data.samples import attach_transforms
 from hf_transfer.errors import UserError
-from hf_transfer.models import load_model
-from hf_transfer.trainer import NonFiniteLossError, TransferTrainer
-from hf_transfer.training import trainer_kwargs
+from hf_transfer.models.loading import load_model
+from hf_transfer.trainers.transfer_config import TransferConfig
+from hf_transfer.trainers.transfer_trainer import NonFiniteLossError, TransferTrainer
+from hf_transfer.workflow import trainer_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,12 +90,13 @@ def test_sigkill_mid_epoch_then_the_same_command_finishes_bit_identical(uninterr
     process.kill()
     process.wait()
     assert not (out / "model.safetensors").exists()
+    newest = Path(last_complete_checkpoint(out)).name  # checkpoint-4, or a later one if the kill came late
 
     again = start(flags)
     _, err = again.communicate(timeout=300)
     assert again.returncode == 0, err[-3000:]
     resumed_from = [line for line in err.splitlines() if "resuming from checkpoint" in line]
-    assert len(resumed_from) == 1 and resumed_from[0].endswith("checkpoint-4") or "checkpoint-" in resumed_from[0]
+    assert len(resumed_from) == 1 and resumed_from[0].endswith(newest), resumed_from
     assert_identical(uninterrupted, out)
 
 
@@ -176,7 +177,7 @@ def nan_trainer(tiny_vit, cifar_like, tmp_path, **overrides):
     data = load_image_data(cifar_like)
     attach_transforms(data, "none")
     loaded = load_model(tiny_vit, data.label_names)
-    args = TransferTrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=8, dataloader_num_workers=0,
+    args = TransferConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, dataloader_num_workers=0,
                                      report_to="none", use_cpu=True, save_strategy="steps", save_steps=2,
                                      eval_strategy="no", load_best_model_at_end=False, max_steps=6, **overrides)
     trainer = TransferTrainer(**trainer_kwargs(args, data, loaded))
@@ -244,6 +245,7 @@ def test_corrupt_images_stop_the_run_naming_split_and_row(tiny_resnet, tmp_path)
                            "--output_dir", str(tmp_path / "o"), "--validation_split", "0.3", *quick_flags()])
 
 
+@pytest.mark.slow
 def test_corrupt_image_error_from_a_dataloader_worker_is_one_line(tiny_resnet, tmp_path):
     proc = subprocess.run([sys.executable, str(ROOT / "run_finetune.py"), "--model_name_or_path", tiny_resnet,
                            "--dataset_name", broken_dataset(tmp_path), "--output_dir", str(tmp_path / "o"),
@@ -373,6 +375,7 @@ def test_the_hub_token_is_written_nowhere(tiny_resnet, cifar_like, tmp_path, mon
 # ---------------------------------------------------------------- soak
 
 
+@pytest.mark.slow
 def test_back_to_back_runs_do_not_leak(tiny_resnet, cifar_teacher, cifar_like, tmp_path):
     process = psutil.Process()
     memory = []
@@ -384,7 +387,6 @@ def test_back_to_back_runs_do_not_leak(tiny_resnet, cifar_teacher, cifar_like, t
         memory.append(process.memory_info().rss)
         assert not [o for o in gc.get_objects() if isinstance(o, TransferTrainer)]  # nothing keeps a trainer alive
     assert memory[2] - memory[1] < 40 * 2**20, [m / 2**20 for m in memory]
-    assert np.isfinite(memory).all()
 
 
 def test_resume_and_best_model_load_every_layer_of_a_vit(tiny_vit, cifar_like, tmp_path):
@@ -402,7 +404,7 @@ def test_resume_and_best_model_load_every_layer_of_a_vit(tiny_vit, cifar_like, t
         assert set(f.keys()) != set(best.state_dict())  # saved under other names than the model's
 
     loaded = load_model(tiny_vit, data.label_names)
-    args = TransferTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True,
+    args = TransferConfig(output_dir=str(tmp_path), report_to="none", use_cpu=True,
                                      dataloader_num_workers=0)
     trainer = TransferTrainer(**trainer_kwargs(args, data, loaded))
     trainer.state.best_model_checkpoint = str(tmp_path / "checkpoint-1")

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import quick_flags
@@ -12,12 +13,13 @@ from transformers import AutoModelForImageClassification
 
 import run_distill
 import run_finetune
-from hf_transfer.augment import BatchMix
-from hf_transfer.data import digits_dataset
+from hf_transfer.data.dataset import digits_dataset
 from hf_transfer.errors import UserError
-from hf_transfer.freezing import apply_stage, parse_schedule, trainable_names
-from hf_transfer.models import depth_groups, load_model
-from hf_transfer.optimization import param_groups, step_schedule
+from hf_transfer.models.loading import load_model
+from hf_transfer.models.structure import depth_groups
+from hf_transfer.on_device.mixing import BatchMix
+from hf_transfer.trainers.freezing import apply_stage, parse_schedule, trainable_names
+from hf_transfer.trainers.optimizer import param_groups, step_schedule
 
 NAMES = ["red", "green", "blue"]
 
@@ -76,6 +78,7 @@ def test_freeze_backbone_trains_only_the_head(tiny_hf_resnet, cifar_like, tmp_pa
     assert same(weights(out), weights(tiny_hf_resnet), backbone | set(buffers))
 
 
+@pytest.mark.slow
 def test_linear_probe_transfers_between_halves_of_digits(tmp_path):
     """A backbone trained on digits 0-4, frozen, with a new head for digits 5-9: real transfer."""
     digits = digits_dataset()
@@ -212,14 +215,34 @@ def test_cutmix_pastes_a_box_per_sample_and_labels_follow_its_area():
     assert pasted.unique().numel() > 16  # boxes differ between samples
 
 
-def test_mixup_and_cutmix_train_in_both_scripts(cifar_teacher, tiny_resnet, cifar_like, tmp_path):
+def test_mixup_and_cutmix_train_in_both_scripts(cifar_teacher, tiny_resnet, cifar_like, tmp_path, monkeypatch):
+    """Both scripts train on the mixed soft targets, with label smoothing, every step."""
+    from hf_transfer.trainers import distillation_trainer, transfer_trainer
+
+    seen = []
+
+    def spy(module, name):
+        original = getattr(module, name)
+
+        def recorded(logits, *args, **kwargs):
+            targets = args[0] if name == "cross_entropy" else args[1]
+            seen.append((name, tuple(targets.shape), kwargs.get("label_smoothing", args[-1] if args else None)))
+            return original(logits, *args, **kwargs)
+
+        monkeypatch.setattr(module, name, recorded)
+
+    spy(transfer_trainer, "cross_entropy")
+    spy(distillation_trainer, "distillation_loss")
     flags = ["--dataset_name", cifar_like, "--num_train_epochs", "1", "--mixup", "0.2", "--cutmix", "1.0",
              "--augmentation", "strong", "--label_smoothing_factor", "0.1", *quick_flags()]
     tuned = run_finetune.main(["--model_name_or_path", tiny_resnet, "--output_dir", str(tmp_path / "f"), *flags])
     distilled = run_distill.main(["--teacher_model_name_or_path", cifar_teacher, "--student_model_name_or_path",
                                   tiny_resnet, "--output_dir", str(tmp_path / "d"), *flags])
-    for results in (tuned, distilled):
-        assert torch.isfinite(torch.tensor(results["train_loss"])) and 0 <= results["test_accuracy"] <= 1
+    steps = {name: [s for s in seen if s[0] == name] for name in ("cross_entropy", "distillation_loss")}
+    for name, results in (("cross_entropy", tuned), ("distillation_loss", distilled)):
+        assert len(steps[name]) >= 4, name  # one per training step (4-5 steps of 8 images)
+        assert all(len(shape) == 2 and shape[1] == 3 and smoothing == 0.1 for _, shape, smoothing in steps[name]), name
+        assert np.isfinite(results["train_loss"])
 
 
 @pytest.mark.parametrize("flags, message", [

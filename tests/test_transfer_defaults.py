@@ -21,10 +21,9 @@ from timm.data import ImageNetInfo
 from transformers import pipeline
 
 import run_finetune
-from hf_transfer.arguments import fit_to_data, given_flags, parse_with_defaults
-from hf_transfer.augment import Augmentation, resolve_augmentation
-from hf_transfer.data import load_image_data
-from hf_transfer.finetune import ARGUMENT_TYPES
+from hf_transfer.arguments import fit_to_data, parse_arguments
+from hf_transfer.data.augmentation import Augmentation, resolve_augmentation
+from hf_transfer.data.dataset import load_image_data
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from real_weights import write_timm_folder  # noqa: E402
@@ -61,6 +60,7 @@ def _backbone(path) -> dict[str, torch.Tensor]:
             and "running_" not in k}
 
 
+@pytest.mark.slow
 def test_default_sgd_steps_are_not_clipped(lite0, tmp_path):
     """The Trainer's max_grad_norm=1.0 shrinks every SGD step of a fresh head by its gradient norm
     (~10-40); the CNN recipe turns clipping off. Three steps with the defaults must move the
@@ -91,7 +91,7 @@ def _mirrored(image: torch.Tensor) -> bool:
 
 def test_default_augmentation_never_mirrors_digits():
     """A mirrored digit is another symbol (or none); the default never flips a data set not known to allow it."""
-    _, data_args, _ = parse_with_defaults([], ARGUMENT_TYPES)
+    data_args = parse_arguments([]).data
     preset = resolve_augmentation(data_args.augmentation, load_image_data("digits").name)
     augment = Augmentation(preset)
     assert not any(_mirrored(augment(_left_to_right_ramp(), seed)) for seed in range(200))
@@ -105,30 +105,28 @@ def test_default_augmentation_never_mirrors_digits():
 
 def test_small_data_trains_long_enough_with_a_batch_that_fits():
     """3 epochs at batch 128 were 33 steps on digits (0.62 test accuracy for the README's demo)."""
-    _, _, args = parse_with_defaults([], ARGUMENT_TYPES, family="cnn")
-    given = given_flags([], "default", "cnn")
-    fit_to_data(args, 100, given)
+    parsed = parse_arguments([])
+    args = parsed.training
+    fit_to_data(args, 100, parsed.given)
     assert args.per_device_train_batch_size == 10  # a tenth of the data set: 10 steps per epoch
     assert args.num_train_epochs * math.ceil(100 / args.per_device_train_batch_size) >= args.min_train_steps
 
-    _, _, cifar = parse_with_defaults([], ARGUMENT_TYPES, family="cnn")
-    assert fit_to_data(cifar, 45_000, given) == []  # CIFAR-10: the defaults stand (3 epochs, batch 128)
-    assert (cifar.num_train_epochs, cifar.per_device_train_batch_size) == (3, 128)
+    cifar = parse_arguments([])
+    assert fit_to_data(cifar.training, 45_000, cifar.given) == []  # CIFAR-10: the defaults stand (3 epochs, batch 128)
+    assert (cifar.training.num_train_epochs, cifar.training.per_device_train_batch_size) == (3, 128)
 
-    argv = ["--num_train_epochs", "2", "--per_device_train_batch_size", "32"]
-    _, _, user = parse_with_defaults(argv, ARGUMENT_TYPES, family="cnn")
-    assert fit_to_data(user, 100, given_flags(argv, "default", "cnn")) == []  # what the user asked for stands
-    assert (user.num_train_epochs, user.per_device_train_batch_size) == (2, 32)
+    user = parse_arguments(["--num_train_epochs", "2", "--per_device_train_batch_size", "32"])
+    assert fit_to_data(user.training, 100, user.given) == []  # what the user asked for stands
+    assert (user.training.num_train_epochs, user.training.per_device_train_batch_size) == (2, 32)
 
-    _, _, tutorial = parse_with_defaults(["--recipe", "tutorial"], ARGUMENT_TYPES, family="cnn")
-    fit_to_data(tutorial, 100, given_flags(["--recipe", "tutorial"], "tutorial", "cnn"))
-    assert tutorial.num_train_epochs == 3  # the tutorial's recipe is its 3 epochs
+    tutorial = parse_arguments(["--recipe", "tutorial"])
+    fit_to_data(tutorial.training, 100, tutorial.given)
+    assert tutorial.training.num_train_epochs == 3  # the tutorial's recipe is its 3 epochs
 
 
 def test_clipping_follows_the_optimiser():
-    _, _, cnn = parse_with_defaults([], ARGUMENT_TYPES, family="cnn")
-    _, _, vit = parse_with_defaults([], ARGUMENT_TYPES, family="vit")
-    _, _, user = parse_with_defaults(["--max_grad_norm", "2"], ARGUMENT_TYPES, family="cnn")
+    cnn, vit = parse_arguments([]).training, parse_arguments(["--model", "vit-tiny"]).training
+    user = parse_arguments(["--max_grad_norm", "2"]).training
     assert (cnn.optim, cnn.max_grad_norm) == ("sgd", 0.0)
     assert (vit.optim, vit.max_grad_norm) == ("adamw_torch", 1.0)
     assert user.max_grad_norm == 2.0

@@ -7,7 +7,8 @@ import torch
 from helpers import random_images
 from transformers import AutoImageProcessor, ConvNextImageProcessor, ViTImageProcessor
 
-from hf_transfer.transforms import ImageSpec, ToModelInput, decode_rgb
+from hf_transfer.data.decoding import decode_rgb
+from hf_transfer.on_device.preprocessing import ImageSpec, ToModelInput
 
 
 def test_spec_from_vit_processor():

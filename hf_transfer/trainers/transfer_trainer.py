@@ -1,10 +1,10 @@
-"""`TransferTrainer`: the transformers Trainer, fed uint8 image batches.
+"""`TransferTrainer`: the transformers Trainer, fed uint8 image batches. Its config: `TransferConfig`.
 
-The DataLoader delivers uint8 images at storage resolution (see `data.py`); accelerate moves
-them to the device; `_prepare_inputs` -- the Trainer's own hook for "make this batch ready for
-the model", used by training and evaluation alike -- turns them into the model's float input
-there, batched (and, in training, mixes them when `--mixup`/`--cutmix` ask for it). In training
-it also passes the device batch on as `images` for losses that need another view of it.
+The DataLoader delivers uint8 images at storage resolution (`hf_transfer/data/`); accelerate moves
+them to the device; `_prepare_inputs` -- the Trainer's own hook for "make this batch ready for the
+model", used by training and evaluation alike -- turns them into the model's float input there,
+batched (and, in training, mixes them when `--mixup`/`--cutmix` ask for it). In training it also
+passes the device batch on as `images` for losses that need another view of it.
 
 The other overrides exist because the Trainer has no option for them:
 - `create_optimizer`: parameter groups with per-layer learning rates, no weight decay on
@@ -13,8 +13,8 @@ The other overrides exist because the Trainer has no option for them:
 - `compute_loss`: cross-entropy with the soft targets mixup/CutMix produce (hard labels go
   through the Trainer's own loss), and no training on a NaN/inf loss.
 - `log`: adds the learning rate of each parameter group.
-- `_load_from_checkpoint`, `_load_best_model`: work around a transformers 5 bug that loses the
-  renamed layers of ViT-style checkpoints on resume and at the end of training.
+- `push_to_hub`: the one push path, the finished output directory (`hub.py`).
+- `_load_from_checkpoint`, `_load_best_model`: a transformers 5 bug (`compat.py`).
 
 `DistillationTrainer` builds on this class and adds the teacher.
 """
@@ -28,11 +28,13 @@ import torch
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-from .augment import BatchMix
-from .errors import UserError
-from .losses import cross_entropy
-from .optimization import param_groups, step_schedule, updates_per_epoch
-from .transforms import ImageSpec, ToModelInput
+from ..compat import deepspeed_dtype, load_checkpoint_weights
+from ..errors import UserError
+from ..hub import push_at_end
+from ..losses import cross_entropy
+from ..on_device.mixing import BatchMix
+from ..on_device.preprocessing import ImageSpec, ToModelInput
+from .optimizer import param_groups, step_schedule, updates_per_epoch
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +44,10 @@ class NonFiniteLossError(UserError):
 
 
 class TransferTrainer(Trainer):
+    """`image_spec`: the input the model expects (size, mean, std), made on the device from each uint8 batch."""
+
     def __init__(self, *args, image_spec: ImageSpec, channels_last: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.image_spec = image_spec
         self.to_model_input = ToModelInput(image_spec, channels_last=channels_last)
         mixup, cutmix = self.args.mixup, self.args.cutmix
         self.batch_mix = BatchMix(self.model.config.num_labels, mixup, cutmix) if mixup or cutmix else None
@@ -67,7 +70,7 @@ class TransferTrainer(Trainer):
     def cast_for_model(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # DeepSpeed holds the weights in its own dtype and, unlike autocast, does not cast inputs.
         if self.is_deepspeed_enabled:
-            return pixel_values.to(self.accelerator.state.deepspeed_plugin.hf_ds_config.dtype())
+            return pixel_values.to(deepspeed_dtype(self.accelerator))
         return pixel_values
 
     # ---------------------------------------------------------------- loss
@@ -139,32 +142,32 @@ class TransferTrainer(Trainer):
     # ---------------------------------------------------------------- loading checkpoints
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        if not self._load_converted(resume_from_checkpoint, model):
+        if not self._load_whole(resume_from_checkpoint, model):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def _load_best_model(self) -> None:
-        if not self._load_converted(self.state.best_model_checkpoint):
+        if not self._load_whole(self.state.best_model_checkpoint):
             super()._load_best_model()
 
-    def _load_converted(self, checkpoint: str, model=None) -> bool:
-        """Load a checkpoint's weights the way `from_pretrained` does.
-
-        transformers 5 saves some models (ViT among them) with their original key names and
-        renames them when loading with `from_pretrained`; the Trainer's own resume and
-        load-best-model paths call `load_state_dict(strict=False)` on the saved keys, which
-        silently skips the renamed layers (a resumed ViT would restart its blocks from the
-        pretrained weights; huggingface/transformers#43701, #48805). Loading through
-        `from_pretrained` and copying strictly avoids that.
-        Sharded (FSDP, DeepSpeed) and multi-file checkpoints keep the Trainer's own path.
-        """
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled or not os.path.isfile(
-                os.path.join(checkpoint, "model.safetensors")):
+    def _load_whole(self, checkpoint: str, model=None) -> bool:
+        """Every layer of a checkpoint, as `from_pretrained` reads it (`compat.load_checkpoint_weights`);
+        sharded (FSDP, DeepSpeed) checkpoints keep the Trainer's own path."""
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
             return False
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
         logger.info("loading weights from %s", checkpoint)
-        loaded = type(model).from_pretrained(checkpoint)
-        model.load_state_dict(loaded.state_dict(), strict=True)
-        return True
+        return load_checkpoint_weights(model, checkpoint)
+
+    # ---------------------------------------------------------------- the Hub
+
+    def push_to_hub(self, commit_message: str | None = "End of training", blocking: bool = True,
+                    token: str | None = None, revision: str | None = None, **kwargs) -> str | None:
+        """The one push path: the output directory as the run leaves it (model, image processor, model card,
+        results; never checkpoints or caches). The Trainer calls this from `save_model`, which the run calls
+        last; a failure keeps the run on disk and names the command that pushes it later."""
+        if not self.is_world_process_zero():
+            return None
+        return push_at_end(self.args, self.hub_model_id or self.args.hub_model_id, revision=revision or self.args.hub_revision)
 
     # ---------------------------------------------------------------- logging
 

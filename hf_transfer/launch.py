@@ -1,4 +1,4 @@
-"""Checks of the launch: process count, devices, mixed precision, accelerate config files.
+"""The launch: checks of the process count, devices and mixed precision, and of accelerate config files.
 
 accelerate (torch DDP, FSDP, DeepSpeed underneath) is the distributed engine; this module
 only refuses launches that would silently do the wrong thing, before any training starts.
@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .compat import accelerate_launch_keys
 from .errors import UserError
 
 CPU_COMMAND = "accelerate launch --config_file accelerate_configs/cpu.yaml run_finetune.py --use_cpu ..."
@@ -44,7 +45,6 @@ def check_config_file(path: str | Path, cuda_devices: int | None = None) -> dict
     machine than GPUs, or fp16 without a GPU.
     """
     from accelerate.commands.config.config_args import load_config_from_file
-    from accelerate.commands.launch import launch_command_parser
 
     path = Path(path)
     if not path.is_file():
@@ -53,7 +53,7 @@ def check_config_file(path: str | Path, cuda_devices: int | None = None) -> dict
         config = load_config_from_file(str(path))
     except (ValueError, TypeError) as exc:
         raise UserError(f"accelerate config '{path}': {str(exc).splitlines()[0]}") from exc
-    known = {action.dest for action in launch_command_parser()._actions}
+    known = accelerate_launch_keys()
     for section in ("fsdp_config", "deepspeed_config"):
         unknown = sorted(set(getattr(config, section) or {}) - known)
         if unknown:

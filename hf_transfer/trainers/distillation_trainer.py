@@ -1,5 +1,7 @@
 """`DistillationTrainer`: a TransferTrainer whose loss also pulls the student towards a frozen teacher.
 
+Its config is `DistillationConfig` (`alpha`, `temperature`, read from `self.args`).
+
 What it adds to TransferTrainer, and why:
 - `compute_loss`: the distillation loss (`losses.distillation_loss`) during training; in
   evaluation the student alone is scored, as in fine-tuning. The teacher gets its own view of
@@ -23,18 +25,19 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from .losses import distillation_loss
-from .trainer import TransferTrainer
-from .transforms import ImageSpec, ToModelInput
+from ..compat import dataset_fingerprint, deepspeed_dtype
+from ..losses import distillation_loss
+from ..on_device.preprocessing import ImageSpec, ToModelInput
+from .transfer_trainer import TransferTrainer
 
 logger = logging.getLogger(__name__)
 
 
 class DistillationTrainer(TransferTrainer):
-    def __init__(self, *args, teacher: torch.nn.Module, teacher_spec: ImageSpec, alpha: float = 0.5,
-                 temperature: float = 2.0, **kwargs):
+    """`teacher`: a fine-tuned classifier with the data set's labels; `teacher_spec`: the input it expects."""
+
+    def __init__(self, *args, teacher: torch.nn.Module, teacher_spec: ImageSpec, **kwargs):
         super().__init__(*args, **kwargs)
-        self.alpha, self.temperature = alpha, temperature
         self.teacher = self._prepare_teacher(teacher)
         self.teacher_input = ToModelInput(teacher_spec)
         self.teacher_logits: torch.Tensor | None = None  # (rows, classes), set by `use_cached_teacher_logits`
@@ -46,8 +49,7 @@ class DistillationTrainer(TransferTrainer):
         if self.is_deepspeed_enabled:
             # DeepSpeed runs in its own dtype without autocast; a frozen teacher needs no engine
             # under ZeRO-1/2, only the same device and dtype as the student.
-            dtype = self.accelerator.state.deepspeed_plugin.hf_ds_config.dtype()
-            return teacher.to(self.accelerator.device, dtype=dtype)
+            return teacher.to(self.accelerator.device, dtype=deepspeed_dtype(self.accelerator))
         if self.is_fsdp_enabled:
             teacher.to(self.accelerator.device)  # prepare_model leaves placement to FSDP, which only shards the student
         # On the device, with the run's autocast, and not wrapped in DDP (evaluation mode).
@@ -65,7 +67,7 @@ class DistillationTrainer(TransferTrainer):
                 teacher_view = self.cast_for_model(self.teacher_input(inputs["images"]))
                 teacher_logits = self.teacher(pixel_values=teacher_view).logits
         loss, ce, kd = distillation_loss(
-            outputs.logits, teacher_logits, inputs["labels"], self.alpha, self.temperature,
+            outputs.logits, teacher_logits, inputs["labels"], self.args.alpha, self.args.temperature,
             num_items_in_batch=num_items_in_batch, label_smoothing=self.args.label_smoothing_factor,
         )
         loss = self.skip_if_not_finite(self.scale_for_devices(loss, num_items_in_batch), model)
@@ -129,5 +131,5 @@ def teacher_cache_path(output_dir: str, teacher: torch.nn.Module, teacher_spec: 
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     digest.update(repr(teacher_spec).encode())
-    digest.update(dataset._fingerprint.encode())
+    digest.update(dataset_fingerprint(dataset).encode())
     return Path(output_dir) / f"_teacher_logits-{digest.hexdigest()[:16]}.safetensors"

@@ -1,4 +1,4 @@
-"""Backbones: the presets, loading any image-classification checkpoint, its head and input size.
+"""Loading: any image-classification checkpoint, with a head for the data set's labels and its input spec.
 
 Two checkpoint formats load through the same `AutoModelForImageClassification` call:
 transformers-native ones (ViT, ResNet, ConvNeXt, ...) and timm ones wrapped by
@@ -10,56 +10,19 @@ from __future__ import annotations
 
 import logging
 import pickle
-import re
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, PreTrainedModel
 
-from .errors import UserError, wrap_load_error
-from .transforms import ImageSpec
+from ..compat import drop_timm_pretrained_cfg, set_fsdp_units, set_timm_label_names
+from ..errors import UserError, wrap_load_error
+from ..on_device.preprocessing import ImageSpec
+from .presets import PRESETS
+from .structure import classifier_head
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Preset:
-    checkpoint: str
-    about: str
-
-
-# Why these checkpoints (README, "Model presets"):
-# - resnet50 uses timm's A1 weights (80.4% ImageNet-1k top-1 at 224 px, "ResNet strikes back",
-#   against 76.1% for the torchvision weights the tutorial used); fine-tuning accuracy tracks
-#   ImageNet accuracy closely (Kornblith et al. 2019). The tutorial's weights: resnet50-tv.
-# - the small ViTs are the AugReg ImageNet-21k checkpoints, the same pretraining data as vit-base.
-PRESETS: dict[str, Preset] = {
-    "resnet18": Preset("timm/resnet18.a1_in1k", "ResNet-18, ImageNet-1k (timm A1 recipe)"),
-    "resnet34": Preset("timm/resnet34.a1_in1k", "ResNet-34, ImageNet-1k (timm A1 recipe)"),
-    "resnet50": Preset("timm/resnet50.a1_in1k", "ResNet-50, ImageNet-1k (timm A1 recipe, 80.4% top-1)"),
-    "resnet50-tv": Preset("timm/resnet50.tv_in1k", "ResNet-50, the torchvision weights the tutorial used"),
-    "vit-tiny": Preset("timm/vit_tiny_patch16_224.augreg_in21k", "ViT-Ti/16, ImageNet-21k (AugReg)"),
-    "vit-small": Preset("timm/vit_small_patch16_224.augreg_in21k", "ViT-S/16, ImageNet-21k (AugReg)"),
-    "vit-base": Preset("google/vit-base-patch16-224-in21k", "ViT-B/16, ImageNet-21k (Google)"),
-}
-ALIASES = {"vit": "vit-base"}
-
-
-def preset_help() -> str:
-    lines = [f"{name}: {p.checkpoint} ({p.about})" for name, p in PRESETS.items()]
-    lines += [f"{alias}: same as {target}" for alias, target in ALIASES.items()]
-    return "; ".join(lines)
-
-
-def resolve_source(model: str | None, model_name_or_path: str | None, default: str = "resnet50") -> str:
-    """The checkpoint to start from: a preset's Hub id, or the path/id the user gave."""
-    if model_name_or_path:
-        return model_name_or_path
-    name = ALIASES.get(model or default, model or default)
-    if name not in PRESETS:
-        choices = ", ".join([*PRESETS, *ALIASES])
-        raise UserError(f"unknown --model '{model}'; choose one of: {choices} (or pass --model_name_or_path)")
-    return PRESETS[name].checkpoint
 
 
 @dataclass
@@ -109,14 +72,12 @@ def load_model(
         if head_reset:
             logger.info("new classification head for %d labels (checkpoint had %d)", len(label_names), len(old_names))
 
-    if model.config.model_type == "timm_wrapper":
-        # TimmWrapperConfig saves `label_names` and prefers an old value over id2label: keep them in step.
-        model.config.label_names = list(label_names)
+    set_timm_label_names(model.config, label_names)
     if image_size is not None and (image_size,) * 2 != spec.size:
         model = set_input_size(model, image_size)
         spec = spec.with_size(image_size)
     set_fsdp_units(model)
-    _drop_timm_preprocessing(model.config)
+    drop_timm_pretrained_cfg(model.config)
     return LoadedModel(model=model, spec=spec, family=model_family(model), source=source, head_reset=head_reset)
 
 
@@ -203,46 +164,20 @@ def _timm_spec(source: str, config, hub_kwargs: dict) -> ImageSpec:
     return ImageSpec.from_timm_config(pretrained_cfg)
 
 
-def _drop_timm_preprocessing(config) -> None:
-    """Make the saved image processor the one source of preprocessing for timm checkpoints.
-
-    For a local directory whose config.json holds a timm `pretrained_cfg`, AutoImageProcessor
-    builds timm's PIL transforms from it and ignores preprocessor_config.json (a Hub copy of
-    the same directory uses preprocessor_config.json). Without `pretrained_cfg`, both load the
-    standard processor saved beside the model: exactly the preprocessing the run used.
-    """
-    if config.model_type == "timm_wrapper" and hasattr(config, "pretrained_cfg"):
-        del config.pretrained_cfg
-
-
-# The units FSDP shards one by one: ViT blocks and ResNet residual stages (transformers) or blocks (timm).
-FSDP_UNITS = ("ViTLayer", "ViTEmbeddings", "Block", "ResNetStage", "BasicBlock", "Bottleneck")
-
-
-def set_fsdp_units(model: PreTrainedModel) -> None:
-    """Tell accelerate's FSDP auto-wrap (which reads `_no_split_modules`) which blocks to shard.
-
-    TimmWrapper names a class its classification model does not contain, and transformers'
-    ResNet names single convolutions; without this, FSDP would fail or shard too finely.
-    """
-    present = sorted({type(m).__name__ for m in model.modules()} & set(FSDP_UNITS))
-    if present:
-        model._no_split_modules = present
+def checkpoint_family(source: str, *, from_scratch: bool = False, revision: str | None = None,
+                      trust_remote_code: bool = False) -> str:
+    """The family of a checkpoint from its config alone: the architecture is built on the meta
+    device (no weights, no memory) and judged by `model_family`. Cheap enough to run before the
+    arguments are parsed, so that the family's recipe can be their defaults."""
+    config, _ = _config_and_spec(source, from_scratch, {"revision": revision, "trust_remote_code": trust_remote_code})
+    with torch.device("meta"):
+        model = AutoModelForImageClassification.from_config(config, trust_remote_code=trust_remote_code)
+    return model_family(model)
 
 
 def model_family(model: nn.Module) -> str:
     """'vit' when the network has attention layers, else 'cnn' (decides the default recipe)."""
     return "vit" if any("attention" in type(m).__name__.lower() for m in model.modules()) else "cnn"
-
-
-def classifier_head(model: PreTrainedModel) -> nn.Module:
-    """The classification head: timm's classifier, or the `classifier` of transformers models."""
-    if hasattr(model, "timm_model"):
-        return model.timm_model.get_classifier()
-    head = getattr(model, "classifier", None)
-    if isinstance(head, nn.Module):
-        return head
-    raise UserError(f"cannot find the classification head of {type(model).__name__}")
 
 
 def set_input_size(model: PreTrainedModel, size: int) -> PreTrainedModel:
@@ -285,43 +220,3 @@ def set_input_size(model: PreTrainedModel, size: int) -> PreTrainedModel:
 def _check_patch_multiple(size: int, patch: int) -> None:
     if size % patch:
         raise UserError(f"--image_size {size} is not a multiple of the model's patch size {patch}")
-
-
-
-_BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|stages|blocks)\.(\d+)\.")
-
-
-def depth_groups(model: PreTrainedModel) -> list[list[str]]:
-    """Parameter names grouped by depth, from input to output: [stem, block 1, ..., block n, head].
-
-    Blocks are ResNet stages or ViT layers: timm models say so themselves (`group_matcher`);
-    transformers models name them `layers.N` / `layer.N` / `stages.N` / `blocks.N`. Parameters
-    after the last block other than the head (a final norm) belong to the last block. Used for
-    freezing stages and for layer-wise learning-rate decay.
-    """
-    head = {name for name, p in model.named_parameters() if any(p is q for q in classifier_head(model).parameters())}
-    names = [name for name, _ in model.named_parameters() if name not in head]
-    if hasattr(model, "timm_model"):
-        from timm.models import group_parameters
-
-        timm_model = model.timm_model
-        grouped = group_parameters(timm_model, timm_model.group_matcher(coarse=True))
-        groups = [[f"timm_model.{n}" for n in group if f"timm_model.{n}" not in head] for group in grouped.values()]
-    else:
-        by_block: dict[int, list[str]] = {}
-        stem, last = [], None
-        for name in names:
-            match = _BLOCK.search(name)
-            if match:
-                last = int(match.group(1))
-                by_block.setdefault(last, []).append(name)
-            elif last is None:
-                stem.append(name)
-            else:
-                by_block[last].append(name)  # a final norm after the last block
-        groups = [stem, *(by_block[i] for i in sorted(by_block))]
-    groups = [g for g in groups if g]
-    if len(groups) < 3:
-        raise UserError(f"cannot find the stages/blocks of {type(model).__name__}: freezing stages and layer-wise "
-                        "learning rates support ResNet- and ViT-style backbones")
-    return [*groups, sorted(head)]

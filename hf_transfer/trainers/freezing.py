@@ -27,8 +27,9 @@ import math
 from torch import nn
 from transformers import TrainerCallback
 
-from .errors import UserError
-from .models import depth_groups
+from ..compat import is_batch_norm
+from ..errors import UserError
+from ..models.structure import depth_groups
 
 logger = logging.getLogger(__name__)
 STAGES = ("head", "last_stage", "all")
@@ -70,7 +71,7 @@ def apply_stage(model: nn.Module, stage: str) -> int:
     for name, param in model.named_parameters():
         param.requires_grad_(name in trainable)
     for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if is_batch_norm(module):
             handle = getattr(module, "_frozen_bn_hook", None)
             frozen = not any(p.requires_grad for p in module.parameters(recurse=False))
             if frozen and handle is None:

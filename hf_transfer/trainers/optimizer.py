@@ -1,4 +1,4 @@
-"""Parameter groups (per-layer learning rates, weight decay) and the step-decay schedule.
+"""The optimizer's parameter groups (per-layer learning rates, weight decay) and the step-decay schedule.
 
 - `--backbone_lr_scale s`: the head trains at the base learning rate, the backbone at base x s.
 - `--layer_decay d`: layer-wise decay; the head gets the base rate, the last block base x d,
@@ -18,7 +18,7 @@ import math
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from .models import depth_groups
+from ..models.structure import depth_groups
 
 _NO_DECAY = ("pos_embed", "position_embeddings", "cls_token", "dist_token", "reg_token", "mask_token")
 

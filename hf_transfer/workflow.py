@@ -1,8 +1,9 @@
-"""The one training path both scripts share, step by step.
+"""The workflow both commands share, step by step.
 
-run_finetune.py and run_distill.py call these in order: check the arguments and the output
-directory, load the data, load the model, build the Trainer's arguments, then
-`train_and_evaluate` (train, pick the best checkpoint on validation, test once, save, card).
+`commands/finetune.py` and `commands/distill.py` call these in order: check the setup and the
+output directory, load the data and the model, build the Trainer's arguments, then
+`train_and_evaluate` (train, pick the best checkpoint on validation, test once, write the
+results and the model card, save the model and push it).
 """
 
 from __future__ import annotations
@@ -17,32 +18,27 @@ import numpy as np
 import torch
 from transformers import EarlyStoppingCallback
 
-from .arguments import freeze_schedule, parse_with_defaults, validate_numbers
 from .checkpoints import StopOnSignal, last_complete_checkpoint
-from .data import ROW, EpochCallback, ImageData, UInt8Collator, load_image_data
-from .distributed import check_launch
+from .data.dataset import ROW, ImageData, load_image_data
+from .data.samples import EpochCallback, UInt8Collator
 from .errors import Preempted, UserError
-from .freezing import UnfreezeCallback, trainable_names
-from .hub import check_push_possible, push_at_end, resolve_repo_id
+from .hub import check_push_possible
+from .launch import check_launch
 from .metrics import ComputeMetrics, write_test_report
 from .model_card import CardInfo, write_model_card
-from .models import LoadedModel, depth_groups, load_model
+from .models.loading import LoadedModel, load_model
+from .models.structure import depth_groups
 from .tracking import RunConfigCallback, ThroughputCallback, check_tracking, peak_memory, reset_peak_memory
+from .trainers.freezing import UnfreezeCallback, trainable_names
 
 logger = logging.getLogger(__name__)
 
 
-def parse_and_check(argv: Sequence[str], types: tuple) -> tuple:
-    """Parse the flags and check every number, before anything is downloaded or written."""
-    parsed = parse_with_defaults(argv, types)
-    model_args, data_args, args = parsed[0], parsed[-2], parsed[-1]
-    validate_numbers(model_args, data_args, args)
+def check_setup(args) -> None:
+    """What the launch, the trackers and the Hub need, checked before anything is downloaded or written."""
     check_launch(args)
     check_tracking(args)
     check_push_possible(args)
-    if args.early_stopping_patience is not None and not args.load_best_model_at_end:
-        raise UserError("--early_stopping_patience needs --load_best_model_at_end (the default)")
-    return parsed
 
 
 def load_data(data_args, seed: int) -> ImageData:
@@ -68,7 +64,7 @@ def trainer_kwargs(args, data: ImageData, loaded: LoadedModel, run_config: dict 
     """What every trainer of this project is built from."""
     callbacks = [StopOnSignal(), EpochCallback(data.epoch), RunConfigCallback(run_config or {}, [*tags, loaded.family]),
                  ThroughputCallback()]
-    schedule = freeze_schedule(args)
+    schedule = args.stage_schedule()
     if schedule is not None:
         for _, stage in schedule:
             trainable_names(loaded.model, stage)  # fails now, not at the first epoch, if the stage has no modules
@@ -100,7 +96,7 @@ def prepare_output_dir(args) -> str | None:
 
     - `--resume_from_checkpoint PATH` resumes from PATH.
     - A directory holding checkpoints resumes from the newest complete one (the same command
-      continues a run; see checkpoints.py).
+      continues a run; see `checkpoints.py`).
     - A directory holding anything else is refused unless `--overwrite_output_dir`, so no
       earlier result is lost by accident.
     """
@@ -143,21 +139,8 @@ def _check_writable(out: Path) -> None:
         raise UserError(f"--output_dir '{out}' cannot be written: {exc.strerror or exc}") from exc
 
 
-def hub_push_plan(args) -> str | None:
-    """The repo the run pushes to at its end (None: no push). With the default `--hub_strategy end`
-    the Trainer itself does not push (its end-of-training push writes its own model card); the
-    other strategies keep its pushes during training."""
-    if not args.push_to_hub:
-        return None
-    repo_id = resolve_repo_id(args)
-    if args.hub_strategy == "end":
-        args.push_to_hub = False
-    return repo_id
-
-
-def train_and_evaluate(trainer, data: ImageData, card: CardInfo, resume_from: str | None = None,
-                       push_to: str | None = None) -> dict:
-    """Train, keep the best checkpoint (by validation accuracy), test it once, save everything, push."""
+def train_and_evaluate(trainer, data: ImageData, card: CardInfo, resume_from: str | None = None) -> dict:
+    """Train, keep the best checkpoint (by validation accuracy), test it once, write everything, save, push."""
     reset_peak_memory()
     train_result = trainer.train(resume_from_checkpoint=resume_from)
     stopper = _callback(trainer, StopOnSignal)
@@ -165,7 +148,6 @@ def train_and_evaluate(trainer, data: ImageData, card: CardInfo, resume_from: st
         checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{stopper.stopped_at}"
         raise Preempted(f"SIGTERM at step {stopper.stopped_at}; checkpoint saved in {checkpoint}; "
                         "run the same command again to resume")
-    trainer.save_model()  # the model (safetensors + config with label names) and the image processor
     results = dict(train_result.metrics, train_samples=len(data.train))
     results.update({f"train_{key}": value for key, value in peak_memory().items()})
     timer = _callback(trainer, ThroughputCallback)
@@ -200,9 +182,11 @@ def train_and_evaluate(trainer, data: ImageData, card: CardInfo, resume_from: st
         logger.warning("the data set has no test split: the run reports validation results only")
 
     if trainer.is_world_process_zero():
+        card.model_name = trainer.hub_model_id or card.model_name  # the repo the card will live in, when pushed
         write_model_card(trainer.args.output_dir, card, test_metrics, eval_metrics)
-        if push_to is not None:
-            logger.info("pushed to %s", push_at_end(trainer.args, push_to))
+    # Last, so that a push (the Trainer calls push_to_hub from here with --push_to_hub) finds the whole run:
+    # the model (safetensors + config with label names), the image processor, the card and the results.
+    trainer.save_model()
     return results
 
 

@@ -1,32 +1,25 @@
-"""Preprocessing: what a checkpoint expects, and the two halves of the data path.
+"""Device-side preprocessing: a uint8 batch becomes one model's float input, on the training device.
 
 The data path is split by cost. Per sample, on the CPU, in uint8: decode, RGB, and the
-geometric augmentation at storage resolution (`augment.py`). Per batch, on the training
-device: float conversion, resize to the model's input size and normalisation
-(`ToModelInput`). A 32x32 CIFAR image then crosses the host-device link as 3 KB instead
-of the 600 KB a 224x224 float32 tensor would take, and the expensive pixels are made by
-the GPU.
+geometric augmentation at storage resolution (`hf_transfer/data/`). Per batch, on the
+training device: float conversion, resize to the model's input size and normalisation
+(`ToModelInput`). A 32x32 CIFAR image then crosses the host-device link as 3 KB instead of
+the 600 KB a 224x224 float32 tensor would take, and the expensive pixels are made by the GPU.
 
-`ImageSpec` carries the facts (input size, mean, std, interpolation). They are read from
-the checkpoint's image processor or timm `pretrained_cfg`, never written in the code, and
-saved back as a standard `ViTImageProcessor`, which applies exactly the same operations on
-the CPU, so `pipeline("image-classification")` reproduces the evaluation.
+`ImageSpec` carries the facts (input size, mean, std, interpolation). They are read from the
+checkpoint's image processor or timm `pretrained_cfg`, never written in the code, and saved
+back as a standard `ViTImageProcessor`, which applies exactly the same operations on the CPU,
+so `pipeline("image-classification")` reproduces the evaluation.
 """
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, replace
 
-import numpy as np
-import PIL.Image
 import torch
 import torchvision.transforms.v2.functional as tvF
 from torchvision.transforms import InterpolationMode
-from transformers.image_transforms import convert_to_rgb
 from transformers.image_utils import PILImageResampling
-
-from .errors import UserError
 
 _RESAMPLE_NAMES = {
     PILImageResampling.NEAREST: "nearest",
@@ -37,10 +30,6 @@ _RESAMPLE_NAMES = {
 }
 _RESAMPLE_CODES = {"nearest": PILImageResampling.NEAREST, "bilinear": PILImageResampling.BILINEAR,
                    "bicubic": PILImageResampling.BICUBIC}
-
-
-class CorruptImageError(UserError):
-    """An image (or label) that cannot be used; the message names the split and the row."""
 
 
 @dataclass(frozen=True)
@@ -116,40 +105,6 @@ def _processor_output_size(processor) -> tuple[int, int]:
         edge = int(field(size, "shortest_edge"))
         return edge, edge
     raise ValueError(f"cannot tell the input size from image processor {type(processor).__name__}")
-
-
-# ---------------------------------------------------------------- per sample, CPU, uint8
-
-
-def decode_rgb(value) -> torch.Tensor:
-    """Decode one image (PIL image, or a datasets `{"bytes", "path"}` dict) to a uint8 CHW RGB tensor.
-
-    Alpha is composited on white and palette/grayscale images become RGB, with the same
-    function the saved image processor uses, so training and inference see the same pixels.
-    """
-    if isinstance(value, dict):
-        source = io.BytesIO(value["bytes"]) if value.get("bytes") is not None else value.get("path")
-        if source is None:
-            raise ValueError("empty image cell (no bytes and no path)")
-        with PIL.Image.open(source) as image:
-            image.load()
-            array = _to_rgb_array(image)
-    elif isinstance(value, PIL.Image.Image):
-        array = _to_rgb_array(value)
-    else:
-        raise ValueError(f"not an image: {type(value).__name__}")
-    if array.shape[0] == 0 or array.shape[1] == 0:
-        raise ValueError(f"image has size {array.shape[1]}x{array.shape[0]}")
-    return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
-
-
-def _to_rgb_array(image: PIL.Image.Image) -> np.ndarray:
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        # 16-bit and float images: PIL's RGB conversion clips them to 8 bits; scale the range instead.
-        array = np.asarray(image, dtype=np.float64)
-        high = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0
-        image = PIL.Image.fromarray(np.clip(array * (255.0 / high), 0, 255).round().astype(np.uint8))
-    return convert_to_rgb(image, return_numpy=True)
 
 
 # ---------------------------------------------------------------- per batch, on the device

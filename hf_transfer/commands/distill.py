@@ -1,0 +1,86 @@
+"""`run_distill.py`: train a smaller or faster student to mimic a fine-tuned teacher.
+
+`main(argv)` is what the script runs. It is fine-tuning (same data, checks, recipes, outputs;
+see finetune.py) with a teacher loaded and checked first and `DistillationTrainer` in place of
+`TransferTrainer`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+
+from transformers import set_seed
+
+from ..arguments import StudentArguments, fit_to_data, parse_arguments
+from ..data.augmentation import resolve_augmentation
+from ..data.samples import attach_transforms
+from ..errors import UserError, run_cli
+from ..model_card import CardInfo
+from ..models.loading import load_teacher
+from ..models.presets import resolve_source
+from ..trainers.distillation_config import DistillationConfig
+from ..trainers.distillation_trainer import DistillationTrainer, teacher_cache_path
+from ..workflow import (
+    check_setup,
+    hyperparameters,
+    load_data,
+    load_trained_model,
+    prepare_output_dir,
+    train_and_evaluate,
+    trainer_kwargs,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parsed = parse_arguments(sys.argv[1:] if argv is None else argv, StudentArguments, DistillationConfig)
+    student_args, data_args, args = parsed.model, parsed.data, parsed.training
+    if not args.teacher_model_name_or_path:
+        raise UserError("pass --teacher_model_name_or_path (an output directory of run_finetune.py or a Hub id)")
+    data_args.augmentation = resolve_augmentation(data_args.augmentation, data_args.train_dir or data_args.dataset_name)
+    if args.cache_teacher_logits and data_args.augmentation != "none":
+        raise UserError(f"--cache_teacher_logits needs --augmentation none (this run's is {data_args.augmentation}): "
+                        "with augmentation the teacher must see every new view of an image")
+    check_setup(args)
+    source = resolve_source(student_args.model, student_args.model_name_or_path, StudentArguments.default_model)
+    resume_from = prepare_output_dir(args)
+
+    set_seed(args.seed)
+    data = load_data(data_args, args.seed)
+    teacher = load_teacher(args.teacher_model_name_or_path, data.label_names, revision=args.teacher_revision,
+                           trust_remote_code=student_args.trust_remote_code)
+    student = load_trained_model(student_args, source, data)
+    for change in fit_to_data(args, len(data.train), parsed.given):
+        logger.info("small data set: %s", change)
+    logger.info("teacher %s (input %s) -> student %s (input %s), augmentation %s", teacher.source, teacher.spec.size,
+                source, student.spec.size, data_args.augmentation)
+
+    # Hashing the teacher's weights costs a second on a ViT-B: only when the cache is asked for. Before
+    # attach_transforms, which changes the data set's fingerprint.
+    cache_path = (teacher_cache_path(args.output_dir, teacher.model, teacher.spec, data.train)
+                  if args.cache_teacher_logits else None)
+    attach_transforms(data, data_args.augmentation, args.seed)
+    run_config = {**asdict(student_args), **asdict(data_args)}
+    trainer = DistillationTrainer(teacher=teacher.model, teacher_spec=teacher.spec,
+                                  **trainer_kwargs(args, data, student, run_config, tags=["distillation"]))
+    if cache_path is not None:
+        trainer.use_cached_teacher_logits(data.train, cache_path)
+    card = CardInfo(
+        model_name=args.output_dir, base_model=source, from_scratch=student_args.from_scratch,
+        dataset=data.name, label_names=data.label_names, teacher=teacher.source,
+        hyperparameters=hyperparameters(
+            args, model=source, family=student.family, image_size=student.spec.size[0],
+            augmentation=data_args.augmentation, recipe=student_args.recipe, teacher=teacher.source,
+            alpha=args.alpha, temperature=args.temperature,
+        ),
+    )
+    return train_and_evaluate(trainer, data, card, resume_from)
+
+
+def cli() -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    sys.exit(run_cli(main))

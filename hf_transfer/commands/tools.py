@@ -1,0 +1,56 @@
+"""`python -m hf_transfer <command>`: tools around the training scripts.
+
+  push OUTPUT_DIR --hub_model_id USER/NAME   push a finished run to the Hugging Face Hub
+  report RUN_DIR... [--output DIR]           compare finished runs: a Markdown table and plots
+  check-config FILE...                       check accelerate config files before launching
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from ..errors import run_cli
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m hf_transfer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    push = commands.add_parser("push", help="push a finished run (model, processor, card, results) to the Hub")
+    push.add_argument("output_dir")
+    push.add_argument("--hub_model_id", required=True, help="USER/NAME of the model repository")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    report = commands.add_parser("report", help="compare finished runs")
+    report.add_argument("runs", nargs="+")
+    report.add_argument("--output", default="reports/comparison", help="folder for report.md and the plots")
+    check = commands.add_parser("check-config", help="check accelerate config files (keys, devices, precision)")
+    check.add_argument("files", nargs="+")
+    args = parser.parse_args(argv)
+
+    if args.command == "push":
+        from ..errors import UserError
+        from ..hub import push_output_dir
+
+        try:
+            print(push_output_dir(args.output_dir, args.hub_model_id, private=args.private or None))
+        except UserError:
+            raise
+        except Exception as exc:  # network, permissions, ...: one line, not a traceback
+            raise UserError(f"the push to {args.hub_model_id} failed: {str(exc).strip().splitlines()[0]}") from exc
+    elif args.command == "report":
+        from ..report import build_report
+
+        print(build_report(args.runs, args.output))
+        print(f"\nwritten to {args.output}/ (report.md, summary.json, curves.png, confusion_matrices.png)")
+    elif args.command == "check-config":
+        from ..launch import check_config_file
+
+        for path in args.files:
+            print(json.dumps(check_config_file(path)))
+
+
+def cli() -> None:
+    sys.exit(run_cli(main))

@@ -1,0 +1,98 @@
+"""Compatibility: every place the project relies on, or works around, an internal of a library.
+
+Each entry says which versions it was written for, why it exists and, where there is one, the
+upstream issue. `tests/test_compat.py` has a canary per entry that fails when the library's
+behaviour changes: then the workaround may be obsolete (or broken) and this is the one place to
+look. Versions checked: transformers 5.24, accelerate 1.15, torch 2.14, datasets 5.2, timm 1.0.31.
+
+Overridden private methods of `transformers.Trainer` (they live in `TransferTrainer`, which
+cannot avoid them; their canaries are here too):
+- `_prepare_inputs(inputs)`: the one hook the Trainer calls for every batch of training and
+  evaluation; the uint8 batch becomes the model's input there (transformers 4.x-5.x).
+- `_load_from_checkpoint`, `_load_best_model`: see `load_checkpoint_weights` below.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+
+def load_checkpoint_weights(model: PreTrainedModel, checkpoint: str) -> bool:
+    """Load a Trainer checkpoint's weights into `model` the way `from_pretrained` reads them.
+
+    transformers 5.0-5.24: models with renamed layers (ViT among them) are saved under their
+    original key names and renamed by `from_pretrained`; the Trainer's resume and load-best-model
+    paths call `load_state_dict(strict=False)` on the saved keys and silently skip those layers (a
+    resumed ViT restarted its blocks from the pretrained weights). huggingface/transformers#43701,
+    #48805. Returns False for what this cannot load (sharded or multi-file checkpoints), which
+    keep the Trainer's own path.
+    """
+    if not os.path.isfile(os.path.join(checkpoint, "model.safetensors")):
+        return False
+    loaded = type(model).from_pretrained(checkpoint)
+    model.load_state_dict(loaded.state_dict(), strict=True)
+    return True
+
+
+def drop_timm_pretrained_cfg(config) -> None:
+    """Make the saved image processor the one source of preprocessing for timm checkpoints.
+
+    transformers 5.x, TimmWrapper: for a local directory whose config.json holds a timm
+    `pretrained_cfg`, AutoImageProcessor builds timm's own transforms from it and ignores the
+    preprocessor_config.json beside it (a Hub copy of the same directory uses the latter).
+    Without `pretrained_cfg` both load the standard processor the run saved.
+    """
+    if config.model_type == "timm_wrapper" and hasattr(config, "pretrained_cfg"):
+        del config.pretrained_cfg
+
+
+def set_timm_label_names(config, label_names: list[str]) -> None:
+    """transformers 5.x: TimmWrapperConfig saves `label_names` and prefers an old value over
+    `id2label` when loading, so a new head's names must be written there too."""
+    if config.model_type == "timm_wrapper":
+        config.label_names = list(label_names)
+
+
+# The units FSDP shards one by one: ViT blocks and ResNet residual stages (transformers) or blocks (timm).
+FSDP_UNITS = ("ViTLayer", "ViTEmbeddings", "Block", "ResNetStage", "BasicBlock", "Bottleneck")
+
+
+def set_fsdp_units(model: PreTrainedModel) -> None:
+    """Tell accelerate's FSDP auto-wrap which blocks to shard, through the model's `_no_split_modules`.
+
+    accelerate 1.x reads the private `_no_split_modules`; TimmWrapper (transformers 5.x) names a
+    class its timm model does not contain, and transformers' ResNet names single convolutions, so
+    FSDP would fail or shard too finely. Set on the instance, for this model only.
+    """
+    present = sorted({type(m).__name__ for m in model.modules()} & set(FSDP_UNITS))
+    if present:
+        model._no_split_modules = present
+
+
+def is_batch_norm(module: nn.Module) -> bool:
+    """Every BatchNorm flavour (1d/2d/3d, SyncBatchNorm, lazy ones): torch's private common base."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+def deepspeed_dtype(accelerator) -> torch.dtype:
+    """The dtype DeepSpeed holds the weights in (accelerate 1.x keeps it on the plugin's private
+    HF config); unlike autocast, DeepSpeed does not cast inputs, so batches must match it."""
+    return accelerator.state.deepspeed_plugin.hf_ds_config.dtype()
+
+
+def accelerate_launch_keys() -> set[str]:
+    """The option names `accelerate launch` knows, from its argparse parser's private `_actions`
+    (accelerate 1.x): config keys outside this set are silently ignored by accelerate."""
+    from accelerate.commands.launch import launch_command_parser
+
+    return {action.dest for action in launch_command_parser()._actions}
+
+
+def dataset_fingerprint(dataset) -> str:
+    """datasets 2.x-5.x: the private `_fingerprint`, a hash of a data set's content and of every
+    transform applied to it; the public API has no equivalent."""
+    return dataset._fingerprint

@@ -1,0 +1,42 @@
+"""`DistillationConfig`: the distillation trainer's configuration, a `TransferConfig` with the teacher and the loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .transfer_config import TransferConfig
+
+
+@dataclass
+class DistillationConfig(TransferConfig):
+    """Read by `DistillationTrainer` from `self.args` (`alpha`, `temperature`)."""
+
+    teacher_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Required. The teacher: an output directory of run_finetune.py, or any Hub/local "
+                          "image-classification checkpoint fine-tuned on the same labels."},
+    )
+    teacher_revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of the teacher."})
+    alpha: float = field(
+        default=0.5,
+        metadata={"help": "Weight of the distillation (KL) term, in [0, 1]; the label cross-entropy gets 1 - alpha. "
+                          "0 is plain fine-tuning, 1 ignores the labels."},
+    )
+    temperature: float = field(
+        default=2.0, metadata={"help": "Softmax temperature (> 0) of the distillation term; the term is scaled by T^2."}
+    )
+    cache_teacher_logits: bool = field(
+        default=False,
+        metadata={"help": "Compute the teacher's logits once per training image and reuse them every epoch "
+                          "(only without augmentation and mixing; stored in the output directory)."},
+    )
+
+    def _check(self) -> None:
+        super()._check()
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"--alpha must be in [0, 1], got {self.alpha}")
+        if self.temperature <= 0:
+            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+        if self.cache_teacher_logits and (self.mixup or self.cutmix):
+            raise ValueError("--cache_teacher_logits cannot be used with --mixup/--cutmix: the teacher must see "
+                             "every new mix of the images")

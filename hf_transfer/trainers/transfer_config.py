@@ -1,0 +1,151 @@
+"""`TransferConfig`: the fine-tuning trainer's configuration, a `TrainingArguments` with the project's fields."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from transformers import TrainingArguments
+
+from .freezing import parse_schedule
+
+
+def _default_workers() -> int:
+    """DataLoader workers per process: the cores this process may use, less one for the main loop."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(0, min(8, per_process - 1))
+
+
+@dataclass
+class TransferConfig(TrainingArguments):
+    """`TrainingArguments` with the project's own fields and image fine-tuning defaults, checked here.
+
+    Read by `TransferTrainer` from `self.args`. Only defaults change for the Trainer's own fields
+    (per-epoch evaluation and model selection on validation accuracy, `remove_unused_columns=False`
+    for the on-the-fly transforms, ...); every `TrainingArguments` flag works.
+    """
+
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Where the model, checkpoints and results go (default runs/<model>)."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={"help": "Start afresh in an output directory that already holds files (its old checkpoints are removed)."},
+    )
+    early_stopping_patience: int | None = field(
+        default=None, metadata={"help": "Stop after this many evaluations without a better validation accuracy."}
+    )
+    # Transfer strategies (README, "Transfer strategies")
+    freeze_backbone: bool = field(default=False, metadata={"help": "Linear probe: only the classification head trains."})
+    unfreeze_schedule: str | None = field(
+        default=None,
+        metadata={"help": "Gradual unfreezing, EPOCH:STAGE pairs from epoch 0, e.g. \"0:head,2:last_stage,4:all\". "
+                          "Stages: head, last_stage (ResNet layer4 / last quarter of ViT blocks), all."},
+    )
+    backbone_lr_scale: float = field(
+        default=1.0, metadata={"help": "The backbone trains at learning_rate x this; the head at learning_rate."}
+    )
+    layer_decay: float | None = field(
+        default=None,
+        metadata={"help": "Layer-wise learning-rate decay in (0, 1]: each block/stage below the head gets this factor once more."},
+    )
+    lr_step_size: float | None = field(
+        default=None,
+        metadata={"help": "Step decay (the tutorial's StepLR): multiply the learning rate by --lr_step_gamma every this many "
+                          "epochs. Replaces --lr_scheduler_type."},
+    )
+    lr_step_gamma: float = field(default=0.1, metadata={"help": "Factor of the step decay."})
+    mixup: float = field(default=0.0, metadata={"help": "Mixup alpha (0: off); a draw per sample, on the device."})
+    cutmix: float = field(default=0.0, metadata={"help": "CutMix alpha (0: off); a box per sample, on the device."})
+    max_nan_steps: int = field(
+        default=0,
+        metadata={"help": "Training steps with a NaN/inf loss to skip before stopping the run (0: stop at the first)."},
+    )
+    min_train_steps: int = field(
+        default=200,
+        metadata={"help": "Unless --num_train_epochs or --max_steps is given: train 3 epochs, or as many more as it takes "
+                          "to reach this many optimizer steps (small data sets need many epochs); 0 turns it off."},
+    )
+    channels_last: bool | None = field(
+        default=None,
+        metadata={"help": "Channels-last memory format for CNNs (faster convolutions with tensor cores). "
+                          "Default: on for CNNs when training on a GPU."},
+    )
+
+    # Defaults that differ from TrainingArguments':
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep False: the on-the-fly transforms need the raw columns."}
+    )
+    per_device_train_batch_size: int = field(default=128, metadata={"help": "Batch size per device for training."})
+    per_device_eval_batch_size: int = field(default=256, metadata={"help": "Batch size per device for evaluation."})
+    eval_strategy: str = field(default="epoch", metadata={"help": "When to evaluate on the validation split."})
+    save_strategy: str = field(default="epoch", metadata={"help": "When to save a checkpoint."})
+    logging_steps: float = field(default=50, metadata={"help": "Log every this many steps."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints (best kept)."})
+    load_best_model_at_end: bool = field(
+        default=True, metadata={"help": "Finish with the checkpoint of best validation accuracy."}
+    )
+    metric_for_best_model: str | None = field(default="accuracy", metadata={"help": "Metric for model selection."})
+    hub_strategy: str = field(
+        default="end",
+        metadata={"help": "With --push_to_hub: 'end' pushes the finished run once (model, processor, card, results); "
+                          "'every_save', 'checkpoint', 'all_checkpoints' also push during training (the Trainer's)."},
+    )
+    dataloader_num_workers: int = field(
+        default_factory=_default_workers, metadata={"help": "DataLoader worker processes per process (default: cores - 1)."}
+    )
+    dataloader_persistent_workers: bool = field(
+        default=True, metadata={"help": "Keep DataLoader workers alive between epochs (when there are workers)."}
+    )
+
+    def __post_init__(self):
+        self._check()
+        if (self.freeze_backbone or self.unfreeze_schedule) and self.ddp_find_unused_parameters is None:
+            self.ddp_find_unused_parameters = True  # frozen parameters get no gradient (trainers/freezing.py)
+        if self.dataloader_num_workers == 0:
+            self.dataloader_persistent_workers = False  # the DataLoader refuses it without workers
+        if not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # pinned memory only helps copies to a GPU
+        super().__post_init__()
+
+    def _check(self) -> None:
+        """The numbers a run cannot start with; one line each (README, "Validated arguments")."""
+        checks = [
+            (self.learning_rate > 0, f"--learning_rate must be > 0, got {self.learning_rate}"),
+            (self.per_device_train_batch_size >= 1,
+             f"--per_device_train_batch_size must be >= 1, got {self.per_device_train_batch_size}"),
+            (self.per_device_eval_batch_size >= 1,
+             f"--per_device_eval_batch_size must be >= 1, got {self.per_device_eval_batch_size}"),
+            (self.num_train_epochs > 0 or self.max_steps > 0, "--num_train_epochs must be > 0 (or set --max_steps)"),
+            (self.gradient_accumulation_steps >= 1, "--gradient_accumulation_steps must be >= 1"),
+            (self.early_stopping_patience is None or self.early_stopping_patience >= 1,
+             "--early_stopping_patience must be >= 1"),
+            (self.early_stopping_patience is None or self.load_best_model_at_end,
+             "--early_stopping_patience needs --load_best_model_at_end (the default)"),
+            (self.dataloader_num_workers >= 0, "--dataloader_num_workers must be >= 0"),
+            (self.backbone_lr_scale >= 0, f"--backbone_lr_scale must be >= 0, got {self.backbone_lr_scale}"),
+            (self.layer_decay is None or 0 < self.layer_decay <= 1,
+             f"--layer_decay must be in (0, 1], got {self.layer_decay}"),
+            (self.lr_step_size is None or self.lr_step_size > 0,
+             f"--lr_step_size must be > 0 epochs, got {self.lr_step_size}"),
+            (0 < self.lr_step_gamma <= 1, f"--lr_step_gamma must be in (0, 1], got {self.lr_step_gamma}"),
+            (self.mixup >= 0 and self.cutmix >= 0, "--mixup and --cutmix must be >= 0"),
+            (self.max_nan_steps >= 0, f"--max_nan_steps must be >= 0, got {self.max_nan_steps}"),
+            (self.min_train_steps >= 0, f"--min_train_steps must be >= 0, got {self.min_train_steps}"),
+            (0 <= self.label_smoothing_factor < 1,
+             f"--label_smoothing_factor must be in [0, 1), got {self.label_smoothing_factor}"),
+            (not (self.freeze_backbone and self.unfreeze_schedule),
+             "pass either --freeze_backbone or --unfreeze_schedule, not both"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+        self.stage_schedule()  # checks the schedule's syntax and stage names
+
+    def stage_schedule(self) -> list[tuple[int, str]] | None:
+        """The unfreezing schedule the flags ask for, or None when everything trains from the start."""
+        if self.freeze_backbone:
+            return [(0, "head")]
+        return parse_schedule(self.unfreeze_schedule) if self.unfreeze_schedule else None

@@ -1,0 +1,137 @@
+"""Canaries for `hf_transfer/compat.py`: each asserts the library behaviour a workaround exists for.
+
+When one fails, the library changed: the workaround named in the test may be obsolete (delete it)
+or broken (fix it). The tests that the workarounds work live beside the features that need them.
+"""
+
+import dataclasses
+import inspect
+import json
+
+import pytest
+import torch
+from helpers import make_checkpoint
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    Trainer,
+    TrainingArguments,
+    ViTImageProcessor,
+)
+
+from hf_transfer import compat
+
+
+def test_trainer_checkpoint_loading_still_skips_renamed_vit_layers(tiny_vit, tmp_path):
+    """transformers#43701/#48805 -> compat.load_checkpoint_weights, TransferTrainer._load_from_checkpoint/_load_best_model."""
+    saved = AutoModelForImageClassification.from_pretrained(tiny_vit)
+    with torch.no_grad():
+        for p in saved.parameters():
+            p.add_(1.0)
+    saved.save_pretrained(tmp_path / "checkpoint-1")
+    fresh = AutoModelForImageClassification.from_pretrained(tiny_vit)
+    trainer = Trainer(model=fresh, args=TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True))
+    Trainer._load_from_checkpoint(trainer, str(tmp_path / "checkpoint-1"))
+    expected = saved.state_dict()
+    skipped = [k for k, v in fresh.state_dict().items() if not torch.equal(v, expected[k])]
+    assert skipped, "the Trainer now loads every layer: compat.load_checkpoint_weights can go"
+
+    compat.load_checkpoint_weights(fresh, str(tmp_path / "checkpoint-1"))
+    assert all(torch.equal(v, expected[k]) for k, v in fresh.state_dict().items())
+
+
+def test_trainer_still_prepares_every_batch_through_prepare_inputs(tiny_vit, tmp_path):
+    """TransferTrainer._prepare_inputs is where uint8 batches become model input, in training and evaluation."""
+    calls = []
+
+    class Recording(Trainer):
+        def _prepare_inputs(self, inputs):
+            calls.append("train" if self.model.training else "eval")
+            return super()._prepare_inputs(inputs)
+
+    model = AutoModelForImageClassification.from_pretrained(tiny_vit)
+    batch = [{"pixel_values": torch.zeros(3, 32, 32), "labels": 0}] * 4
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, max_steps=1,
+                             per_device_train_batch_size=4, save_strategy="no")
+    trainer = Recording(model=model, args=args, train_dataset=batch, eval_dataset=batch)
+    trainer.train()
+    trainer.evaluate()
+    assert "train" in calls and "eval" in calls
+
+
+def test_timm_local_config_with_pretrained_cfg_still_overrides_the_saved_processor(tiny_resnet, tmp_path):
+    """-> compat.drop_timm_pretrained_cfg: a saved run must use the processor it was evaluated with."""
+    folder = tmp_path / "run"
+    AutoModelForImageClassification.from_pretrained(tiny_resnet).save_pretrained(folder)
+    assert "pretrained_cfg" in json.loads((folder / "config.json").read_text())
+    ViTImageProcessor(size={"height": 24, "width": 24}).save_pretrained(folder)
+    assert type(AutoImageProcessor.from_pretrained(folder)).__name__ == "TimmWrapperImageProcessor"
+
+    config = AutoConfig.from_pretrained(folder)
+    compat.drop_timm_pretrained_cfg(config)
+    config.save_pretrained(folder)
+    assert type(AutoImageProcessor.from_pretrained(folder)).__name__ == "ViTImageProcessor"
+
+
+def test_timm_config_still_prefers_its_saved_label_names(tmp_path):
+    """-> compat.set_timm_label_names: a new head's names must also go into `label_names`."""
+    folder = make_checkpoint("resnet", tmp_path / "old", num_labels=3)  # saved with old0, old1, old2
+    loaded = AutoModelForImageClassification.from_pretrained(folder, id2label={0: "a", 1: "b", 2: "c"})
+    loaded.save_pretrained(tmp_path / "new")
+    assert AutoConfig.from_pretrained(tmp_path / "new").id2label[0] == "old0"
+
+    compat.set_timm_label_names(loaded.config, ["a", "b", "c"])
+    loaded.save_pretrained(tmp_path / "fixed")
+    assert AutoConfig.from_pretrained(tmp_path / "fixed").id2label[0] == "a"
+
+
+def test_no_split_modules_still_do_not_name_the_blocks(tiny_resnet, tiny_hf_resnet):
+    """-> compat.set_fsdp_units: FSDP's auto-wrap reads `_no_split_modules`."""
+    for path in (tiny_resnet, tiny_hf_resnet):
+        model = AutoModelForImageClassification.from_pretrained(path)
+        named = set(type(model)._no_split_modules or [])
+        blocks = {type(m).__name__ for m in model.modules()} & set(compat.FSDP_UNITS)
+        assert blocks and not blocks <= named, f"{type(model).__name__} names its blocks now: set_fsdp_units can go"
+        compat.set_fsdp_units(model)
+        assert set(model._no_split_modules) == blocks
+
+
+def test_batch_norm_classes_still_share_the_private_base():
+    """-> compat.is_batch_norm (freezing keeps frozen BatchNorm statistics)."""
+    for cls in (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm):
+        assert compat.is_batch_norm(cls(4))
+    assert not compat.is_batch_norm(torch.nn.LayerNorm(4))
+
+
+def test_deepspeed_dtype_is_still_where_it_is_read():
+    """-> compat.deepspeed_dtype (DeepSpeed is not installed here: the attributes are checked, not run)."""
+    from accelerate.utils import DeepSpeedPlugin
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    assert "hf_ds_config" in {f.name for f in dataclasses.fields(DeepSpeedPlugin)}
+    assert callable(getattr(HfTrainerDeepSpeedConfig, "dtype", None))
+    assert inspect.signature(HfTrainerDeepSpeedConfig.dtype).parameters.keys() == {"self"}
+
+
+def test_accelerate_launch_parser_still_lists_its_options():
+    """-> compat.accelerate_launch_keys (check-config flags keys accelerate would ignore)."""
+    keys = compat.accelerate_launch_keys()
+    assert {"num_processes", "mixed_precision", "zero_stage", "fsdp_sharding_strategy"} <= keys
+
+
+def test_dataset_fingerprint_still_tracks_content_and_transforms():
+    """-> compat.dataset_fingerprint (the teacher-logit cache is keyed by it)."""
+    from datasets import Dataset
+
+    a, b = Dataset.from_dict({"x": [1, 2, 3]}), Dataset.from_dict({"x": [1, 2, 4]})
+    assert isinstance(compat.dataset_fingerprint(a), str)
+    assert compat.dataset_fingerprint(a) != compat.dataset_fingerprint(b)
+    assert compat.dataset_fingerprint(a.select([0, 1])) != compat.dataset_fingerprint(a.select([1, 2]))
+
+
+@pytest.mark.parametrize("name", [n for n in dir(compat) if callable(getattr(compat, n)) and not n.startswith("_")
+                                  and getattr(getattr(compat, n), "__module__", "") == "hf_transfer.compat"])
+def test_every_workaround_says_which_versions_it_is_for(name):
+    doc = inspect.getdoc(getattr(compat, name)) or ""
+    assert any(lib in doc for lib in ("transformers", "accelerate", "torch", "datasets")), name
