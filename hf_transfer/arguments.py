@@ -9,9 +9,11 @@ object whose `__post_init__` checked the numbers is the one that trains.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
 import sys
+from argparse import ArgumentDefaultsHelpFormatter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +24,8 @@ from .data.augmentation import AUGMENTATIONS
 from .errors import UserError
 from .models.loading import checkpoint_family
 from .models.presets import find_preset, preset_help
-from .recipes import RECIPES
-from .trainers.transfer_config import TransferConfig
+from .recipes import FAMILY_NAMES, RECIPES
+from .trainers.transfer_config import SUPPORTED_OPTIMIZERS, TransferConfig
 
 
 @dataclass
@@ -70,7 +72,9 @@ class StudentArguments(ModelArguments):
 
     model: str | None = field(
         default=None,
-        metadata={"aliases": ["--student"], "help": "Student preset (default resnet18). Same presets as run_finetune.py."},
+        metadata={"aliases": ["--student"],
+                  "help": "Student preset (default resnet18 unless --student_model_name_or_path is given). "
+                          + preset_help().replace("%", "%%")},
     )
     model_name_or_path: str | None = field(
         default=None,
@@ -135,10 +139,40 @@ class Arguments:
     given: set[str]  # the flags the user passed and those the recipe set: data-fitted defaults leave them alone
 
 
+class _HelpFormatter(ArgumentDefaultsHelpFormatter):
+    """Shows the defaults a run really uses: a recipe's per-family values where the recipe sets the flag."""
+
+    def _get_help_string(self, action):
+        family_defaults = getattr(action, "family_defaults", None)
+        if family_defaults:
+            return f"{action.help or ''} (default: {family_defaults})".replace("%", "%%")
+        if "default" in (action.help or "").lower():  # the help says it better than "(default: None)"
+            return action.help
+        return super()._get_help_string(action)
+
+
 class ArgumentParser(HfArgumentParser):
-    """HfArgumentParser whose errors are one line (argparse would print the whole usage first)."""
+    """HfArgumentParser whose errors are one line (argparse would print the whole usage first), with a
+    "did you mean" for mistyped flags, and a --help that shows each recipe's defaults per model family."""
+
+    def __init__(self, types):
+        super().__init__(types, formatter_class=_HelpFormatter)
+        for action in self._actions:
+            values = {family: recipe[action.dest] for family, recipe in RECIPES["default"].items()
+                      if action.dest in recipe}
+            if values:
+                action.family_defaults = ", ".join(f"{v} for {FAMILY_NAMES[f]}" for f, v in values.items())
+            if action.dest == "optim":
+                action.choices = SUPPORTED_OPTIMIZERS  # the ones TransferTrainer can build from its parameter groups
 
     def error(self, message: str):
+        unknown = [w for w in message.split() if w.startswith("--")] if message.startswith("unrecognized") else []
+        options = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
+        for word in unknown:
+            close = difflib.get_close_matches(word.split("=")[0], options, n=1, cutoff=0.75)
+            if close:
+                message += f"; did you mean {close[0]}?"
+                break
         self.exit(2, f"error: {message} (see --help)\n")
 
 
@@ -157,9 +191,11 @@ def parse_arguments(argv: Sequence[str], model_type: type = ModelArguments,
     recipe = RECIPES[known.recipe][family]
     parser.set_defaults(output_dir=str(Path("runs") / (name + model_type.output_suffix)), **recipe)
     try:
-        model, data, training = parser.parse_args_into_dataclasses(args=argv)
+        model, data, training, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ValueError as exc:  # the __post_init__ checks (TrainingArguments' own can span several lines)
         raise UserError(" ".join(line.strip() for line in str(exc).strip().splitlines())) from exc
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     _move_token_to_environment(training)
     return Arguments(model=model, data=data, training=training, family=family,
                      given=given_flags(argv) | set(recipe))

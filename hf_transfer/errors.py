@@ -7,9 +7,12 @@ run `main` through `run_cli`, which prints that message and exits with status 2.
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -24,17 +27,36 @@ class Preempted(Exception):
     """The run was told to stop (SIGTERM) and saved a checkpoint to resume from."""
 
 
-def offline_hint() -> str:
-    return (
-        "to run offline use a local directory, a filled cache with HF_HUB_OFFLINE=1, "
-        "or --dataset_name digits / --from_scratch"
-    )
+# What to do offline, for each thing that can fail to download: only what is missing is named.
+OFFLINE_HINTS = {
+    "data set": "offline, use a local directory, --dataset_name digits, or HF_HUB_OFFLINE=1 with the data set cached",
+    "model": "offline, use a local checkpoint directory, --from_scratch (a preset's architecture needs no download), "
+             "or HF_HUB_OFFLINE=1 with the weights cached",
+    "teacher": "offline, use a local directory (an output of run_finetune.py), or HF_HUB_OFFLINE=1 with the "
+               "teacher cached",
+}
+OFFLINE_HINTS["model config"] = OFFLINE_HINTS["model"]
+OFFLINE_HINTS["teacher config"] = OFFLINE_HINTS["teacher"]
 
 
 def wrap_load_error(what: str, name: str, exc: BaseException) -> UserError:
     """Turn a loader's exception (network, missing repo, missing file) into one line."""
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return UserError(f"could not load {what} '{name}': {reason} ({offline_hint()})")
+    hint = OFFLINE_HINTS.get(what)
+    return UserError(f"could not load {what} '{name}': {reason}" + (f" ({hint})" if hint else ""))
+
+
+def check_local_path(flag: str, name: str) -> None:
+    """A name the user means as a local path must be a directory, refused before any Hub call.
+
+    Local-looking: it starts like a path (./ ../ / ~), or its first component is a folder here
+    (`runs/nope` where `runs/` exists). Anything else may be a Hub id (`user/name`).
+    """
+    path = Path(name).expanduser()
+    parts = Path(name).parts
+    local = name.startswith((".", "/", "~")) or (len(parts) > 1 and Path(parts[0]).is_dir())
+    if local and not path.is_dir():
+        raise UserError(f"{flag} '{name}' is not a directory" + (" (it is a file)" if path.exists() else ""))
 
 
 def one_line(exc: BaseException) -> str:
@@ -48,6 +70,13 @@ def one_line(exc: BaseException) -> str:
     return " ".join(lines)
 
 
+def setup_logging() -> None:
+    """INFO lines from the main process only: every process of a multi-process run logs the same steps."""
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        level=logging.INFO if main_process else logging.WARNING)
+
+
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:
     """Run `main(argv)`; a `UserError` becomes `error: <message>` on stderr and exit code 2."""
     try:
@@ -59,6 +88,6 @@ def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] 
         print(f"stopped: {exc}", file=sys.stderr)
         return 143  # 128 + SIGTERM, as a process ended by the signal would report
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print("interrupted: run the same command again to resume from the newest checkpoint", file=sys.stderr)
         return 130
     return 0

@@ -31,30 +31,37 @@ def resolve_repo_id(args) -> str:
 
 def check_push_possible(args) -> None:
     """Refuse, before any training, a push that cannot work."""
-    if not args.push_to_hub:
-        return
-    repo_id = resolve_repo_id(args)
+    if args.push_to_hub:
+        check_hub_access(f"train without --push_to_hub and push later with: "
+                         f"{later_command(args.output_dir, resolve_repo_id(args))}", flag="--push_to_hub")
+
+
+def check_hub_access(instead: str, flag: str = "push") -> None:
+    """Offline mode, no token, or a token the Hub refuses: one line each, with what to do `instead`."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        raise UserError(f"--push_to_hub cannot work with HF_HUB_OFFLINE set; train without it and push later with: "
-                        f"{later_command(args.output_dir, repo_id)}")
+        raise UserError(f"{flag} cannot work with HF_HUB_OFFLINE set; {instead}")
     token = get_token()
     if not token:
-        raise UserError("--push_to_hub needs a Hugging Face token: set HF_TOKEN (or run `hf auth login`) with write "
-                        "access")
+        raise UserError(f"{flag} needs a Hugging Face token with write access: set HF_TOKEN or run `hf auth login`")
     try:
         HfApi().whoami(token=token)
     except Exception as exc:  # HTTP errors, connection errors: either way the push would fail
-        raise UserError(f"--push_to_hub: the Hub refused the token or cannot be reached ({_first_line(exc)})") from exc
+        raise UserError(f"{flag}: the Hub refused the token or cannot be reached ({_first_line(exc)})") from exc
+
+
+def require_finished_run(output_dir: str | Path) -> Path:
+    output_dir = Path(output_dir)
+    for required in ("config.json", "model.safetensors", "preprocessor_config.json"):
+        if not (output_dir / required).exists():
+            raise UserError(f"'{output_dir}' is not a finished run (no {required}); nothing to push")
+    return output_dir
 
 
 def push_output_dir(output_dir: str | Path, repo_id: str, private: bool | None = None, token: str | None = None,
                     revision: str | None = None,
                     commit_message: str = "Upload model trained with hf-vision-transfer") -> str:
     """Create the repo (and the branch `revision`) if needed and upload the directory; returns the repo URL."""
-    output_dir = Path(output_dir)
-    for required in ("config.json", "model.safetensors", "preprocessor_config.json"):
-        if not (output_dir / required).exists():
-            raise UserError(f"'{output_dir}' is not a finished run (no {required}); nothing to push")
+    output_dir = require_finished_run(output_dir)
     api = HfApi(token=token)
     url = api.create_repo(repo_id, private=private, exist_ok=True)
     repo_id = str(getattr(url, "repo_id", repo_id))

@@ -66,5 +66,12 @@ def check_config_file(path: str | Path, cuda_devices: int | None = None) -> dict
                         f"{cuda_devices} GPU(s); lower num_processes")
     if config.mixed_precision == "fp16" and not cuda_devices:
         raise UserError(f"accelerate config '{path}' asks for fp16, which needs a GPU; this machine has none")
-    return {"file": str(path), "distributed_type": distributed, "num_processes": config.num_processes,
-            "num_machines": config.num_machines, "mixed_precision": config.mixed_precision}
+    summary = {"file": str(path), "distributed_type": distributed, "num_processes": config.num_processes,
+               "num_machines": config.num_machines, "mixed_precision": config.mixed_precision}
+    # GPU ids, FSDP and DeepSpeed mean GPUs; cpu.yaml is MULTI_GPU for torchrun's sake but names none.
+    wants_gpu = distributed in ("FSDP", "DEEPSPEED") or getattr(config, "gpu_ids", None) not in (None, "")
+    if wants_gpu and not cuda_devices and not getattr(config, "use_cpu", False):
+        # Checking a cluster's config on a laptop is fine; launching it here is not.
+        summary["note"] = (f"this machine has no GPU: the config runs where each process has one; here use "
+                           f"{CPU_COMMAND.split(' run_finetune')[0]}")
+    return summary

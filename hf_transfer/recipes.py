@@ -7,6 +7,8 @@ the user passes wins, and a recipe's keys count as set (the data-fitted defaults
 
 from __future__ import annotations
 
+FAMILY_NAMES = {"cnn": "CNNs", "vit": "ViTs"}
+
 RECIPES: dict[str, dict[str, dict[str, object]]] = {
     # Chosen from published fine-tuning recipes (README, "Recipes"): SGD with momentum for
     # CNNs (BiT, Kornblith et al. 2019), AdamW for ViTs, cosine decay with warmup for both.

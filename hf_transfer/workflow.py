@@ -8,16 +8,19 @@ results and the model card, save the model and push it).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import EarlyStoppingCallback
 
+from . import run_args
 from .checkpoints import StopOnSignal, last_complete_checkpoint
 from .data.dataset import ROW, ImageData, load_image_data
 from .data.samples import EpochCallback, UInt8Collator
@@ -91,12 +94,21 @@ def trainer_kwargs(args, data: ImageData, loaded: LoadedModel, run_config: dict 
     )
 
 
-def prepare_output_dir(args) -> str | None:
-    """Check the output directory before any download; return the checkpoint to resume from, if any.
+@dataclass
+class OutputDir:
+    """What the output directory holds for this run: nothing yet, a partial run to resume, or a finished one."""
+
+    resume_from: str | None = None
+    finished: dict | None = None  # the finished run's results, left untouched
+
+
+def prepare_output_dir(args, record: dict) -> OutputDir:
+    """Check the output directory before any download (creating nothing); say what it holds for this run.
 
     - `--resume_from_checkpoint PATH` resumes from PATH.
-    - A directory holding checkpoints resumes from the newest complete one (the same command
-      continues a run; see `checkpoints.py`).
+    - A finished run of the same settings (`record`, run_args.py) is left as it is: the command
+      reports it and returns its results. A partial one resumes from its newest complete
+      checkpoint (checkpoints.py). Either, with other settings, is refused with what differs.
     - A directory holding anything else is refused unless `--overwrite_output_dir`, so no
       earlier result is lost by accident.
     """
@@ -104,39 +116,65 @@ def prepare_output_dir(args) -> str | None:
     if args.resume_from_checkpoint:
         if not Path(args.resume_from_checkpoint).is_dir():
             raise UserError(f"--resume_from_checkpoint '{args.resume_from_checkpoint}' is not a directory")
-        return args.resume_from_checkpoint
+        return OutputDir(resume_from=args.resume_from_checkpoint)
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir '{out}' exists and is not a directory")
-    resume = None
+    _check_writable(out)
+    state = OutputDir()
     # The main process looks first (and moves incomplete checkpoints aside); the others then agree with it.
     with args.main_process_first(local=False, desc="checking the output directory"):
-        # Files a run writes before its first checkpoint (the teacher-logit cache) are its own, not foreign.
-        if out.is_dir() and any(not p.name.startswith("_teacher_logits-") for p in out.iterdir()):
+        # Files a run writes before its first checkpoint (the teacher-logit cache, its arguments) are its own.
+        if out.is_dir() and any(not p.name.startswith(("_teacher_logits-", run_args.FILE)) for p in out.iterdir()):
             if args.overwrite_output_dir:
                 if args.process_index == 0:
                     for old in out.glob("*checkpoint-*"):
                         shutil.rmtree(old, ignore_errors=True)
-            else:
-                resume = last_complete_checkpoint(out)
-                if resume is None:
-                    raise UserError(
-                        f"--output_dir '{out}' already holds files but no checkpoint to resume from; "
-                        "pass --overwrite_output_dir or choose another --output_dir"
-                    )
-        _check_writable(out)
-    if resume is not None:
-        logger.warning("resuming from checkpoint %s", resume)
-    return resume
+                return state
+            finished = (out / "all_results.json").is_file() and (out / "model.safetensors").is_file()
+            saved = run_args.read(out)
+            changed = run_args.differences(saved, record) if saved is not None else []
+            if changed:
+                raise UserError(f"--output_dir '{out}' holds a {'finished' if finished else 'partial'} run with "
+                                f"other settings ({'; '.join(changed)}); pass --overwrite_output_dir to start "
+                                "afresh, or choose another --output_dir")
+            if finished:
+                return OutputDir(finished=json.loads((out / "all_results.json").read_text()))
+            state.resume_from = last_complete_checkpoint(out)
+            if state.resume_from is None:
+                raise UserError(f"--output_dir '{out}' already holds files but no checkpoint to resume from; "
+                                "pass --overwrite_output_dir or choose another --output_dir")
+    if state.resume_from is not None:
+        logger.warning("resuming from checkpoint %s", state.resume_from)
+    return state
+
+
+def report_finished(out: str, results: dict) -> dict:
+    """The rerun of a finished run: nothing is trained or written; say so and hand back its results."""
+    accuracy = results.get("test_accuracy", results.get("eval_accuracy"))
+    logger.warning("the run in %s is complete (%s %.4f); nothing was changed. To train again pass "
+                   "--overwrite_output_dir or choose another --output_dir", out,
+                   "test accuracy" if "test_accuracy" in results else "validation accuracy", accuracy or float("nan"))
+    return results
 
 
 def _check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"--output_dir '{out}' cannot be written: {exc.strerror or exc}") from exc
+    """Whether the directory could be written, without creating it (a refused start leaves nothing behind)."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"--output_dir '{out}' cannot be written (no write permission in '{existing}')")
+
+
+def save_run_args(args, command: str, record: dict, argv: Sequence[str]) -> None:
+    """run_args.json in the output directory (the main process): what the next run in it is compared with."""
+    if args.process_index == 0:
+        shown = list(argv)
+        for i, value in enumerate(shown[:-1]):
+            if value == "--hub_token":
+                shown[i + 1] = "<hub_token>"
+        fitted = {"num_train_epochs": args.num_train_epochs, "per_device_train_batch_size": args.per_device_train_batch_size}
+        run_args.write(args.output_dir, command, record, fitted, shown)
 
 
 def train_and_evaluate(trainer, data: ImageData, card: CardInfo, resume_from: str | None = None) -> dict:
@@ -201,7 +239,7 @@ def hyperparameters(args, **extra) -> dict[str, object]:
     summary.update({
         "epochs": args.num_train_epochs if args.max_steps <= 0 else f"{args.max_steps} steps",
         "batch size (total)": args.per_device_train_batch_size * args.gradient_accumulation_steps * world,
-        "optimizer": f"{args.optim}" + (f" ({args.optim_args})" if args.optim_args else ""),
+        "optimizer": f"{getattr(args.optim, 'value', args.optim)}" + (f" ({args.optim_args})" if args.optim_args else ""),
         "learning rate": args.learning_rate,
         "schedule": (f"step x{args.lr_step_gamma} every {args.lr_step_size} epochs" if args.lr_step_size
                      else str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)))

@@ -186,6 +186,13 @@ def test_bad_distillation_flags(flags, message, tmp_path):
         run_distill.main(["--teacher_model_name_or_path", "t", "--output_dir", str(tmp_path / "o"), *flags])
 
 
-def test_teacher_is_required(tmp_path):
-    with pytest.raises(UserError, match="pass --teacher_model_name_or_path"):
-        run_distill.main(["--output_dir", str(tmp_path / "o")])
+def test_teacher_is_required(tmp_path, capsys):
+    from hf_transfer.errors import run_cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(run_distill.main, ["--output_dir", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: the following arguments are required: --teacher_model_name_or_path/--teacher-model-name-or-path "
+        "(see --help)"]
+    assert not (tmp_path / "o").exists()

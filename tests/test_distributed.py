@@ -92,8 +92,8 @@ def test_launch_checks():
                      cuda_devices=2)
     with pytest.raises(UserError, match="do not form one distributed run.*--use_cpu"):
         check_launch(args, environ={"WORLD_SIZE": "2"}, cuda_devices=0)
-    with pytest.raises(UserError, match="fp16 mixed precision needs a GPU"):
-        check_launch(TransferConfig(output_dir="x", fp16=True), environ={}, cuda_devices=0)
+    with pytest.raises(ValueError, match="--fp16 needs a GPU and this run has none: drop --fp16, or use --bf16 --use_cpu"):
+        TransferConfig(output_dir="x", fp16=True, use_cpu=True)
     with pytest.raises(UserError, match="fp16 mixed precision needs a GPU"):
         check_launch(args, environ={"ACCELERATE_MIXED_PRECISION": "fp16"}, cuda_devices=0)
 

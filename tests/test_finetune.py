@@ -98,20 +98,36 @@ def test_mixed_size_image_folder_with_rgba_and_grayscale(tiny_hf_resnet, tmp_pat
 
 
 @pytest.mark.slow
-def test_rerun_resumes_and_foreign_directories_are_refused(tiny_vit, cifar_like, tmp_path, quick_args, caplog):
+def test_rerun_keeps_a_finished_run_resumes_a_partial_one_and_refuses_other_settings(tiny_vit, cifar_like, tmp_path,
+                                                                                    quick_args, caplog):
     out = tmp_path / "run"
     args = ["--model_name_or_path", tiny_vit, "--dataset_name", cifar_like, "--output_dir", str(out),
             "--num_train_epochs", "2", *quick_args]
-    run_finetune.main(args)
+    first = run_finetune.main(args)
+    saved = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert json.loads(saved["run_args.json"])["shaping"]["training.num_train_epochs"] == 2
+
+    # the same command again: the finished run is reported, and no file changes
+    with caplog.at_level(logging.WARNING):
+        assert run_finetune.main(args) == json.loads(saved["all_results.json"])
+    assert f"the run in {out} is complete (test accuracy {first['test_accuracy']:.4f})" in caplog.text
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == saved
+
+    # other settings on a finished run: refused, naming what differs
+    with pytest.raises(UserError, match=r"holds a finished run with other settings \(num_train_epochs 2 -> 3; seed 42 -> 1\)"):
+        run_finetune.main([*args, "--num_train_epochs", "3", "--seed", "1"])
+
+    # a partial run (killed after its last checkpoint) resumes from it with the same command, not with others
     state = json.loads((out / "trainer_state.json").read_text())
     last = out / f"checkpoint-{state['global_step']}"
-    assert last.is_dir()
-
+    for name in ("all_results.json", "model.safetensors"):
+        (out / name).unlink()
+    with pytest.raises(UserError, match=r"holds a partial run with other settings \(global_batch_size 8 -> 16\)"):
+        run_finetune.main([*args, "--per_device_train_batch_size", "16"])
     with caplog.at_level(logging.WARNING):
-        run_finetune.main(args)  # the same command again: continues from the last checkpoint, trains nothing more
+        run_finetune.main(args)
     assert f"resuming from checkpoint {last}" in caplog.text
     again = json.loads((out / "trainer_state.json").read_text())
-    assert again["global_step"] == state["global_step"]
     steps = [h for h in state["log_history"] if "loss" in h or "eval_loss" in h]
     assert [h for h in again["log_history"] if "loss" in h or "eval_loss" in h] == steps  # nothing trained again
 

@@ -100,7 +100,7 @@ def test_a_failed_push_keeps_the_run_and_prints_the_command_to_push_later(tiny_r
 
 
 @pytest.mark.parametrize("situation, message", [
-    ("offline", "cannot work with HF_HUB_OFFLINE set; train without it and push later with: python -m hf_transfer push"),
+    ("offline", "cannot work with HF_HUB_OFFLINE set; train without --push_to_hub and push later with: python -m hf_transfer push"),
     ("no token", "--push_to_hub needs a Hugging Face token"),
     ("refused", "the Hub refused the token or cannot be reached"),
 ])

@@ -14,10 +14,11 @@ from dataclasses import asdict
 
 from transformers import set_seed
 
+from .. import run_args
 from ..arguments import StudentArguments, fit_to_data, parse_arguments
 from ..data.augmentation import resolve_augmentation
 from ..data.samples import attach_transforms
-from ..errors import UserError, run_cli
+from ..errors import UserError, check_local_path, run_cli, setup_logging
 from ..model_card import CardInfo
 from ..models.loading import load_teacher
 from ..models.presets import resolve_source
@@ -29,6 +30,8 @@ from ..workflow import (
     load_data,
     load_trained_model,
     prepare_output_dir,
+    report_finished,
+    save_run_args,
     train_and_evaluate,
     trainer_kwargs,
 )
@@ -37,17 +40,20 @@ logger = logging.getLogger(__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    parsed = parse_arguments(sys.argv[1:] if argv is None else argv, StudentArguments, DistillationConfig)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parsed = parse_arguments(argv, StudentArguments, DistillationConfig)
     student_args, data_args, args = parsed.model, parsed.data, parsed.training
-    if not args.teacher_model_name_or_path:
-        raise UserError("pass --teacher_model_name_or_path (an output directory of run_finetune.py or a Hub id)")
+    check_local_path("--teacher_model_name_or_path", args.teacher_model_name_or_path)  # a typo fails now, not later
     data_args.augmentation = resolve_augmentation(data_args.augmentation, data_args.train_dir or data_args.dataset_name)
     if args.cache_teacher_logits and data_args.augmentation != "none":
         raise UserError(f"--cache_teacher_logits needs --augmentation none (this run's is {data_args.augmentation}): "
                         "with augmentation the teacher must see every new view of an image")
     check_setup(args)
     source = resolve_source(student_args.model, student_args.model_name_or_path, StudentArguments.default_model)
-    resume_from = prepare_output_dir(args)
+    record = run_args.shaping(student_args, data_args, args)
+    output = prepare_output_dir(args, record)
+    if output.finished is not None:
+        return report_finished(args.output_dir, output.finished)
 
     set_seed(args.seed)
     data = load_data(data_args, args.seed)
@@ -78,9 +84,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             alpha=args.alpha, temperature=args.temperature,
         ),
     )
-    return train_and_evaluate(trainer, data, card, resume_from)
+    save_run_args(args, "distill", record, argv)
+    return train_and_evaluate(trainer, data, card, output.resume_from)
 
 
 def cli() -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    setup_logging()
     sys.exit(run_cli(main))

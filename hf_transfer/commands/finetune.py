@@ -13,10 +13,11 @@ from dataclasses import asdict
 
 from transformers import set_seed
 
+from .. import run_args
 from ..arguments import fit_to_data, parse_arguments
 from ..data.augmentation import resolve_augmentation
 from ..data.samples import attach_transforms
-from ..errors import run_cli
+from ..errors import run_cli, setup_logging
 from ..model_card import CardInfo
 from ..models.presets import resolve_source
 from ..trainers.transfer_trainer import TransferTrainer
@@ -26,6 +27,8 @@ from ..workflow import (
     load_data,
     load_trained_model,
     prepare_output_dir,
+    report_finished,
+    save_run_args,
     train_and_evaluate,
     trainer_kwargs,
 )
@@ -34,12 +37,16 @@ logger = logging.getLogger(__name__)
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    parsed = parse_arguments(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parsed = parse_arguments(argv)
     model_args, data_args, args = parsed.model, parsed.data, parsed.training
     data_args.augmentation = resolve_augmentation(data_args.augmentation, data_args.train_dir or data_args.dataset_name)
     check_setup(args)
     source = resolve_source(model_args.model, model_args.model_name_or_path)
-    resume_from = prepare_output_dir(args)
+    record = run_args.shaping(model_args, data_args, args)
+    output = prepare_output_dir(args, record)
+    if output.finished is not None:
+        return report_finished(args.output_dir, output.finished)
 
     set_seed(args.seed)
     data = load_data(data_args, args.seed)
@@ -58,9 +65,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         hyperparameters=hyperparameters(args, model=source, family=loaded.family, image_size=loaded.spec.size[0],
                                         augmentation=data_args.augmentation, recipe=model_args.recipe),
     )
-    return train_and_evaluate(trainer, data, card, resume_from)
+    save_run_args(args, "finetune", record, argv)
+    return train_and_evaluate(trainer, data, card, output.resume_from)
 
 
 def cli() -> None:
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    setup_logging()
     sys.exit(run_cli(main))

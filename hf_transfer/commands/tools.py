@@ -32,8 +32,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     if args.command == "push":
         from ..errors import UserError
-        from ..hub import push_output_dir
+        from ..hub import check_hub_access, push_output_dir, require_finished_run
 
+        require_finished_run(args.output_dir)
+        check_hub_access("push from a machine that can reach the Hub")
         try:
             print(push_output_dir(args.output_dir, args.hub_model_id, private=args.private or None))
         except UserError:

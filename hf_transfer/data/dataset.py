@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset, load_from_disk
 
-from ..errors import UserError, wrap_load_error
+from ..errors import UserError, check_local_path, wrap_load_error
 from .decoding import decode_rgb
 
 logger = logging.getLogger(__name__)
@@ -119,6 +119,11 @@ def _load_raw(dataset_name, config_name, train_dir, validation_dir, test_dir) ->
                 if not Path(folder).is_dir():
                     raise UserError(f"--{split}_dir '{folder}' is not a directory")
                 files[split] = str(Path(folder) / "**")
+        classes = sorted(p.name for p in Path(train_dir).iterdir() if p.is_dir() and any(p.iterdir()))
+        if len(classes) < 2:
+            raise UserError(f"--train_dir '{train_dir}' has {len(classes)} class folder(s) "
+                            f"({', '.join(classes) or 'none'}); an image folder needs one subfolder per class, "
+                            "at least 2")
         try:
             return load_dataset("imagefolder", data_files=files), str(train_dir)
         except (OSError, ValueError) as exc:
@@ -127,6 +132,7 @@ def _load_raw(dataset_name, config_name, train_dir, validation_dir, test_dir) ->
     name = dataset_name or "uoft-cs/cifar10"
     if name == DIGITS:
         return digits_dataset(), "sklearn digits"
+    check_local_path("--dataset_name", name)
     path = Path(name)
     try:
         if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
@@ -170,9 +176,9 @@ def _pick_column(features: Features, chosen, names, is_kind, kind: str) -> str:
     for candidate in (*typed, *names):
         if candidate in features and (not typed or candidate in typed):
             return candidate
-    raise UserError(
-        f"cannot find the {kind} column; the columns are: {', '.join(columns)} (pass --{kind}_column)"
-    )
+    hint = (" (an image folder needs one subfolder per class, at least 2)"
+            if kind == "label" and all(isinstance(features[c], Image) for c in columns) else "")
+    raise UserError(f"cannot find the {kind} column; the columns are: {', '.join(columns)}{hint} (pass --{kind}_column)")
 
 
 def _as_class_labels(splits: dict[str, Dataset], label_column: str) -> tuple[dict[str, Dataset], list[str]]:

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, PreTrainedModel
 
 from ..compat import drop_timm_pretrained_cfg, set_fsdp_units, set_timm_label_names
-from ..errors import UserError, wrap_load_error
+from ..errors import UserError, check_local_path, wrap_load_error
 from ..on_device.preprocessing import ImageSpec
 from .presets import PRESETS
 from .structure import classifier_head
@@ -45,7 +45,7 @@ def load_model(
 ) -> LoadedModel:
     """Load `source` with a classification head for `label_names` and the input spec it expects."""
     hub_kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
-    config, spec = _config_and_spec(source, from_scratch, hub_kwargs)
+    config, spec = _config_and_spec(source, from_scratch, hub_kwargs, "--model_name_or_path")
     old_names = [config.id2label[i] for i in sorted(config.id2label)] if config.id2label else []
 
     labels = {
@@ -85,7 +85,7 @@ def load_teacher(source: str, label_names: list[str], *, revision: str | None = 
                  trust_remote_code: bool = False) -> LoadedModel:
     """A fine-tuned classifier to distil from: frozen, in eval mode, with the data set's labels."""
     hub_kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
-    config, spec = _config_and_spec(source, False, hub_kwargs)
+    config, spec = _config_and_spec(source, False, hub_kwargs, "--teacher_model_name_or_path", what="teacher")
     names = [config.id2label[i] for i in sorted(config.id2label)]
     if names != list(label_names):
         raise UserError(
@@ -112,7 +112,8 @@ def _preview(names: list[str], n: int = 4) -> str:
     return ", ".join(names[:n]) + (", ..." if len(names) > n else "")
 
 
-def _config_and_spec(source: str, from_scratch: bool, hub_kwargs: dict):
+def _config_and_spec(source: str, from_scratch: bool, hub_kwargs: dict, flag: str = "--model_name_or_path",
+                     what: str = "model"):
     if from_scratch and source.startswith("timm/"):
         # A timm preset: the architecture and its preprocessing are known to timm offline.
         import timm
@@ -131,10 +132,11 @@ def _config_and_spec(source: str, from_scratch: bool, hub_kwargs: dict):
 
         return ViTConfig(), ImageSpec.from_image_processor(ViTImageProcessor())
 
+    check_local_path(flag, source)
     try:
         config = AutoConfig.from_pretrained(source, **hub_kwargs)
     except (OSError, ValueError) as exc:
-        raise wrap_load_error("model config", source, exc) from exc
+        raise wrap_load_error(f"{what} config", source, exc) from exc
     if config.model_type == "timm_wrapper":
         return config, _timm_spec(source, config, hub_kwargs)
     try:

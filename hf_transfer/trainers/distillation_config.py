@@ -11,9 +11,13 @@ from .transfer_config import TransferConfig
 class DistillationConfig(TransferConfig):
     """Read by `DistillationTrainer` from `self.args` (`alpha`, `temperature`)."""
 
+    output_dir: str | None = field(
+        default=None, metadata={"help": "Where the student, checkpoints and results go (default runs/<student>-distilled)."}
+    )
     teacher_model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Required. The teacher: an output directory of run_finetune.py, or any Hub/local "
+        metadata={"required": True,
+                  "help": "The teacher: an output directory of run_finetune.py, or any Hub/local "
                           "image-classification checkpoint fine-tuned on the same labels."},
     )
     teacher_revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of the teacher."})

@@ -7,8 +7,14 @@ from dataclasses import dataclass, field
 
 import torch
 from transformers import TrainingArguments
+from transformers.utils import is_torch_bf16_gpu_available
 
 from .freezing import parse_schedule
+
+# Optimizers `TransferTrainer.create_optimizer` can build from its parameter groups: torch-style classes that
+# take groups and per-group learning rates. The Trainer's others (GaLore, LOMO, APOLLO, bitsandbytes, schedule-free,
+# ...) need their own construction or parameter selection.
+SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd", "adagrad", "rmsprop")
 
 
 def _default_workers() -> int:
@@ -78,11 +84,23 @@ class TransferConfig(TrainingArguments):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep False: the on-the-fly transforms need the raw columns."}
     )
-    per_device_train_batch_size: int = field(default=128, metadata={"help": "Batch size per device for training."})
+    num_train_epochs: float = field(
+        default=3.0,
+        metadata={"help": "Training epochs; unless this or --max_steps is given, small data sets train longer "
+                          "(--min_train_steps)."},
+    )
+    per_device_train_batch_size: int = field(
+        default=128,
+        metadata={"help": "Batch size per device for training; unless given, at most a tenth of the training set."},
+    )
     per_device_eval_batch_size: int = field(default=256, metadata={"help": "Batch size per device for evaluation."})
     eval_strategy: str = field(default="epoch", metadata={"help": "When to evaluate on the validation split."})
     save_strategy: str = field(default="epoch", metadata={"help": "When to save a checkpoint."})
-    logging_steps: float = field(default=50, metadata={"help": "Log every this many steps."})
+    logging_steps: float = field(
+        default=0.02,
+        metadata={"help": "Log every this many steps, or, below 1, this fraction of the run (0.02: 50 points per run, "
+                          "however short, for the loss curves)."},
+    )
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints (best kept)."})
     load_best_model_at_end: bool = field(
         default=True, metadata={"help": "Finish with the checkpoint of best validation accuracy."}
@@ -102,8 +120,10 @@ class TransferConfig(TrainingArguments):
 
     def __post_init__(self):
         self._check()
-        if (self.freeze_backbone or self.unfreeze_schedule) and self.ddp_find_unused_parameters is None:
-            self.ddp_find_unused_parameters = True  # frozen parameters get no gradient (trainers/freezing.py)
+        if self.ddp_find_unused_parameters is None:
+            # Frozen parameters get no gradient (trainers/freezing.py); otherwise every parameter has one, and the
+            # Trainer's default (True for transformers models) only costs a graph traversal and a torch warning.
+            self.ddp_find_unused_parameters = bool(self.freeze_backbone or self.unfreeze_schedule)
         if self.dataloader_num_workers == 0:
             self.dataloader_persistent_workers = False  # the DataLoader refuses it without workers
         if not torch.cuda.is_available():
@@ -143,6 +163,25 @@ class TransferConfig(TrainingArguments):
             if not ok:
                 raise ValueError(message)
         self.stage_schedule()  # checks the schedule's syntax and stage names
+        self._check_device()
+        optim = getattr(self.optim, "value", self.optim)
+        if optim not in SUPPORTED_OPTIMIZERS:
+            raise ValueError(f"--optim {optim} is not supported here (the project builds its own parameter groups); "
+                             f"choose one of: {', '.join(SUPPORTED_OPTIMIZERS)}")
+        if self.enable_jit_checkpoint:
+            raise ValueError("--enable_jit_checkpoint is not needed: runs already save a checkpoint at the end of the "
+                             "step when they receive SIGTERM (agreed across processes), and the two handlers would "
+                             "compete; leave the flag out")
+
+    def _check_device(self) -> None:
+        """Mixed precision the machine cannot do, refused with the fix (the Trainer's own message names neither)."""
+        gpu = torch.cuda.is_available() and not self.use_cpu
+        if self.fp16 and not gpu:
+            raise ValueError("--fp16 needs a GPU and this run has none: drop --fp16, or use --bf16 --use_cpu for "
+                             "bfloat16 autocast on the CPU")
+        if self.bf16 and not self.use_cpu and not is_torch_bf16_gpu_available():
+            raise ValueError("--bf16 needs a GPU and this machine has none: add --use_cpu for bfloat16 autocast on "
+                             "the CPU, or drop --bf16")
 
     def stage_schedule(self) -> list[tuple[int, str]] | None:
         """The unfreezing schedule the flags ask for, or None when everything trains from the start."""

@@ -1,0 +1,150 @@
+"""A newcomer's first hour: every message says what to do, --help tells the truth, output is polished.
+
+(The README's walkthrough runs in test_readme.py; reruns of finished and partial runs in
+test_finetune.py.)
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import quick_flags
+
+import run_distill
+import run_finetune
+from hf_transfer.arguments import ArgumentParser, DataArguments, ModelArguments, StudentArguments
+from hf_transfer.commands.tools import main as tools
+from hf_transfer.errors import UserError, run_cli
+from hf_transfer.launch import check_config_file
+from hf_transfer.trainers.distillation_config import DistillationConfig
+from hf_transfer.trainers.transfer_config import TransferConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(main, argv, capsys) -> tuple[int, list[str]]:
+    try:
+        code = run_cli(main, argv)
+    except SystemExit as exc:  # argparse's own errors
+        code = exc.code
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the message is for machines without a GPU")
+def test_the_readme_headline_on_a_machine_without_a_gpu_names_the_fix(tmp_path, capsys):
+    code, err = cli(run_finetune.main, ["--model", "resnet50", "--bf16", "--output_dir", str(tmp_path / "o")], capsys)
+    assert code == 2 and err == ["error: --bf16 needs a GPU and this machine has none: add --use_cpu for bfloat16 "
+                                 "autocast on the CPU, or drop --bf16"]
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_mistyped_local_path_is_not_sent_to_the_hub(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()  # runs/ exists, runs/nope does not: a typo, not a Hub id
+    monkeypatch.setattr("transformers.AutoConfig.from_pretrained",
+                        lambda *a, **k: pytest.fail("asked the Hub for a local path"))
+    code, err = cli(run_distill.main, ["--dataset_name", "digits", "--teacher_model_name_or_path", "runs/nope"],
+                    capsys)
+    assert code == 2 and err == ["error: --teacher_model_name_or_path 'runs/nope' is not a directory"]
+    code, err = cli(run_finetune.main, ["--dataset_name", "digits", "--model_name_or_path", "./missing"], capsys)
+    assert code == 2 and err == ["error: --model_name_or_path './missing' is not a directory"]
+
+
+def test_the_offline_hint_names_only_what_is_missing(tmp_path):
+    with pytest.raises(UserError) as data_error:
+        run_finetune.main(["--dataset_name", "someone/not-cached", "--model", "resnet18", "--from_scratch",
+                           "--output_dir", str(tmp_path / "a")])
+    assert "--dataset_name digits" in str(data_error.value) and "--from_scratch" not in str(data_error.value)
+    with pytest.raises(UserError) as model_error:
+        run_finetune.main(["--dataset_name", "digits", "--model", "resnet18", "--output_dir", str(tmp_path / "b")])
+    assert "--from_scratch" in str(model_error.value) and "--dataset_name digits" not in str(model_error.value)
+
+
+def test_a_refused_start_leaves_no_directory_behind(tmp_path):
+    with pytest.raises(UserError, match="--image_column 'pixels' does not exist"):
+        run_finetune.main(["--dataset_name", "digits", "--model", "resnet18", "--from_scratch", "--image_column",
+                           "pixels", "--output_dir", str(tmp_path / "deep" / "o")])
+    assert not (tmp_path / "deep").exists()
+
+
+def test_push_without_a_token_says_so(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json"):
+        (out / name).write_text("{}")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr("hf_transfer.hub.get_token", lambda: None)
+    code, err = cli(tools, ["push", str(out), "--hub_model_id", "me/run"], capsys)
+    assert code == 2 and err == ["error: push needs a Hugging Face token with write access: set HF_TOKEN or run "
+                                 "`hf auth login`"]
+
+
+def test_ctrl_c_says_the_same_command_resumes(capsys):
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    assert run_cli(interrupted, []) == 130
+    assert capsys.readouterr().err.strip() == ("interrupted: run the same command again to resume from the newest "
+                                               "checkpoint")
+
+
+def test_a_mistyped_flag_gets_the_closest_one(capsys):
+    code, err = cli(run_finetune.main, ["--lerning_rate", "0.1"], capsys)
+    assert code == 2 and err == ["error: unrecognized arguments: --lerning_rate 0.1; did you mean --learning_rate? "
+                                 "(see --help)"]
+
+
+def test_help_shows_the_defaults_a_run_really_uses():
+    finetune = ArgumentParser((ModelArguments, DataArguments, TransferConfig)).format_help()
+    flat = " ".join(finetune.split())
+    for text in ("(default: 0.01 for CNNs, 5e-05 for ViTs)", "(default: sgd for CNNs, adamw_torch for ViTs)",
+                 "(default: cosine for CNNs, cosine for ViTs)", "at most a tenth of the training set",
+                 "(default runs/<model>)"):
+        assert text in flat, text
+    assert "galore" not in flat  # only the optimizers the project can build are offered
+
+    distill = " ".join(ArgumentParser((StudentArguments, DataArguments, DistillationConfig)).format_help().split())
+    assert "resnet18: timm/resnet18.a1_in1k" in distill and "vit-tiny" in distill  # the student presets
+    assert "(default runs/<student>-distilled)" in distill
+    usage = distill[:distill.index("options:")]
+    assert "--teacher_model_name_or_path TEACHER_MODEL_NAME_OR_PATH" in usage
+    assert "[--teacher_model_name_or_path" not in usage  # required, not optional
+
+
+def test_card_optimizer_row_and_enough_loss_points_for_a_short_run(tiny_resnet, cifar_like, tmp_path):
+    """Logging by fraction of the run (0.02) draws a curve even for 18 steps; the card names the optimizer plainly."""
+    flags = [f for f in quick_flags() if f not in ("--logging_steps", "5")]
+    out = tmp_path / "o"
+    run_finetune.main(["--model_name_or_path", tiny_resnet, "--dataset_name", cifar_like, "--output_dir", str(out),
+                       "--num_train_epochs", "4", *flags])
+    losses = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    assert len(losses) >= 10
+    assert "| optimizer | sgd (momentum=0.9,nesterov=True) |" in (out / "README.md").read_text()
+
+
+def test_ddp_does_not_search_for_unused_parameters_unless_some_are_frozen():
+    assert TransferConfig(output_dir="x").ddp_find_unused_parameters is False
+    assert TransferConfig(output_dir="x", freeze_backbone=True).ddp_find_unused_parameters is True
+    assert TransferConfig(output_dir="x", ddp_find_unused_parameters=True).ddp_find_unused_parameters is True
+
+
+def test_only_the_main_process_logs_info():
+    code = ("from hf_transfer.errors import setup_logging; import logging; setup_logging(); "
+            "print(logging.getLogger().getEffectiveLevel())")
+    levels = [subprocess.run([sys.executable, "-c", code], env={"RANK": rank, "PYTHONPATH": str(ROOT)},
+                             capture_output=True, text=True, check=True).stdout.strip() for rank in ("0", "1")]
+    assert levels == ["20", "30"]  # INFO on rank 0, WARNING elsewhere
+
+
+def test_check_config_says_when_the_machine_lacks_the_gpus_it_needs():
+    assert "no GPU" in check_config_file(ROOT / "accelerate_configs" / "multi_gpu.yaml", cuda_devices=0)["note"]
+    assert "note" not in check_config_file(ROOT / "accelerate_configs" / "cpu.yaml", cuda_devices=0)
+    assert "note" not in check_config_file(ROOT / "accelerate_configs" / "multi_gpu.yaml", cuda_devices=8)
+
+
+def test_reports_are_not_committed_by_accident():
+    assert "reports/" in (ROOT / ".gitignore").read_text().split()
