@@ -10,6 +10,8 @@ object whose `__post_init__` checked the numbers is the one that trains.
 from __future__ import annotations
 
 import difflib
+import json
+import logging
 import math
 import os
 import sys
@@ -26,6 +28,8 @@ from .models.loading import checkpoint_family
 from .models.presets import find_preset, preset_help
 from .recipes import FAMILY_NAMES, RECIPES
 from .trainers.transfer_config import SUPPORTED_OPTIMIZERS, TransferConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,6 +60,10 @@ class ModelArguments:
     model_revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of the checkpoint."})
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow code from the checkpoint's repository to run (off by default)."}
+    )
+    cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where downloaded checkpoints and data sets are stored (default: the Hugging Face cache)."},
     )
 
     default_model = "resnet50"  # the preset when neither --model nor --model_name_or_path is given
@@ -97,11 +105,19 @@ class DataArguments:
     train_dir: str | None = field(default=None, metadata={"help": "Image folder (one subfolder per class)."})
     validation_dir: str | None = field(default=None, metadata={"help": "Image folder for validation."})
     test_dir: str | None = field(default=None, metadata={"help": "Image folder for the final test."})
-    image_column: str | None = field(default=None, metadata={"help": "Image column (default: found from the features)."})
-    label_column: str | None = field(default=None, metadata={"help": "Label column (default: found from the features)."})
+    # The aliases are the transformers image-classification example's names, so that its commands carry over.
+    image_column: str | None = field(
+        default=None,
+        metadata={"aliases": ["--image_column_name"], "help": "Image column (default: found from the features)."},
+    )
+    label_column: str | None = field(
+        default=None,
+        metadata={"aliases": ["--label_column_name"], "help": "Label column (default: found from the features)."},
+    )
     validation_split: float = field(
         default=0.1,
-        metadata={"help": "Fraction of train held out (stratified, seeded) when the data set has no validation split."},
+        metadata={"aliases": ["--train_val_split"],
+                  "help": "Fraction of train held out (stratified, seeded) when the data set has no validation split."},
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Use only this many training images."})
     max_eval_samples: int | None = field(
@@ -178,18 +194,24 @@ class ArgumentParser(HfArgumentParser):
 
 def parse_arguments(argv: Sequence[str], model_type: type = ModelArguments,
                     training_type: type = TransferConfig) -> Arguments:
-    """Parse `argv` once into (model, data, training) arguments, with the family's recipe as defaults."""
-    argv = list(argv)
+    """Parse `argv` once into (model, data, training) arguments, with the family's recipe as defaults.
+
+    `argv` may start with a JSON or YAML file of arguments (as the transformers examples accept);
+    the flags after it override the file.
+    """
+    argv = [*arguments_file_flags(argv[0]), *argv[1:]] if argv and _is_arguments_file(argv[0]) else list(argv)
+    given = given_flags(argv)
     parser = ArgumentParser((model_type, DataArguments, training_type))
     known, _ = parser.parse_known_args(argv)  # the model flags; argparse alone, no dataclass built
     preset = find_preset(known.model, known.model_name_or_path, model_type.default_model)
     source = preset.checkpoint if preset else known.model_name_or_path
     family = preset.family if preset else checkpoint_family(
         source, from_scratch=known.from_scratch, revision=known.model_revision,
-        trust_remote_code=known.trust_remote_code)
+        trust_remote_code=known.trust_remote_code, cache_dir=known.cache_dir)
     name = known.model or (Path(source).name if known.model_name_or_path else model_type.default_model)
     recipe = RECIPES[known.recipe][family]
-    parser.set_defaults(output_dir=str(Path("runs") / (name + model_type.output_suffix)), **recipe)
+    suffix = model_type.output_suffix if known.do_train else "-eval"
+    parser.set_defaults(output_dir=str(Path("runs") / (name + suffix)), **recipe, **_yielding_defaults(known, given))
     try:
         model, data, training, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     except ValueError as exc:  # the __post_init__ checks (TrainingArguments' own can span several lines)
@@ -197,8 +219,69 @@ def parse_arguments(argv: Sequence[str], model_type: type = ModelArguments,
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     _move_token_to_environment(training)
-    return Arguments(model=model, data=data, training=training, family=family,
-                     given=given_flags(argv) | set(recipe))
+    return Arguments(model=model, data=data, training=training, family=family, given=given | set(recipe))
+
+
+def _yielding_defaults(known, given: set[str]) -> dict:
+    """Project defaults the user's own flags make impossible give way, each with one line saying so;
+    two flags the user gave that conflict are left to fail (the Trainer names them)."""
+    changed = {}
+    strategies = {"eval_strategy": str(getattr(known.eval_strategy, "value", known.eval_strategy)),
+                  "save_strategy": str(getattr(known.save_strategy, "value", known.save_strategy))}
+    if "no" in strategies.values():
+        if not {"load_best_model_at_end", "early_stopping_patience"} & given:
+            off = next(k for k, v in strategies.items() if v == "no")
+            changed["load_best_model_at_end"] = False
+            logger.info("--%s no: the run ends with its last weights (the best checkpoint cannot be chosen)", off)
+    elif {"eval_strategy", "save_strategy"} & given and not {"eval_strategy", "save_strategy"} <= given:
+        # One strategy given: the other follows it, so that the best checkpoint can still be reloaded.
+        mine = "eval_strategy" if "eval_strategy" in given else "save_strategy"
+        other = "save_strategy" if mine == "eval_strategy" else "eval_strategy"
+        steps = {"eval_strategy": "eval_steps", "save_strategy": "save_steps"}
+        changed[other] = strategies[mine]
+        if strategies[mine] == "steps" and getattr(known, steps[mine]) is not None:
+            changed[steps[other]] = getattr(known, steps[mine])
+        logger.info("--%s %s: --%s follows it (the best checkpoint is chosen where both happen)", mine,
+                    strategies[mine], other)
+    return changed
+
+
+def _is_arguments_file(first: str) -> bool:
+    return not first.startswith("-") and first.endswith((".json", ".yaml", ".yml"))
+
+
+def arguments_file_flags(path: str) -> list[str]:
+    """A JSON/YAML file of {flag: value} as command-line flags."""
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"arguments file '{path}' does not exist")
+    try:
+        if file.suffix == ".json":
+            values = json.loads(file.read_text())
+        else:
+            import yaml
+
+            values = yaml.safe_load(file.read_text())
+    except ValueError as exc:  # json.JSONDecodeError, yaml.YAMLError are ValueErrors or carry a line
+        raise UserError(f"arguments file '{path}' cannot be read: {str(exc).splitlines()[0]}") from exc
+    except Exception as exc:  # yaml's errors
+        raise UserError(f"arguments file '{path}' cannot be read: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(values, dict):
+        raise UserError(f"arguments file '{path}' must hold a mapping of flag names to values")
+    flags = []
+    for key, value in values.items():
+        if value is None:
+            continue
+        flags.append(f"--{key}")
+        if isinstance(value, bool):
+            flags.append(str(value).lower())
+        elif isinstance(value, (list, tuple)):
+            flags.extend(str(v) for v in value)
+        elif isinstance(value, dict):
+            flags.append(json.dumps(value))
+        else:
+            flags.append(str(value))
+    return flags
 
 
 def given_flags(argv: Sequence[str]) -> set[str]:

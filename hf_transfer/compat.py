@@ -3,13 +3,21 @@
 Each entry says which versions it was written for, why it exists and, where there is one, the
 upstream issue. `tests/test_compat.py` has a canary per entry that fails when the library's
 behaviour changes: then the workaround may be obsolete (or broken) and this is the one place to
-look. Versions checked: transformers 5.24, accelerate 1.15, torch 2.14, datasets 5.2, timm 1.0.31.
+look. Versions checked: transformers 5.24, accelerate 1.15, torch 2.14, datasets 5.2, timm 1.0.31,
+wandb 0.31.
 
 Overridden private methods of `transformers.Trainer` (they live in `TransferTrainer`, which
 cannot avoid them; their canaries are here too):
 - `_prepare_inputs(inputs)`: the one hook the Trainer calls for every batch of training and
   evaluation; the uint8 batch becomes the model's input there (transformers 4.x-5.x).
 - `_load_from_checkpoint`, `_load_best_model`: see `load_checkpoint_weights` below.
+- `_push_from_checkpoint(checkpoint_folder)`: called by `_save_checkpoint` to push during training
+  (hub strategies other than end); replaced so that the Trainer's pickled arguments and card never
+  reach the repository (transformers 5.x).
+
+Library behaviour worked around without touching internals (canaries in the same test file):
+- transformers 5.x `PrinterCallback` (used with --disable_tqdm) pops `total_flos` from the very
+  metrics dict `train()` returns; `workflow.train_and_evaluate` reads it from the Trainer's state.
 """
 
 from __future__ import annotations
@@ -96,3 +104,22 @@ def dataset_fingerprint(dataset) -> str:
     """datasets 2.x-5.x: the private `_fingerprint`, a hash of a data set's content and of every
     transform applied to it; the public API has no equivalent."""
     return dataset._fingerprint
+
+
+def wandb_has_credentials() -> bool:
+    """Whether wandb would find credentials on its own: WANDB_API_KEY, WANDB_IDENTITY_TOKEN_FILE, the
+    netrc file (NETRC), or its settings file. wandb 0.31 exposes that lookup in `wandb.sdk.lib.wbauth`;
+    asking it (without prompting or storing anything) avoids re-implementing its rules."""
+    from wandb.sdk import wandb_setup
+    from wandb.sdk.lib import wbauth
+
+    # The lookup reads wandb's process-wide settings, creating them if needed; settings created here would
+    # freeze the environment of this moment (WANDB_MODE, say) for a later wandb.init, so they are dropped.
+    existed = wandb_setup._singleton is not None
+    try:
+        host = wandb_setup.singleton().settings.base_url
+        return wbauth.authenticate_session(host=host, source="hf-vision-transfer", prompt=False,
+                                           update_session=False) is not None
+    finally:
+        if not existed:
+            wandb_setup.teardown()

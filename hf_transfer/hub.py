@@ -16,9 +16,11 @@ from huggingface_hub import HfApi, get_token
 
 from .errors import UserError
 
-# Checkpoints (optimizer state), files private to the run ("_*": the teacher-logit cache),
-# pickles, TensorBoard logs and test instruments stay local.
-IGNORE = ["checkpoint-*", "incomplete-checkpoint-*", "_*", "*.bin", "*.pt", "*.pth", "runs/*", ".write-test-*"]
+# Checkpoints (optimizer state), files private to the run ("_*": the teacher-logit cache) and pickles
+# (training_args.bin) stay local. TensorBoard logs (runs/) go up: the Hub shows them in its metrics tab.
+IGNORE = ["checkpoint-*", "incomplete-checkpoint-*", "_*", "*.bin", "*.pt", "*.pth", ".write-test-*"]
+MODEL_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors",
+               "preprocessor_config.json"]
 
 
 def later_command(output_dir: str, repo_id: str) -> str:
@@ -85,3 +87,23 @@ def push_at_end(args, repo_id: str | None, revision: str | None = None) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def push_checkpoint(checkpoint_folder: str | Path, repo_id: str, strategy: str, message: str,
+                    revision: str | None = None) -> list:
+    """A push during training (--hub_strategy every_save/checkpoint/all_checkpoints), in the background.
+
+    The checkpoint's model files go to the repository's root (the latest model is always
+    there); with `checkpoint` / `all_checkpoints` the checkpoint itself goes to `last-checkpoint/` /
+    `checkpoint-N/`, to resume from. No pickles and no card of the Trainer's: the run's own card
+    comes with the final push. Returns the upload futures.
+    """
+    api, folder = HfApi(), Path(checkpoint_folder)
+    jobs = [api.upload_folder(repo_id=repo_id, folder_path=str(folder), allow_patterns=MODEL_FILES,
+                              commit_message=message, revision=revision, run_as_future=True)]
+    if strategy in ("checkpoint", "all_checkpoints"):
+        path_in_repo = "last-checkpoint" if strategy == "checkpoint" else folder.name
+        jobs.append(api.upload_folder(repo_id=repo_id, folder_path=str(folder), path_in_repo=path_in_repo,
+                                      ignore_patterns=["*.bin"], commit_message=f"{message}, checkpoint",
+                                      revision=revision, run_as_future=True))
+    return jobs

@@ -11,6 +11,8 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .data.dataset import DIGITS_NAME
+
 _TEMPLATE = """---
 {{ card_data }}
 ---
@@ -33,16 +35,44 @@ class CardInfo:
     label_names: list[str]
     hyperparameters: dict[str, object] = field(default_factory=dict)
     teacher: str | None = None  # set for distilled models
+    dataset_on_hub: bool | None = None  # decided when the card is made, where the data set's path means something
+
+    def __post_init__(self):
+        if self.dataset_on_hub is None:
+            self.dataset_on_hub = _is_hub_id(self.dataset)
 
 
 def _is_hub_id(name: str) -> bool:
     return name.count("/") == 1 and not Path(name).exists() and not name.startswith((".", "/"))
 
 
+def _about_dataset(info: CardInfo) -> str:
+    """The data set in prose; only a Hub data set goes into the metadata as one."""
+    if info.dataset_on_hub:
+        return f"`{info.dataset}`"
+    if info.dataset == DIGITS_NAME:
+        return "scikit-learn's bundled 8x8 handwritten digits (`--dataset_name digits`, not a Hub data set)"
+    return f"a local data set (`{info.dataset}`, not on the Hub)"
+
+
+def _versions() -> list[str]:
+    """Library versions, as the transformers Trainer's cards record them."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    lines = []
+    for package in ("hf-vision-transfer", "transformers", "torch", "timm", "datasets", "accelerate"):
+        try:
+            lines.append(f"- {package} {version(package)}")
+        except PackageNotFoundError:
+            continue
+    return lines
+
+
 def render_model_card(info: CardInfo, test_metrics: dict | None, eval_metrics: dict | None) -> ModelCard:
     test_metrics, eval_metrics = test_metrics or {}, eval_metrics or {}
     eval_results = [
-        EvalResult(task_type="image-classification", dataset_type=info.dataset, dataset_name=info.dataset,
+        EvalResult(task_type="image-classification", dataset_type=info.dataset if info.dataset_on_hub else "custom",
+                   dataset_name=info.dataset,
                    dataset_split="test", metric_type=key, metric_name=name,
                    metric_value=round(float(test_metrics[f"test_{key}"]), 4))
         for key, name in _RESULT_KEYS if f"test_{key}" in test_metrics
@@ -56,7 +86,7 @@ def render_model_card(info: CardInfo, test_metrics: dict | None, eval_metrics: d
         tags=tags,
         model_name=info.model_name,
         base_model=info.base_model if _is_hub_id(info.base_model) and not info.from_scratch else None,
-        datasets=[info.dataset] if _is_hub_id(info.dataset) else None,
+        datasets=[info.dataset] if info.dataset_on_hub else None,
         eval_results=eval_results or None,
     )
     return ModelCard.from_template(data, template_str=_TEMPLATE, model_name=info.model_name, body=_body(info, test_metrics, eval_metrics))
@@ -66,7 +96,7 @@ def _body(info: CardInfo, test_metrics: dict, eval_metrics: dict) -> str:
     start = "trained from scratch (random initialisation)" if info.from_scratch else f"fine-tuned from `{info.base_model}`"
     if info.teacher:
         start = f"distilled from the teacher `{info.teacher}` ({start})"
-    lines = [f"An image classifier {start} on `{info.dataset}` ({len(info.label_names)} classes), "
+    lines = [f"An image classifier {start} on {_about_dataset(info)} ({len(info.label_names)} classes), "
              "made with hf-vision-transfer and the transformers `Trainer`.", ""]
 
     lines += ["## Results", ""]
@@ -89,7 +119,8 @@ def _body(info: CardInfo, test_metrics: dict, eval_metrics: dict) -> str:
               f'classifier = pipeline("image-classification", model="{info.model_name}")',
               'print(classifier("image.png"))', "```", "",
               "The saved image processor applies the same resize and normalisation as the evaluation did.", "",
-              "## Labels", "", ", ".join(f"{i}: {name}" for i, name in enumerate(info.label_names))]
+              "## Labels", "", ", ".join(f"{i}: {name}" for i, name in enumerate(info.label_names)),
+              "", "## Framework versions", "", *_versions()]
     return "\n".join(lines)
 
 

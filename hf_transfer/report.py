@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from tqdm.auto import tqdm
+
 from .errors import UserError
 from .metrics import draw_confusion_matrix
 
@@ -97,7 +99,7 @@ def build_report(runs: list[str | Path], output: str | Path) -> str:
     """Write report.md, summary.json, curves.png and confusion_matrices.png into `output`; return the Markdown."""
     if not runs:
         raise UserError("name at least one run directory")
-    rows = [summarize(run) for run in runs]
+    rows = [summarize(run) for run in tqdm(runs, desc="reading runs", leave=False, disable=len(runs) < 3)]
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     table = markdown_table(rows)

@@ -57,7 +57,14 @@ def read(output_dir: str | Path) -> dict | None:
     return json.loads(path.read_text())["shaping"] if path.is_file() else None
 
 
-def write(output_dir: str | Path, command: str, record: dict, fitted: dict, argv: list[str]) -> None:
-    """`fitted`: what the data-fitted defaults chose (epochs, batch size), for the reader."""
-    payload = {"command": command, "argv": argv, "shaping": record, "fitted": fitted}
+def write(output_dir: str | Path, command: str, record: dict, fitted: dict, argv: list[str],
+          card: dict | None = None) -> None:
+    """`fitted`: what the data-fitted defaults chose (epochs, batch size), for the reader; `card`: the model
+    card's facts, so that a later push can render it for the repository it goes to."""
+    payload = {"command": command, "argv": argv, "shaping": record, "fitted": fitted, "card": card}
     (Path(output_dir) / FILE).write_text(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def read_card(output_dir: str | Path) -> dict | None:
+    path = Path(output_dir) / FILE
+    return json.loads(path.read_text()).get("card") if path.is_file() else None

@@ -3,41 +3,36 @@
 The Trainer logs the training arguments, every logged value (losses, the distillation terms,
 the learning rate of each parameter group) and the test metrics. This module adds what it
 does not know: the script's own arguments and tags in the W&B run, a check that W&B can work
-before training starts, and the peak memory of the run for the comparison report.
+before training starts, the FLOPs of a forward pass, and the peak memory of the run for the comparison report.
 """
 
 from __future__ import annotations
 
-import netrc
 import os
 import resource
 import time
-from urllib.parse import urlparse
 
 import torch
 from transformers import TrainerCallback
 
+from .compat import wandb_has_credentials
 from .errors import UserError
 
 
 def check_tracking(args) -> None:
-    """W&B without an account and without offline mode fails at `train()`; say so before training instead."""
+    """W&B without credentials and without offline mode fails at `train()`; say so before training instead.
+    wandb itself is asked where it would find credentials (compat.wandb_has_credentials)."""
     if "wandb" not in (args.report_to or []):
         return
     if os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun"):
         return
-    if os.environ.get("WANDB_API_KEY") or _netrc_has_wandb_key():
-        return
-    raise UserError("--report_to wandb needs a W&B account (set WANDB_API_KEY or run `wandb login`), or "
-                    "WANDB_MODE=offline to log locally and `wandb sync` later")
-
-
-def _netrc_has_wandb_key() -> bool:
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
     try:
-        return netrc.netrc().authenticators(host) is not None
-    except (OSError, netrc.NetrcParseError):
-        return False
+        found = wandb_has_credentials()
+    except Exception as exc:  # wandb found credentials it cannot use (say, two sources at once)
+        raise UserError(f"--report_to wandb: {str(exc).strip().splitlines()[0]}") from exc
+    if not found:
+        raise UserError("--report_to wandb needs a W&B account (set WANDB_API_KEY or run `wandb login`), or "
+                        "WANDB_MODE=offline to log locally and `wandb sync` later")
 
 
 def masked(config: dict) -> dict:
@@ -117,3 +112,22 @@ class ThroughputCallback(TrainerCallback):
             return {}
         return {"steady_images_per_second": round(self.steps * self.images_per_step / total, 2),
                 "data_wait_share": round(self.wait / total, 4)}
+
+
+def forward_flops(model: torch.nn.Module, size: tuple[int, int]) -> int:
+    """FLOPs of one image's forward pass at `size`, counted by torch's FLOP counter on a blank image.
+
+    The model runs once in evaluation mode (BatchNorm statistics untouched) without gradients.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    parameter = next(model.parameters())
+    blank = torch.zeros(1, 3, *size, device=parameter.device, dtype=parameter.dtype)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(pixel_values=blank)
+    finally:
+        model.train(training)
+    return int(counter.get_total_flops())

@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,13 +44,14 @@ def check_setup(args) -> None:
     check_push_possible(args)
 
 
-def load_data(data_args, seed: int) -> ImageData:
+def load_data(data_args, seed: int, cache_dir: str | None = None) -> ImageData:
     return load_image_data(
         dataset_name=data_args.dataset_name, dataset_config_name=data_args.dataset_config_name,
         train_dir=data_args.train_dir, validation_dir=data_args.validation_dir, test_dir=data_args.test_dir,
         image_column=data_args.image_column, label_column=data_args.label_column,
         validation_split=data_args.validation_split, max_train_samples=data_args.max_train_samples,
         max_eval_samples=data_args.max_eval_samples, seed=seed, skip_corrupt_images=data_args.skip_corrupt_images,
+        cache_dir=cache_dir,
     )
 
 
@@ -59,6 +60,7 @@ def load_trained_model(model_args, source: str, data: ImageData) -> LoadedModel:
     return load_model(
         source, data.label_names, from_scratch=model_args.from_scratch, image_size=model_args.image_size,
         revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code,
+        cache_dir=model_args.cache_dir,
     )
 
 
@@ -130,7 +132,7 @@ def prepare_output_dir(args, record: dict) -> OutputDir:
                     for old in out.glob("*checkpoint-*"):
                         shutil.rmtree(old, ignore_errors=True)
                 return state
-            finished = (out / "all_results.json").is_file() and (out / "model.safetensors").is_file()
+            finished = (out / "all_results.json").is_file() and (not args.do_train or (out / "model.safetensors").is_file())
             saved = run_args.read(out)
             changed = run_args.differences(saved, record) if saved is not None else []
             if changed:
@@ -166,15 +168,16 @@ def _check_writable(out: Path) -> None:
         raise UserError(f"--output_dir '{out}' cannot be written (no write permission in '{existing}')")
 
 
-def save_run_args(args, command: str, record: dict, argv: Sequence[str]) -> None:
-    """run_args.json in the output directory (the main process): what the next run in it is compared with."""
+def save_run_args(args, command: str, record: dict, argv: Sequence[str], card: CardInfo | None = None) -> None:
+    """run_args.json in the output directory (the main process): what the next run in it is compared with,
+    and the model card's facts (a later `python -m hf_transfer push` renders the card for its repo)."""
     if args.process_index == 0:
         shown = list(argv)
         for i, value in enumerate(shown[:-1]):
             if value == "--hub_token":
                 shown[i + 1] = "<hub_token>"
         fitted = {"num_train_epochs": args.num_train_epochs, "per_device_train_batch_size": args.per_device_train_batch_size}
-        run_args.write(args.output_dir, command, record, fitted, shown)
+        run_args.write(args.output_dir, command, record, fitted, shown, asdict(card) if card else None)
 
 
 def train_and_evaluate(trainer, data: ImageData, card: CardInfo, resume_from: str | None = None) -> dict:
@@ -186,7 +189,8 @@ def train_and_evaluate(trainer, data: ImageData, card: CardInfo, resume_from: st
         checkpoint = Path(trainer.args.output_dir) / f"checkpoint-{stopper.stopped_at}"
         raise Preempted(f"SIGTERM at step {stopper.stopped_at}; checkpoint saved in {checkpoint}; "
                         "run the same command again to resume")
-    results = dict(train_result.metrics, train_samples=len(data.train))
+    # total_flos from the state: with --disable_tqdm the Trainer's PrinterCallback pops it from the metrics it logs.
+    results = dict(train_result.metrics, train_samples=len(data.train), total_flos=trainer.state.total_flos)
     results.update({f"train_{key}": value for key, value in peak_memory().items()})
     timer = _callback(trainer, ThroughputCallback)
     if timer is not None:
@@ -197,13 +201,26 @@ def train_and_evaluate(trainer, data: ImageData, card: CardInfo, resume_from: st
     trainer.save_metrics("train", results)
     trainer.save_state()
 
-    eval_metrics = dict(trainer.evaluate(), eval_samples=len(data.validation))
-    trainer.log_metrics("eval", eval_metrics)
-    trainer.save_metrics("eval", eval_metrics)
-    results.update(eval_metrics)
+    eval_metrics, test_metrics = evaluate(trainer, data)
+    results.update({**eval_metrics, **test_metrics})
+    if trainer.is_world_process_zero():
+        card.model_name = trainer.hub_model_id or card.model_name  # the repo the card will live in, when pushed
+        write_model_card(trainer.args.output_dir, card, test_metrics, eval_metrics)
+    # Last, so that a push (the Trainer calls push_to_hub from here with --push_to_hub) finds the whole run:
+    # the model (safetensors + config with label names), the image processor, the card and the results.
+    trainer.save_model()
+    return results
 
-    test_metrics = None
-    if data.test is not None:
+
+def evaluate(trainer, data: ImageData) -> tuple[dict, dict]:
+    """The final evaluation on validation (--do_eval) and the one on test (--do_predict): metrics, and for test
+    the per-class report, confusion matrix and predictions. Also the whole of an evaluation-only run."""
+    eval_metrics, test_metrics = {}, {}
+    if trainer.args.do_eval:
+        eval_metrics = dict(trainer.evaluate(), eval_samples=len(data.validation))
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+    if trainer.args.do_predict and data.test is not None:
         output = trainer.predict(data.test, metric_key_prefix="test")
         test_metrics = dict(output.metrics, test_samples=len(data.test))
         extra = trainer.extra_test_metrics(data.test, output)
@@ -212,20 +229,12 @@ def train_and_evaluate(trainer, data: ImageData, card: CardInfo, resume_from: st
         test_metrics.update(extra)
         trainer.log_metrics("test", test_metrics)
         trainer.save_metrics("test", test_metrics)
-        results.update(test_metrics)
         if trainer.is_world_process_zero():
             rows = np.asarray(data.test.with_format(None)[ROW])
             write_test_report(trainer.args.output_dir, output.predictions, output.label_ids, data.label_names, rows)
-    else:
+    elif trainer.args.do_predict:
         logger.warning("the data set has no test split: the run reports validation results only")
-
-    if trainer.is_world_process_zero():
-        card.model_name = trainer.hub_model_id or card.model_name  # the repo the card will live in, when pushed
-        write_model_card(trainer.args.output_dir, card, test_metrics, eval_metrics)
-    # Last, so that a push (the Trainer calls push_to_hub from here with --push_to_hub) finds the whole run:
-    # the model (safetensors + config with label names), the image processor, the card and the results.
-    trainer.save_model()
-    return results
+    return eval_metrics, test_metrics
 
 
 def _callback(trainer, kind):

@@ -85,3 +85,60 @@ def png_bytes(image: PIL.Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+class FakeHub:
+    """Records what would reach the Hub (the client replaced at its API boundary, `HfApi`): repos and
+    branches created, and each upload's files (patterns applied), folder in the repo, revision and card."""
+
+    def __init__(self, monkeypatch, fail_upload=False, whoami_error=None):
+        import fnmatch
+        from concurrent.futures import Future
+
+        from huggingface_hub import HfApi, RepoUrl
+
+        self.repos, self.uploaded, self.uploads, self.branches = [], [], [], []
+        hub = self
+
+        def whoami(self, token=None, **kwargs):
+            if whoami_error:
+                raise whoami_error
+            return {"name": "me"}
+
+        def create_repo(self, repo_id, private=None, exist_ok=False, **kwargs):
+            if not any(r["repo_id"] == repo_id for r in hub.repos):
+                hub.repos.append({"repo_id": repo_id, "private": private})
+            return RepoUrl(f"https://huggingface.co/{repo_id}")
+
+        def create_branch(self, repo_id, branch, exist_ok=False, **kwargs):
+            hub.branches.append((repo_id, branch))
+
+        def upload_folder(self, repo_id, folder_path, ignore_patterns=None, allow_patterns=None, path_in_repo=None,
+                          revision=None, run_as_future=False, **kwargs):
+            if fail_upload:
+                raise ConnectionError("Hub unreachable")
+            root = Path(folder_path)
+            files = []
+            for path in sorted(root.rglob("*")):
+                relative = path.relative_to(root).as_posix()
+
+                def matches(patterns, name=relative):
+                    return any(fnmatch.fnmatch(name, p) or fnmatch.fnmatch(name.split("/")[0], p) for p in patterns or [])
+
+                if path.is_file() and not matches(ignore_patterns) and (allow_patterns is None or matches(allow_patterns)):
+                    files.append(f"{path_in_repo}/{relative}" if path_in_repo else relative)
+            card = (root / "README.md").read_text() if "README.md" in files else None
+            hub.uploads.append({"repo_id": repo_id, "files": files, "revision": revision, "card": card})
+            hub.uploaded.extend(files)
+            if run_as_future:
+                done = Future()
+                done.set_result(None)
+                return done
+            return None
+
+        monkeypatch.setattr(HfApi, "whoami", whoami)
+        monkeypatch.setattr(HfApi, "create_repo", create_repo)
+        monkeypatch.setattr(HfApi, "create_branch", create_branch)
+        monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setenv("HF_TOKEN", "hf_fake_token_for_tests")

@@ -134,4 +134,29 @@ def test_dataset_fingerprint_still_tracks_content_and_transforms():
                                   and getattr(getattr(compat, n), "__module__", "") == "hf_transfer.compat"])
 def test_every_workaround_says_which_versions_it_is_for(name):
     doc = inspect.getdoc(getattr(compat, name)) or ""
-    assert any(lib in doc for lib in ("transformers", "accelerate", "torch", "datasets")), name
+    assert any(lib in doc for lib in ("transformers", "accelerate", "torch", "datasets", "wandb")), name
+
+
+def test_printer_callback_still_pops_total_flos_from_the_logs_it_is_given():
+    """-> workflow.train_and_evaluate reads total_flos from trainer.state."""
+    from transformers.trainer_callback import PrinterCallback, TrainerControl, TrainerState
+
+    logs = {"loss": 1.0, "total_flos": 5.0}
+    PrinterCallback().on_log(TrainingArguments(output_dir="x", report_to="none"), TrainerState(), TrainerControl(),
+                             logs=logs)
+    assert "total_flos" not in logs, "PrinterCallback leaves the logs alone now: read the metrics' own total_flos"
+
+
+def test_trainer_still_pushes_during_training_through_push_from_checkpoint():
+    """-> TransferTrainer._push_from_checkpoint (one push path)."""
+    assert "_push_from_checkpoint" in inspect.getsource(Trainer._save_checkpoint)
+    assert list(inspect.signature(Trainer._push_from_checkpoint).parameters) == ["self", "checkpoint_folder"]
+
+
+def test_wandb_still_looks_up_credentials_without_prompting():
+    """-> compat.wandb_has_credentials."""
+    from wandb.sdk import wandb_setup
+    from wandb.sdk.lib import wbauth
+
+    assert {"prompt", "update_session"} <= set(inspect.signature(wbauth.authenticate_session).parameters)
+    assert hasattr(wandb_setup, "_singleton") and callable(wandb_setup.teardown)

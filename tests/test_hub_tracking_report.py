@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import quick_flags
-from huggingface_hub import HfApi, RepoUrl
+from helpers import FakeHub
 
 import run_distill
 import run_finetune
@@ -15,40 +15,6 @@ from hf_transfer.commands.tools import main as tools
 from hf_transfer.errors import UserError
 from hf_transfer.hub import IGNORE
 from hf_transfer.report import build_report, count_parameters
-
-
-class FakeHub:
-    """Records what would reach the Hub: repos created, files uploaded (with the ignore patterns applied)."""
-
-    def __init__(self, monkeypatch, fail_upload=False, whoami_error=None):
-        self.repos, self.uploaded = [], []
-        hub = self
-
-        def whoami(self, token=None, **kwargs):
-            if whoami_error:
-                raise whoami_error
-            return {"name": "me"}
-
-        def create_repo(self, repo_id, private=None, exist_ok=False, **kwargs):
-            if not any(r["repo_id"] == repo_id for r in hub.repos):
-                hub.repos.append({"repo_id": repo_id, "private": private})
-            return RepoUrl(f"https://huggingface.co/{repo_id}")
-
-        def upload_folder(self, repo_id, folder_path, ignore_patterns=None, **kwargs):
-            if fail_upload:
-                raise ConnectionError("Hub unreachable")
-            root = Path(folder_path)
-            for path in root.rglob("*"):
-                relative = path.relative_to(root).as_posix()
-                if path.is_file() and not any(fnmatch.fnmatch(relative, p) or fnmatch.fnmatch(relative.split("/")[0], p)
-                                              for p in ignore_patterns or []):
-                    hub.uploaded.append(relative)
-
-        monkeypatch.setattr(HfApi, "whoami", whoami)
-        monkeypatch.setattr(HfApi, "create_repo", create_repo)
-        monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        monkeypatch.setenv("HF_TOKEN", "hf_fake_token_for_tests")
 
 
 def card_metadata(card: str) -> dict:

@@ -44,6 +44,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parsed = parse_arguments(argv, StudentArguments, DistillationConfig)
     student_args, data_args, args = parsed.model, parsed.data, parsed.training
     check_local_path("--teacher_model_name_or_path", args.teacher_model_name_or_path)  # a typo fails now, not later
+    if not args.do_train:
+        raise UserError("run_distill.py trains a student; to evaluate a trained one as it is use "
+                        "run_finetune.py --model_name_or_path STUDENT --do_train false")
     data_args.augmentation = resolve_augmentation(data_args.augmentation, data_args.train_dir or data_args.dataset_name)
     if args.cache_teacher_logits and data_args.augmentation != "none":
         raise UserError(f"--cache_teacher_logits needs --augmentation none (this run's is {data_args.augmentation}): "
@@ -56,9 +59,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return report_finished(args.output_dir, output.finished)
 
     set_seed(args.seed)
-    data = load_data(data_args, args.seed)
+    data = load_data(data_args, args.seed, student_args.cache_dir)
     teacher = load_teacher(args.teacher_model_name_or_path, data.label_names, revision=args.teacher_revision,
-                           trust_remote_code=student_args.trust_remote_code)
+                           trust_remote_code=student_args.trust_remote_code, cache_dir=student_args.cache_dir)
     student = load_trained_model(student_args, source, data)
     for change in fit_to_data(args, len(data.train), parsed.given):
         logger.info("small data set: %s", change)
@@ -84,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             alpha=args.alpha, temperature=args.temperature,
         ),
     )
-    save_run_args(args, "distill", record, argv)
+    save_run_args(args, "distill", record, argv, card)
     return train_and_evaluate(trainer, data, card, output.resume_from)
 
 

@@ -17,12 +17,13 @@ from .. import run_args
 from ..arguments import fit_to_data, parse_arguments
 from ..data.augmentation import resolve_augmentation
 from ..data.samples import attach_transforms
-from ..errors import run_cli, setup_logging
+from ..errors import UserError, run_cli, setup_logging
 from ..model_card import CardInfo
 from ..models.presets import resolve_source
 from ..trainers.transfer_trainer import TransferTrainer
 from ..workflow import (
     check_setup,
+    evaluate,
     hyperparameters,
     load_data,
     load_trained_model,
@@ -41,6 +42,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parsed = parse_arguments(argv)
     model_args, data_args, args = parsed.model, parsed.data, parsed.training
     data_args.augmentation = resolve_augmentation(data_args.augmentation, data_args.train_dir or data_args.dataset_name)
+    if not args.do_train and (model_args.from_scratch or args.push_to_hub):
+        raise UserError("--do_train false evaluates a trained model as it is: not with --from_scratch (random weights) "
+                        "or --push_to_hub (nothing new to push)")
     check_setup(args)
     source = resolve_source(model_args.model, model_args.model_name_or_path)
     record = run_args.shaping(model_args, data_args, args)
@@ -49,8 +53,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         return report_finished(args.output_dir, output.finished)
 
     set_seed(args.seed)
-    data = load_data(data_args, args.seed)
+    data = load_data(data_args, args.seed, model_args.cache_dir)
     loaded = load_trained_model(model_args, source, data)
+    if not args.do_train:
+        return evaluate_as_is(args, data, loaded, record, argv)
     for change in fit_to_data(args, len(data.train), parsed.given):
         logger.info("small data set: %s", change)
     logger.info("model %s (%s), input %s, %d labels, augmentation %s", source, loaded.family, loaded.spec.size,
@@ -65,8 +71,21 @@ def main(argv: Sequence[str] | None = None) -> dict:
         hyperparameters=hyperparameters(args, model=source, family=loaded.family, image_size=loaded.spec.size[0],
                                         augmentation=data_args.augmentation, recipe=model_args.recipe),
     )
-    save_run_args(args, "finetune", record, argv)
+    save_run_args(args, "finetune", record, argv, card)
     return train_and_evaluate(trainer, data, card, output.resume_from)
+
+
+def evaluate_as_is(args, data, loaded, record: dict, argv: list[str]) -> dict:
+    """`--do_train false`: score the checkpoint on this data set's validation and test splits, unchanged."""
+    if loaded.head_reset:
+        raise UserError(f"--do_train false evaluates {loaded.source} as it is, but its classification head was made "
+                        f"for other labels than this data set's ({len(data.label_names)}); evaluate a model "
+                        "fine-tuned on these labels")
+    attach_transforms(data, "none", args.seed)
+    trainer = TransferTrainer(**trainer_kwargs(args, data, loaded, tags=["evaluation"]))
+    save_run_args(args, "evaluate", record, argv)
+    eval_metrics, test_metrics = evaluate(trainer, data)
+    return {**eval_metrics, **test_metrics}
 
 
 def cli() -> None:

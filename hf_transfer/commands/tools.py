@@ -23,6 +23,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     push.add_argument("output_dir")
     push.add_argument("--hub_model_id", required=True, help="USER/NAME of the model repository")
     push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument("--revision", default=None, help="branch to push to (created if needed; default main)")
     report = commands.add_parser("report", help="compare finished runs")
     report.add_argument("runs", nargs="+")
     report.add_argument("--output", default="reports/comparison", help="folder for report.md and the plots")
@@ -36,8 +37,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         require_finished_run(args.output_dir)
         check_hub_access("push from a machine that can reach the Hub")
+        render_card_for(args.output_dir, args.hub_model_id)
         try:
-            print(push_output_dir(args.output_dir, args.hub_model_id, private=args.private or None))
+            print(push_output_dir(args.output_dir, args.hub_model_id, private=args.private or None,
+                                  revision=args.revision))
         except UserError:
             raise
         except Exception as exc:  # network, permissions, ...: one line, not a traceback
@@ -52,6 +55,26 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         for path in args.files:
             print(json.dumps(check_config_file(path)))
+
+
+def render_card_for(output_dir: str, repo_id: str) -> None:
+    """The model card names the repository it lives in (its title, model-index and usage snippet): render it
+    again for `repo_id` from the facts the run saved and its results."""
+    from pathlib import Path
+
+    from ..model_card import CardInfo, write_model_card
+    from ..run_args import read_card
+
+    facts = read_card(output_dir)
+    if facts is None:  # a run saved before run_args.json had the card: leave its card as it is
+        return
+    out = Path(output_dir)
+
+    def results(split):
+        path = out / f"{split}_results.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    write_model_card(out, CardInfo(**{**facts, "model_name": repo_id}), results("test"), results("eval"))
 
 
 def cli() -> None:

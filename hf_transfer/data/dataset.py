@@ -31,6 +31,7 @@ _LABEL_NAMES = ("label", "labels", "fine_label", "class", "target", "category", 
 _SPLIT_ALIASES = {"train": ("train", "training"), "validation": ("validation", "valid", "val", "dev", "eval"),
                   "test": ("test", "testing")}
 DIGITS = "digits"
+DIGITS_NAME = "sklearn digits"  # what the model card calls it
 
 
 @dataclass
@@ -61,11 +62,12 @@ def load_image_data(
     max_eval_samples: int | None = None,
     seed: int = 42,
     skip_corrupt_images: bool = False,
+    cache_dir: str | None = None,
 ) -> ImageData:
     """Load, check and split a data set; images stay undecoded until a batch asks for them."""
     if not 0 < validation_split < 1:
         raise UserError(f"--validation_split must be between 0 and 1 (exclusive), got {validation_split}")
-    raw, name = _load_raw(dataset_name, dataset_config_name, train_dir, validation_dir, test_dir)
+    raw, name = _load_raw(dataset_name, dataset_config_name, train_dir, validation_dir, test_dir, cache_dir)
     splits = _canonical_splits(raw, name)
 
     features = splits["train"].features
@@ -109,7 +111,8 @@ def load_image_data(
 # ---------------------------------------------------------------- loading
 
 
-def _load_raw(dataset_name, config_name, train_dir, validation_dir, test_dir) -> tuple[DatasetDict, str]:
+def _load_raw(dataset_name, config_name, train_dir, validation_dir, test_dir,
+              cache_dir: str | None = None) -> tuple[DatasetDict, str]:
     if train_dir or validation_dir or test_dir:
         if not train_dir:
             raise UserError("--validation_dir/--test_dir need --train_dir as well")
@@ -125,13 +128,13 @@ def _load_raw(dataset_name, config_name, train_dir, validation_dir, test_dir) ->
                             f"({', '.join(classes) or 'none'}); an image folder needs one subfolder per class, "
                             "at least 2")
         try:
-            return load_dataset("imagefolder", data_files=files), str(train_dir)
+            return load_dataset("imagefolder", data_files=files, cache_dir=cache_dir), str(train_dir)
         except (OSError, ValueError) as exc:
             raise wrap_load_error("image folder", train_dir, exc) from exc
 
     name = dataset_name or "uoft-cs/cifar10"
     if name == DIGITS:
-        return digits_dataset(), "sklearn digits"
+        return digits_dataset(), DIGITS_NAME
     check_local_path("--dataset_name", name)
     path = Path(name)
     try:
@@ -140,9 +143,9 @@ def _load_raw(dataset_name, config_name, train_dir, validation_dir, test_dir) ->
         elif path.exists() or name.startswith((".", "/")):
             if not path.is_dir():
                 raise UserError(f"--dataset_name '{name}' is neither a directory nor a Hub data set id")
-            loaded = load_dataset(str(path), config_name)
+            loaded = load_dataset(str(path), config_name, cache_dir=cache_dir)
         else:
-            loaded = load_dataset(name, config_name)
+            loaded = load_dataset(name, config_name, cache_dir=cache_dir)
     except UserError:
         raise
     except (OSError, ValueError) as exc:  # ConnectionError, FileNotFoundError, DatasetNotFoundError, ...

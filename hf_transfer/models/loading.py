@@ -42,9 +42,10 @@ def load_model(
     image_size: int | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    cache_dir: str | None = None,
 ) -> LoadedModel:
     """Load `source` with a classification head for `label_names` and the input spec it expects."""
-    hub_kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
+    hub_kwargs = {"revision": revision, "trust_remote_code": trust_remote_code, "cache_dir": cache_dir}
     config, spec = _config_and_spec(source, from_scratch, hub_kwargs, "--model_name_or_path")
     old_names = [config.id2label[i] for i in sorted(config.id2label)] if config.id2label else []
 
@@ -82,9 +83,9 @@ def load_model(
 
 
 def load_teacher(source: str, label_names: list[str], *, revision: str | None = None,
-                 trust_remote_code: bool = False) -> LoadedModel:
+                 trust_remote_code: bool = False, cache_dir: str | None = None) -> LoadedModel:
     """A fine-tuned classifier to distil from: frozen, in eval mode, with the data set's labels."""
-    hub_kwargs = {"revision": revision, "trust_remote_code": trust_remote_code}
+    hub_kwargs = {"revision": revision, "trust_remote_code": trust_remote_code, "cache_dir": cache_dir}
     config, spec = _config_and_spec(source, False, hub_kwargs, "--teacher_model_name_or_path", what="teacher")
     names = [config.id2label[i] for i in sorted(config.id2label)]
     if names != list(label_names):
@@ -167,11 +168,12 @@ def _timm_spec(source: str, config, hub_kwargs: dict) -> ImageSpec:
 
 
 def checkpoint_family(source: str, *, from_scratch: bool = False, revision: str | None = None,
-                      trust_remote_code: bool = False) -> str:
+                      trust_remote_code: bool = False, cache_dir: str | None = None) -> str:
     """The family of a checkpoint from its config alone: the architecture is built on the meta
     device (no weights, no memory) and judged by `model_family`. Cheap enough to run before the
     arguments are parsed, so that the family's recipe can be their defaults."""
-    config, _ = _config_and_spec(source, from_scratch, {"revision": revision, "trust_remote_code": trust_remote_code})
+    config, _ = _config_and_spec(source, from_scratch, {"revision": revision, "trust_remote_code": trust_remote_code,
+                                                        "cache_dir": cache_dir})
     with torch.device("meta"):
         model = AutoModelForImageClassification.from_config(config, trust_remote_code=trust_remote_code)
     return model_family(model)

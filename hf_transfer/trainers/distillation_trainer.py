@@ -24,10 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
 
 from ..compat import dataset_fingerprint, deepspeed_dtype
 from ..losses import distillation_loss
 from ..on_device.preprocessing import ImageSpec, ToModelInput
+from ..tracking import forward_flops
 from .transfer_trainer import TransferTrainer
 
 logger = logging.getLogger(__name__)
@@ -41,6 +43,7 @@ class DistillationTrainer(TransferTrainer):
         self.teacher = self._prepare_teacher(teacher)
         self.teacher_input = ToModelInput(teacher_spec)
         self.teacher_logits: torch.Tensor | None = None  # (rows, classes), set by `use_cached_teacher_logits`
+        self._teacher_flops: int | None = None
         self._terms = {"ce_loss": 0.0, "kd_loss": 0.0}
         self._terms_count = 0
 
@@ -54,6 +57,15 @@ class DistillationTrainer(TransferTrainer):
             teacher.to(self.accelerator.device)  # prepare_model leaves placement to FSDP, which only shards the student
         # On the device, with the run's autocast, and not wrapped in DDP (evaluation mode).
         return self.accelerator.prepare_model(teacher, evaluation_mode=True)
+
+    def floating_point_ops(self, inputs: dict) -> int:
+        """The student's training FLOPs plus the teacher's forward (none when its logits are cached)."""
+        student = super().floating_point_ops(inputs)
+        if self.teacher_logits is not None or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return student
+        if self._teacher_flops is None:
+            self._teacher_flops = forward_flops(self.teacher, self.teacher_input.spec.size)
+        return student + self._teacher_flops * len(inputs["pixel_values"])
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:  # evaluation: the student alone, as in fine-tuning
@@ -86,10 +98,12 @@ class DistillationTrainer(TransferTrainer):
         super().log(logs, start_time)
 
     @torch.no_grad()
-    def teacher_predict(self, dataset) -> tuple[np.ndarray, np.ndarray]:
+    def teacher_predict(self, dataset, description: str = "teacher") -> tuple[np.ndarray, np.ndarray]:
         """The teacher's logits and the row numbers for a (non-augmented) split, gathered from all processes."""
         all_rows, all_logits = [], []
-        for batch in self.get_test_dataloader(dataset):
+        batches = tqdm(self.get_test_dataloader(dataset), desc=description, leave=False,
+                       disable=self.args.disable_tqdm or not self.is_local_process_zero())
+        for batch in batches:
             logits = self.teacher(pixel_values=self.cast_for_model(self.teacher_input(batch["pixel_values"]))).logits
             rows, logits = self.accelerator.gather_for_metrics((batch["row_index"], logits.float()))
             all_rows.append(rows.cpu())
@@ -97,7 +111,7 @@ class DistillationTrainer(TransferTrainer):
         return torch.cat(all_rows).numpy(), torch.cat(all_logits).numpy()
 
     def extra_test_metrics(self, dataset, output) -> dict[str, float]:
-        _, teacher_logits = self.teacher_predict(dataset)
+        _, teacher_logits = self.teacher_predict(dataset, "teacher on the test split")
         teacher_predictions = teacher_logits.argmax(-1)
         return {
             "test_teacher_accuracy": float((teacher_predictions == output.label_ids).mean()),
@@ -114,7 +128,7 @@ class DistillationTrainer(TransferTrainer):
             rows, logits = stored["rows"], stored["logits"]
             logger.info("teacher logits loaded from %s", path)
         else:
-            rows, logits = (torch.from_numpy(a) for a in self.teacher_predict(dataset))
+            rows, logits = (torch.from_numpy(a) for a in self.teacher_predict(dataset, "caching the teacher's logits"))
             if self.is_world_process_zero():
                 save_file({"rows": rows, "logits": logits}, str(path))
                 logger.info("teacher logits cached in %s", path)

@@ -81,6 +81,14 @@ class TransferConfig(TrainingArguments):
     )
 
     # Defaults that differ from TrainingArguments':
+    do_train: bool = field(
+        default=True, metadata={"help": "Train (--do_train false: evaluate --model_name_or_path as it is)."}
+    )
+    do_eval: bool = field(default=True, metadata={"help": "Evaluate the final model on the validation split."})
+    do_predict: bool = field(
+        default=True,
+        metadata={"help": "Evaluate the final model once on the test split (metrics, confusion matrix, predictions)."},
+    )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Keep False: the on-the-fly transforms need the raw columns."}
     )

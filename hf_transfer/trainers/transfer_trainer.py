@@ -13,7 +13,7 @@ The other overrides exist because the Trainer has no option for them:
 - `compute_loss`: cross-entropy with the soft targets mixup/CutMix produce (hard labels go
   through the Trainer's own loss), and no training on a NaN/inf loss.
 - `log`: adds the learning rate of each parameter group.
-- `push_to_hub`: the one push path, the finished output directory (`hub.py`).
+- `push_to_hub`, `_push_from_checkpoint`: one push path, `hub.py` (no pickles, no card but the run's).
 - `_load_from_checkpoint`, `_load_best_model`: a transformers 5 bug (`compat.py`).
 
 `DistillationTrainer` builds on this class and adds the teacher.
@@ -26,14 +26,16 @@ import os
 
 import torch
 from transformers import Trainer
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import HubStrategy, get_last_checkpoint
+from transformers.utils import PushInProgress
 
 from ..compat import deepspeed_dtype, load_checkpoint_weights
 from ..errors import UserError
-from ..hub import push_at_end
+from ..hub import push_at_end, push_checkpoint
 from ..losses import cross_entropy
 from ..on_device.mixing import BatchMix
 from ..on_device.preprocessing import ImageSpec, ToModelInput
+from ..tracking import forward_flops
 from .optimizer import param_groups, step_schedule, updates_per_epoch
 
 logger = logging.getLogger(__name__)
@@ -49,6 +51,7 @@ class TransferTrainer(Trainer):
     def __init__(self, *args, image_spec: ImageSpec, channels_last: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         self.to_model_input = ToModelInput(image_spec, channels_last=channels_last)
+        self._forward_flops: int | None = None  # of one image, measured at the first training step
         mixup, cutmix = self.args.mixup, self.args.cutmix
         self.batch_mix = BatchMix(self.model.config.num_labels, mixup, cutmix) if mixup or cutmix else None
 
@@ -66,6 +69,21 @@ class TransferTrainer(Trainer):
             # What a loss may need besides the model's input (the distillation teacher makes its own view).
             prepared.update(images=images, row_index=batch["row_index"])
         return prepared
+
+    def floating_point_ops(self, inputs: dict) -> int:
+        """A training batch's FLOPs (the Trainer's `total_flos`): forward x 3, at the model's input size.
+
+        The Trainer's own estimate counts the batch as it arrives, uint8 at storage size (a 32 px
+        CIFAR image is 49 times fewer pixels than the 224 px the model sees). The forward is
+        counted once (tracking.forward_flops); sharded models keep the Trainer's estimate, rescaled.
+        """
+        images = inputs["pixel_values"]
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            height, width = self.to_model_input.spec.size
+            return int(super().floating_point_ops(inputs) * height * width / (images.shape[-2] * images.shape[-1]))
+        if self._forward_flops is None:
+            self._forward_flops = forward_flops(self.accelerator.unwrap_model(self.model), self.to_model_input.spec.size)
+        return 3 * self._forward_flops * len(images)
 
     def cast_for_model(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # DeepSpeed holds the weights in its own dtype and, unlike autocast, does not cast inputs.
@@ -167,7 +185,25 @@ class TransferTrainer(Trainer):
         last; a failure keeps the run on disk and names the command that pushes it later."""
         if not self.is_world_process_zero():
             return None
-        return push_at_end(self.args, self.hub_model_id or self.args.hub_model_id, revision=revision or self.args.hub_revision)
+        url = push_at_end(self.args, self.hub_model_id or self.args.hub_model_id,
+                          revision=revision or self.args.hub_revision)
+        logger.info("pushed to %s", url)
+        return url
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """The pushes during training (--hub_strategy other than end) through hub.push_checkpoint: the
+        Trainer's own would upload its pickled arguments and, later, a card of its own (compat.py)."""
+        if not self.is_world_process_zero() or self.args.hub_strategy == HubStrategy.END:
+            return
+        if self.push_in_progress is not None and not self.push_in_progress.is_done() and not self.args.hub_always_push:
+            return  # the previous push is still going: skip this one, as the Trainer does
+        step = f"step {self.state.global_step}" if self.args.save_strategy == "steps" else f"epoch {int(self.state.epoch)}"
+        jobs = push_checkpoint(checkpoint_folder, self.hub_model_id, self.args.hub_strategy.value,
+                               f"Training in progress, {step}", revision=self.args.hub_revision)
+        if self.push_in_progress is None or self.push_in_progress.is_done():
+            self.push_in_progress = PushInProgress(jobs)
+        else:
+            self.push_in_progress.jobs.extend(jobs)
 
     # ---------------------------------------------------------------- logging
 
