@@ -14,6 +14,7 @@ real weights and from scratch (`--from_scratch`, the same architecture).
 Cells (each one `run_finetune.main(argv)`, the function `run_finetune.py` runs):
   defaults          no flag but the regime's: what a user gets
   crop              the defaults with random crops (--augmentation crop; the default on digits is none)
+  ema               the defaults with a weight EMA (--ema_decay 0.999)
   tutorial          --recipe tutorial
   sgd-*/adamw-*     SGD (momentum 0.9, Nesterov) and AdamW x 3 learning rates x clipping on (1.0) / off
   linear-probe      --freeze_backbone (pretrained only)
@@ -61,7 +62,8 @@ def sweep_cells() -> dict[str, list[str]]:
 
 def cells_for(init: str) -> dict[str, list[str] | None]:
     """The cells of one (regime, init); None marks a cell whose flags depend on the defaults' run."""
-    cells = {"defaults": [], "crop": ["--augmentation", "crop"], "tutorial": ["--recipe", "tutorial"],
+    cells = {"defaults": [], "crop": ["--augmentation", "crop"], "ema": ["--ema_decay", "0.999"],
+             "tutorial": ["--recipe", "tutorial"],
              **sweep_cells()}
     if init == "pretrained":
         cells.update({"linear-probe": ["--freeze_backbone"], "progressive": None})
@@ -280,7 +282,7 @@ def main() -> None:
             for cell, flags in cells_for(init).items():
                 if wanted is not None and cell not in wanted:
                     continue
-                for seed in seeds if (cell in ("defaults", "crop") or is_sweep(cell)) else range(1):
+                for seed in seeds if (cell in ("defaults", "crop", "ema") or is_sweep(cell)) else range(1):
                     if (regime, init, cell, seed) not in done:
                         cell_flags = progressive_flags(records, regime) if flags is None else flags
                         record(run_cell(checkpoint, regime, init, cell, cell_flags, seed, workdir, args.workers))

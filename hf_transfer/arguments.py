@@ -22,7 +22,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from .data.augmentation import AUGMENTATIONS
+from .data.augmentation import check_augmentation
 from .errors import UserError
 from .models.loading import checkpoint_family
 from .models.presets import find_preset, preset_help
@@ -61,6 +61,11 @@ class ModelArguments:
     trust_remote_code: bool = field(
         default=False, metadata={"help": "Allow code from the checkpoint's repository to run (off by default)."}
     )
+    drop_path_rate: float | None = field(
+        default=None,
+        metadata={"help": "Stochastic depth (drop path) rate for models that have it (timm models, ConvNeXt, Swin, "
+                          "BEiT, ...): blocks are skipped at random in training, up to this rate for the last one."},
+    )
     cache_dir: str | None = field(
         default=None,
         metadata={"help": "Where downloaded checkpoints and data sets are stored (default: the Hugging Face cache)."},
@@ -72,6 +77,8 @@ class ModelArguments:
     def __post_init__(self):
         if self.image_size is not None and self.image_size <= 0:
             raise ValueError(f"--image_size must be a positive number of pixels, got {self.image_size}")
+        if self.drop_path_rate is not None and not 0 <= self.drop_path_rate < 1:
+            raise ValueError(f"--drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
 
 
 @dataclass
@@ -125,9 +132,13 @@ class DataArguments:
     )
     augmentation: str = field(
         default="auto",
-        metadata={"help": "Training augmentation: none, crop (random crop, 1/8 padding), basic (crop + horizontal flip), "
-                          "strong; auto is basic on CIFAR-10/100 and none elsewhere (no flips unless known to be safe).",
-                  "choices": list(AUGMENTATIONS)},
+        metadata={"help": "Training augmentation: a preset (none, crop, flip, basic = crop + flip, strong, randaugment, "
+                          "trivialaugment) or several joined by '+', e.g. crop+randaugment; auto is basic on "
+                          "CIFAR-10/100 and none elsewhere (no flips unless known to be safe)."},
+    )
+    random_erasing: float = field(
+        default=0.0,
+        metadata={"help": "Probability of blanking a random rectangle of each training image (after --augmentation)."},
     )
     skip_corrupt_images: bool = field(
         default=False,
@@ -136,6 +147,9 @@ class DataArguments:
     )
 
     def __post_init__(self):
+        check_augmentation(self.augmentation)
+        if not 0 <= self.random_erasing <= 1:
+            raise ValueError(f"--random_erasing must be a probability in [0, 1], got {self.random_erasing}")
         if not 0 < self.validation_split < 1:
             raise ValueError(f"--validation_split must be between 0 and 1 (exclusive), got {self.validation_split}")
         if self.max_train_samples is not None and self.max_train_samples < 1:

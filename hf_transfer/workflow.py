@@ -27,6 +27,7 @@ from .data.samples import EpochCallback, UInt8Collator
 from .errors import Preempted, UserError
 from .hub import check_push_possible
 from .launch import check_launch
+from .losses import balanced_class_weights
 from .metrics import ComputeMetrics, write_test_report
 from .model_card import CardInfo, write_model_card
 from .models.loading import LoadedModel, load_model
@@ -60,7 +61,7 @@ def load_trained_model(model_args, source: str, data: ImageData) -> LoadedModel:
     return load_model(
         source, data.label_names, from_scratch=model_args.from_scratch, image_size=model_args.image_size,
         revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code,
-        cache_dir=model_args.cache_dir,
+        cache_dir=model_args.cache_dir, drop_path_rate=model_args.drop_path_rate,
     )
 
 
@@ -93,7 +94,24 @@ def trainer_kwargs(args, data: ImageData, loaded: LoadedModel, run_config: dict 
         callbacks=callbacks,
         image_spec=loaded.spec,
         channels_last=channels_last,
+        class_weights=class_weights(args, data),
     )
+
+
+def class_weights(args, data: ImageData) -> torch.Tensor | None:
+    """--class_weights for this data set: one per class, or 'auto' from the training split's label counts."""
+    if args.class_weights is None:
+        return None
+    explicit = args.explicit_class_weights()
+    if explicit is not None:
+        if len(explicit) != len(data.label_names):
+            raise UserError(f"--class_weights has {len(explicit)} weights for {len(data.label_names)} classes "
+                            f"({', '.join(data.label_names[:4])}{', ...' if len(data.label_names) > 4 else ''})")
+        return torch.tensor(explicit)
+    labels = torch.tensor(data.train.with_format(None)[data.label_column])
+    weights = balanced_class_weights(torch.bincount(labels, minlength=len(data.label_names)))
+    logger.info("class weights (auto): %s", ", ".join(f"{n} {w:.2f}" for n, w in zip(data.label_names, weights)))
+    return weights
 
 
 @dataclass
@@ -241,10 +259,10 @@ def _callback(trainer, kind):
     return next((c for c in trainer.callback_handler.callbacks if isinstance(c, kind)), None)
 
 
-def hyperparameters(args, **extra) -> dict[str, object]:
+def hyperparameters(args, model_args, data_args, **extra) -> dict[str, object]:
     """The settings that matter, for the model card."""
     world = max(1, args.world_size)
-    summary = dict(extra)
+    summary = dict(extra, augmentation=data_args.augmentation, recipe=model_args.recipe)
     summary.update({
         "epochs": args.num_train_epochs if args.max_steps <= 0 else f"{args.max_steps} steps",
         "batch size (total)": args.per_device_train_batch_size * args.gradient_accumulation_steps * world,
@@ -260,6 +278,8 @@ def hyperparameters(args, **extra) -> dict[str, object]:
         "seed": args.seed,
     })
     optional = {"label smoothing": args.label_smoothing_factor, "mixup": args.mixup, "cutmix": args.cutmix,
+                "weight EMA decay": args.ema_decay, "class weights": args.class_weights,
+                "drop path rate": model_args.drop_path_rate, "random erasing": data_args.random_erasing,
                 "backbone lr scale": args.backbone_lr_scale if args.backbone_lr_scale != 1.0 else 0,
                 "layer decay": args.layer_decay}
     summary.update({key: value for key, value in optional.items() if value})

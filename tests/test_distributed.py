@@ -135,7 +135,8 @@ def assert_sharded(rows: Path, train_rows: int):
 @pytest.mark.slow
 def test_two_process_finetune_with_unfreezing_matches_one_process(tiny_vit, cifar_like, tmp_path):
     common = ["--model_name_or_path", tiny_vit, "--dataset_name", cifar_like, "--num_train_epochs", "2",
-              "--max_train_samples", "40", "--augmentation", "none", "--unfreeze_schedule", "0:head,1:all",
+              "--max_train_samples", "40", "--augmentation", "crop+randaugment", "--random_erasing", "0.25",
+              "--class_weights", "auto", "--ema_decay", "0.9", "--unfreeze_schedule", "0:head,1:all",
               "--learning_rate", "0.01", "--seed", "3", "--save_total_limit", "5", *quick_flags()]
     two = tmp_path / "two"
     proc = launch(tmp_path, "finetune", [*common, "--output_dir", str(two), "--per_device_train_batch_size", "4"])
@@ -153,6 +154,18 @@ def test_two_process_finetune_with_unfreezing_matches_one_process(tiny_vit, cifa
                                 for p in (tiny_vit, epoch_0, epoch_1))
     key = "vit.layers.0.mlp.fc1.weight"
     assert torch.equal(after_0[key], before[key]) and not torch.equal(after_1[key], before[key])
+
+
+@pytest.mark.slow
+def test_two_process_run_with_drop_path(tiny_resnet, cifar_like, tmp_path):
+    """Stochastic depth draws differ per process (so no 1-process twin); the 2-process run must just work."""
+    out = tmp_path / "two"
+    proc = launch(tmp_path, "finetune", ["--model_name_or_path", tiny_resnet, "--dataset_name", cifar_like,
+                                         "--output_dir", str(out), "--max_steps", "4", "--drop_path_rate", "0.2",
+                                         "--ema_decay", "0.9", *quick_flags()])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((out / "config.json").read_text())["model_args"]["drop_path_rate"] == 0.2
+    assert results(out)["test_samples"] == 48 and list(out.glob("checkpoint-*/ema.safetensors"))
 
 
 @pytest.mark.slow

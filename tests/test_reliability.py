@@ -35,12 +35,13 @@ from hf_transfer.workflow import trainer_kwargs
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_flags(model, data, out):
-    """12 steps (2 epochs of 6), a checkpoint every 2 steps, augmentation on: the run the interruption tests repeat."""
+def run_flags(model, data, out, *extra):
+    """12 steps (2 epochs of 6), a checkpoint every 2 steps, augmentation (with RandAugment and random erasing),
+    class weights and weight EMA on: the run the interruption tests repeat, so that each must resume exactly."""
     return ["--model_name_or_path", model, "--dataset_name", data, "--output_dir", str(out), "--num_train_epochs", "2",
             "--save_strategy", "steps", "--save_steps", "2", "--eval_strategy", "steps", "--eval_steps", "2",
-            "--save_total_limit", "20", "--seed", "7",
-            "--augmentation", "basic", *quick_flags()]
+            "--save_total_limit", "20", "--seed", "7", "--augmentation", "basic+randaugment", "--random_erasing",
+            "0.25", "--class_weights", "auto", "--ema_decay", "0.9", *extra, *quick_flags()]
 
 
 def start(flags, sleep=0.0):
@@ -98,6 +99,25 @@ def test_sigkill_mid_epoch_then_the_same_command_finishes_bit_identical(uninterr
     resumed_from = [line for line in err.splitlines() if "resuming from checkpoint" in line]
     assert len(resumed_from) == 1 and resumed_from[0].endswith(newest), resumed_from
     assert_identical(uninterrupted, out)
+
+
+@pytest.mark.slow
+def test_sigkill_with_drop_path_resumes_bit_identical(tiny_resnet, cifar_like, tmp_path):
+    """Stochastic depth draws from the RNG every step: the resumed run must restore it exactly too."""
+    reference = tmp_path / "reference"
+    done = start(run_flags(tiny_resnet, cifar_like, reference, "--drop_path_rate", "0.2"))
+    assert done.communicate(timeout=300) and done.returncode == 0
+    out = tmp_path / "run"
+    flags = run_flags(tiny_resnet, cifar_like, out, "--drop_path_rate", "0.2")
+    process = start(flags, sleep=0.3)
+    wait_for(out / "checkpoint-4", process)
+    process.kill()
+    process.wait()
+    again = start(flags)
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-3000:]
+    assert "resuming from checkpoint" in err
+    assert_identical(reference, out)
 
 
 @pytest.mark.slow
@@ -299,7 +319,7 @@ def cli(main, argv, capsys) -> tuple[int, str]:
     (["--image_size", "-3"], "--image_size must be a positive number"),
     (["--unfreeze_schedule", "0:head,1:top"], "unknown stage 'top'"),
     (["--max_nan_steps", "-1"], "--max_nan_steps must be >= 0"),
-    (["--augmentation", "wild"], "argument --augmentation: invalid choice: 'wild'"),
+    (["--augmentation", "wild"], "--augmentation: unknown preset 'wild'"),
     (["--learning_rate", "fast"], "invalid float value: 'fast'"),
 ])
 def test_invalid_values_are_one_line_and_exit_2(flags, message, tmp_path, capsys):

@@ -217,6 +217,8 @@ def test_cutmix_pastes_a_box_per_sample_and_labels_follow_its_area():
 
 def test_mixup_and_cutmix_train_in_both_scripts(cifar_teacher, tiny_resnet, cifar_like, tmp_path, monkeypatch):
     """Both scripts train on the mixed soft targets, with label smoothing, every step."""
+    import inspect
+
     from hf_transfer.trainers import distillation_trainer, transfer_trainer
 
     seen = []
@@ -224,10 +226,11 @@ def test_mixup_and_cutmix_train_in_both_scripts(cifar_teacher, tiny_resnet, cifa
     def spy(module, name):
         original = getattr(module, name)
 
-        def recorded(logits, *args, **kwargs):
-            targets = args[0] if name == "cross_entropy" else args[1]
-            seen.append((name, tuple(targets.shape), kwargs.get("label_smoothing", args[-1] if args else None)))
-            return original(logits, *args, **kwargs)
+        def recorded(*args, **kwargs):
+            bound = inspect.signature(original).bind(*args, **kwargs)
+            targets = bound.arguments["targets" if name == "cross_entropy" else "labels"]
+            seen.append((name, tuple(targets.shape), bound.arguments.get("label_smoothing")))
+            return original(*args, **kwargs)
 
         monkeypatch.setattr(module, name, recorded)
 

@@ -48,9 +48,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         raise UserError("run_distill.py trains a student; to evaluate a trained one as it is use "
                         "run_finetune.py --model_name_or_path STUDENT --do_train false")
     data_args.augmentation = resolve_augmentation(data_args.augmentation, data_args.train_dir or data_args.dataset_name)
-    if args.cache_teacher_logits and data_args.augmentation != "none":
-        raise UserError(f"--cache_teacher_logits needs --augmentation none (this run's is {data_args.augmentation}): "
-                        "with augmentation the teacher must see every new view of an image")
+    if args.cache_teacher_logits and (data_args.augmentation != "none" or data_args.random_erasing):
+        raise UserError(f"--cache_teacher_logits needs --augmentation none and no --random_erasing (this run's "
+                        f"augmentation is {data_args.augmentation}): with augmentation the teacher must see every "
+                        "new view of an image")
     check_setup(args)
     source = resolve_source(student_args.model, student_args.model_name_or_path, StudentArguments.default_model)
     record = run_args.shaping(student_args, data_args, args)
@@ -72,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     # attach_transforms, which changes the data set's fingerprint.
     cache_path = (teacher_cache_path(args.output_dir, teacher.model, teacher.spec, data.train)
                   if args.cache_teacher_logits else None)
-    attach_transforms(data, data_args.augmentation, args.seed)
+    attach_transforms(data, data_args.augmentation, args.seed, data_args.random_erasing)
     run_config = {**asdict(student_args), **asdict(data_args)}
     trainer = DistillationTrainer(teacher=teacher.model, teacher_spec=teacher.spec,
                                   **trainer_kwargs(args, data, student, run_config, tags=["distillation"]))
@@ -82,9 +83,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         model_name=args.output_dir, base_model=source, from_scratch=student_args.from_scratch,
         dataset=data.name, label_names=data.label_names, teacher=teacher.source,
         hyperparameters=hyperparameters(
-            args, model=source, family=student.family, image_size=student.spec.size[0],
-            augmentation=data_args.augmentation, recipe=student_args.recipe, teacher=teacher.source,
-            alpha=args.alpha, temperature=args.temperature,
+            args, student_args, data_args, model=source, family=student.family, image_size=student.spec.size[0],
+            teacher=teacher.source, alpha=args.alpha, temperature=args.temperature,
         ),
     )
     save_run_args(args, "distill", record, argv, card)

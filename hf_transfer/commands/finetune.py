@@ -62,14 +62,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
     logger.info("model %s (%s), input %s, %d labels, augmentation %s", source, loaded.family, loaded.spec.size,
                 len(data.label_names), data_args.augmentation)
 
-    attach_transforms(data, data_args.augmentation, args.seed)
+    attach_transforms(data, data_args.augmentation, args.seed, data_args.random_erasing)
     run_config = {**asdict(model_args), **asdict(data_args)}
     trainer = TransferTrainer(**trainer_kwargs(args, data, loaded, run_config, tags=["fine-tuning"]))
     card = CardInfo(
         model_name=args.output_dir, base_model=source, from_scratch=model_args.from_scratch,
         dataset=data.name, label_names=data.label_names,
-        hyperparameters=hyperparameters(args, model=source, family=loaded.family, image_size=loaded.spec.size[0],
-                                        augmentation=data_args.augmentation, recipe=model_args.recipe),
+        hyperparameters=hyperparameters(args, model_args, data_args, model=source, family=loaded.family,
+                                        image_size=loaded.spec.size[0]),
     )
     save_run_args(args, "finetune", record, argv, card)
     return train_and_evaluate(trainer, data, card, output.resume_from)

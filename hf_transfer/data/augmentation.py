@@ -1,10 +1,12 @@
 """Training augmentation, applied per sample on the CPU to uint8 images at storage resolution.
 
 Each image gets its own random draw (the transforms run once per image, in the DataLoader
-workers), seeded by (run seed, epoch, row): see `sample_seed`. Working at storage resolution keeps this cheap: a 32x32 CIFAR image costs a few
+workers), seeded by (run seed, epoch, row): see `sample_seed`, so a resumed run draws the same
+views. Working at storage resolution keeps this cheap: a 32x32 CIFAR image costs a few
 microseconds, where the same work at 224 px would cost fifty times as much.
 
-Presets (`--augmentation`):
+`--augmentation` is a preset, or presets joined by `+` (applied in that order, e.g.
+`crop+randaugment`):
 - auto:   the default: `basic` for the natural-photo data sets it is known to help and whose
           classes survive a left-right mirror (CIFAR-10/100), `none` elsewhere. Digits, text and
           many medical images change class when mirrored, and nothing in a data set says whether
@@ -12,9 +14,13 @@ Presets (`--augmentation`):
           and gained nothing beyond noise from real weights (benchmarks/transfer.py).
 - none:   no augmentation (deterministic).
 - crop:   random crop with 1/8 padding.
-- basic:  the tutorial's: random crop with 1/8 padding, horizontal flip.
+- flip:   horizontal flip.
+- basic:  the tutorial's: crop + flip.
 - strong: the tutorial's aggressive set (random resized crop scale 0.8-1.0, flip, rotation
           10 degrees, colour jitter 0.2) followed by TrivialAugment.
+- randaugment:    RandAugment, 2 operations at magnitude 9 (timm's rand-m9-n2).
+- trivialaugment: TrivialAugment (one operation, random magnitude).
+`--random_erasing P` then blanks a random rectangle of each image with probability P.
 """
 
 from __future__ import annotations
@@ -22,9 +28,20 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2
 
-AUGMENTATIONS = ("auto", "none", "crop", "basic", "strong")
+PRESETS = ("none", "crop", "flip", "basic", "strong", "randaugment", "trivialaugment")
+AUGMENTATIONS = ("auto", *PRESETS)
 # Natural-photo data sets whose classes survive a left-right mirror, where crops and flips are the standard.
 MIRROR_SAFE = ("uoft-cs/cifar10", "cifar10", "uoft-cs/cifar100", "cifar100")
+
+
+def check_augmentation(spec: str) -> None:
+    """`auto`, or presets joined by `+`; a ValueError names the unknown part."""
+    if spec == "auto":
+        return
+    unknown = [part for part in spec.split("+") if part not in PRESETS]
+    if unknown:
+        raise ValueError(f"--augmentation: unknown preset '{unknown[0]}'; use auto, or one or more of "
+                         f"{', '.join(PRESETS)} joined by '+'")
 
 
 def resolve_augmentation(preset: str, dataset_name: str) -> str:
@@ -47,15 +64,17 @@ def sample_seed(seed: int, epoch: int, row: int) -> int:
 class Augmentation:
     """Callable on one uint8 CHW tensor; builds (and caches) the transform for each image size."""
 
-    def __init__(self, preset: str):
-        if preset not in AUGMENTATIONS or preset == "auto":
-            raise ValueError(f"unknown augmentation '{preset}'; choose one of: {', '.join(AUGMENTATIONS)}")
-        self.preset = preset
+    def __init__(self, preset: str, random_erasing: float = 0.0):
+        check_augmentation(preset)
+        if preset == "auto":
+            raise ValueError("resolve 'auto' for the data set first (resolve_augmentation)")
+        self.parts = [part for part in preset.split("+") if part != "none"]
+        self.random_erasing = random_erasing
         self._by_size: dict[tuple[int, int], v2.Transform] = {}
 
     def __call__(self, image: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         """Augment one image; with `seed`, the draw depends on the seed alone (see `sample_seed`)."""
-        if self.preset == "none":
+        if not self.parts and not self.random_erasing:
             return image
         size = (image.shape[-2], image.shape[-1])
         if size not in self._by_size:
@@ -73,14 +92,21 @@ class Augmentation:
             generator.set_state(state)
 
     def _build(self, size: tuple[int, int]) -> v2.Transform:
-        if self.preset in ("crop", "basic"):
-            padding = max(1, round(min(size) / 8))  # CIFAR: 4 px, as in the tutorial
-            crop = v2.RandomCrop(size, padding=padding)
-            return crop if self.preset == "crop" else v2.Compose([crop, v2.RandomHorizontalFlip()])
-        return v2.Compose([
-            v2.RandomResizedCrop(size, scale=(0.8, 1.0), antialias=True),
-            v2.RandomHorizontalFlip(),
-            v2.RandomRotation(10),
-            v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
-            v2.TrivialAugmentWide(),
-        ])
+        steps = [step for part in self.parts for step in _steps(part, size)]
+        if self.random_erasing:
+            steps.append(v2.RandomErasing(p=self.random_erasing, value=0))
+        return v2.Compose(steps)
+
+
+def _steps(part: str, size: tuple[int, int]) -> list[v2.Transform]:
+    padding = max(1, round(min(size) / 8))  # CIFAR: 4 px, as in the tutorial
+    return {
+        "crop": lambda: [v2.RandomCrop(size, padding=padding)],
+        "flip": lambda: [v2.RandomHorizontalFlip()],
+        "basic": lambda: [v2.RandomCrop(size, padding=padding), v2.RandomHorizontalFlip()],
+        "strong": lambda: [v2.RandomResizedCrop(size, scale=(0.8, 1.0), antialias=True), v2.RandomHorizontalFlip(),
+                           v2.RandomRotation(10), v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
+                           v2.TrivialAugmentWide()],
+        "randaugment": lambda: [v2.RandAugment(num_ops=2, magnitude=9)],
+        "trivialaugment": lambda: [v2.TrivialAugmentWide()],
+    }[part]()

@@ -29,9 +29,9 @@ class EpochCallback(TrainerCallback):
         self.epoch.fill_(math.floor((state.epoch or 0.0) + 1e-6))
 
 
-def attach_transforms(data: ImageData, augmentation: str, seed: int = 42) -> None:
+def attach_transforms(data: ImageData, augmentation: str, seed: int = 42, random_erasing: float = 0.0) -> None:
     """Decode (and augment the train split) on the fly, per sample, in uint8."""
-    for split, ds, aug in (("train", data.train, Augmentation(augmentation)),
+    for split, ds, aug in (("train", data.train, Augmentation(augmentation, random_erasing)),
                            ("validation", data.validation, None), ("test", data.test, None)):
         if ds is not None:
             transform = SampleTransform(data.image_column, data.label_column, split, aug, seed, data.epoch)

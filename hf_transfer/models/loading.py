@@ -43,6 +43,7 @@ def load_model(
     revision: str | None = None,
     trust_remote_code: bool = False,
     cache_dir: str | None = None,
+    drop_path_rate: float | None = None,
 ) -> LoadedModel:
     """Load `source` with a classification head for `label_names` and the input spec it expects."""
     hub_kwargs = {"revision": revision, "trust_remote_code": trust_remote_code, "cache_dir": cache_dir}
@@ -53,6 +54,7 @@ def load_model(
         "num_labels": len(label_names),
         "id2label": dict(enumerate(label_names)),
         "label2id": {name: i for i, name in enumerate(label_names)},
+        **_drop_path(config, drop_path_rate),
     }
     if from_scratch:
         for key, value in labels.items():
@@ -80,6 +82,19 @@ def load_model(
     set_fsdp_units(model)
     drop_timm_pretrained_cfg(model.config)
     return LoadedModel(model=model, spec=spec, family=model_family(model), source=source, head_reset=head_reset)
+
+
+def _drop_path(config, rate: float | None) -> dict:
+    """The config change that turns on stochastic depth at `rate` (timm: a model argument; transformers: the
+    config's own `drop_path_rate`), or a one-line refusal for models without it."""
+    if rate is None:
+        return {}
+    if config.model_type == "timm_wrapper":
+        return {"model_args": {**(getattr(config, "model_args", None) or {}), "drop_path_rate": rate}}
+    if hasattr(config, "drop_path_rate"):
+        return {"drop_path_rate": rate}
+    raise UserError(f"--drop_path_rate: {config.model_type} models have no stochastic depth in transformers; "
+                    "timm checkpoints (timm/..., e.g. --model vit-tiny or resnet50) and ConvNeXt, Swin, BEiT have it")
 
 
 def load_teacher(source: str, label_names: list[str], *, revision: str | None = None,

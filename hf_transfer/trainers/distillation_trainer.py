@@ -81,6 +81,7 @@ class DistillationTrainer(TransferTrainer):
         loss, ce, kd = distillation_loss(
             outputs.logits, teacher_logits, inputs["labels"], self.args.alpha, self.args.temperature,
             num_items_in_batch=num_items_in_batch, label_smoothing=self.args.label_smoothing_factor,
+            class_weights=self.class_weights,
         )
         loss = self.skip_if_not_finite(self.scale_for_devices(loss, num_items_in_batch), model)
         self._terms["ce_loss"] += ce

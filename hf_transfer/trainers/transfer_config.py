@@ -69,6 +69,17 @@ class TransferConfig(TrainingArguments):
         default=0,
         metadata={"help": "Training steps with a NaN/inf loss to skip before stopping the run (0: stop at the first)."},
     )
+    class_weights: str | None = field(
+        default=None,
+        metadata={"help": "Weight the cross-entropy per class, for imbalanced data: 'auto' (inversely to each class's "
+                          "share of the training set) or one weight per class, comma-separated."},
+    )
+    ema_decay: float | None = field(
+        default=None,
+        metadata={"help": "Keep an exponential moving average of the weights with this decay per optimizer step "
+                          "(e.g. 0.999; timm's ModelEmaV3 with warm-up); it is evaluated, chosen by and saved. "
+                          "Off by default."},
+    )
     min_train_steps: int = field(
         default=200,
         metadata={"help": "Unless --num_train_epochs or --max_steps is given: train 3 epochs, or as many more as it takes "
@@ -162,6 +173,7 @@ class TransferConfig(TrainingArguments):
             (self.mixup >= 0 and self.cutmix >= 0, "--mixup and --cutmix must be >= 0"),
             (self.max_nan_steps >= 0, f"--max_nan_steps must be >= 0, got {self.max_nan_steps}"),
             (self.min_train_steps >= 0, f"--min_train_steps must be >= 0, got {self.min_train_steps}"),
+            (self.ema_decay is None or 0 < self.ema_decay < 1, f"--ema_decay must be in (0, 1), got {self.ema_decay}"),
             (0 <= self.label_smoothing_factor < 1,
              f"--label_smoothing_factor must be in [0, 1), got {self.label_smoothing_factor}"),
             (not (self.freeze_backbone and self.unfreeze_schedule),
@@ -171,6 +183,7 @@ class TransferConfig(TrainingArguments):
             if not ok:
                 raise ValueError(message)
         self.stage_schedule()  # checks the schedule's syntax and stage names
+        self.explicit_class_weights()  # checks their syntax
         self._check_device()
         optim = getattr(self.optim, "value", self.optim)
         if optim not in SUPPORTED_OPTIMIZERS:
@@ -190,6 +203,19 @@ class TransferConfig(TrainingArguments):
         if self.bf16 and not self.use_cpu and not is_torch_bf16_gpu_available():
             raise ValueError("--bf16 needs a GPU and this machine has none: add --use_cpu for bfloat16 autocast on "
                              "the CPU, or drop --bf16")
+
+    def explicit_class_weights(self) -> list[float] | None:
+        """The weights given one per class (None for none or 'auto', which needs the data set)."""
+        if self.class_weights in (None, "auto"):
+            return None
+        try:
+            weights = [float(w) for w in self.class_weights.split(",")]
+        except ValueError:
+            weights = []
+        if not weights or any(w < 0 for w in weights):
+            raise ValueError(f"--class_weights must be 'auto' or comma-separated non-negative numbers, got "
+                             f"'{self.class_weights}'")
+        return weights
 
     def stage_schedule(self) -> list[tuple[int, str]] | None:
         """The unfreezing schedule the flags ask for, or None when everything trains from the start."""

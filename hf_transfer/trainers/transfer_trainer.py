@@ -10,11 +10,13 @@ The other overrides exist because the Trainer has no option for them:
 - `create_optimizer`: parameter groups with per-layer learning rates, no weight decay on
   biases and norms, and every parameter included so that layers unfrozen later train.
 - `create_scheduler`: adds the tutorial's step decay to the Trainer's schedules.
-- `compute_loss`: cross-entropy with the soft targets mixup/CutMix produce (hard labels go
-  through the Trainer's own loss), and no training on a NaN/inf loss.
+- `compute_loss`: cross-entropy with the soft targets mixup/CutMix produce and with class weights
+  (otherwise the Trainer's own loss), and no training on a NaN/inf loss.
 - `log`: adds the learning rate of each parameter group.
 - `push_to_hub`, `_push_from_checkpoint`: one push path, `hub.py` (no pickles, no card but the run's).
-- `_load_from_checkpoint`, `_load_best_model`: a transformers 5 bug (`compat.py`).
+- `_load_from_checkpoint`, `_load_best_model`: a transformers 5 bug (`compat.py`); with EMA, they
+  also restore the average.
+- `train`, `evaluate`, `_save_checkpoint`: the weight EMA (`--ema_decay`, `ema.py`).
 
 `DistillationTrainer` builds on this class and adds the teacher.
 """
@@ -23,10 +25,11 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import torch
 from transformers import Trainer
-from transformers.trainer_utils import HubStrategy, get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, get_last_checkpoint
 from transformers.utils import PushInProgress
 
 from ..compat import deepspeed_dtype, load_checkpoint_weights
@@ -36,6 +39,7 @@ from ..losses import cross_entropy
 from ..on_device.mixing import BatchMix
 from ..on_device.preprocessing import ImageSpec, ToModelInput
 from ..tracking import forward_flops
+from .ema import EmaCallback, WeightEma, swapped_weights
 from .optimizer import param_groups, step_schedule, updates_per_epoch
 
 logger = logging.getLogger(__name__)
@@ -46,14 +50,21 @@ class NonFiniteLossError(UserError):
 
 
 class TransferTrainer(Trainer):
-    """`image_spec`: the input the model expects (size, mean, std), made on the device from each uint8 batch."""
+    """`image_spec`: the input the model expects (size, mean, std), made on the device from each uint8 batch;
+    `class_weights`: per-class weights of the training cross-entropy (None: unweighted)."""
 
-    def __init__(self, *args, image_spec: ImageSpec, channels_last: bool = False, **kwargs):
+    def __init__(self, *args, image_spec: ImageSpec, channels_last: bool = False,
+                 class_weights: torch.Tensor | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.class_weights = class_weights  # (classes,), from --class_weights and the training labels
         self.to_model_input = ToModelInput(image_spec, channels_last=channels_last)
         self._forward_flops: int | None = None  # of one image, measured at the first training step
         mixup, cutmix = self.args.mixup, self.args.cutmix
         self.batch_mix = BatchMix(self.model.config.num_labels, mixup, cutmix) if mixup or cutmix else None
+        self.ema = WeightEma(self.model, self.args.ema_decay) if self.args.ema_decay else None
+        self._raw_weights: dict | None = None  # once the EMA weights are the model's, the raw ones (for eval_raw_*)
+        if self.ema is not None:
+            self.add_callback(EmaCallback(self.ema))
 
     # ---------------------------------------------------------------- inputs
 
@@ -96,12 +107,14 @@ class TransferTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {key: inputs[key] for key in ("pixel_values", "labels") if key in inputs}
         labels = inputs.get("labels")
-        if labels is None or labels.ndim == 1:  # hard labels: the Trainer's own loss
+        weights = self.class_weights if model.training else None  # evaluation losses stay comparable across runs
+        if labels is None or (labels.ndim == 1 and weights is None):  # hard labels: the Trainer's own loss
             loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-        else:  # soft targets from mixup/CutMix
+        else:  # soft targets from mixup/CutMix, or class weights
             targets = inputs.pop("labels")
             outputs = model(**inputs)
-            loss = cross_entropy(outputs.logits, targets, num_items_in_batch, self.args.label_smoothing_factor)
+            loss = cross_entropy(outputs.logits, targets, num_items_in_batch, self.args.label_smoothing_factor,
+                                 weights)
             loss = self.scale_for_devices(loss, num_items_in_batch)
         if model.training:
             loss = self.skip_if_not_finite(loss, model)
@@ -157,15 +170,50 @@ class TransferTrainer(Trainer):
             return self.lr_scheduler
         return super().create_scheduler(num_training_steps, optimizer)
 
+    # ---------------------------------------------------------------- weight EMA (trainers/ema.py)
+
+    def train(self, *args, **kwargs):
+        result = super().train(*args, **kwargs)
+        if self.ema is not None:  # the run ends with the EMA weights (of the best checkpoint, when one was loaded)
+            self._raw_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.model.load_state_dict(self.ema.state_dict())
+        return result
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """With EMA, the EMA weights are the ones scored (and chosen by); the raw ones come as `<prefix>_raw_*`."""
+        if self.ema is None:
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if self._raw_weights is None:  # training: the model holds the raw weights
+            raw = super().evaluate(eval_dataset, ignore_keys, f"{metric_key_prefix}_raw")
+            with swapped_weights(self.model, self.ema.state_dict()):
+                averaged = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        else:  # after training: the model holds the EMA weights
+            with swapped_weights(self.model, self._raw_weights):
+                raw = super().evaluate(eval_dataset, ignore_keys, f"{metric_key_prefix}_raw")
+            averaged = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        return {**averaged, **{k: v for k, v in raw.items() if "accuracy" in k or k.endswith("_loss")}}
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The EMA first, then the Trainer's checkpoint (whose trainer_state.json, written last, marks it complete)."""
+        if self.ema is not None and self.args.should_save:
+            self.ema.save(Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        super()._save_checkpoint(model, trial)
+
     # ---------------------------------------------------------------- loading checkpoints
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if not self._load_whole(resume_from_checkpoint, model):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.ema is not None and not self.ema.load(resume_from_checkpoint):
+            logger.warning("checkpoint %s has no EMA weights: the average restarts from its weights",
+                           resume_from_checkpoint)
+            self.ema.restart(self.accelerator.unwrap_model(model if model is not None else self.model))
 
     def _load_best_model(self) -> None:
         if not self._load_whole(self.state.best_model_checkpoint):
             super()._load_best_model()
+        if self.ema is not None:
+            self.ema.load(self.state.best_model_checkpoint)
 
     def _load_whole(self, checkpoint: str, model=None) -> bool:
         """Every layer of a checkpoint, as `from_pretrained` reads it (`compat.load_checkpoint_weights`);
