@@ -18,16 +18,18 @@ def test_every_benchmark_mode_runs_and_the_summary_has_the_goal_ratios(tmp_path)
     benchmark.make_dataset(tmp_path / "data", n_train=96, n_eval=16)
     cfg = {"data": str(tmp_path / "data"), "out": str(tmp_path / "out"), "steps": 7, "batch_size": 8, "workers": 0,
            "image_size": 32, "bf16": False, "threads": 0, **benchmark.make_checkpoints(tmp_path, 32, width=16)}
-    runs = {mode: [benchmark.run_mode(mode, cfg)] for mode in benchmark.MODES}
+    runs = {(f"{mode}@0" if mode in benchmark.PER_WORKER_COUNT else mode): [benchmark.run_mode(mode, cfg)]
+            for mode in benchmark.MODES}
     for mode, (result,) in runs.items():
         assert result["steady_images_per_second"] > 0 and result["peak_memory_mb"] > 0, mode
-    assert 0 <= runs["project"][0]["data_wait_share"] < 1
-    args = Namespace(image_size=32, batch_size=8, steps=7, workers=0, rounds=1, bf16=False, width=16, depth=1)
+    assert 0 <= runs["project@0"][0]["data_wait_share"] < 1
+    args = Namespace(image_size=32, batch_size=8, steps=7, rounds=1, bf16=False, width=16, depth=1)
     summary = benchmark.summarize(runs, args)
     ips = summary["train_images_per_second"]
-    assert summary["project_vs_reference"] == round(ips["project"] / ips["reference"], 2)
-    assert summary["trainer_overhead"] == round(ips["plain"] / ips["project"] - 1, 3)
-    assert summary["distill_vs_parts"] > 0 and set(summary["eval_images_per_second"]) >= {"reference", "project"}
+    assert summary["project_of_model_alone"] == {0: round(ips["project@0"] / ips["alone"], 3)}
+    assert summary["project_vs_best_reference"] == round(ips["project@0"] / ips["reference@0"], 2)
+    assert summary["trainer_overhead"] == round(ips["plain"] / ips["project@0"] - 1, 3)
+    assert summary["distill_vs_parts"] > 0 and set(summary["eval_images_per_second"]) >= {"reference@0", "project@0"}
 
 
 @pytest.mark.slow

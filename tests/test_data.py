@@ -11,6 +11,7 @@ from hf_transfer.data.augmentation import Augmentation
 from hf_transfer.data.dataset import ROW, digits_dataset, load_image_data
 from hf_transfer.data.samples import UInt8Collator, attach_transforms
 from hf_transfer.errors import CorruptImageError, UserError
+from hf_transfer.on_device.geometry import crop_and_flip
 
 
 def save(ds: DatasetDict, tmp_path) -> str:
@@ -136,12 +137,14 @@ def test_corrupt_image_error_names_split_and_row(tmp_path):
     ds = DatasetDict(train=Dataset.from_dict({"image": cells * 2, "label": [0, 1, 0, 1, 0, 1]}, features=features))
     ds = DatasetDict(train=ds["train"], test=ds["train"])
     data = load_image_data(save(ds, tmp_path))
-    attach_transforms(data, "basic")
+    attach_transforms(data, "basic", decode_once=False)  # each image decoded when a batch asks for it
     assert data.test[0]["pixel_values"].shape == (3, 32, 32)
     with pytest.raises(CorruptImageError, match="cannot decode the image in split 'test', row 1"):
         data.test[1]
     with pytest.raises(CorruptImageError, match="split 'test', row 2"):
         data.test[2]
+    with pytest.raises(CorruptImageError, match=r"cannot decode the image in split '\w+', row \d"):
+        attach_transforms(load_image_data(save(ds, tmp_path / "again")), "basic")  # decoded once: up front
 
 
 def test_dataset_is_not_materialised(cifar_like):
@@ -187,19 +190,49 @@ def test_augmentation_none_is_identity():
     assert torch.equal(Augmentation("none")(image), image)
 
 
-def test_train_split_is_augmented_per_row_and_epoch_and_eval_splits_are_not(cifar_like):
+def view(ds, i) -> torch.Tensor:
+    """What the model is shown of row i: the sample, cropped and flipped on the device when it comes with parameters."""
+    item = ds[i]
+    if "augment" not in item:
+        return item["pixel_values"]
+    return crop_and_flip(item["pixel_values"][None], torch.tensor([item["augment"]]))[0]
+
+
+@pytest.mark.parametrize("decode_once", [True, False])
+def test_train_split_is_augmented_per_row_and_epoch_and_eval_splits_are_not(cifar_like, decode_once):
     data = load_image_data(cifar_like)
-    attach_transforms(data, augmentation="basic", seed=1)
+    attach_transforms(data, augmentation="basic", seed=1, decode_once=decode_once)
+    assert ("augment" in data.train[0]) == decode_once  # decoded once: crops and flips go to the device, batched
     raw = load_image_data(cifar_like)
-    attach_transforms(raw, augmentation="none")
+    attach_transforms(raw, augmentation="none", decode_once=decode_once)
     rows = range(6)
-    epoch_0 = [data.train[i]["pixel_values"] for i in rows]
-    assert all(torch.equal(a, data.train[i]["pixel_values"]) for i, a in zip(rows, epoch_0))  # (seed, epoch, row)
+    epoch_0 = [view(data.train, i) for i in rows]
+    assert all(torch.equal(a, view(data.train, i)) for i, a in zip(rows, epoch_0))  # (seed, epoch, row)
     assert any(not torch.equal(a, raw.train[i]["pixel_values"]) for i, a in zip(rows, epoch_0))  # augmented
     data.epoch.fill_(1)
-    epoch_1 = [data.train[i]["pixel_values"] for i in rows]
+    epoch_1 = [view(data.train, i) for i in rows]
     assert any(not torch.equal(a, b) for a, b in zip(epoch_0, epoch_1))  # a new view every epoch
     assert all(torch.equal(data.test[i]["pixel_values"], raw.test[i]["pixel_values"]) for i in rows)
+
+
+def test_decoding_once_gives_the_pixels_decoding_each_time_gives(cifar_like):
+    once, each = load_image_data(cifar_like), load_image_data(cifar_like)
+    attach_transforms(once, "none")
+    attach_transforms(each, "none", decode_once=False)
+    assert all(torch.equal(once.train[i]["pixel_values"], each.train[i]["pixel_values"]) for i in range(len(once.train)))
+
+
+def test_batched_crops_and_flips_are_the_transforms_with_those_draws():
+    images = torch.randint(0, 256, (5, 3, 16, 16), dtype=torch.uint8)
+    parameters = torch.tensor([[2, 0, 4, 0], [2, 4, 0, 1], [2, 2, 2, 0], [2, 1, 3, 1], [2, 4, 4, 1]])
+    cut = crop_and_flip(images, parameters)
+    for image, (padding, top, left, flip), got in zip(images, parameters.tolist(), cut):
+        expected = torch.nn.functional.pad(image, (padding,) * 4)[:, top:top + 16, left:left + 16]
+        assert torch.equal(got, expected.flip(-1) if flip else expected)
+    draws = [Augmentation("basic").batch_parameters((32, 32), seed) for seed in range(4000)]
+    assert {d[0] for d in draws} == {4}  # CIFAR's 4 px
+    assert {d[1] for d in draws} == set(range(9)) and {d[2] for d in draws} == set(range(9))
+    assert 0.45 < sum(d[3] for d in draws) / len(draws) < 0.55
 
 
 def test_batches_are_channels_last_uint8():

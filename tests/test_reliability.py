@@ -103,12 +103,14 @@ def test_sigkill_mid_epoch_then_the_same_command_finishes_bit_identical(uninterr
 
 @pytest.mark.slow
 def test_sigkill_with_drop_path_resumes_bit_identical(tiny_resnet, cifar_like, tmp_path):
-    """Stochastic depth draws from the RNG every step: the resumed run must restore it exactly too."""
+    """Stochastic depth draws from the RNG every step: the resumed run must restore it exactly too. (With crops
+    and flips only, which the device applies batched, from each image's (seed, epoch, row).)"""
+    extra = ("--drop_path_rate", "0.2", "--augmentation", "basic", "--random_erasing", "0")
     reference = tmp_path / "reference"
-    done = start(run_flags(tiny_resnet, cifar_like, reference, "--drop_path_rate", "0.2"))
+    done = start(run_flags(tiny_resnet, cifar_like, reference, *extra))
     assert done.communicate(timeout=300) and done.returncode == 0
     out = tmp_path / "run"
-    flags = run_flags(tiny_resnet, cifar_like, out, "--drop_path_rate", "0.2")
+    flags = run_flags(tiny_resnet, cifar_like, out, *extra)
     process = start(flags, sleep=0.3)
     wait_for(out / "checkpoint-4", process)
     process.kill()
@@ -255,10 +257,16 @@ def broken_dataset(tmp_path) -> str:
 
 def test_zero_size_image_is_reported_as_corrupt(tmp_path):
     data = load_image_data(broken_dataset(tmp_path), validation_split=0.3)
-    attach_transforms(data, "none")
+    attach_transforms(data, "none", decode_once=False)  # images decoded when a batch asks for them
     rows = data.train.with_format(None)["__row__"]
     with pytest.raises(UserError, match="cannot decode the image in split 'train', row 10"):
         data.train[rows.index(10)]
+
+
+def test_a_split_decoded_once_reports_its_broken_image_before_training(tmp_path):
+    data = load_image_data(broken_dataset(tmp_path), validation_split=0.3)
+    with pytest.raises(UserError, match=r"cannot decode the image in split 'train', row (8|9|10)"):
+        attach_transforms(data, "none")
 
 
 def test_corrupt_images_stop_the_run_naming_split_and_row(tiny_resnet, tmp_path):

@@ -91,6 +91,22 @@ class Augmentation:
         finally:
             generator.set_state(state)
 
+    @property
+    def batched(self) -> bool:
+        """Whether this augmentation is crops and flips only, which the device applies to a whole batch at once
+        (`on_device/geometry.py`) from per-sample parameters (`batch_parameters`): no per-image CPU work."""
+        return bool(self.parts) and set(self.parts) <= {"crop", "flip", "basic"} and not self.random_erasing
+
+    def batch_parameters(self, size: tuple[int, int], seed: int) -> list[int]:
+        """[padding, top, left, flip] of one image's crop and flip, from its seed alone (see `sample_seed`):
+        the crop of the zero-padded image at (top, left), mirrored when flip is 1; the same draws as the
+        CPU transforms (uniform offsets in [0, 2 * padding], a flip with probability 1/2)."""
+        crop = any(part in ("crop", "basic") for part in self.parts)
+        flip = any(part in ("flip", "basic") for part in self.parts)
+        padding = crop_padding(size) if crop else 0
+        span = 2 * padding + 1
+        return [padding, seed % span, (seed // span) % span, (seed // span**2) % 2 if flip else 0]
+
     def _build(self, size: tuple[int, int]) -> v2.Transform:
         steps = [step for part in self.parts for step in _steps(part, size)]
         if self.random_erasing:
@@ -98,8 +114,12 @@ class Augmentation:
         return v2.Compose(steps)
 
 
+def crop_padding(size: tuple[int, int]) -> int:
+    return max(1, round(min(size) / 8))  # CIFAR: 4 px, as in the tutorial
+
+
 def _steps(part: str, size: tuple[int, int]) -> list[v2.Transform]:
-    padding = max(1, round(min(size) / 8))  # CIFAR: 4 px, as in the tutorial
+    padding = crop_padding(size)
     return {
         "crop": lambda: [v2.RandomCrop(size, padding=padding)],
         "flip": lambda: [v2.RandomHorizontalFlip()],

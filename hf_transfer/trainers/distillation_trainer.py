@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from ..compat import dataset_fingerprint, deepspeed_dtype
 from ..losses import distillation_loss
+from ..models.loading import model_family
 from ..on_device.preprocessing import ImageSpec, ToModelInput
 from ..tracking import forward_flops
 from .transfer_trainer import TransferTrainer
@@ -40,8 +41,8 @@ class DistillationTrainer(TransferTrainer):
 
     def __init__(self, *args, teacher: torch.nn.Module, teacher_spec: ImageSpec, **kwargs):
         super().__init__(*args, **kwargs)
-        self.teacher = self._prepare_teacher(teacher)
         self.teacher_input = ToModelInput(teacher_spec)
+        self.teacher = self._prepare_teacher(teacher)
         self.teacher_logits: torch.Tensor | None = None  # (rows, classes), set by `use_cached_teacher_logits`
         self._teacher_flops: int | None = None
         self._terms = {"ce_loss": 0.0, "kd_loss": 0.0}
@@ -55,6 +56,10 @@ class DistillationTrainer(TransferTrainer):
             return teacher.to(self.accelerator.device, dtype=deepspeed_dtype(self.accelerator))
         if self.is_fsdp_enabled:
             teacher.to(self.accelerator.device)  # prepare_model leaves placement to FSDP, which only shards the student
+        if self.to_model_input.channels_last and model_family(teacher) == "cnn":
+            # A CNN teacher on a GPU gets the student's channels-last layout: weights and its own input.
+            teacher.to(memory_format=torch.channels_last)
+            self.teacher_input.channels_last = True
         # On the device, with the run's autocast, and not wrapped in DDP (evaluation mode).
         return self.accelerator.prepare_model(teacher, evaluation_mode=True)
 
@@ -75,9 +80,10 @@ class DistillationTrainer(TransferTrainer):
         if self.teacher_logits is not None:
             teacher_logits = self.teacher_logits[inputs["row_index"].to(self.teacher_logits.device)]
         else:
-            with torch.no_grad():
+            with torch.inference_mode():  # no autograd bookkeeping at all for the frozen teacher
                 teacher_view = self.cast_for_model(self.teacher_input(inputs["images"]))
                 teacher_logits = self.teacher(pixel_values=teacher_view).logits
+            teacher_logits = teacher_logits.clone()  # an ordinary tensor: the loss saves it for the backward pass
         loss, ce, kd = distillation_loss(
             outputs.logits, teacher_logits, inputs["labels"], self.args.alpha, self.args.temperature,
             num_items_in_batch=num_items_in_batch, label_smoothing=self.args.label_smoothing_factor,
@@ -98,7 +104,7 @@ class DistillationTrainer(TransferTrainer):
             self._terms_count = 0
         super().log(logs, start_time)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def teacher_predict(self, dataset, description: str = "teacher") -> tuple[np.ndarray, np.ndarray]:
         """The teacher's logits and the row numbers for a (non-augmented) split, gathered from all processes."""
         all_rows, all_logits = [], []

@@ -18,7 +18,11 @@ SUPPORTED_OPTIMIZERS = ("adamw_torch", "adamw_torch_fused", "adafactor", "sgd", 
 
 
 def _default_workers() -> int:
-    """DataLoader workers per process: the cores this process may use, less one for the main loop."""
+    """DataLoader workers per process: on a GPU machine, the cores this process may use less one for the main
+    loop (at most 8); on a CPU-only one, none. There the model's threads use every core, and workers decoding
+    beside them cost more than they save (benchmarks/benchmark.py); small data sets are decoded once anyway."""
+    if not torch.cuda.is_available():
+        return 0
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(0, min(8, per_process - 1))
@@ -131,7 +135,8 @@ class TransferConfig(TrainingArguments):
                           "'every_save', 'checkpoint', 'all_checkpoints' also push during training (the Trainer's)."},
     )
     dataloader_num_workers: int = field(
-        default_factory=_default_workers, metadata={"help": "DataLoader worker processes per process (default: cores - 1)."}
+        default_factory=_default_workers,
+        metadata={"help": "DataLoader worker processes per process (default: cores - 1 up to 8 with a GPU, 0 without)."}
     )
     dataloader_persistent_workers: bool = field(
         default=True, metadata={"help": "Keep DataLoader workers alive between epochs (when there are workers)."}

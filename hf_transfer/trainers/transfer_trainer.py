@@ -36,6 +36,7 @@ from ..compat import deepspeed_dtype, load_checkpoint_weights
 from ..errors import UserError
 from ..hub import push_at_end, push_checkpoint
 from ..losses import cross_entropy
+from ..on_device.geometry import crop_and_flip
 from ..on_device.mixing import BatchMix
 from ..on_device.preprocessing import ImageSpec, ToModelInput
 from ..tracking import forward_flops
@@ -71,6 +72,8 @@ class TransferTrainer(Trainer):
     def _prepare_inputs(self, inputs: dict) -> dict:
         batch = super()._prepare_inputs(inputs)  # on the device, still uint8
         images, labels = batch["pixel_values"], batch.get("labels")
+        if "augment" in batch and self.model.training:  # crops and flips, batched (data/samples.py)
+            images = crop_and_flip(images, batch["augment"])
         if self.batch_mix is not None and self.model.training and labels is not None:
             images, labels = self.batch_mix(images, labels)
         prepared = {"pixel_values": self.cast_for_model(self.to_model_input(images))}
@@ -95,6 +98,14 @@ class TransferTrainer(Trainer):
         if self._forward_flops is None:
             self._forward_flops = forward_flops(self.accelerator.unwrap_model(self.model), self.to_model_input.spec.size)
         return 3 * self._forward_flops * len(images)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation in inference mode (the Trainer's own uses no_grad): no autograd bookkeeping at all.
+        Sharded models (FSDP, DeepSpeed) keep no_grad: their parameter gathering is not checked under it."""
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        with torch.inference_mode():
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
 
     def cast_for_model(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # DeepSpeed holds the weights in its own dtype and, unlike autocast, does not cast inputs.
