@@ -12,6 +12,7 @@ One module per concept:
   data/augmentation.py         per-sample training augmentation (CPU, uint8)
   data/samples.py              per-sample transform and batch collation for the DataLoader
   on_device/preprocessing.py   uint8 batch -> one model's input, on the training device (ImageSpec)
+  on_device/geometry.py        random crops and flips of a whole batch on the device, one draw per image
   on_device/mixing.py          mixup and CutMix on the device
   models/presets.py            the checkpoints --model names
   models/loading.py            loading a checkpoint with a new head; the model family
@@ -21,9 +22,11 @@ One module per concept:
   trainers/distillation_config.py, trainers/distillation_trainer.py   the same for distillation
   trainers/freezing.py         freezing and progressive unfreezing
   trainers/optimizer.py        parameter groups (per-layer learning rates, weight decay), step decay
-  losses.py                    the distillation loss, soft-target cross-entropy (pure functions)
+  trainers/ema.py              weight EMA (--ema_decay), kept beside the model and saved with checkpoints
+  losses.py                    the distillation loss, soft-target cross-entropy, class weights (pure functions)
   metrics.py                   accuracy, precision, recall, F1, top-5, per-class report, confusion matrix
   checkpoints.py               which checkpoint to resume from; stopping cleanly on SIGTERM
+  run_args.py                  run_args.json: a run's arguments, compared when its directory is used again
   launch.py                    checks of the launch and of accelerate config files
   tracking.py                  W&B configuration, throughput and peak memory
   hub.py                       pushing a run to the Hugging Face Hub
