@@ -332,6 +332,9 @@ def summarize(runs: dict[str, list[dict]], args) -> dict:
                   "image_size": args.image_size, "batch_size": args.batch_size, "steps": args.steps,
                   "workers": workers, "rounds": args.rounds, "bf16": args.bf16},
         "train_images_per_second": ips,
+        # every round's figure, so the spread between rounds can be read beside the medians
+        "train_images_per_second_rounds": {key: [r.get("steady_images_per_second") for r in values]
+                                           for key, values in runs.items()},
         "eval_images_per_second": {k: median(k, "eval_images_per_second") for k in runs
                                    if median(k, "eval_images_per_second")},
         "peak_memory_mb": {k: median(k, "peak_memory_mb") for k in runs},

@@ -26,6 +26,7 @@ def test_every_benchmark_mode_runs_and_the_summary_has_the_goal_ratios(tmp_path)
     args = Namespace(image_size=32, batch_size=8, steps=7, rounds=1, bf16=False, width=16, depth=1)
     summary = benchmark.summarize(runs, args)
     ips = summary["train_images_per_second"]
+    assert summary["train_images_per_second_rounds"]["alone"] == [ips["alone"]]
     assert summary["project_of_model_alone"] == {0: round(ips["project@0"] / ips["alone"], 3)}
     assert summary["project_vs_best_reference"] == round(ips["project@0"] / ips["reference@0"], 2)
     assert summary["trainer_overhead"] == round(ips["plain"] / ips["project@0"] - 1, 3)
