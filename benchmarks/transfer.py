@@ -196,6 +196,13 @@ def summarize(records: list[dict]) -> dict:
     table: dict = {}
     for r in records:
         table.setdefault(r["regime"], {}).setdefault(r["init"], {}).setdefault(r["cell"], []).append(r["test_accuracy"])
+    by_seed = {(r["regime"], r["init"], r["cell"], r["seed"]): r["test_accuracy"] for r in records}
+
+    def paired_gap(regime, init, cell, other):
+        """Mean of cell - other over the seeds both have: cells with more seeds are not compared on luckier ones."""
+        seeds = [k[3] for k in by_seed if k[:3] == (regime, init, cell) and (regime, init, other, k[3]) in by_seed]
+        return round(statistics.mean(by_seed[(regime, init, cell, s)] - by_seed[(regime, init, other, s)]
+                                     for s in seeds), 4) if seeds else None
     summary = {}
     for regime, inits in table.items():
         if regime.startswith("distill"):
@@ -210,8 +217,7 @@ def summarize(records: list[dict]) -> dict:
                 "mean_test_accuracy": means,
                 "seeds": {cell: len(v) for cell, v in cells.items()},
                 "best_sweep_cell": best,
-                "defaults_minus_best_sweep": round(means["defaults"] - sweep[best], 4) if best and "defaults" in means
-                else None,
+                "defaults_minus_best_sweep": paired_gap(regime, init, "defaults", best) if best else None,
                 "best_cell": max(means, key=means.get),
             }
         if {"pretrained", "scratch"} <= set(inits):
@@ -254,8 +260,8 @@ def markdown_distillation(s: dict) -> str:
 
 
 def markdown(summary: dict) -> str:
-    lines = ["| regime | init | defaults | crop | tutorial | best sweep cell | defaults - best sweep |"
-             " linear probe | progressive |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| regime | init | seeds | defaults | crop | EMA | tutorial | best sweep cell | defaults - best sweep |"
+             " linear probe | progressive |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for regime, inits in summary.items():
         if regime.startswith(("distill", "photos")):
             continue
@@ -270,9 +276,12 @@ def markdown(summary: dict) -> str:
 
             best = s["best_sweep_cell"]
             gap = s["defaults_minus_best_sweep"]
-            lines.append(f"| {regime} | {init} | {cell('defaults')} | {cell('crop')} | {cell('tutorial')} | "
-                         f"{best} {m[best]:.3f} | {gap:+.3f} | {cell('linear-probe')} | {cell('progressive')} |"
-                         if best else f"| {regime} | {init} | {cell('defaults')} | - | - | - | - | - | - |")
+            seeds = s["seeds"].get("defaults", 0)
+            lines.append(f"| {regime} | {init} | {seeds} | {cell('defaults')} | {cell('crop')} | {cell('ema')} | "
+                         f"{cell('tutorial')} | {best} {m[best]:.3f} | {gap:+.3f} | {cell('linear-probe')} | "
+                         f"{cell('progressive')} |" if best else
+                         f"| {regime} | {init} | {seeds} | {cell('defaults')} | {cell('crop')} | {cell('ema')} | "
+                         f"{cell('tutorial')} | - | - | {cell('linear-probe')} | {cell('progressive')} |")
     photos = {regime: inits for regime, inits in summary.items() if regime.startswith("photos")}
     if photos:
         lines += ["", "| regime | init | defaults | crop + flip | linear probe |", "|---|---|---|---|---|"]

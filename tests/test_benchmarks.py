@@ -42,3 +42,18 @@ def test_gpu_check_smoke():
     assert set(report["runs"]) == {"resnet50", "vit-base", "distill"}
     for run in report["runs"].values():
         assert run["train_images_per_second"] > 0 and 0 <= run["data_wait_share"] <= 1 and run["peak_memory_mb"] > 0
+
+
+def test_transfer_summary_compares_the_defaults_on_the_seeds_both_cells_have():
+    import transfer
+
+    def run(cell, seed, accuracy, init="pretrained"):
+        return {"regime": "digits-10", "init": init, "cell": cell, "seed": seed, "test_accuracy": accuracy}
+
+    records = [run("defaults", 0, 0.90), run("defaults", 1, 0.80), run("sgd-0.01-noclip", 0, 0.95),
+               run("adamw-0.001-clip", 0, 0.70), run("adamw-0.001-clip", 1, 0.70), run("defaults", 0, 0.50, "scratch")]
+    summary = transfer.summarize(records)["digits-10"]
+    assert summary["pretrained"]["best_sweep_cell"] == "sgd-0.01-noclip"
+    assert summary["pretrained"]["defaults_minus_best_sweep"] == -0.05  # seed 0 only, not 0.85 - 0.95
+    assert summary["pretrained"]["mean_test_accuracy"]["defaults"] == 0.85
+    assert summary["pretrained_defaults_minus_best_scratch"] == 0.35
