@@ -269,6 +269,27 @@ def test_channels_last_choice(flag, family_model, expected, request, cifar_like,
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) == expected
 
 
+def test_a_cnn_teacher_follows_the_students_channels_last_layout(tiny_resnet, tiny_vit, cifar_like, tmp_path):
+    """What a GPU run gets by default, asked for on the CPU: the CNN teacher's weights and its input go channels-last."""
+    from hf_transfer.data.dataset import load_image_data
+    from hf_transfer.models.loading import load_model
+    from hf_transfer.trainers.distillation_config import DistillationConfig
+    from hf_transfer.trainers.distillation_trainer import DistillationTrainer
+    from hf_transfer.workflow import trainer_kwargs
+
+    data = load_image_data(cifar_like)
+    for teacher_checkpoint, expected in ((tiny_resnet, True), (tiny_vit, False)):
+        teacher = load_model(teacher_checkpoint, data.label_names)
+        student = load_model(tiny_resnet, data.label_names)
+        args = DistillationConfig(output_dir=str(tmp_path), use_cpu=True, channels_last=True,
+                                  teacher_model_name_or_path=teacher_checkpoint, report_to="none")
+        trainer = DistillationTrainer(teacher=teacher.model, teacher_spec=teacher.spec,
+                                      **trainer_kwargs(args, data, student))
+        conv = next(m for m in trainer.teacher.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size[0] > 1)
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last) == expected
+        assert trainer.teacher_input.channels_last == expected
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("script", ["finetune", "distill"])
 def test_fp16_on_a_gpu(script, cifar_teacher, tiny_resnet, cifar_like, tmp_path):
