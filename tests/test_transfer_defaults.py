@@ -43,6 +43,15 @@ def test_the_weights_are_really_pretrained(lite0):
     assert classify(PIL.Image.fromarray(skimage_data.coffee()), top_k=1)[0]["label"] == "espresso"
 
 
+@pytest.mark.parametrize("variant", ["lite1", "lite2"])
+def test_the_larger_variants_map_onto_timm_too(variant, tmp_path):
+    """Every tensor of the package lands in timm's layer of the same shape (write_timm_folder checks), and the
+    result is a working ImageNet classifier: the mapping by position holds for each variant, not just Lite0."""
+    classify = pipeline("image-classification", model=write_timm_folder(variant, tmp_path / variant), device="cpu")
+    cat = classify(PIL.Image.fromarray(skimage_data.chelsea()), top_k=1)[0]["label"]
+    assert cat in {ImageNetInfo().index_to_description(i) for i in DOMESTIC_CATS}
+
+
 @pytest.mark.slow
 def test_defaults_transfer_real_weights_to_ten_digits_per_class(lite0, tmp_path):
     """The headline promise: pretrained features and a new head learn from 10 images per class."""
