@@ -74,7 +74,7 @@ def make_checkpoints(root: Path, image_size: int, width: int = 32, depth: int = 
     paths = {}
     for name, (hidden, layers) in {"student": (width, depth), "teacher": (2 * width, 2 * depth)}.items():
         config = ViTConfig(image_size=image_size, patch_size=16, hidden_size=hidden, num_hidden_layers=layers,
-                           num_attention_heads=2, intermediate_size=hidden * 2, num_labels=10,
+                           num_attention_heads=max(2, hidden // 64), intermediate_size=hidden * 2, num_labels=10,
                            id2label={i: f"c{i}" for i in range(10)}, label2id={f"c{i}": i for i in range(10)})
         path = root / name
         AutoModelForImageClassification.from_config(config).save_pretrained(path)
@@ -306,10 +306,9 @@ def main() -> None:
                     sys.exit(f"mode {mode} failed:\n{proc.stderr[-3000:]}")
                 key = f"{mode}@{workers}" if mode in PER_WORKER_COUNT else mode
                 runs.setdefault(key, []).append(json.loads(line[len("RESULT "):]))
-    summary = summarize(runs, args)
-    print(json.dumps(summary, indent=2))
-    if args.output:
-        Path(args.output).write_text(json.dumps(summary, indent=2) + "\n")
+                if args.output:  # after every measurement, so a run cut short keeps what it measured
+                    Path(args.output).write_text(json.dumps(summarize(runs, args), indent=2) + "\n")
+    print(json.dumps(summarize(runs, args), indent=2))
 
 
 def summarize(runs: dict[str, list[dict]], args) -> dict:

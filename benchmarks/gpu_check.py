@@ -4,7 +4,13 @@ and run_distill.py, on synthetic CIFAR-shaped data, with no network. Under 5 min
 
     python benchmarks/gpu_check.py                 # bf16, channels-last for the CNN
     python benchmarks/gpu_check.py --compile       # plus torch.compile
+    python benchmarks/gpu_check.py --output benchmarks/gpu-h100.json   # also write the JSON (after each run)
     python benchmarks/gpu_check.py --smoke         # tiny models on the CPU: checks the script itself
+
+The models are the presets' architectures built from their configs (random weights, as the runs
+use --from_scratch): timm's resnet50 with the A1 checkpoint's pretrained_cfg, and transformers' ViT
+with google/vit-base-patch16-224-in21k's shape (patch 16, width 768, 12 blocks, 224 px) and
+processor. Speed does not depend on the weights, and no download is needed.
 
 For each run it prints train images/s (steady state, after warm-up), the share of step time spent
 waiting for data, peak memory and the achieved TFLOP/s (training = 3 x forward FLOPs: ResNet-50
@@ -38,6 +44,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=min(12, (os.cpu_count() or 2) - 1))
     parser.add_argument("--compile", action="store_true", help="torch.compile the models")
     parser.add_argument("--smoke", action="store_true", help="tiny models, a few steps, CPU: test the script")
+    parser.add_argument("--output", default=None, help="also write the JSON here, rewritten after every run")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -65,44 +72,82 @@ def main() -> None:
             common.append("--torch_compile")
         if args.smoke:  # tiny stand-ins built from configs, on the CPU
             cnn, vit = tiny_resnet(tmp / "tiny-resnet"), make_checkpoints(tmp, image_size=32)["teacher"]
-            sources = {"resnet50": ["--model_name_or_path", cnn], "vit-base": ["--model_name_or_path", vit]}
             common.append("--use_cpu")
         else:
-            sources = {"resnet50": ["--model", "resnet50"], "vit-base": ["--model", "vit-base"]}
+            cnn, vit = resnet50(tmp / "resnet50"), vit_base(tmp / "vit-base")
             common.append("--bf16")
+        sources = {"resnet50": cnn, "vit-base": vit}
         cnn_flags = ["--from_scratch", "--channels_last", "true"]
 
-        results = {}
-        for name in ("resnet50", "vit-base"):
-            started = time.time()
-            flags = [*sources[name], *(cnn_flags if name == "resnet50" else ["--from_scratch"])]
-            metrics = finetune([*flags, *common, "--output_dir", str(tmp / name)])
-            results[name] = summary(metrics, None if args.smoke else GFLOP_PER_IMAGE[name], time.time() - started)
-        started = time.time()
-        student = ["--student_model_name_or_path" if args.smoke else "--student", sources["resnet50"][1]]
-        metrics = distill(["--teacher_model_name_or_path", str(tmp / "vit-base"), *student, *cnn_flags, *common,
-                           "--output_dir", str(tmp / "distill")])
-        results["distill"] = summary(metrics, None if args.smoke else GFLOP_PER_IMAGE["distill"], time.time() - started)
+        report = {
+            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.smoke else "cpu (smoke)",
+            "versions": {"torch": torch.__version__, "cuda": torch.version.cuda},
+            "setup": {"steps": args.steps, "batch_size": args.batch_size, "workers": args.workers,
+                      "bf16": not args.smoke, "channels_last_cnn": True, "compile": args.compile},
+            "runs": {},
+            "goals_met": None,
+        }
 
-    report = {
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.smoke else "cpu (smoke)",
-        "setup": {"steps": args.steps, "batch_size": args.batch_size, "workers": args.workers, "bf16": not args.smoke,
-                  "channels_last_cnn": True, "compile": args.compile},
-        "runs": results,
-        "goals_met": {name: results[name]["train_images_per_second"] >= goal for name, goal in GOALS.items()}
-        if not args.smoke else None,
-    }
+        def record(name, run):  # one run's figures, or its error, so a failure keeps the others' figures
+            started = time.time()
+            try:
+                metrics = run()
+            except Exception as error:  # noqa: BLE001 -- reported in the JSON, and the exit status below
+                report["runs"][name] = {"error": f"{type(error).__name__}: {error}"}
+            else:
+                gflop = None if args.smoke else GFLOP_PER_IMAGE[name]
+                report["runs"][name] = summary(metrics, gflop, time.time() - started)
+            if args.output:
+                Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+
+        for name in ("resnet50", "vit-base"):
+            flags = ["--model_name_or_path", sources[name], *(cnn_flags if name == "resnet50" else ["--from_scratch"])]
+            record(name, lambda flags=flags, name=name: finetune([*flags, *common, "--output_dir", str(tmp / f"run-{name}")]))
+        record("distill", lambda: distill(["--teacher_model_name_or_path", str(tmp / "run-vit-base"),
+                                           "--student_model_name_or_path", sources["resnet50"], *cnn_flags, *common,
+                                           "--output_dir", str(tmp / "run-distill")]))
+        if not args.smoke:
+            report["goals_met"] = {name: report["runs"][name].get("train_images_per_second", 0) >= goal
+                                   for name, goal in GOALS.items()}
+        if args.output:
+            Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
+    if any("error" in run for run in report["runs"].values()):
+        sys.exit(1)
+
+
+def resnet50(path: Path) -> str:
+    """The resnet50 preset's architecture (timm, TimmWrapper) with its checkpoint's pretrained_cfg."""
+    import timm
+
+    return save_timm(path, "resnet50", timm.get_pretrained_cfg("resnet50.a1_in1k").to_dict())
+
+
+def vit_base(path: Path) -> str:
+    """The vit-base preset's shape: transformers' ViTConfig defaults are ViT-B/16 at 224 px, as in
+    google/vit-base-patch16-224-in21k, whose processor normalises with mean and std 0.5."""
+    from transformers import AutoModelForImageClassification, ViTConfig, ViTImageProcessor
+
+    config = ViTConfig(num_labels=10, id2label={i: f"c{i}" for i in range(10)}, label2id={f"c{i}": i for i in range(10)})
+    AutoModelForImageClassification.from_config(config).save_pretrained(path)
+    ViTImageProcessor(size={"height": 224, "width": 224}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(path)
+    return str(path)
 
 
 def tiny_resnet(path: Path) -> str:
     """A small timm ResNet (through TimmWrapper, as the resnet50 preset) saved from a config."""
     import timm
-    from transformers import AutoModelForImageClassification, TimmWrapperConfig
 
     pretrained_cfg = timm.get_pretrained_cfg("test_resnet").to_dict()
     pretrained_cfg["input_size"] = [3, 32, 32]
-    config = TimmWrapperConfig(architecture="test_resnet", pretrained_cfg=pretrained_cfg, num_labels=10,
+    return save_timm(path, "test_resnet", pretrained_cfg)
+
+
+def save_timm(path: Path, architecture: str, pretrained_cfg: dict) -> str:
+    """A timm model through TimmWrapper (as the CNN presets load), saved from a config."""
+    from transformers import AutoModelForImageClassification, TimmWrapperConfig
+
+    config = TimmWrapperConfig(architecture=architecture, pretrained_cfg=pretrained_cfg, num_labels=10,
                                id2label={i: f"c{i}" for i in range(10)}, label2id={f"c{i}": i for i in range(10)})
     AutoModelForImageClassification.from_config(config).save_pretrained(path)
     return str(path)
