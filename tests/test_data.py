@@ -229,6 +229,8 @@ def test_batched_crops_and_flips_are_the_transforms_with_those_draws():
     for image, (padding, top, left, flip), got in zip(images, parameters.tolist(), cut):
         expected = torch.nn.functional.pad(image, (padding,) * 4)[:, top:top + 16, left:left + 16]
         assert torch.equal(got, expected.flip(-1) if flip else expected)
+    flips = crop_and_flip(images, torch.tensor([[0, 0, 0, i % 2] for i in range(5)]))  # flips alone (no padding)
+    assert all(torch.equal(got, image.flip(-1) if i % 2 else image) for i, (image, got) in enumerate(zip(images, flips)))
     draws = [Augmentation("basic").batch_parameters((32, 32), seed) for seed in range(4000)]
     assert {d[0] for d in draws} == {4}  # CIFAR's 4 px
     assert {d[1] for d in draws} == set(range(9)) and {d[2] for d in draws} == set(range(9))

@@ -26,8 +26,11 @@ class BatchMix:
         x = images.float()
         n, _, height, width = x.shape
         device = x.device
-        partner = torch.randperm(n, device=device)
-        targets = torch.nn.functional.one_hot(labels, self.num_labels).float()
+        # Nothing here is read back to the host (a GPU would stall for it): a permutation by sorting random
+        # keys, one-hot targets by comparison (one_hot checks the labels' range on the host), and Beta
+        # without its argument checks (which read the result of a comparison on the host too).
+        partner = torch.rand(n, device=device).argsort()
+        targets = (labels[:, None] == torch.arange(self.num_labels, device=device)).float()
 
         if self.mixup_alpha > 0 and self.cutmix_alpha > 0:
             use_cutmix = torch.rand(n, device=device) < 0.5
@@ -37,12 +40,12 @@ class BatchMix:
         lam = torch.ones(n, device=device)
         if self.mixup_alpha > 0:
             alpha = torch.tensor(self.mixup_alpha, device=device)
-            lam = torch.where(use_cutmix, lam, torch.distributions.Beta(alpha, alpha).sample((n,)))
+            lam = torch.where(use_cutmix, lam, torch.distributions.Beta(alpha, alpha, validate_args=False).sample((n,)))
         mixed = lam.view(n, 1, 1, 1) * x + (1 - lam.view(n, 1, 1, 1)) * x[partner]
 
         if self.cutmix_alpha > 0:
             alpha = torch.tensor(self.cutmix_alpha, device=device)
-            cut = torch.sqrt(1 - torch.distributions.Beta(alpha, alpha).sample((n,)))  # side ratio of the box
+            cut = torch.sqrt(1 - torch.distributions.Beta(alpha, alpha, validate_args=False).sample((n,)))  # side ratio of the box
             cy, cx = torch.rand(n, device=device) * height, torch.rand(n, device=device) * width
             y1, y2 = (cy - cut * height / 2).clamp(0, height), (cy + cut * height / 2).clamp(0, height)
             x1, x2 = (cx - cut * width / 2).clamp(0, width), (cx + cut * width / 2).clamp(0, width)

@@ -141,6 +141,12 @@ class TransferConfig(TrainingArguments):
     dataloader_persistent_workers: bool = field(
         default=True, metadata={"help": "Keep DataLoader workers alive between epochs (when there are workers)."}
     )
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={"help": "The Trainer's filter that keeps NaN/inf losses out of the logged loss. Off: it reads the loss "
+                          "on the host every step (on a GPU the CPU waits for the device each time), and a NaN/inf "
+                          "loss stops the run or is skipped anyway (--max_nan_steps)."},
+    )
 
     def __post_init__(self):
         self._check()
@@ -152,6 +158,10 @@ class TransferConfig(TrainingArguments):
             self.dataloader_persistent_workers = False  # the DataLoader refuses it without workers
         if not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # pinned memory only helps copies to a GPU
+        if self.dataloader_pin_memory and (self.accelerator_config is None or isinstance(self.accelerator_config, dict)):
+            # Batches go to the GPU from pinned memory without the CPU waiting for the copy (and so for every
+            # kernel queued before it): accelerate's non_blocking, off unless asked for.
+            self.accelerator_config = {"non_blocking": True, **(self.accelerator_config or {})}
         super().__post_init__()
 
     def _check(self) -> None:

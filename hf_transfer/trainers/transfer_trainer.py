@@ -33,7 +33,6 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, get_l
 from transformers.utils import PushInProgress
 
 from ..compat import deepspeed_dtype, load_checkpoint_weights
-from ..errors import UserError
 from ..hub import push_at_end, push_checkpoint
 from ..losses import cross_entropy
 from ..on_device.geometry import crop_and_flip
@@ -41,13 +40,10 @@ from ..on_device.mixing import BatchMix
 from ..on_device.preprocessing import ImageSpec, ToModelInput
 from ..tracking import forward_flops
 from .ema import EmaCallback, WeightEma, swapped_weights
+from .nonfinite import LossGuard, LossWatch, NonFiniteLossError
 from .optimizer import param_groups, step_schedule, updates_per_epoch
 
 logger = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(UserError):
-    """The loss became NaN or infinite more often than --max_nan_steps allows."""
 
 
 class TransferTrainer(Trainer):
@@ -66,6 +62,8 @@ class TransferTrainer(Trainer):
         self._raw_weights: dict | None = None  # once the EMA weights are the model's, the raw ones (for eval_raw_*)
         if self.ema is not None:
             self.add_callback(EmaCallback(self.ema))
+        self.loss_watch = LossWatch()
+        self.add_callback(LossGuard(self.stop_if_not_finite))  # after the callbacks that ask for a save
 
     # ---------------------------------------------------------------- inputs
 
@@ -139,27 +137,45 @@ class TransferTrainer(Trainer):
         return loss
 
     def skip_if_not_finite(self, loss: torch.Tensor, model) -> torch.Tensor:
-        """Never train on a NaN/inf loss: stop the run before it reaches the weights (the last
-        checkpoint stays good), or, within --max_nan_steps, replace it by a zero loss.
+        """Never train on a NaN/inf loss: stop the run before its weights are logged, evaluated or
+        saved (the last checkpoint stays good), or, within --max_nan_steps, replace it by a zero loss.
 
-        The check reads the loss on the host; the Trainer already does so every step (its
-        NaN filter for logging), so it costs no extra synchronisation.
+        Stopping needs no host read of the loss (`nonfinite.py`): on the CPU the run stops at the
+        bad step, on a GPU by the next step or before anything is saved. Skipping does need it,
+        before the backward pass, so with --max_nan_steps the loss is read every step.
         """
+        step = self.state.global_step + 1
+        if not self.args.max_nan_steps:
+            self.loss_watch.observe(loss, step)
+            self.stop_if_not_finite(wait=False)
+            return loss
         if torch.isfinite(loss.detach()).all():
             return loss
         self.non_finite_steps = getattr(self, "non_finite_steps", 0) + 1
-        step = self.state.global_step + 1
         if self.non_finite_steps > self.args.max_nan_steps:
-            last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
-            raise NonFiniteLossError(
-                f"the training loss is {loss.detach().float().item()} at step {step} (epoch {self.state.epoch or 0:.2f}); "
-                f"stopped before applying it, the last checkpoint is {last or 'not written yet'}; lower "
-                "--learning_rate, prefer --bf16 over --fp16, or tolerate a few such steps with --max_nan_steps"
-            )
+            self.stop(step, loss.detach().float().item())
         logger.warning("non-finite loss at step %d: step skipped (%d of %d allowed)", step,
                        self.non_finite_steps, self.args.max_nan_steps)
         # Zero, yet connected to every parameter, so that DDP's gradient all-reduce still completes.
         return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+
+    def stop_if_not_finite(self, wait: bool) -> None:
+        """Raise if a non-finite loss has been seen; `wait` for the latest step's verdict (a sync on a GPU)."""
+        bad = self.loss_watch.first_bad_step(wait)
+        if bad is not None:
+            self.stop(*bad)
+
+    def stop(self, bad_step: int, loss: float) -> None:
+        # Inside a step (compute_loss) global_step is the previous one; in a callback, the step just done.
+        applied = bad_step <= self.state.global_step
+        when = f"after step {self.state.global_step}, before saving anything trained on it" if applied else \
+            "before applying it"
+        last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+        raise NonFiniteLossError(
+            f"the training loss is {loss} at step {bad_step} of {self.state.max_steps}; stopped {when}, the last "
+            f"checkpoint is {last or 'not written yet'}; lower --learning_rate, prefer --bf16 over --fp16, or "
+            "tolerate a few such steps with --max_nan_steps"
+        )
 
     # ---------------------------------------------------------------- optimizer and schedule
 
