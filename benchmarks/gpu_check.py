@@ -7,10 +7,9 @@ and run_distill.py, on synthetic CIFAR-shaped data, with no network. Under 5 min
     python benchmarks/gpu_check.py --output benchmarks/gpu-h100.json   # also write the JSON (after each run)
     python benchmarks/gpu_check.py --smoke         # tiny models on the CPU: checks the script itself
 
-The models are the presets' architectures built from their configs (random weights, as the runs
-use --from_scratch): timm's resnet50 with the A1 checkpoint's pretrained_cfg, and transformers' ViT
-with google/vit-base-patch16-224-in21k's shape (patch 16, width 768, 12 blocks, 224 px) and
-processor. Speed does not depend on the weights, and no download is needed.
+The models are the presets (--model resnet50, --model vit-base) with --from_scratch: their
+architectures and preprocessing, random weights, and no download (models/loading.py knows the
+presets' configs). Speed does not depend on the weights.
 
 For each run it prints train images/s (steady state, after warm-up), the share of step time spent
 waiting for data, peak memory and the achieved TFLOP/s (training = 3 x forward FLOPs: ResNet-50
@@ -40,7 +39,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300, help="training steps per model")
     parser.add_argument("--batch_size", type=int, default=256)
-    parser.add_argument("--images", type=int, default=20_000, help="size of the synthetic training set")
+    parser.add_argument("--images", type=int, default=20_480,
+                        help="size of the synthetic training set; a multiple of the batch size keeps every batch "
+                             "full (with --compile, a smaller last batch would compile the model again)")
     parser.add_argument("--workers", type=int, default=min(12, (os.cpu_count() or 2) - 1))
     parser.add_argument("--compile", action="store_true", help="torch.compile the models")
     parser.add_argument("--smoke", action="store_true", help="tiny models, a few steps, CPU: test the script")
@@ -74,9 +75,10 @@ def main() -> None:
             cnn, vit = tiny_resnet(tmp / "tiny-resnet"), make_checkpoints(tmp, image_size=32)["teacher"]
             common.append("--use_cpu")
         else:
-            cnn, vit = resnet50(tmp / "resnet50"), vit_base(tmp / "vit-base")
+            cnn, vit = "resnet50", "vit-base"
             common.append("--bf16")
-        sources = {"resnet50": cnn, "vit-base": vit}
+        sources = {"resnet50": ["--model_name_or_path", cnn] if args.smoke else ["--model", cnn],
+                   "vit-base": ["--model_name_or_path", vit] if args.smoke else ["--model", vit]}
         cnn_flags = ["--from_scratch", "--channels_last", "true"]
 
         report = {
@@ -101,11 +103,11 @@ def main() -> None:
                 Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
 
         for name in ("resnet50", "vit-base"):
-            flags = ["--model_name_or_path", sources[name], *(cnn_flags if name == "resnet50" else ["--from_scratch"])]
+            flags = [*sources[name], *(cnn_flags if name == "resnet50" else ["--from_scratch"])]
             record(name, lambda flags=flags, name=name: finetune([*flags, *common, "--output_dir", str(tmp / f"run-{name}")]))
-        record("distill", lambda: distill(["--teacher_model_name_or_path", str(tmp / "run-vit-base"),
-                                           "--student_model_name_or_path", sources["resnet50"], *cnn_flags, *common,
-                                           "--output_dir", str(tmp / "run-distill")]))
+        student = ["--student_model_name_or_path", cnn] if args.smoke else ["--student", cnn]
+        record("distill", lambda: distill(["--teacher_model_name_or_path", str(tmp / "run-vit-base"), *student,
+                                           *cnn_flags, *common, "--output_dir", str(tmp / "run-distill")]))
         if not args.smoke:
             report["goals_met"] = {name: report["runs"][name].get("train_images_per_second", 0) >= goal
                                    for name, goal in GOALS.items()}
@@ -116,38 +118,14 @@ def main() -> None:
         sys.exit(1)
 
 
-def resnet50(path: Path) -> str:
-    """The resnet50 preset's architecture (timm, TimmWrapper) with its checkpoint's pretrained_cfg."""
-    import timm
-
-    return save_timm(path, "resnet50", timm.get_pretrained_cfg("resnet50.a1_in1k").to_dict())
-
-
-def vit_base(path: Path) -> str:
-    """The vit-base preset's shape: transformers' ViTConfig defaults are ViT-B/16 at 224 px, as in
-    google/vit-base-patch16-224-in21k, whose processor normalises with mean and std 0.5."""
-    from transformers import AutoModelForImageClassification, ViTConfig, ViTImageProcessor
-
-    config = ViTConfig(num_labels=10, id2label={i: f"c{i}" for i in range(10)}, label2id={f"c{i}": i for i in range(10)})
-    AutoModelForImageClassification.from_config(config).save_pretrained(path)
-    ViTImageProcessor(size={"height": 224, "width": 224}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(path)
-    return str(path)
-
-
 def tiny_resnet(path: Path) -> str:
     """A small timm ResNet (through TimmWrapper, as the resnet50 preset) saved from a config."""
     import timm
+    from transformers import AutoModelForImageClassification, TimmWrapperConfig
 
     pretrained_cfg = timm.get_pretrained_cfg("test_resnet").to_dict()
     pretrained_cfg["input_size"] = [3, 32, 32]
-    return save_timm(path, "test_resnet", pretrained_cfg)
-
-
-def save_timm(path: Path, architecture: str, pretrained_cfg: dict) -> str:
-    """A timm model through TimmWrapper (as the CNN presets load), saved from a config."""
-    from transformers import AutoModelForImageClassification, TimmWrapperConfig
-
-    config = TimmWrapperConfig(architecture=architecture, pretrained_cfg=pretrained_cfg, num_labels=10,
+    config = TimmWrapperConfig(architecture="test_resnet", pretrained_cfg=pretrained_cfg, num_labels=10,
                                id2label={i: f"c{i}" for i in range(10)}, label2id={f"c{i}": i for i in range(10)})
     AutoModelForImageClassification.from_config(config).save_pretrained(path)
     return str(path)

@@ -119,3 +119,27 @@ def test_family_from_the_checkpoint_alone_and_of_every_preset(tiny_vit, tiny_res
     assert checkpoint_family(tiny_resnet) == checkpoint_family(tiny_hf_resnet) == "cnn"
     for name, preset in PRESETS.items():  # what the preset table says is what the architecture is
         assert checkpoint_family(preset.checkpoint, from_scratch=True) == preset.family, name
+
+
+def test_a_compiled_model_compiles_once(tiny_resnet, cifar_like, tmp_path, monkeypatch):
+    """The Trainer's loss used to find out the task at the first step and write it into the config, which
+    torch.compile guards on: every run compiled twice. `load_model` says it (single-label) up front."""
+    from hf_transfer.data.dataset import load_image_data
+    from hf_transfer.data.samples import attach_transforms
+    from hf_transfer.trainers.transfer_config import TransferConfig
+    from hf_transfer.trainers.transfer_trainer import TransferTrainer
+    from hf_transfer.workflow import trainer_kwargs
+
+    data = load_image_data(cifar_like)
+    attach_transforms(data, "none")
+    loaded = load_model(tiny_resnet, data.label_names)
+    assert loaded.model.config.problem_type == "single_label_classification"
+    args = TransferConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=5,  # 48 images: full batches
+                          torch_compile=True, torch_compile_backend="eager", use_cpu=True, dataloader_num_workers=0,
+                          report_to="none", eval_strategy="no", save_strategy="no", load_best_model_at_end=False)
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    torch._dynamo.reset()
+    try:
+        TransferTrainer(**trainer_kwargs(args, data, loaded)).train()  # a recompilation raises
+    finally:
+        torch._dynamo.reset()

@@ -76,6 +76,9 @@ def load_model(
             logger.info("new classification head for %d labels (checkpoint had %d)", len(label_names), len(old_names))
 
     set_timm_label_names(model.config, label_names)
+    # The data set's labels are single classes. Said here, the Trainer's loss does not have to find it
+    # out and write it into the config at the first step, which would make torch.compile compile twice.
+    model.config.problem_type = "single_label_classification"
     if image_size is not None and (image_size,) * 2 != spec.size:
         model = set_input_size(model, image_size)
         spec = spec.with_size(image_size)
