@@ -78,6 +78,15 @@ def trainer_kwargs(args, data: ImageData, loaded: LoadedModel, run_config: dict 
     if args.layer_decay is not None or args.backbone_lr_scale != 1.0:
         depth_groups(loaded.model)  # the same check for per-layer learning rates
     on_gpu = args.device.type == "cuda"
+    if not on_gpu and data.in_memory and args.dataloader_num_workers > 0:
+        # Worker processes would only stack rows already in memory, and on a machine without a GPU they take
+        # cores from the model's threads: benchmarks/benchmark.py measured 0.88-0.90 of the model alone with 1-2
+        # workers against 0.98 without (docs/performance.md).
+        logger.info("--dataloader_num_workers %d: 0 instead, the images are decoded in memory and batches are "
+                    "made on the %s (workers would only take cores from the model)", args.dataloader_num_workers,
+                    args.device.type)
+        args.dataloader_num_workers, args.dataloader_persistent_workers = 0, False
+        args.dataloader_prefetch_factor = None
     channels_last = loaded.family == "cnn" and (args.channels_last if args.channels_last is not None else on_gpu)
     if channels_last:  # the weights too, so convolutions need no layout conversion
         loaded.model.to(memory_format=torch.channels_last)

@@ -243,3 +243,34 @@ def test_batches_are_channels_last_uint8():
     batch = collate([{"pixel_values": im, "labels": 0, "row_index": i} for i, im in enumerate(images)])
     assert batch["pixel_values"].is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(batch["pixel_values"], torch.stack(images))
+
+
+def test_in_memory_means_decoded_and_no_per_image_cpu_work(cifar_like):
+    def in_memory(augmentation, **kwargs):
+        data = load_image_data(cifar_like)
+        attach_transforms(data, augmentation, **kwargs)
+        return data.in_memory
+
+    assert in_memory("none") and in_memory("basic")  # crops and flips run on the device
+    assert not in_memory("basic", decode_once=False)
+    assert not in_memory("randaugment")  # per image, on the CPU
+    assert not in_memory("basic", random_erasing=0.25)
+
+
+@pytest.mark.parametrize("decode_once", [True, False])
+def test_without_a_gpu_workers_are_not_started_for_data_in_memory(tiny_resnet, cifar_like, tmp_path, caplog,
+                                                                  decode_once):
+    from hf_transfer.models.loading import load_model
+    from hf_transfer.trainers.transfer_config import TransferConfig
+    from hf_transfer.workflow import trainer_kwargs
+
+    data = load_image_data(cifar_like)
+    attach_transforms(data, "basic", decode_once=decode_once)
+    args = TransferConfig(output_dir=str(tmp_path), use_cpu=True, dataloader_num_workers=2, report_to="none")
+    with caplog.at_level("INFO"):
+        trainer_kwargs(args, data, load_model(tiny_resnet, data.label_names))
+    if decode_once:  # a batch is a gather of rows in memory: workers would only take cores from the model
+        assert args.dataloader_num_workers == 0 and not args.dataloader_persistent_workers
+        assert "--dataloader_num_workers 2: 0 instead" in caplog.text
+    else:  # they decode images: kept
+        assert args.dataloader_num_workers == 2

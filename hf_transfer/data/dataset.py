@@ -47,6 +47,9 @@ class ImageData:
     skipped_images: dict[str, int]  # split -> images dropped by --skip_corrupt_images
     # The training epoch, in shared memory so that DataLoader workers (persistent ones too) see it.
     epoch: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64).share_memory_())
+    # Set by attach_transforms: every split is decoded in memory and no per-image CPU work is left
+    # (crops and flips, if any, run on the device), so loading a batch is a gather of rows.
+    in_memory: bool = False
 
 
 def load_image_data(

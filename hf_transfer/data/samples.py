@@ -45,12 +45,17 @@ DECODE_BUDGET = 2**30  # bytes of decoded uint8 pixels per split: larger splits 
 def attach_transforms(data: ImageData, augmentation: str, seed: int = 42, random_erasing: float = 0.0,
                       decode_once: bool = True) -> None:
     """Decode (and augment the train split) on the fly, per sample, in uint8; small uniform splits decoded once."""
+    data.in_memory = True
     for split, ds, aug in (("train", data.train, Augmentation(augmentation, random_erasing)),
                            ("validation", data.validation, None), ("test", data.test, None)):
         if ds is not None:
             decoded = decode_split(ds, data.image_column, split) if decode_once else None
             transform = SampleTransform(data.image_column, data.label_column, split, aug, seed, data.epoch, decoded)
-            ds.set_transform(transform, columns=[data.image_column, data.label_column, ROW])
+            # Decoded pixels are read by row number: the stored image bytes need not leave Arrow again.
+            columns = [data.label_column, ROW] if decoded is not None else [data.image_column, data.label_column, ROW]
+            ds.set_transform(transform, columns=columns)
+            per_image_work = aug is not None and (aug.parts or aug.random_erasing) and not transform.on_device
+            data.in_memory = data.in_memory and decoded is not None and not per_image_work
 
 
 @dataclass
@@ -109,7 +114,8 @@ class SampleTransform:
     def __call__(self, batch: dict) -> dict:
         images, parameters = [], []
         epoch = int(self.epoch)  # read the shared counter once per batch
-        for value, row in zip(batch[self.image_column], batch[ROW]):
+        values = batch[self.image_column] if self.decoded is None else [None] * len(batch[ROW])
+        for value, row in zip(values, batch[ROW]):
             if self.decoded is not None:
                 image = self.decoded.images[self.decoded.position[int(row)]].permute(2, 0, 1)
             else:

@@ -14,6 +14,8 @@ backward pass: that path reads the loss every step (`TransferTrainer.skip_if_not
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers import TrainerCallback
 
@@ -28,6 +30,9 @@ class LossWatch:
     """The first training step whose loss was not finite, and that loss, known to the host without a sync."""
 
     def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
         self._first_bad: torch.Tensor | None = None  # on the loss's device: [step or -1, loss]
         self._host: torch.Tensor | None = None  # its copy in (pinned, on a GPU) host memory
         self._landed = None  # a CUDA event: the latest copy has reached the host
@@ -61,13 +66,21 @@ class LossWatch:
 class LossGuard(TrainerCallback):
     """Awaits the verdict before the Trainer logs, evaluates or saves, and when training ends."""
 
-    def __init__(self, stop_if_not_finite):
-        self.stop_if_not_finite = stop_if_not_finite  # (wait: bool) -> None, raises NonFiniteLossError
+    def __init__(self, watch: LossWatch, stop: Callable[[int, float], None]):
+        self.watch, self.stop = watch, stop  # stop(step, loss) raises NonFiniteLossError
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.watch.reset()  # a new run (or a second train() call) starts with a clean record
 
     def on_step_end(self, args, state, control, **kwargs):
         if (control.should_log or control.should_evaluate or control.should_save or control.should_training_stop
                 or state.global_step >= state.max_steps):
-            self.stop_if_not_finite(wait=True)
+            self._check()
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        self.stop_if_not_finite(wait=True)  # the Trainer may evaluate or save at the end of an epoch
+        self._check()  # the Trainer may evaluate or save at the end of an epoch
+
+    def _check(self) -> None:
+        bad = self.watch.first_bad_step(wait=True)
+        if bad is not None:
+            self.stop(*bad)

@@ -63,7 +63,7 @@ class TransferTrainer(Trainer):
         if self.ema is not None:
             self.add_callback(EmaCallback(self.ema))
         self.loss_watch = LossWatch()
-        self.add_callback(LossGuard(self.stop_if_not_finite))  # after the callbacks that ask for a save
+        self.add_callback(LossGuard(self.loss_watch, self.stop))  # after the callbacks that ask for a save
 
     # ---------------------------------------------------------------- inputs
 
@@ -147,7 +147,9 @@ class TransferTrainer(Trainer):
         step = self.state.global_step + 1
         if not self.args.max_nan_steps:
             self.loss_watch.observe(loss, step)
-            self.stop_if_not_finite(wait=False)
+            bad = self.loss_watch.first_bad_step(wait=False)  # the verdicts that have reached the host
+            if bad is not None:
+                self.stop(*bad)
             return loss
         if torch.isfinite(loss.detach()).all():
             return loss
@@ -158,12 +160,6 @@ class TransferTrainer(Trainer):
                        self.non_finite_steps, self.args.max_nan_steps)
         # Zero, yet connected to every parameter, so that DDP's gradient all-reduce still completes.
         return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
-
-    def stop_if_not_finite(self, wait: bool) -> None:
-        """Raise if a non-finite loss has been seen; `wait` for the latest step's verdict (a sync on a GPU)."""
-        bad = self.loss_watch.first_bad_step(wait)
-        if bad is not None:
-            self.stop(*bad)
 
     def stop(self, bad_step: int, loss: float) -> None:
         # Inside a step (compute_loss) global_step is the previous one; in a callback, the step just done.
