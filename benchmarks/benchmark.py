@@ -7,8 +7,9 @@ on the CPU here and on a GPU when there is one.
     python benchmarks/benchmark.py --width 32 --depth 1  # the lighter model, where the data path weighs more
     python benchmarks/benchmark.py --bf16 --batch_size 256 --workers 0,4,8 --width 192 --depth 12   # a GPU
 
-Every measurement runs in a fresh process (so peak memory is its own), in interleaved rounds
-(A B C ... A B C ...) so that machine drift hits every mode alike; the medians are reported.
+Every measurement runs in a fresh process (so peak memory is its own), in interleaved rounds, each
+in its own seeded random order, so that machine drift and one mode's after-effects hit every mode
+alike; the medians are reported.
 All modes share the local CIFAR-shaped data set (32x32 PNGs, made here), the model built from
 a config (random weights), batch size and step count.
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import resource
 import statistics
 import subprocess
@@ -296,8 +298,10 @@ def main() -> None:
         plan = [(mode, workers) for mode in modes
                 for workers in (worker_counts if mode in PER_WORKER_COUNT else worker_counts[:1])]
         runs: dict[str, list[dict]] = {}
-        for _ in range(args.rounds):
-            for mode, workers in plan:
+        for round_number in range(args.rounds):
+            # A new order every round (seeded): a mode that leaves the machine busier or hotter (worker
+            # processes exiting) would otherwise always slow the same next one.
+            for mode, workers in random.Random(round_number).sample(plan, len(plan)):
                 cfg = {**base, "workers": workers}
                 proc = subprocess.run([sys.executable, __file__, "--worker", mode, "--config", json.dumps(cfg)],
                                       capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
@@ -329,7 +333,8 @@ def summarize(runs: dict[str, list[dict]], args) -> dict:
                     "torch": torch.__version__},
         "setup": {"model": f"ViT patch 16, width {args.width}, depth {args.depth} (teacher x2)",
                   "image_size": args.image_size, "batch_size": args.batch_size, "steps": args.steps,
-                  "workers": workers, "rounds": args.rounds, "bf16": args.bf16},
+                  "workers": workers, "rounds": args.rounds, "order": "shuffled per round (seed: the round)",
+                  "bf16": args.bf16},
         "train_images_per_second": ips,
         # every round's figure, so the spread between rounds can be read beside the medians
         "train_images_per_second_rounds": {key: [r.get("steady_images_per_second") for r in values]
