@@ -23,6 +23,7 @@ One module per concept:
   trainers/freezing.py         freezing and progressive unfreezing
   trainers/optimizer.py        parameter groups (per-layer learning rates, weight decay), step decay
   trainers/ema.py              weight EMA (--ema_decay), kept beside the model and saved with checkpoints
+  trainers/nonfinite.py        the NaN/inf loss guard, without a host-device sync per step
   losses.py                    the distillation loss, soft-target cross-entropy, class weights (pure functions)
   metrics.py                   accuracy, precision, recall, F1, top-5, per-class report, confusion matrix
   checkpoints.py               which checkpoint to resume from; stopping cleanly on SIGTERM
