@@ -77,8 +77,9 @@ def main() -> None:
         else:
             cnn, vit = "resnet50", "vit-base"
             common.append("--bf16")
-        sources = {"resnet50": ["--model_name_or_path", cnn] if args.smoke else ["--model", cnn],
-                   "vit-base": ["--model_name_or_path", vit] if args.smoke else ["--model", vit]}
+        model_flag, student_flag = ("--model_name_or_path", "--student_model_name_or_path") if args.smoke else \
+            ("--model", "--student")
+        sources = {"resnet50": [model_flag, cnn], "vit-base": [model_flag, vit]}
         cnn_flags = ["--from_scratch", "--channels_last", "true"]
 
         report = {
@@ -90,6 +91,10 @@ def main() -> None:
             "goals_met": None,
         }
 
+        def save():
+            if args.output:
+                Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+
         def record(name, run):  # one run's figures, or its error, so a failure keeps the others' figures
             started = time.time()
             try:
@@ -99,20 +104,17 @@ def main() -> None:
             else:
                 gflop = None if args.smoke else GFLOP_PER_IMAGE[name]
                 report["runs"][name] = summary(metrics, gflop, time.time() - started)
-            if args.output:
-                Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+            save()
 
         for name in ("resnet50", "vit-base"):
             flags = [*sources[name], *(cnn_flags if name == "resnet50" else ["--from_scratch"])]
             record(name, lambda flags=flags, name=name: finetune([*flags, *common, "--output_dir", str(tmp / f"run-{name}")]))
-        student = ["--student_model_name_or_path", cnn] if args.smoke else ["--student", cnn]
-        record("distill", lambda: distill(["--teacher_model_name_or_path", str(tmp / "run-vit-base"), *student,
+        record("distill", lambda: distill(["--teacher_model_name_or_path", str(tmp / "run-vit-base"), student_flag, cnn,
                                            *cnn_flags, *common, "--output_dir", str(tmp / "run-distill")]))
         if not args.smoke:
             report["goals_met"] = {name: report["runs"][name].get("train_images_per_second", 0) >= goal
                                    for name, goal in GOALS.items()}
-        if args.output:
-            Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+        save()
     print(json.dumps(report, indent=2))
     if any("error" in run for run in report["runs"].values()):
         sys.exit(1)

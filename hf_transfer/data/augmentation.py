@@ -74,7 +74,7 @@ class Augmentation:
 
     def __call__(self, image: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         """Augment one image; with `seed`, the draw depends on the seed alone (see `sample_seed`)."""
-        if not self.parts and not self.random_erasing:
+        if self.is_identity:
             return image
         size = (image.shape[-2], image.shape[-1])
         if size not in self._by_size:
@@ -90,6 +90,10 @@ class Augmentation:
             return self._by_size[size](image)
         finally:
             generator.set_state(state)
+
+    @property
+    def is_identity(self) -> bool:
+        return not self.parts and not self.random_erasing
 
     @property
     def batched(self) -> bool:

@@ -54,8 +54,7 @@ def attach_transforms(data: ImageData, augmentation: str, seed: int = 42, random
             # Decoded pixels are read by row number: the stored image bytes need not leave Arrow again.
             columns = [data.label_column, ROW] if decoded is not None else [data.image_column, data.label_column, ROW]
             ds.set_transform(transform, columns=columns)
-            per_image_work = aug is not None and (aug.parts or aug.random_erasing) and not transform.on_device
-            data.in_memory = data.in_memory and decoded is not None and not per_image_work
+            data.in_memory = data.in_memory and not transform.per_image_work
 
 
 @dataclass
@@ -110,16 +109,18 @@ class SampleTransform:
         self.epoch = epoch if epoch is not None else torch.zeros((), dtype=torch.int64)
         # Crops and flips of a decoded split (one image size) go to the device, batched.
         self.on_device = decoded is not None and augmentation is not None and augmentation.batched
+        # Whether a sample costs more than a row lookup on the CPU: decoding, or augmenting one image at a time.
+        self.per_image_work = decoded is None or (augmentation is not None and not augmentation.is_identity
+                                                  and not self.on_device)
 
     def __call__(self, batch: dict) -> dict:
         images, parameters = [], []
         epoch = int(self.epoch)  # read the shared counter once per batch
-        values = batch[self.image_column] if self.decoded is None else [None] * len(batch[ROW])
-        for value, row in zip(values, batch[ROW]):
+        for i, row in enumerate(batch[ROW]):
             if self.decoded is not None:
                 image = self.decoded.images[self.decoded.position[int(row)]].permute(2, 0, 1)
             else:
-                image = _decode(value, self.split, row)
+                image = _decode(batch[self.image_column][i], self.split, row)
             if self.on_device:
                 parameters.append(self.augmentation.batch_parameters(tuple(image.shape[-2:]),
                                                                      sample_seed(self.seed, epoch, int(row))))

@@ -27,8 +27,7 @@ class BatchMix:
         n, _, height, width = x.shape
         device = x.device
         # Nothing here is read back to the host (a GPU would stall for it): a permutation by sorting random
-        # keys, one-hot targets by comparison (one_hot checks the labels' range on the host), and Beta
-        # without its argument checks (which read the result of a comparison on the host too).
+        # keys, one-hot targets by comparison (one_hot checks the labels' range on the host), and `_beta`.
         partner = torch.rand(n, device=device).argsort()
         targets = (labels[:, None] == torch.arange(self.num_labels, device=device)).float()
 
@@ -39,13 +38,11 @@ class BatchMix:
 
         lam = torch.ones(n, device=device)
         if self.mixup_alpha > 0:
-            alpha = torch.tensor(self.mixup_alpha, device=device)
-            lam = torch.where(use_cutmix, lam, torch.distributions.Beta(alpha, alpha, validate_args=False).sample((n,)))
+            lam = torch.where(use_cutmix, lam, _beta(self.mixup_alpha, n, device))
         mixed = lam.view(n, 1, 1, 1) * x + (1 - lam.view(n, 1, 1, 1)) * x[partner]
 
         if self.cutmix_alpha > 0:
-            alpha = torch.tensor(self.cutmix_alpha, device=device)
-            cut = torch.sqrt(1 - torch.distributions.Beta(alpha, alpha, validate_args=False).sample((n,)))  # side ratio of the box
+            cut = torch.sqrt(1 - _beta(self.cutmix_alpha, n, device))  # side ratio of the box
             cy, cx = torch.rand(n, device=device) * height, torch.rand(n, device=device) * width
             y1, y2 = (cy - cut * height / 2).clamp(0, height), (cy + cut * height / 2).clamp(0, height)
             x1, x2 = (cx - cut * width / 2).clamp(0, width), (cx + cut * width / 2).clamp(0, width)
@@ -60,3 +57,10 @@ class BatchMix:
 
         targets = lam.view(n, 1) * targets + (1 - lam.view(n, 1)) * targets[partner]
         return mixed, targets
+
+
+def _beta(alpha: float, n: int, device: torch.device) -> torch.Tensor:
+    """n draws from Beta(alpha, alpha) on the device, without the distribution's argument checks (they read
+    the result of a comparison on the host, which on a GPU waits for every kernel queued before it)."""
+    alpha = torch.tensor(alpha, device=device)
+    return torch.distributions.Beta(alpha, alpha, validate_args=False).sample((n,))
