@@ -74,7 +74,9 @@ def test_checkpoint_transfers_to_new_labels(digits_run, cifar_like, tmp_path, qu
                                  *quick_args])
     model = AutoModelForImageClassification.from_pretrained(out)
     assert model.config.id2label == {0: "red", 1: "green", 2: "blue"}
-    assert results["test_accuracy"] > 0.6  # 3 colour classes: chance is 1/3
+    # 3 colour classes, chance 1/3. Training reaches them all within these 18 steps; what is evaluated and saved
+    # does too only because BatchNorm's statistics are recomputed for the final weights (0.60-0.69 without).
+    assert results["test_accuracy"] >= 0.9
 
 
 def test_mixed_size_image_folder_with_rgba_and_grayscale(tiny_hf_resnet, tmp_path, quick_args):

@@ -1,4 +1,4 @@
-"""Weight EMA, drop path, RandAugment/TrivialAugment/random erasing, class weights, and how label smoothing composes.
+"""Precise BatchNorm statistics, weight EMA, drop path, RandAugment/TrivialAugment/random erasing, class weights, and how label smoothing composes.
 
 (Two processes and kill + resume with these features: test_distributed.py and test_reliability.py.)
 """
@@ -23,6 +23,71 @@ from hf_transfer.models.loading import load_model
 from hf_transfer.trainers.transfer_config import TransferConfig
 
 NAMES = ["red", "green", "blue"]
+
+
+# ---------------------------------------------------------------- precise BatchNorm statistics
+
+
+class _TwoNorms(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.first, self.second = torch.nn.BatchNorm2d(4), torch.nn.BatchNorm2d(4)
+
+    def forward(self, pixel_values):
+        return self.second(torch.relu(self.first(self.conv(pixel_values))))
+
+
+def test_recomputed_statistics_are_the_mean_of_the_batches_and_spare_frozen_layers():
+    from hf_transfer.trainers.batchnorm import recompute_statistics
+    from hf_transfer.trainers.freezing import _keep_eval
+
+    torch.manual_seed(0)
+    model = _TwoNorms().eval()
+    model.second._frozen_bn_hook = model.second.register_forward_pre_hook(_keep_eval)  # as freezing.py does
+    frozen = {k: v.clone() for k, v in model.second.state_dict().items()}
+    batches = [torch.randn(5, 3, 8, 8) * 3 + 1 for _ in range(3)]
+    assert recompute_statistics(model, batches) == 1
+    features = [model.conv(b).detach() for b in batches]
+    means = torch.stack([f.mean((0, 2, 3)) for f in features]).mean(0)
+    variances = torch.stack([f.transpose(0, 1).flatten(1).var(1) for f in features]).mean(0)  # unbiased, as BN
+    torch.testing.assert_close(model.first.running_mean, means)
+    torch.testing.assert_close(model.first.running_var, variances)
+    assert all(torch.equal(v, frozen[k]) for k, v in model.second.state_dict().items())
+    assert model.first.momentum == 0.1 and not model.training
+
+
+@pytest.mark.parametrize("images", [2048, 0])
+def test_the_saved_model_holds_batchnorm_statistics_of_its_own_weights(tiny_resnet, cifar_like, tmp_path, images):
+    """All 43 training images in one evaluation batch: the saved statistics must be their batch statistics
+    under the saved weights, computed here independently (the saved processor, a plain forward)."""
+    from transformers import AutoImageProcessor
+
+    from hf_transfer.data.dataset import load_image_data
+    from hf_transfer.data.decoding import decode_rgb
+
+    out = tmp_path / "o"
+    run_finetune.main(["--model_name_or_path", tiny_resnet, "--dataset_name", cifar_like, "--output_dir", str(out),
+                       "--num_train_epochs", "2", "--learning_rate", "0.1", *quick_flags(),
+                       "--per_device_eval_batch_size", "256", "--precise_bn_images", str(images)])
+    train = load_image_data(cifar_like, seed=42).train.with_format(None)
+    pixels = AutoImageProcessor.from_pretrained(out)([decode_rgb(c).permute(1, 2, 0).numpy() for c in train["img"]],
+                                                     return_tensors="pt")["pixel_values"]
+    model = AutoModelForImageClassification.from_pretrained(out)
+    saved = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.momentum = 1.0  # the running statistics become this one batch's
+    with torch.no_grad():
+        model.train()(pixel_values=pixels)
+    own = {k: v for k, v in model.state_dict().items() if "running_" in k}
+    close = all(torch.allclose(saved[k], own[k], rtol=1e-4, atol=1e-4) for k in saved)
+    assert saved and close == bool(images)  # without the recomputation they are the stale running averages
+
+
+def test_precise_bn_images_must_not_be_negative():
+    with pytest.raises(ValueError, match="--precise_bn_images must be >= 0"):
+        TransferConfig(output_dir="x", precise_bn_images=-1)
 
 
 # ---------------------------------------------------------------- weight EMA

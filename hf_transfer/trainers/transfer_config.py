@@ -89,6 +89,13 @@ class TransferConfig(TrainingArguments):
         metadata={"help": "Unless --num_train_epochs or --max_steps is given: train 3 epochs, or as many more as it takes "
                           "to reach this many optimizer steps (small data sets need many epochs); 0 turns it off."},
     )
+    precise_bn_images: int = field(
+        default=2048,
+        metadata={"help": "Before each evaluation in training (and at its end), recompute the running statistics of "
+                          "BatchNorm layers from this many training images with the current weights, so that what is "
+                          "evaluated, chosen and saved matches the weights (trainers/batchnorm.py); 0 turns it off. "
+                          "Models without BatchNorm (ViTs) are not affected."},
+    )
     channels_last: bool | None = field(
         default=None,
         metadata={"help": "Channels-last memory format for CNNs (faster convolutions with tensor cores). "
@@ -188,6 +195,7 @@ class TransferConfig(TrainingArguments):
             (self.mixup >= 0 and self.cutmix >= 0, "--mixup and --cutmix must be >= 0"),
             (self.max_nan_steps >= 0, f"--max_nan_steps must be >= 0, got {self.max_nan_steps}"),
             (self.min_train_steps >= 0, f"--min_train_steps must be >= 0, got {self.min_train_steps}"),
+            (self.precise_bn_images >= 0, f"--precise_bn_images must be >= 0, got {self.precise_bn_images}"),
             (self.ema_decay is None or 0 < self.ema_decay < 1, f"--ema_decay must be in (0, 1), got {self.ema_decay}"),
             (0 <= self.label_smoothing_factor < 1,
              f"--label_smoothing_factor must be in [0, 1), got {self.label_smoothing_factor}"),

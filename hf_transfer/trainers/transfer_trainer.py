@@ -16,7 +16,8 @@ The other overrides exist because the Trainer has no option for them:
 - `push_to_hub`, `_push_from_checkpoint`: one push path, `hub.py` (no pickles, no card but the run's).
 - `_load_from_checkpoint`, `_load_best_model`: a transformers 5 bug (`compat.py`); with EMA, they
   also restore the average.
-- `train`, `evaluate`, `_save_checkpoint`: the weight EMA (`--ema_decay`, `ema.py`).
+- `train`, `evaluate`, `_save_checkpoint`: the weight EMA (`--ema_decay`, `ema.py`); `train` and
+  `evaluate` also recompute BatchNorm statistics for the weights evaluated (`--precise_bn_images`, `batchnorm.py`).
 
 `DistillationTrainer` builds on this class and adds the teacher.
 """
@@ -27,6 +28,7 @@ import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from transformers import Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, get_last_checkpoint
@@ -39,6 +41,7 @@ from ..on_device.geometry import crop_and_flip
 from ..on_device.mixing import BatchMix
 from ..on_device.preprocessing import ImageSpec, ToModelInput
 from ..tracking import forward_flops
+from .batchnorm import recompute_statistics, trainable_batchnorm_layers
 from .ema import EmaCallback, WeightEma, swapped_weights
 from .nonfinite import LossGuard, LossWatch, NonFiniteLossError
 from .optimizer import param_groups, step_schedule, updates_per_epoch
@@ -60,6 +63,9 @@ class TransferTrainer(Trainer):
         self.batch_mix = BatchMix(self.model.config.num_labels, mixup, cutmix) if mixup or cutmix else None
         self.ema = WeightEma(self.model, self.args.ema_decay) if self.args.ema_decay else None
         self._raw_weights: dict | None = None  # once the EMA weights are the model's, the raw ones (for eval_raw_*)
+        self._training = False  # inside train(): evaluations recompute BatchNorm statistics first
+        self._statistics_step: int | None = None  # the step whose weights the BatchNorm statistics belong to
+        self._statistics_images = None  # the training images they are computed from (batchnorm.py)
         if self.ema is not None:
             self.add_callback(EmaCallback(self.ema))
         self.loss_watch = LossWatch()
@@ -196,19 +202,62 @@ class TransferTrainer(Trainer):
     # ---------------------------------------------------------------- weight EMA (trainers/ema.py)
 
     def train(self, *args, **kwargs):
-        result = super().train(*args, **kwargs)
+        self._training, self._statistics_step = True, None
+        try:
+            result = super().train(*args, **kwargs)
+        finally:
+            self._training = False
+        # The best checkpoint was saved right after its evaluation, statistics included; other final weights
+        # may not have been evaluated since their last step.
+        best_loaded = self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None
         if self.ema is not None:  # the run ends with the EMA weights (of the best checkpoint, when one was loaded)
             self._raw_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             self.model.load_state_dict(self.ema.state_dict())
+        if not best_loaded and self._statistics_step != self.state.global_step:
+            self.recompute_batchnorm_statistics()
         return result
 
+    def recompute_batchnorm_statistics(self) -> None:
+        """Precise BatchNorm statistics (`batchnorm.py`) for the weights the model holds now, from
+        --precise_bn_images training images (a fixed, seeded choice), in the training view without mixing.
+        Sharded models (FSDP, DeepSpeed) keep their running statistics."""
+        model = self.accelerator.unwrap_model(self.model)
+        if (not self.args.precise_bn_images or self.is_fsdp_enabled or self.is_deepspeed_enabled
+                or not trainable_batchnorm_layers(model)):
+            return
+        if self._statistics_images is None:
+            rows = np.random.default_rng(self.args.seed).permutation(len(self.train_dataset))
+            self._statistics_images = self.train_dataset.select(np.sort(rows[:self.args.precise_bn_images]))
+
+        def batches():
+            for batch in self.get_test_dataloader(self._statistics_images):
+                images = batch["pixel_values"]
+                if "augment" in batch:
+                    images = crop_and_flip(images, batch["augment"])
+                yield self.cast_for_model(self.to_model_input(images))
+
+        reduce = (lambda t: self.accelerator.reduce(t, reduction="mean")) if self.accelerator.num_processes > 1 else None
+        device = self.args.device
+        # Its own random state (dropout, drop path): training draws the same numbers with or without it.
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
+                self.compute_loss_context_manager():
+            recompute_statistics(model, batches(), reduce)
+        self._statistics_step = self.state.global_step
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """With EMA, the EMA weights are the ones scored (and chosen by); the raw ones come as `<prefix>_raw_*`."""
+        """With EMA, the EMA weights are the ones scored (and chosen by); the raw ones come as `<prefix>_raw_*`.
+        In training, BatchNorm statistics are recomputed first for the weights scored (and then saved)."""
+        if self._training and self._statistics_step != self.state.global_step:
+            self.recompute_batchnorm_statistics()
         if self.ema is None:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         if self._raw_weights is None:  # training: the model holds the raw weights
             raw = super().evaluate(eval_dataset, ignore_keys, f"{metric_key_prefix}_raw")
             with swapped_weights(self.model, self.ema.state_dict()):
+                if self._training:  # the average's own statistics, kept with it (and saved in ema.safetensors)
+                    self._statistics_step = None
+                    self.recompute_batchnorm_statistics()
+                    self.ema.average.module.load_state_dict(self.model.state_dict())
                 averaged = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         else:  # after training: the model holds the EMA weights
             with swapped_weights(self.model, self._raw_weights):
