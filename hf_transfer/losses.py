@@ -1,8 +1,14 @@
 """Losses as pure functions: the distillation loss, cross-entropy with soft targets, class weights.
 
-Both losses accept `num_items_in_batch`: when the Trainer passes it (gradient accumulation with a
-model that takes loss kwargs), per-sample losses are summed and divided by the number of
-samples in the whole accumulated batch, so accumulation gives the same loss as one big batch.
+Every loss is a sum over samples divided by a count. The trainer passes the count of the whole
+optimizer step (every micro-batch of a gradient accumulation, every process: `TransferTrainer.
+get_batch_samples`), so a step's loss is the per-sample mean over everything it saw, whatever the
+accumulation or the number of processes; called without a count, a loss is the mean over its batch.
+
+Images without a label (class index < 0; a soft-target row that sums to 0, or to less than 1 when
+mixup blended a labelled image with an unlabeled one) add to the label term only their labelled
+share, and that term is divided by the number of labelled images: unlabeled images teach through the
+distillation term alone.
 """
 
 from __future__ import annotations
@@ -10,25 +16,39 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def _reduce(per_sample: torch.Tensor, num_items_in_batch: int | torch.Tensor | None) -> torch.Tensor:
-    if num_items_in_batch is None:
-        return per_sample.mean()
-    return per_sample.sum() / num_items_in_batch
+UNLABELED = -1  # the label of an image without one (datasets' ClassLabel convention for a missing label)
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch=None,
+def label_mass(targets: torch.Tensor) -> torch.Tensor:
+    """How much of each sample is labelled: 1 or 0 for class indices, the row's sum for soft targets."""
+    return (targets >= 0).float() if targets.ndim == 1 else targets.float().sum(-1)
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, count=None,
                   label_smoothing: float = 0.0, class_weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy with class indices (N,) or soft targets (N, C), e.g. after mixup.
+    """Cross-entropy with class indices (N,) or soft targets (N, C), e.g. after mixup, summed over the
+    samples and divided by `count` (default: the labelled samples here, `label_mass`).
 
     `class_weights` (C,) weight each class's term, as in `F.cross_entropy(weight=...)`; the sum is
     divided by the number of samples (not by the weights' sum), so weights that average 1 over the
-    training samples (`balanced_class_weights`) keep the loss on its usual scale.
+    training samples (`balanced_class_weights`) keep the loss on its usual scale. Label smoothing
+    spreads each row's own mass (torch's rule for a fully labelled row).
     """
+    logits = logits.float()
     weight = class_weights.to(logits.device, torch.float32) if class_weights is not None else None
-    per_sample = F.cross_entropy(logits.float(), targets, weight=weight, reduction="none",
-                                 label_smoothing=label_smoothing)
-    return _reduce(per_sample, num_items_in_batch)
+    if targets.ndim == 1:
+        indices = torch.where(targets >= 0, targets, -100)  # F.cross_entropy's ignore_index: adds 0
+        per_sample = F.cross_entropy(logits, indices, weight=weight, reduction="none", label_smoothing=label_smoothing)
+    else:
+        targets = targets.float()
+        mass = targets.sum(-1, keepdim=True)
+        smoothed = (1 - label_smoothing) * targets + label_smoothing * mass / logits.shape[-1]
+        if weight is not None:
+            smoothed = smoothed * weight
+        per_sample = -(smoothed * F.log_softmax(logits, dim=-1)).sum(-1)
+    if count is None:
+        count = label_mass(targets).sum().clamp(min=1e-6)
+    return per_sample.sum() / count
 
 
 def balanced_class_weights(counts: torch.Tensor) -> torch.Tensor:
@@ -46,24 +66,25 @@ def distillation_loss(
     labels: torch.Tensor,
     alpha: float,
     temperature: float,
-    num_items_in_batch=None,
+    labelled_count=None,
+    image_count=None,
     label_smoothing: float = 0.0,
     class_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(1 - alpha) * CE(student, labels) + alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)).
 
-    `alpha` weights the distillation term: 0 is plain fine-tuning, 1 ignores the labels. The KL
-    is summed over classes and averaged over the batch ("batchmean"); T^2 keeps its gradients
-    on the scale of the cross-entropy's as T changes (Hinton et al. 2015). The teacher's
-    logits are treated as constants; `label_smoothing` and `class_weights` apply to the cross-entropy
-    only (the teacher's distribution is the KL's target as it is). Returns (loss, ce, kd) with ce and
-    kd unweighted. `alpha` in
-    [0, 1] and `temperature` > 0 are checked where they are set (`DistillationConfig`).
+    `alpha` weights the distillation term: 0 is plain fine-tuning, 1 ignores the labels. The CE is
+    the mean over labelled images (`labelled_count`), the KL, summed over classes, the mean over all
+    images (`image_count`): an unlabeled image adds to the KL only. T^2 keeps the KL's gradients on
+    the scale of the cross-entropy's as T changes (Hinton et al. 2015). The teacher's logits are
+    constants; `label_smoothing` and `class_weights` apply to the cross-entropy only (the teacher's
+    distribution is the KL's target as it is). Returns (loss, ce, kd) with ce and kd unweighted.
+    `alpha` in [0, 1] and `temperature` > 0 are checked where they are set (`DistillationConfig`).
     """
-    ce = cross_entropy(student_logits, labels, num_items_in_batch, label_smoothing, class_weights)
+    ce = cross_entropy(student_logits, labels, labelled_count, label_smoothing, class_weights)
     student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
     teacher_log_probs = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
     per_sample_kl = F.kl_div(student_log_probs, teacher_log_probs, reduction="none", log_target=True).sum(-1)
-    kd = _reduce(per_sample_kl, num_items_in_batch) * temperature**2
+    kd = per_sample_kl.sum() / (image_count if image_count is not None else len(per_sample_kl)) * temperature**2
     loss = (1.0 - alpha) * ce + alpha * kd
     return loss, ce.detach(), kd.detach()

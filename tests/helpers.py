@@ -12,8 +12,9 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 
 def make_checkpoint(kind: str, directory: Path, image_size: int = 32, num_labels: int = 3, seed: int = 0,
                     mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> str:
-    """Save a tiny random checkpoint: 'resnet' (timm, via TimmWrapper), 'vit' (transformers-native ViT)
-    or 'hf-resnet' (transformers-native ResNet). Loaded like any Hub checkpoint."""
+    """Save a tiny random checkpoint: 'resnet' or 'convnext' (timm, via TimmWrapper; the ConvNeXt has no
+    BatchNorm), 'vit' (transformers-native ViT) or 'hf-resnet' (transformers-native ResNet). Loaded like any
+    Hub checkpoint."""
     import timm
     import torch
     from transformers import (
@@ -28,11 +29,12 @@ def make_checkpoint(kind: str, directory: Path, image_size: int = 32, num_labels
     labels = {"num_labels": num_labels, "id2label": {i: f"old{i}" for i in range(num_labels)},
               "label2id": {f"old{i}": i for i in range(num_labels)}}
     processor = None
-    if kind == "resnet":
-        pretrained_cfg = timm.get_pretrained_cfg("test_resnet").to_dict()
+    if kind in ("resnet", "convnext"):
+        architecture = f"test_{kind}"
+        pretrained_cfg = timm.get_pretrained_cfg(architecture).to_dict()
         pretrained_cfg.update(input_size=[3, image_size, image_size], mean=list(mean), std=list(std),
                               interpolation="bicubic")
-        config = TimmWrapperConfig(architecture="test_resnet", pretrained_cfg=pretrained_cfg, **labels)
+        config = TimmWrapperConfig(architecture=architecture, pretrained_cfg=pretrained_cfg, **labels)
     elif kind == "vit":
         config = ViTConfig(image_size=image_size, patch_size=8, hidden_size=48, num_hidden_layers=2,
                            num_attention_heads=2, intermediate_size=96, **labels)

@@ -2,6 +2,8 @@
 
 import json
 
+import numpy as np
+
 import pytest
 import torch
 from conftest import quick_flags
@@ -196,3 +198,39 @@ def test_teacher_is_required(tmp_path, capsys):
         "error: the following arguments are required: --teacher_model_name_or_path/--teacher-model-name-or-path "
         "(see --help)"]
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- the logged terms
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["convnext", "vit"])  # a timm student, a transformers-native one (loss kwargs)
+def test_logged_terms_are_per_sample_means_of_each_step(kind, cifar_teacher, cifar_like, tmp_path):
+    """The same 8 images per optimizer step as one batch of 8, as two accumulated batches of 4, and as 4 on each
+    of 2 processes: the logged loss and its two terms are the same per-sample means, and loss = 0.3 ce + 0.7 kd.
+    Students without BatchNorm, so that how a step's images are split does not change the logits."""
+    from test_distributed import launch
+
+    student = make_checkpoint(kind, tmp_path / "student", image_size=64 if kind == "convnext" else 24)
+    common = ["--teacher_model_name_or_path", cifar_teacher, "--student_model_name_or_path", student,
+              "--dataset_name", cifar_like, "--max_train_samples", "32", "--max_steps", "6", "--alpha", "0.7",
+              "--eval_strategy", "no", "--save_strategy", "no", "--do_predict", "false", "--seed", "5",
+              *quick_flags(), "--logging_steps", "1"]
+
+    def logs(out):
+        history = json.loads((out / "trainer_state.json").read_text())["log_history"]
+        return [(h["loss"], h["ce_loss"], h["kd_loss"]) for h in history if "loss" in h]
+
+    run_distill.main([*common, "--output_dir", str(tmp_path / "one"), "--per_device_train_batch_size", "8"])
+    run_distill.main([*common, "--output_dir", str(tmp_path / "accumulated"), "--per_device_train_batch_size", "4",
+                      "--gradient_accumulation_steps", "2"])
+    proc = launch(tmp_path, "distill", [*common, "--output_dir", str(tmp_path / "two"),
+                                        "--per_device_train_batch_size", "4"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    one = logs(tmp_path / "one")
+    assert len(one) == 6
+    for other in ("accumulated", "two"):
+        assert np.allclose(logs(tmp_path / other), one, atol=3e-4), (other, logs(tmp_path / other), one)
+    for loss, ce, kd in one:
+        assert loss == pytest.approx(0.3 * ce + 0.7 * kd, abs=2e-4)

@@ -59,12 +59,31 @@ def test_gradients_reach_the_student_only(logits):
     assert teacher.grad is None
 
 
-def test_num_items_in_batch_makes_accumulation_equal_one_big_batch(logits):
+def test_counts_of_the_whole_step_make_accumulation_equal_one_big_batch(logits):
     student, teacher, labels = logits
     full, _, _ = distillation_loss(student, teacher, labels, alpha=0.4, temperature=2.0)
     halves = sum(distillation_loss(student[i:i + 4], teacher[i:i + 4], labels[i:i + 4], alpha=0.4, temperature=2.0,
-                                   num_items_in_batch=8)[0] for i in (0, 4))
+                                   labelled_count=8, image_count=8)[0] for i in (0, 4))
     torch.testing.assert_close(halves, full)
+
+
+def test_unlabeled_images_add_to_the_distillation_term_only(logits):
+    student, teacher, labels = logits
+    partial = labels.clone()
+    partial[::2] = -1  # every other image has no label
+    loss, ce, kd = distillation_loss(student, teacher, partial, alpha=0.3, temperature=2.0)
+    labelled = partial >= 0
+    torch.testing.assert_close(ce, F.cross_entropy(student[labelled], labels[labelled]))  # mean over the labelled
+    _, _, kd_all = distillation_loss(student, teacher, labels, alpha=0.3, temperature=2.0)
+    torch.testing.assert_close(kd, kd_all)  # the KL still covers every image
+    torch.testing.assert_close(loss, 0.7 * ce + 0.3 * kd)
+    # a soft-target row of an unlabeled image (zeros) adds nothing either, with smoothing and class weights too
+    soft = F.one_hot(labels, 5).float() * labelled[:, None]
+    weights = torch.rand(5) + 0.5
+    torch.testing.assert_close(cross_entropy(student, soft, label_smoothing=0.1, class_weights=weights),
+                               cross_entropy(student, partial, label_smoothing=0.1, class_weights=weights))
+    # no labelled image at all: no label term
+    assert cross_entropy(student, torch.full_like(labels, -1)).item() == 0
 
 
 def test_soft_targets(logits):

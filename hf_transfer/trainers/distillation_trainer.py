@@ -31,7 +31,7 @@ from ..losses import distillation_loss
 from ..models.loading import model_family
 from ..on_device.preprocessing import ImageSpec, ToModelInput
 from ..tracking import forward_flops
-from .transfer_trainer import TransferTrainer
+from .transfer_trainer import BatchCounts, TransferTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +45,8 @@ class DistillationTrainer(TransferTrainer):
         self.teacher = self._prepare_teacher(teacher)
         self.teacher_logits: torch.Tensor | None = None  # (rows, classes), set by `use_cached_teacher_logits`
         self._teacher_flops: int | None = None
-        self._terms = {"ce_loss": 0.0, "kd_loss": 0.0}
-        self._terms_count = 0
+        self._terms = {"ce_loss": 0.0, "kd_loss": 0.0}  # sums since the last training log
+        self._terms_since: int | None = None  # the step of that log (or of the start of training)
 
     def _prepare_teacher(self, teacher: torch.nn.Module) -> torch.nn.Module:
         teacher.eval().requires_grad_(False)
@@ -84,25 +84,37 @@ class DistillationTrainer(TransferTrainer):
                 teacher_view = self.cast_for_model(self.teacher_input(inputs["images"]))
                 teacher_logits = self.teacher(pixel_values=teacher_view).logits
             teacher_logits = teacher_logits.clone()  # an ordinary tensor: the loss saves it for the backward pass
+        counts = num_items_in_batch if isinstance(num_items_in_batch, BatchCounts) else None
         loss, ce, kd = distillation_loss(
             outputs.logits, teacher_logits, inputs["labels"], self.args.alpha, self.args.temperature,
-            num_items_in_batch=num_items_in_batch, label_smoothing=self.args.label_smoothing_factor,
-            class_weights=self.class_weights,
+            labelled_count=counts.labelled if counts else None, image_count=counts.images if counts else None,
+            label_smoothing=self.args.label_smoothing_factor, class_weights=self.class_weights,
         )
-        loss = self.skip_if_not_finite(self.scale_for_devices(loss, num_items_in_batch), model)
-        self._terms["ce_loss"] += ce
-        self._terms["kd_loss"] += kd
-        self._terms_count += 1
+        processes = counts.processes if counts else 1
+        loss = self.skip_if_not_finite(loss * processes, model)
+        if self._terms_since is None:  # the first step of this train() call (a resumed run starts mid-way)
+            self._terms_since = self.state.global_step
+        # Summed over the step's micro-batches, like the Trainer's logged loss: per-sample means of the step.
+        self._terms["ce_loss"] += ce * processes
+        self._terms["kd_loss"] += kd * processes
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        if "loss" in logs and self._terms_count:  # a training log: add the mean of each term since the last one
+        """A training log gets the two terms, as the Trainer computes `loss`: summed over each step's micro-
+        batches, averaged over the steps since the last log and over the processes, so that
+        loss = (1 - alpha) * ce_loss + alpha * kd_loss."""
+        steps = self.state.global_step - (self._terms_since or 0)
+        if "loss" in logs and self._terms_since is not None and steps > 0:
             for name, total in self._terms.items():
-                mean = torch.as_tensor(total / self._terms_count, device=self.args.device, dtype=torch.float32)
+                mean = torch.as_tensor(total, device=self.args.device, dtype=torch.float32) / steps
                 logs[name] = round(self.accelerator.reduce(mean, reduction="mean").item(), 4)
             self._terms = dict.fromkeys(self._terms, 0.0)
-            self._terms_count = 0
+            self._terms_since = self.state.global_step
         super().log(logs, start_time)
+
+    def train(self, *args, **kwargs):
+        self._terms, self._terms_since = dict.fromkeys(self._terms, 0.0), None
+        return super().train(*args, **kwargs)
 
     @torch.inference_mode()
     def teacher_predict(self, dataset, description: str = "teacher") -> tuple[np.ndarray, np.ndarray]:

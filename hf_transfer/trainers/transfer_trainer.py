@@ -10,8 +10,9 @@ The other overrides exist because the Trainer has no option for them:
 - `create_optimizer`: parameter groups with per-layer learning rates, no weight decay on
   biases and norms, and every parameter included so that layers unfrozen later train.
 - `create_scheduler`: adds the tutorial's step decay to the Trainer's schedules.
-- `compute_loss`: cross-entropy with the soft targets mixup/CutMix produce and with class weights
-  (otherwise the Trainer's own loss), and no training on a NaN/inf loss.
+- `get_batch_samples`, `compute_loss`: the loss (cross-entropy with the soft targets mixup/CutMix
+  produce, class weights, label smoothing) is the per-sample mean over the whole optimizer step,
+  whatever the model, the accumulation and the process count; no training on a NaN/inf loss.
 - `log`: adds the learning rate of each parameter group.
 - `push_to_hub`, `_push_from_checkpoint`: one push path, `hub.py` (no pickles, no card but the run's).
 - `_load_from_checkpoint`, `_load_best_model`: a transformers 5 bug (`compat.py`); with EMA, they
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +38,7 @@ from transformers.utils import PushInProgress
 
 from ..compat import deepspeed_dtype, load_checkpoint_weights
 from ..hub import push_at_end, push_checkpoint
-from ..losses import cross_entropy
+from ..losses import cross_entropy, label_mass
 from ..on_device.geometry import crop_and_flip
 from ..on_device.mixing import BatchMix
 from ..on_device.preprocessing import ImageSpec, ToModelInput
@@ -49,13 +51,27 @@ from .optimizer import param_groups, step_schedule, updates_per_epoch
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class BatchCounts:
+    """What one optimizer step's losses divide by (`TransferTrainer.get_batch_samples`)."""
+
+    labelled: torch.Tensor  # labelled images (their labelled share, after mixup) of the whole step
+    images: torch.Tensor  # all images of the whole step
+    processes: int  # the processes counted: DDP averages their gradients, so each loss is multiplied back
+
+
 class TransferTrainer(Trainer):
     """`image_spec`: the input the model expects (size, mean, std), made on the device from each uint8 batch;
     `class_weights`: per-class weights of the training cross-entropy (None: unweighted)."""
 
+    # The loss is always the project's (`compute_loss`), divided by the counts of the whole optimizer step: the
+    # Trainer must neither pass loss arguments to the model nor divide the loss by the accumulation steps.
+    loss_is_scaled_for_ga = True
+
     def __init__(self, *args, image_spec: ImageSpec, channels_last: bool = False,
                  class_weights: torch.Tensor | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.model_accepts_loss_kwargs = False  # the model computes no loss here (compute_loss does)
         self.class_weights = class_weights  # (classes,), from --class_weights and the training labels
         self.to_model_input = ToModelInput(image_spec, channels_last=channels_last)
         self._forward_flops: int | None = None  # of one image, measured at the first training step
@@ -63,7 +79,6 @@ class TransferTrainer(Trainer):
         self.batch_mix = BatchMix(self.model.config.num_labels, mixup, cutmix) if mixup or cutmix else None
         self.ema = WeightEma(self.model, self.args.ema_decay) if self.args.ema_decay else None
         self._raw_weights: dict | None = None  # once the EMA weights are the model's, the raw ones (for eval_raw_*)
-        self._training = False  # inside train(): evaluations recompute BatchNorm statistics first
         self._statistics_step: int | None = None  # the step whose weights the BatchNorm statistics belong to
         self._statistics_images = None  # the training images they are computed from (batchnorm.py)
         if self.ema is not None:
@@ -119,28 +134,37 @@ class TransferTrainer(Trainer):
 
     # ---------------------------------------------------------------- loss
 
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        """The Trainer's batches of one optimizer step, with what the loss divides by (`BatchCounts`): the
+        labelled and all images of every micro-batch and, unless --average_tokens_across_devices false,
+        every process. The Trainer counts only labels, and only for students whose forward takes loss
+        keyword arguments (transformers-native ones, not timm's), so the same step's loss would otherwise
+        depend on the student and the accumulation."""
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if not batches:
+            return batches, None
+        labels = [batch["labels"] for batch in batches]
+        counts = torch.stack([sum(label_mass(lab).sum() for lab in labels),
+                              torch.tensor(float(sum(len(lab) for lab in labels)), device=labels[0].device)])
+        processes = 1
+        if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
+            counts = self.accelerator.reduce(counts.to(device), reduction="sum")  # one all-reduce per step
+            processes = self.accelerator.num_processes
+        return batches, BatchCounts(labelled=counts[0].clamp(min=1e-6), images=counts[1], processes=processes)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = {key: inputs[key] for key in ("pixel_values", "labels") if key in inputs}
-        labels = inputs.get("labels")
+        """Cross-entropy (soft targets from mixup/CutMix, class weights, label smoothing), as the per-sample mean
+        of the optimizer step in training, of the batch in evaluation; never training on a NaN/inf loss."""
+        outputs = model(pixel_values=inputs["pixel_values"])
+        counts = num_items_in_batch if model.training and isinstance(num_items_in_batch, BatchCounts) else None
         weights = self.class_weights if model.training else None  # evaluation losses stay comparable across runs
-        if labels is None or (labels.ndim == 1 and weights is None):  # hard labels: the Trainer's own loss
-            loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
-        else:  # soft targets from mixup/CutMix, or class weights
-            targets = inputs.pop("labels")
-            outputs = model(**inputs)
-            loss = cross_entropy(outputs.logits, targets, num_items_in_batch, self.args.label_smoothing_factor,
-                                 weights)
-            loss = self.scale_for_devices(loss, num_items_in_batch)
+        loss = cross_entropy(outputs.logits, inputs["labels"], counts.labelled if counts else None,
+                             self.args.label_smoothing_factor, weights)
+        if counts is not None:
+            loss = loss * counts.processes
         if model.training:
             loss = self.skip_if_not_finite(loss, model)
         return (loss, outputs) if return_outputs else loss
-
-    def scale_for_devices(self, loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
-        """As Trainer.compute_loss does: `num_items_in_batch` counts the samples of all processes
-        while DDP averages gradients over them, so a loss divided by it is multiplied back."""
-        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
-            return loss * self.accelerator.num_processes
-        return loss
 
     def skip_if_not_finite(self, loss: torch.Tensor, model) -> torch.Tensor:
         """Never train on a NaN/inf loss: stop the run before its weights are logged, evaluated or
@@ -202,11 +226,8 @@ class TransferTrainer(Trainer):
     # ---------------------------------------------------------------- weight EMA (trainers/ema.py)
 
     def train(self, *args, **kwargs):
-        self._training, self._statistics_step = True, None
-        try:
-            result = super().train(*args, **kwargs)
-        finally:
-            self._training = False
+        self._statistics_step = None
+        result = super().train(*args, **kwargs)
         # The best checkpoint was saved right after its evaluation, statistics included; other final weights
         # may not have been evaluated since their last step.
         best_loaded = self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None
@@ -247,14 +268,14 @@ class TransferTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """With EMA, the EMA weights are the ones scored (and chosen by); the raw ones come as `<prefix>_raw_*`.
         In training, BatchNorm statistics are recomputed first for the weights scored (and then saved)."""
-        if self._training and self._statistics_step != self.state.global_step:
+        if self.is_in_train and self._statistics_step != self.state.global_step:
             self.recompute_batchnorm_statistics()
         if self.ema is None:
             return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         if self._raw_weights is None:  # training: the model holds the raw weights
             raw = super().evaluate(eval_dataset, ignore_keys, f"{metric_key_prefix}_raw")
             with swapped_weights(self.model, self.ema.state_dict()):
-                if self._training:  # the average's own statistics, kept with it (and saved in ema.safetensors)
+                if self.is_in_train:  # the average's own statistics, kept with it (and saved in ema.safetensors)
                     self._statistics_step = None
                     self.recompute_batchnorm_statistics()
                     self.ema.average.module.load_state_dict(self.model.state_dict())
