@@ -144,3 +144,31 @@ class FakeHub:
         monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
         monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
         monkeypatch.setenv("HF_TOKEN", "hf_fake_token_for_tests")
+
+
+TEXTURES = ("checkerboard", "horizontal", "noise", "vertical")
+
+
+def texture_image(kind: str, width: int, height: int, rng) -> PIL.Image.Image:
+    """Stripes or a checkerboard 16 cycles across, or flat noise: visible at 64 px, gone at 16 px."""
+    y, x = np.mgrid[0:height, 0:width]
+    phase = rng.uniform(0, 1)
+    horizontal = np.floor(y / height * 32 + phase) % 2
+    vertical = np.floor(x / width * 32 + phase) % 2
+    pattern = {"horizontal": horizontal, "vertical": vertical, "checkerboard": (horizontal + vertical) % 2,
+               "noise": np.full((height, width), 0.5)}[kind]
+    grey = 60 + 130 * pattern + rng.normal(0, 12, size=(height, width))
+    return PIL.Image.fromarray(np.clip(grey, 0, 255).astype(np.uint8)).convert("RGB")
+
+
+def texture_folders(root: Path, per_class: dict[str, int], seed: int = 0) -> Path:
+    """Image folders (one subfolder per class) of textures 56-120 px on each side, any aspect ratio."""
+    rng = np.random.default_rng(seed)
+    for split, count in per_class.items():
+        for kind in TEXTURES:
+            folder = Path(root) / split / kind
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                width, height = (int(v) for v in rng.integers(56, 121, size=2))
+                texture_image(kind, width, height, rng).save(folder / f"{kind}-{i}.png")
+    return Path(root)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import quick_flags
 from datasets import Image
-from helpers import make_checkpoint
+from helpers import make_checkpoint, texture_folders
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
@@ -111,6 +111,79 @@ def test_each_model_receives_exactly_its_own_processors_input(cifar_teacher, stu
     assert seen["teacher"].shape[-1] == 32 and seen["student"].shape[-1] == 24
     torch.testing.assert_close(seen["teacher"], expected_teacher, rtol=0, atol=1e-6)
     torch.testing.assert_close(seen["student"], expected_student, rtol=0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- the teacher's own view of mixed-size images
+
+
+@pytest.fixture(scope="module")
+def textures(tmp_path_factory):
+    """Texture folders (stripes and checkerboards 16 cycles across, noise; 56-120 px, any aspect ratio) and a
+    ResNet teacher trained on them at 64 px. At 16 px the classes are gone: a teacher shown a 16 px picture
+    scaled up is at chance."""
+    import run_finetune
+
+    root = tmp_path_factory.mktemp("textures")
+    data = texture_folders(root / "data", {"train": 16, "test": 10})
+    teacher = root / "teacher"
+    run_finetune.main(["--model_name_or_path", make_checkpoint("resnet", root / "arch", image_size=64),
+                       "--from_scratch", "--train_dir", str(data / "train"), "--test_dir", str(data / "test"),
+                       "--output_dir", str(teacher), *quick_flags(), "--num_train_epochs", "10",
+                       "--learning_rate", "0.05"])
+    return data, teacher
+
+
+@pytest.mark.slow
+def test_on_mixed_sizes_the_teacher_is_scored_as_in_its_own_evaluation(textures, tmp_path):
+    import run_finetune
+
+    data, teacher = textures
+    folders = ["--train_dir", str(data / "train"), "--test_dir", str(data / "test")]
+    own = run_finetune.main(["--model_name_or_path", str(teacher), *folders, "--do_train", "false",
+                             "--output_dir", str(tmp_path / "eval"), *quick_flags()])
+    student = make_checkpoint("resnet", tmp_path / "student", image_size=16)
+    distilled = run_distill.main(["--teacher_model_name_or_path", str(teacher), "--student_model_name_or_path", student,
+                                  "--from_scratch", *folders, "--output_dir", str(tmp_path / "d"), "--max_steps", "2",
+                                  *quick_flags()])
+    assert own["test_accuracy"] >= 0.6  # 4 classes: chance is 0.25, where a 16 px view leaves the teacher
+    assert distilled["test_teacher_accuracy"] == pytest.approx(own["test_accuracy"])
+
+
+@pytest.mark.parametrize("mixup", ["0", "0.4"])
+def test_on_mixed_sizes_the_teacher_trains_on_its_own_resize_of_each_image(textures, tmp_path, mixup):
+    """The teacher's training input is its own processor's output for the original images (not the student's
+    16 px resize scaled up); with mixup, the same blend of its own resizes."""
+    data, teacher_dir = textures
+    images = load_image_data(train_dir=str(data / "train"), seed=0)
+    teacher = load_teacher(str(teacher_dir), images.label_names)
+    student = load_model(make_checkpoint("resnet", tmp_path / "student", image_size=16), images.label_names)
+    attach_transforms(images, "none")
+    args = DistillationConfig(output_dir=str(tmp_path / "o"), per_device_train_batch_size=6, dataloader_num_workers=0,
+                              report_to="none", use_cpu=True, max_steps=2, mixup=float(mixup))
+    trainer = DistillationTrainer(teacher=teacher.model, teacher_spec=teacher.spec,
+                                  **trainer_kwargs(args, images, student))
+    seen = {}
+    trainer.teacher.register_forward_pre_hook(lambda m, a, kw: seen.__setitem__("teacher", kw["pixel_values"]),
+                                              with_kwargs=True)
+    trainer.model.register_forward_pre_hook(lambda m, a, kw: seen.__setitem__("student", kw["pixel_values"]),
+                                            with_kwargs=True)
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    torch.manual_seed(0)
+    inputs = trainer._prepare_inputs(batch)
+    trainer.compute_loss(trainer.model, inputs)
+
+    decoded = images.train.with_format(None).cast_column(images.image_column, Image())
+    by_row = {row: image for row, image in zip(decoded[ROW], decoded[images.image_column])}
+    originals = [by_row[int(row)] for row in batch["row_index"]]
+    expected = AutoImageProcessor.from_pretrained(teacher_dir)(originals, return_tensors="pt")["pixel_values"]
+    assert seen["teacher"].shape[-2:] == (64, 64) and seen["student"].shape[-2:] == (16, 16)
+    if mixup != "0":  # the same draws (partners, weights) applied to the teacher's own inputs
+        torch.manual_seed(0)
+        expected, _, _ = trainer.batch_mix(expected, batch["labels"])
+        assert not torch.allclose(seen["teacher"], AutoImageProcessor.from_pretrained(teacher_dir)(
+            originals, return_tensors="pt")["pixel_values"], atol=1e-2)
+    torch.testing.assert_close(seen["teacher"], expected, rtol=0, atol=1e-4)
 
 
 def test_teacher_is_frozen_and_outside_the_optimizer(cifar_teacher, student_checkpoint, cifar_like, tmp_path):

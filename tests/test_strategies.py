@@ -190,7 +190,7 @@ def constant_images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 def test_mixup_draws_a_lambda_per_sample():
     torch.manual_seed(0)
     images, labels = constant_images(64)
-    mixed, targets = BatchMix(64, mixup_alpha=0.4)(images, labels)
+    mixed, targets, _ = BatchMix(64, mixup_alpha=0.4)(images, labels)
     assert mixed.shape == images.shape and mixed.dtype == torch.float32
     assert torch.allclose(targets.sum(1), torch.ones(64))
     partner = targets.clone()
@@ -206,13 +206,32 @@ def test_mixup_draws_a_lambda_per_sample():
 def test_cutmix_pastes_a_box_per_sample_and_labels_follow_its_area():
     torch.manual_seed(0)
     images, labels = constant_images(64)
-    mixed, targets = BatchMix(64, cutmix_alpha=1.0)(images, labels)
+    mixed, targets, _ = BatchMix(64, cutmix_alpha=1.0)(images, labels)
     own_value = images[:, :1].float()
     pasted = (mixed[:, :1] != own_value).flatten(1).float().mean(1)  # share of each image replaced
     own = targets[labels, labels]
     moved = own < 1
     assert torch.allclose(own[moved], 1 - pasted[moved])
     assert pasted.unique().numel() > 16  # boxes differ between samples
+
+
+@pytest.mark.parametrize("flags", [{"mixup_alpha": 0.4}, {"cutmix_alpha": 1.0}, {"mixup_alpha": 0.4, "cutmix_alpha": 1.0}])
+def test_every_view_of_a_batch_is_mixed_with_the_same_draws(flags):
+    """A teacher's own view (here a copy at the same size, and one at twice the size) gets the student's partners,
+    weights and boxes: the copy comes out identical, the large view is the student's mixture up to box rounding."""
+    torch.manual_seed(0)
+    images, labels = constant_images(32)
+    large = torch.nn.functional.interpolate(images.float(), scale_factor=2, mode="nearest").to(torch.uint8)
+    mixed, targets, views = BatchMix(32, **flags)(images, labels, {"copy": images.clone(), "large": large})
+    assert torch.equal(views["copy"], mixed)
+    shrunk = torch.nn.functional.avg_pool2d(views["large"], 2)
+    assert (shrunk - mixed).abs().gt(0.5).float().mean() < 0.1  # box edges may round to the next pixel
+    unlabeled = labels.clone()
+    unlabeled[::2] = -1  # images without a label: their share of a mixture carries no target
+    torch.manual_seed(0)
+    _, partial, _ = BatchMix(32, **flags)(images, unlabeled)
+    own = torch.stack([partial[i, labels[i]] for i in range(32)])
+    assert torch.all(own[::2] == 0) and torch.allclose(own[1::2], targets[1::2].gather(1, labels[1::2, None])[:, 0])
 
 
 def test_mixup_and_cutmix_train_in_both_scripts(cifar_teacher, tiny_resnet, cifar_like, tmp_path, monkeypatch):
@@ -241,7 +260,10 @@ def test_mixup_and_cutmix_train_in_both_scripts(cifar_teacher, tiny_resnet, cifa
     tuned = run_finetune.main(["--model_name_or_path", tiny_resnet, "--output_dir", str(tmp_path / "f"), *flags])
     distilled = run_distill.main(["--teacher_model_name_or_path", cifar_teacher, "--student_model_name_or_path",
                                   tiny_resnet, "--output_dir", str(tmp_path / "d"), *flags])
-    steps = {name: [s for s in seen if s[0] == name] for name in ("cross_entropy", "distillation_loss")}
+    # cross_entropy also scores evaluation batches (class indices); training steps get the mixed soft targets
+    steps = {name: [s for s in seen if s[0] == name and len(s[1]) == 2] for name in ("cross_entropy",
+                                                                                     "distillation_loss")}
+    assert all(len(s[1]) == 2 for s in seen if s[0] == "distillation_loss")
     for name, results in (("cross_entropy", tuned), ("distillation_loss", distilled)):
         assert len(steps[name]) >= 4, name  # one per training step (4-5 steps of 8 images)
         assert all(len(shape) == 2 and shape[1] == 3 and smoothing == 0.1 for _, shape, smoothing in steps[name]), name

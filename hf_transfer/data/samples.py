@@ -136,25 +136,39 @@ class SampleTransform:
 class UInt8Collator:
     """Stack samples into a uint8 batch; resize on the CPU only when their sizes differ.
 
-    Images of one size (CIFAR) travel at storage resolution and are resized on the device.
-    Mixed sizes cannot be stacked, so each is resized to the model's input size here, with
-    the same function and interpolation the device path and the saved processor use.
+    Images of one size (CIFAR) travel at storage resolution, and each model resizes them on the
+    device to its own input size. Mixed sizes cannot be stacked, so each image is resized here,
+    once per model that will see it: `pixel_values` at the trained model's size and, for every
+    other view (`with_view`: a distillation teacher), `view_<name>` at that model's size, each
+    straight from the stored image with the same function and interpolation as the device path
+    and the saved processor. No model ever sees another model's resize of an image.
     """
 
-    def __init__(self, size: tuple[int, int], interpolation: str):
+    def __init__(self, size: tuple[int, int], interpolation: str, views: dict[str, tuple] | None = None):
         self.size, self.interpolation = tuple(size), interpolation
+        self.views = dict(views or {})  # name -> (size, interpolation)
+
+    def with_view(self, name: str, size: tuple[int, int], interpolation: str) -> UInt8Collator:
+        """This collator, also making `view_<name>` at `size` for mixed-size batches."""
+        return UInt8Collator(self.size, self.interpolation, {**self.views, name: (tuple(size), interpolation)})
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         images = [e["pixel_values"] for e in examples]
-        if any(image.shape != images[0].shape for image in images):
-            images = [resize_batch(image, self.size, self.interpolation) for image in images]
-        # Stacked as NHWC memory, viewed as NCHW: channels-last, the layout the resize kernels prefer.
-        batch = torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)
         collated = {
-            "pixel_values": batch,
             "labels": torch.tensor([e["labels"] for e in examples], dtype=torch.long),
             "row_index": torch.tensor([e["row_index"] for e in examples], dtype=torch.long),
         }
+        if all(image.shape == images[0].shape for image in images):
+            collated["pixel_values"] = _stack(images)
+        else:
+            collated["pixel_values"] = _stack([resize_batch(i, self.size, self.interpolation) for i in images])
+            for name, (size, interpolation) in self.views.items():
+                collated[f"view_{name}"] = _stack([resize_batch(i, size, interpolation) for i in images])
         if "augment" in examples[0]:  # each image's crop and flip, applied on the device
             collated["augment"] = torch.tensor([e["augment"] for e in examples], dtype=torch.long)
         return collated
+
+
+def _stack(images: list[torch.Tensor]) -> torch.Tensor:
+    # Stacked as NHWC memory, viewed as NCHW: channels-last, the layout the resize kernels prefer.
+    return torch.stack([image.permute(1, 2, 0) for image in images]).permute(0, 3, 1, 2)

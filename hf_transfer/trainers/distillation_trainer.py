@@ -5,9 +5,11 @@ Its config is `DistillationConfig` (`alpha`, `temperature`, read from `self.args
 What it adds to TransferTrainer, and why:
 - `compute_loss`: the distillation loss (`losses.distillation_loss`) during training; in
   evaluation the student alone is scored, as in fine-tuning. The teacher gets its own view of
-  the batch (its input size and normalisation), made on the device from the same augmented
-  images the student sees, so it grades exactly the picture the student was shown
-  ("consistent teaching").
+  the batch (its input size, resize and normalisation), made from the same augmented and mixed
+  images the student sees, so it grades exactly the picture the student was shown ("consistent
+  teaching"), at its own resolution: images of one size are resized by each model on the device,
+  a mixed-size batch once per model on the CPU (`samples.UInt8Collator`), never the teacher's
+  input from the student's.
 - `log`: the two terms of the loss (`ce_loss`, `kd_loss`), averaged over each logging window.
 - `extra_test_metrics`: the teacher's test accuracy and the student-teacher agreement.
 
@@ -34,12 +36,16 @@ from ..tracking import forward_flops
 from .transfer_trainer import BatchCounts, TransferTrainer
 
 logger = logging.getLogger(__name__)
+TEACHER_VIEW = "teacher"
 
 
 class DistillationTrainer(TransferTrainer):
     """`teacher`: a fine-tuned classifier with the data set's labels; `teacher_spec`: the input it expects."""
 
     def __init__(self, *args, teacher: torch.nn.Module, teacher_spec: ImageSpec, **kwargs):
+        # Mixed-size batches carry the teacher's own resize of each image (samples.UInt8Collator).
+        kwargs["data_collator"] = kwargs["data_collator"].with_view(TEACHER_VIEW, teacher_spec.size,
+                                                                    teacher_spec.interpolation)
         super().__init__(*args, **kwargs)
         self.teacher_input = ToModelInput(teacher_spec)
         self.teacher = self._prepare_teacher(teacher)
@@ -81,8 +87,7 @@ class DistillationTrainer(TransferTrainer):
             teacher_logits = self.teacher_logits[inputs["row_index"].to(self.teacher_logits.device)]
         else:
             with torch.inference_mode():  # no autograd bookkeeping at all for the frozen teacher
-                teacher_view = self.cast_for_model(self.teacher_input(inputs["images"]))
-                teacher_logits = self.teacher(pixel_values=teacher_view).logits
+                teacher_logits = self.teacher_logits_for(inputs["views"].get(TEACHER_VIEW, inputs["images"]))
             teacher_logits = teacher_logits.clone()  # an ordinary tensor: the loss saves it for the backward pass
         counts = num_items_in_batch if isinstance(num_items_in_batch, BatchCounts) else None
         loss, ce, kd = distillation_loss(
@@ -112,6 +117,11 @@ class DistillationTrainer(TransferTrainer):
             self._terms_since = self.state.global_step
         super().log(logs, start_time)
 
+    def teacher_logits_for(self, images: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits for a batch of images (uint8, or mixed floats on the 0-255 scale) at storage size
+        or already at the teacher's: its own resize and normalisation, then its forward."""
+        return self.teacher(pixel_values=self.cast_for_model(self.teacher_input(images))).logits
+
     def train(self, *args, **kwargs):
         self._terms, self._terms_since = dict.fromkeys(self._terms, 0.0), None
         return super().train(*args, **kwargs)
@@ -123,7 +133,7 @@ class DistillationTrainer(TransferTrainer):
         batches = tqdm(self.get_test_dataloader(dataset), desc=description, leave=False,
                        disable=self.args.disable_tqdm or not self.is_local_process_zero())
         for batch in batches:
-            logits = self.teacher(pixel_values=self.cast_for_model(self.teacher_input(batch["pixel_values"]))).logits
+            logits = self.teacher_logits_for(batch.get(f"view_{TEACHER_VIEW}", batch["pixel_values"]))
             rows, logits = self.accelerator.gather_for_metrics((batch["row_index"], logits.float()))
             all_rows.append(rows.cpu())
             all_logits.append(logits.cpu())

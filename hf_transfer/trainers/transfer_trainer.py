@@ -4,7 +4,8 @@ The DataLoader delivers uint8 images at storage resolution (`hf_transfer/data/`)
 them to the device; `_prepare_inputs` -- the Trainer's own hook for "make this batch ready for the
 model", used by training and evaluation alike -- turns them into the model's float input there,
 batched (and, in training, mixes them when `--mixup`/`--cutmix` ask for it). In training it also
-passes the device batch on as `images` for losses that need another view of it.
+passes the device batch on as `images` (and any other model's view of a mixed-size batch as `views`)
+for losses that need another model's input.
 
 The other overrides exist because the Trainer has no option for them:
 - `create_optimizer`: parameter groups with per-layer learning rates, no weight decay on
@@ -91,16 +92,19 @@ class TransferTrainer(Trainer):
     def _prepare_inputs(self, inputs: dict) -> dict:
         batch = super()._prepare_inputs(inputs)  # on the device, still uint8
         images, labels = batch["pixel_values"], batch.get("labels")
+        # Other models' own resizes of a mixed-size batch (UInt8Collator.with_view); a batch of one size has none.
+        views = {key.removeprefix("view_"): value for key, value in batch.items() if key.startswith("view_")}
         if "augment" in batch and self.model.training:  # crops and flips, batched (data/samples.py)
             images = crop_and_flip(images, batch["augment"])
         if self.batch_mix is not None and self.model.training and labels is not None:
-            images, labels = self.batch_mix(images, labels)
+            images, labels, views = self.batch_mix(images, labels, views)
         prepared = {"pixel_values": self.cast_for_model(self.to_model_input(images))}
         if labels is not None:
             prepared["labels"] = labels
         if self.model.training:
-            # What a loss may need besides the model's input (the distillation teacher makes its own view).
-            prepared.update(images=images, row_index=batch["row_index"])
+            # What a loss may need besides the model's input: the same (augmented, mixed) images before this
+            # model's resize, and the other views, from which the distillation teacher makes its own input.
+            prepared.update(images=images, views=views, row_index=batch["row_index"])
         return prepared
 
     def floating_point_ops(self, inputs: dict) -> int:
