@@ -159,6 +159,29 @@ class DataArguments:
 
 
 @dataclass
+class DistillationDataArguments(DataArguments):
+    """run_distill.py's data flags: those of fine-tuning, and images without labels (data/unlabeled.py)."""
+
+    unlabeled_dir: str | None = field(
+        default=None,
+        metadata={"help": "Images without labels for the teacher to label: every image file under this folder, at any "
+                          "depth (folder names are ignored; unreadable files are skipped and counted). They train the "
+                          "student through the distillation term only; an image that is also a test image is refused."},
+    )
+    unlabeled_dataset: str | None = field(
+        default=None,
+        metadata={"help": "The same from a Hub or local data set (as --dataset_name takes them); a label column, if "
+                          "any, is ignored."},
+    )
+    unlabeled_split: str = field(default="train", metadata={"help": "The split of --unlabeled_dataset."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.unlabeled_dir and self.unlabeled_dataset:
+            raise ValueError("pass either --unlabeled_dir or --unlabeled_dataset, not both")
+
+
+@dataclass
 class Arguments:
     """One run's parsed flags, and what parsing learnt on the way."""
 
@@ -207,7 +230,7 @@ class ArgumentParser(HfArgumentParser):
 
 
 def parse_arguments(argv: Sequence[str], model_type: type = ModelArguments,
-                    training_type: type = TransferConfig) -> Arguments:
+                    training_type: type = TransferConfig, data_type: type = DataArguments) -> Arguments:
     """Parse `argv` once into (model, data, training) arguments, with the family's recipe as defaults.
 
     `argv` may start with a JSON or YAML file of arguments (as the transformers examples accept);
@@ -215,7 +238,7 @@ def parse_arguments(argv: Sequence[str], model_type: type = ModelArguments,
     """
     argv = [*arguments_file_flags(argv[0]), *argv[1:]] if argv and _is_arguments_file(argv[0]) else list(argv)
     given = given_flags(argv)
-    parser = ArgumentParser((model_type, DataArguments, training_type))
+    parser = ArgumentParser((model_type, data_type, training_type))
     known, _ = parser.parse_known_args(argv)  # the model flags; argparse alone, no dataclass built
     preset = find_preset(known.model, known.model_name_or_path, model_type.default_model)
     source = preset.checkpoint if preset else known.model_name_or_path

@@ -19,12 +19,12 @@ SHAPING = {
     "model": ("model", "model_name_or_path", "from_scratch", "image_size", "recipe", "model_revision", "drop_path_rate"),
     "data": ("dataset_name", "dataset_config_name", "train_dir", "validation_dir", "test_dir", "image_column",
              "label_column", "validation_split", "max_train_samples", "max_eval_samples", "augmentation",
-             "random_erasing", "skip_corrupt_images"),
+             "random_erasing", "skip_corrupt_images", "unlabeled_dir", "unlabeled_dataset", "unlabeled_split"),
     "training": ("num_train_epochs", "max_steps", "min_train_steps", "seed", "learning_rate", "optim", "optim_args",
                  "weight_decay", "lr_scheduler_type", "warmup_steps", "max_grad_norm", "freeze_backbone",
                  "unfreeze_schedule", "backbone_lr_scale", "layer_decay", "lr_step_size", "lr_step_gamma", "mixup",
                  "cutmix", "label_smoothing_factor", "teacher_model_name_or_path", "alpha", "temperature", "ema_decay",
-                 "class_weights"),
+                 "class_weights", "precise_bn_images"),
 }
 
 

@@ -55,6 +55,17 @@ class RunConfigCallback(TrainerCallback):
             wandb.run.tags = tuple(dict.fromkeys([*(wandb.run.tags or ()), *self.tags]))
 
 
+class LastStepLog(TrainerCallback):
+    """Logs the last training step too. The Trainer adds the loss of the steps after its last log to
+    `train_loss` from the main process alone (its other parts are averaged over every process), so a
+    multi-process run whose length is not a multiple of --logging_steps reported a `train_loss` of half
+    the data; and the loss curve now ends where training ends."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps and args.logging_strategy != "no":
+            control.should_log = True
+
+
 def reset_peak_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()

@@ -32,7 +32,14 @@ from .metrics import ComputeMetrics, write_test_report
 from .model_card import CardInfo, write_model_card
 from .models.loading import LoadedModel, load_model
 from .models.structure import depth_groups
-from .tracking import RunConfigCallback, ThroughputCallback, check_tracking, peak_memory, reset_peak_memory
+from .tracking import (
+    LastStepLog,
+    RunConfigCallback,
+    ThroughputCallback,
+    check_tracking,
+    peak_memory,
+    reset_peak_memory,
+)
 from .trainers.freezing import UnfreezeCallback, trainable_names
 
 logger = logging.getLogger(__name__)
@@ -69,7 +76,7 @@ def trainer_kwargs(args, data: ImageData, loaded: LoadedModel, run_config: dict 
                    tags: Sequence[str] = ()) -> dict:
     """What every trainer of this project is built from."""
     callbacks = [StopOnSignal(), EpochCallback(data.epoch), RunConfigCallback(run_config or {}, [*tags, loaded.family]),
-                 ThroughputCallback()]
+                 ThroughputCallback(), LastStepLog()]
     schedule = args.stage_schedule()
     if schedule is not None:
         for _, stage in schedule:
@@ -118,6 +125,7 @@ def class_weights(args, data: ImageData) -> torch.Tensor | None:
                             f"({', '.join(data.label_names[:4])}{', ...' if len(data.label_names) > 4 else ''})")
         return torch.tensor(explicit)
     labels = torch.tensor(data.train.with_format(None)[data.label_column])
+    labels = labels[labels >= 0]  # images without a label (data/unlabeled.py) count for no class
     weights = balanced_class_weights(torch.bincount(labels, minlength=len(data.label_names)))
     logger.info("class weights (auto): %s", ", ".join(f"{n} {w:.2f}" for n, w in zip(data.label_names, weights)))
     return weights
@@ -218,12 +226,15 @@ def train_and_evaluate(trainer, data: ImageData, card: CardInfo, resume_from: st
                         "run the same command again to resume")
     # total_flos from the state: with --disable_tqdm the Trainer's PrinterCallback pops it from the metrics it logs.
     results = dict(train_result.metrics, train_samples=len(data.train), total_flos=trainer.state.total_flos)
+    if data.unlabeled:
+        results["train_unlabeled_samples"] = data.unlabeled
     results.update({f"train_{key}": value for key, value in peak_memory().items()})
     timer = _callback(trainer, ThroughputCallback)
     if timer is not None:
         results.update({f"train_{key}": value for key, value in timer.summary().items()})
     trainer.log({"train_peak_memory_mb": results["train_peak_memory_mb"]})  # the trackers get it too
-    results.update({f"{split}_skipped_images": n for split, n in data.skipped_images.items()})
+    results.update({("train_unlabeled" if split == "unlabeled" else split) + "_skipped_images": n
+                    for split, n in data.skipped_images.items()})
     trainer.log_metrics("train", results)
     trainer.save_metrics("train", results)
     trainer.save_state()

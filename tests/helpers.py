@@ -172,3 +172,17 @@ def texture_folders(root: Path, per_class: dict[str, int], seed: int = 0) -> Pat
                 width, height = (int(v) for v in rng.integers(56, 121, size=2))
                 texture_image(kind, width, height, rng).save(folder / f"{kind}-{i}.png")
     return Path(root)
+
+
+def unlabeled_folder(root: Path, n: int = 24, seed: int = 1, size: int = 32) -> Path:
+    """Images without labels as users have them: nested folders whose names mean nothing, mixed sizes, a text file
+    and one broken image among them (colour images of `colour_dataset`'s kind, another seed)."""
+    images = colour_dataset(n_per_class=n // 3 + 1, size=size, seed=seed, splits=("train",))["train"]["img"][:n]
+    root = Path(root)
+    for i, image in enumerate(images):
+        folder = root / ["", "a", "a/b", "c"][i % 4]
+        folder.mkdir(parents=True, exist_ok=True)
+        image.resize((size + 4 * (i % 3), size)).save(folder / f"img{i}.{'png' if i % 2 else 'jpg'}", quality=95)
+    (root / "notes.txt").write_text("not an image")
+    (root / "c" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"truncated")
+    return root

@@ -44,9 +44,9 @@ def run_flags(model, data, out, *extra):
             "0.25", "--class_weights", "auto", "--ema_decay", "0.9", *extra, *quick_flags()]
 
 
-def start(flags, sleep=0.0):
+def start(flags, sleep=0.0, script="finetune"):
     env = {**os.environ, "TEST_STEP_SLEEP": str(sleep), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
-    return subprocess.Popen([sys.executable, str(ROOT / "tests" / "instrumented.py"), "finetune", *flags], env=env,
+    return subprocess.Popen([sys.executable, str(ROOT / "tests" / "instrumented.py"), script, *flags], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

@@ -15,9 +15,10 @@ from dataclasses import asdict
 from transformers import set_seed
 
 from .. import run_args
-from ..arguments import StudentArguments, fit_to_data, parse_arguments
+from ..arguments import DistillationDataArguments, StudentArguments, fit_to_data, parse_arguments
 from ..data.augmentation import resolve_augmentation
 from ..data.samples import attach_transforms
+from ..data.unlabeled import add_unlabeled_images
 from ..errors import UserError, check_local_path, run_cli, setup_logging
 from ..model_card import CardInfo
 from ..models.loading import load_teacher
@@ -41,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parsed = parse_arguments(argv, StudentArguments, DistillationConfig)
+    parsed = parse_arguments(argv, StudentArguments, DistillationConfig, DistillationDataArguments)
     student_args, data_args, args = parsed.model, parsed.data, parsed.training
     check_local_path("--teacher_model_name_or_path", args.teacher_model_name_or_path)  # a typo fails now, not later
     if not args.do_train:
@@ -61,6 +62,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     set_seed(args.seed)
     data = load_data(data_args, args.seed, student_args.cache_dir)
+    if data_args.unlabeled_dir or data_args.unlabeled_dataset:
+        add_unlabeled_images(data, data_args.unlabeled_dir, data_args.unlabeled_dataset, data_args.unlabeled_split,
+                             student_args.cache_dir)
     teacher = load_teacher(args.teacher_model_name_or_path, data.label_names, revision=args.teacher_revision,
                            trust_remote_code=student_args.trust_remote_code, cache_dir=student_args.cache_dir)
     student = load_trained_model(student_args, source, data)
@@ -85,6 +89,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         hyperparameters=hyperparameters(
             args, student_args, data_args, model=source, family=student.family, image_size=student.spec.size[0],
             teacher=teacher.source, alpha=args.alpha, temperature=args.temperature,
+            **({"unlabeled images": data.unlabeled} if data.unlabeled else {}),
         ),
     )
     save_run_args(args, "distill", record, argv, card)

@@ -44,7 +44,8 @@ class ImageData:
     label_column: str
     name: str  # what the model card calls the data set
     validation_from_train: bool  # carved out of train with --validation_split
-    skipped_images: dict[str, int]  # split -> images dropped by --skip_corrupt_images
+    skipped_images: dict[str, int]  # split -> images dropped by --skip_corrupt_images (and unreadable unlabeled ones)
+    unlabeled: int = 0  # rows of `train` without a label (data/unlabeled.py), after the labelled ones
     # The training epoch, in shared memory so that DataLoader workers (persistent ones too) see it.
     epoch: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64).share_memory_())
     # Set by attach_transforms: every split is decoded in memory and no per-image CPU work is left
