@@ -16,6 +16,7 @@ half of each photo), where pretrained features should matter most.
 
 Cells (each one `run_finetune.main(argv)`, the function `run_finetune.py` runs):
   defaults          no flag but the regime's: what a user gets
+  no-precise-bn     the defaults with BatchNorm's running statistics as training left them (--precise_bn_images 0)
   crop              the defaults with random crops (--augmentation crop; the default on digits is none)
   ema               the defaults with a weight EMA (--ema_decay 0.999)
   tutorial          --recipe tutorial
@@ -27,6 +28,15 @@ varies only what it names. Every cell but tutorial and progressive runs several 
 images per class, 2 at 50, 1 on the whole split; --seeds N for fewer) and reports the mean: at 10
 images per class the seeds of one cell differ by up to 7 points from real weights, more than the
 differences in question. The defaults are compared with a sweep cell over the seeds both ran.
+
+Distillation (`--regimes distill-...`, each cell one `run_distill.main(argv)`, or `run_finetune.main` for
+the student alone): the teacher is the real weights fine-tuned with the defaults on the whole train
+split (the digits-full defaults cell, trained once and kept); the student a ResNet-18 from scratch at
+32 px with labels for 10 or 30 images per class (distill-10, distill-30) or the whole split
+(distill-full); distill-10u and distill-30u add the rest of the train split as images without labels
+(--unlabeled_dataset digits). Cells: student-alone (run_finetune, labelled images only),
+distill-defaults (no flag), alpha x temperature, long (3x the optimizer steps) and mixup (0.4). The
+summary compares the defaults with the student alone over the seeds both ran, worst seed included.
 
 Results go to --output (JSON, one entry per run, written after every run) and a Markdown summary
 is printed: per regime the defaults, the best sweep cell, and the gap between them.
@@ -52,7 +62,8 @@ REGIMES = {"digits-10": ["--dataset_name", "digits", "--max_train_samples", "100
            "digits-50": ["--dataset_name", "digits", "--max_train_samples", "500"],
            "digits-full": ["--dataset_name", "digits"],
            "photos-10": ["--dataset_name", "{photos}"]}
-SEEDS = {"digits-10": 3, "digits-50": 2, "digits-full": 1, "distill-30": 2, "photos-10": 3}
+SEEDS = {"digits-10": 3, "digits-50": 2, "digits-full": 1, "photos-10": 3, "distill-10": 3, "distill-10u": 3,
+         "distill-30": 3, "distill-30u": 3, "distill-full": 1}
 PHOTOS = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "gravel", "moon", "rocket")
 
 
@@ -110,9 +121,10 @@ def cells_for(init: str, regime: str = "digits-10") -> dict[str, list[str] | Non
     """The cells of one (regime, init); None marks a cell whose flags depend on the defaults' run.
     The photo patches ask what pretraining buys on natural images: defaults, crops and flips, linear probe."""
     if regime == "photos-10":
-        cells = {"defaults": [], "basic": ["--augmentation", "basic"]}
+        cells = {"defaults": [], "no-precise-bn": ["--precise_bn_images", "0"], "basic": ["--augmentation", "basic"]}
         return {**cells, "linear-probe": ["--freeze_backbone"]} if init == "pretrained" else cells
-    cells = {"defaults": [], "crop": ["--augmentation", "crop"], "ema": ["--ema_decay", "0.999"],
+    cells = {"defaults": [], "no-precise-bn": ["--precise_bn_images", "0"], "crop": ["--augmentation", "crop"],
+             "ema": ["--ema_decay", "0.999"],
              "tutorial": ["--recipe", "tutorial"],
              **sweep_cells()}
     if init == "pretrained":
@@ -155,10 +167,20 @@ def run_cell(checkpoint: str, regime: str, init: str, cell: str, flags: list[str
 
 # The teacher: the real weights fine-tuned with the defaults on the whole train split (a cell above).
 TEACHER = ("digits-full", "pretrained", "defaults", 0)
-# The student: a ResNet-18 from scratch at 32 px that has labels for only 30 images per class.
-STUDENT = ["--dataset_name", "digits", "--max_train_samples", "300", "--image_size", "32", "--from_scratch"]
+# The students: a ResNet-18 from scratch at 32 px, with labels for 10 or 30 images per class or for the whole
+# train split; the "u" regimes add the rest of the train split as images without labels (--unlabeled_dataset
+# digits: the validation and labelled images are left out of it, 1,193 or 993 remain).
+STUDENT = ["--dataset_name", "digits", "--image_size", "32", "--from_scratch"]
+UNLABELED = ["--unlabeled_dataset", "digits"]
+DISTILL_REGIMES = {"distill-10": (["--max_train_samples", "100"], []),  # (labelled images, unlabeled ones)
+                   "distill-10u": (["--max_train_samples", "100"], UNLABELED),
+                   "distill-30": (["--max_train_samples", "300"], []),
+                   "distill-30u": (["--max_train_samples", "300"], UNLABELED),
+                   "distill-full": ([], [])}
 DISTILL_SETTINGS = {f"alpha-{a}-T-{t}": ["--alpha", a, "--temperature", t]
-                    for a in ("0.5", "0.9", "1.0") for t in ("1", "2", "4")}
+                    for a in ("0.5", "0.9", "1.0") for t in ("2", "4")}
+# Beyer et al. 2022: consistent and patient teaching; here, 3x the optimizer steps, and mixup the teacher grades.
+DISTILL_EXTRAS = {"long": ["--min_train_steps", "600"], "mixup": ["--mixup", "0.4"]}
 
 
 def teacher_dir(workdir: Path) -> Path:
@@ -166,21 +188,26 @@ def teacher_dir(workdir: Path) -> Path:
 
 
 def distillation_cells() -> dict[str, list[str] | None]:
-    """None: the student alone (run_finetune); a list: run_distill with these flags ([] = its defaults)."""
-    return {"student-alone": None, "distill-defaults": [], **DISTILL_SETTINGS}
+    """None: the student alone (run_finetune, labelled images only); a list: run_distill with these flags ([] = its
+    defaults)."""
+    return {"student-alone": None, "distill-defaults": [], **DISTILL_SETTINGS, **DISTILL_EXTRAS}
 
 
-def run_distillation_cell(workdir: Path, cell: str, flags: list[str] | None, seed: int, workers: int) -> dict:
-    if flags is None:
-        results, seconds = run("finetune", ["--model", "resnet18", *STUDENT, "--seed", str(seed)], workdir / "run",
-                               workers)
+def run_distillation_cell(workdir: Path, regime: str, cell: str, flags: list[str] | None, seed: int,
+                          workers: int) -> dict:
+    labelled, unlabeled = DISTILL_REGIMES[regime]
+    if flags is None:  # the student alone has the labelled images only
+        results, seconds = run("finetune", ["--model", "resnet18", *STUDENT, *labelled, "--seed", str(seed)],
+                               workdir / "run", workers)
     else:
         results, seconds = run("distill", ["--teacher_model_name_or_path", str(teacher_dir(workdir)), "--student",
-                                           "resnet18", *STUDENT, *flags, "--seed", str(seed)], workdir / "run", workers)
-    return {"regime": "distill-30", "init": "student-scratch", "cell": cell, "seed": seed, "flags": flags or [],
+                                           "resnet18", *STUDENT, *labelled, *unlabeled, *flags, "--seed", str(seed)],
+                               workdir / "run", workers)
+    return {"regime": regime, "init": "student-scratch", "cell": cell, "seed": seed, "flags": flags or [],
             "test_accuracy": round(results["test_accuracy"], 4), "eval_accuracy": round(results["eval_accuracy"], 4),
             "test_teacher_accuracy": results.get("test_teacher_accuracy"), "test_agreement": results.get("test_agreement"),
-            "epochs": results.get("epoch"), "train_samples": results["train_samples"], "seconds": seconds}
+            "epochs": results.get("epoch"), "train_samples": results["train_samples"],
+            "unlabeled_samples": results.get("train_unlabeled_samples", 0), "seconds": seconds}
 
 
 def progressive_flags(records: list[dict], regime: str) -> list[str]:
@@ -233,30 +260,52 @@ def summarize_distillation(records: list[dict]) -> dict:
     by_cell: dict[str, list[dict]] = {}
     for r in records:
         by_cell.setdefault(r["cell"], []).append(r)
+    by_seed = {(r["cell"], r["seed"]): r["test_accuracy"] for r in records}
 
     def mean(cell, key):
         values = [r[key] for r in by_cell[cell] if r.get(key) is not None]
         return round(statistics.mean(values), 4) if values else None
 
-    settings = {c: mean(c, "test_accuracy") for c in by_cell if c.startswith("alpha-")}
+    def paired(cell, other):
+        """Mean of cell - other over the seeds both ran, and the smallest such difference."""
+        gaps = [by_seed[(cell, s)] - by_seed[(other, s)] for c, s in by_seed if c == cell and (other, s) in by_seed]
+        return (round(statistics.mean(gaps), 4), round(min(gaps), 4)) if gaps else (None, None)
+
+    distilled = {c: mean(c, "test_accuracy") for c in by_cell if c != "student-alone"}
+    best = max(distilled, key=distilled.get) if distilled else None
+    gain, worst = paired("distill-defaults", "student-alone")
     return {
         "mean_test_accuracy": {c: mean(c, "test_accuracy") for c in by_cell},
         "mean_agreement": {c: mean(c, "test_agreement") for c in by_cell if c != "student-alone"},
         "teacher_test_accuracy": next((r["test_teacher_accuracy"] for r in records if r.get("test_teacher_accuracy")),
                                       None),
         "seeds": {c: len(v) for c, v in by_cell.items()},
-        "best_setting": max(settings, key=settings.get) if settings else None,
+        "unlabeled_samples": max((r.get("unlabeled_samples", 0) for r in records), default=0),
+        "best_cell": best,
+        "defaults_minus_alone": gain, "defaults_minus_alone_worst_seed": worst,
+        "best_minus_defaults": paired(best, "distill-defaults")[0] if best else None,
+        "seconds_mean": {c: round(statistics.mean(r["seconds"] for r in v), 1) for c, v in by_cell.items()},
     }
 
 
-def markdown_distillation(s: dict) -> str:
-    acc, agree = s["mean_test_accuracy"], s["mean_agreement"]
-    lines = [f"Teacher test accuracy {s['teacher_test_accuracy']}; student ResNet-18 from scratch, 30 labels per class.",
-             "", "| student | test accuracy | agreement with the teacher |", "|---|---|---|"]
-    for cell in ("student-alone", "distill-defaults", s["best_setting"]):
-        if cell in acc:
-            lines.append(f"| {cell} | {acc[cell]:.3f} | {agree[cell]:.3f} |" if cell in agree
-                         else f"| {cell} | {acc[cell]:.3f} | - |")
+def markdown_distillation(summary: dict) -> str:
+    lines = ["| regime | labelled | unlabeled | seeds | student alone | distilled, defaults | defaults - alone (worst "
+             "seed) | best cell | teacher |", "|---|---|---|---|---|---|---|---|---|"]
+    for regime, s in summary.items():
+        if not regime.startswith("distill"):
+            continue
+        acc = s["mean_test_accuracy"]
+        labelled = {"distill-10": 100, "distill-10u": 100, "distill-30": 300, "distill-30u": 300}.get(regime, "all")
+
+        def cell(name, acc=acc):
+            return f"{acc[name]:.3f}" if acc.get(name) is not None else "-"
+
+        gain = (f"{s['defaults_minus_alone']:+.3f} ({s['defaults_minus_alone_worst_seed']:+.3f})"
+                if s["defaults_minus_alone"] is not None else "-")
+        best = f"{s['best_cell']} {acc[s['best_cell']]:.3f}" if s["best_cell"] else "-"
+        teacher = f"{s['teacher_test_accuracy']:.3f}" if s["teacher_test_accuracy"] else "-"
+        lines.append(f"| {regime} | {labelled} | {s['unlabeled_samples']} | {s['seeds'].get('distill-defaults', 0)} | "
+                     f"{cell('student-alone')} | {cell('distill-defaults')} | {gain} | {best} | {teacher} |")
     return "\n".join(lines)
 
 
@@ -292,16 +341,15 @@ def markdown(summary: dict) -> str:
                     m = s["mean_test_accuracy"]
                     lines.append(f"| {regime} | {init} | " + " | ".join(
                         f"{m[c]:.3f}" if c in m else "-" for c in ("defaults", "basic", "linear-probe")) + " |")
-    for regime, s in summary.items():
-        if regime.startswith("distill"):
-            lines += ["", markdown_distillation(s)]
+    if any(regime.startswith("distill") for regime in summary):
+        lines += ["", markdown_distillation(summary)]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "transfer-cpu-2core.json"))
-    parser.add_argument("--regimes", default=",".join([*REGIMES, "distill-30"]))
+    parser.add_argument("--regimes", default=",".join([*REGIMES, *DISTILL_REGIMES]))
     parser.add_argument("--inits", default="pretrained,scratch")
     parser.add_argument("--cells", default=None, help="comma-separated cell names (default: all)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per cell in every regime (default: SEEDS)")
@@ -342,7 +390,8 @@ def main() -> None:
                    "data": "sklearn digits at 64 px, test split 360 images; photos-10: grey 48 px patches of "
                            "scikit-image's photos at 64 px, 10 per photo for training, 30 per photo for test from "
                            "the other half", "regimes": REGIMES,
-                   "distillation": {"teacher": "/".join(map(str, TEACHER)), "student": " ".join(STUDENT)}},
+                   "distillation": {"teacher": "/".join(map(str, TEACHER)), "student": " ".join(STUDENT),
+                                    "regimes": DISTILL_REGIMES}},
             summary=summarize(records),
         )
         output.write_text(json.dumps(report, indent=1) + "\n")
@@ -353,19 +402,19 @@ def main() -> None:
             for cell, flags in cells_for(init, regime).items():
                 if wanted is not None and cell not in wanted:
                     continue
-                multi_seed = cell in ("defaults", "crop", "ema", "basic", "linear-probe") or is_sweep(cell)
+                multi_seed = cell in ("defaults", "no-precise-bn", "crop", "ema", "basic", "linear-probe") or is_sweep(cell)
                 for seed in seeds if multi_seed else range(1):
                     if (regime, init, cell, seed) not in done:
                         cell_flags = progressive_flags(records, regime) if flags is None else flags
                         record(run_cell(checkpoint, regime, init, cell, cell_flags, seed, workdir, args.workers))
 
-    if "distill-30" in regimes:
+    for regime in (r for r in regimes if r in DISTILL_REGIMES):
         if not (teacher_dir(workdir) / "model.safetensors").exists():
             run_cell(checkpoint, *TEACHER[:3], [], TEACHER[3], workdir, args.workers)  # kept, not recorded again
-        for cell, flags in distillation_cells().items():
-            for seed in range(args.seeds or SEEDS["distill-30"]):
-                if (wanted is None or cell in wanted) and ("distill-30", "student-scratch", cell, seed) not in done:
-                    record(run_distillation_cell(workdir, cell, flags, seed, args.workers))
+        for seed in range(args.seeds or SEEDS[regime]):  # seed by seed: a partial run has whole seeds to compare
+            for cell, flags in distillation_cells().items():
+                if (wanted is None or cell in wanted) and (regime, "student-scratch", cell, seed) not in done:
+                    record(run_distillation_cell(workdir, regime, cell, flags, seed, args.workers))
     print(markdown(summarize(records)))
 
 

@@ -57,3 +57,21 @@ def test_transfer_summary_compares_the_defaults_on_the_seeds_both_cells_have():
     assert summary["pretrained"]["defaults_minus_best_sweep"] == -0.05  # seed 0 only, not 0.85 - 0.95
     assert summary["pretrained"]["mean_test_accuracy"]["defaults"] == 0.85
     assert summary["pretrained_defaults_minus_best_scratch"] == 0.35
+
+
+def test_distillation_summary_compares_the_defaults_with_the_student_alone_seed_by_seed():
+    import transfer
+
+    def run(cell, seed, accuracy):
+        return {"regime": "distill-10u", "init": "student-scratch", "cell": cell, "seed": seed,
+                "test_accuracy": accuracy, "test_agreement": None if cell == "student-alone" else accuracy,
+                "test_teacher_accuracy": None if cell == "student-alone" else 0.99, "unlabeled_samples": 1193,
+                "seconds": 1.0}
+
+    records = [run("student-alone", 0, 0.90), run("student-alone", 1, 0.80), run("distill-defaults", 0, 0.95),
+               run("distill-defaults", 1, 0.82), run("alpha-1.0-T-4", 0, 0.97)]
+    summary = transfer.summarize(records)["distill-10u"]
+    assert summary["defaults_minus_alone"] == 0.035 and summary["defaults_minus_alone_worst_seed"] == 0.02
+    assert summary["best_cell"] == "alpha-1.0-T-4" and summary["best_minus_defaults"] == 0.02  # seed 0 only
+    table = transfer.markdown_distillation({"distill-10u": summary})
+    assert "| distill-10u | 100 | 1193 | 2 | 0.850 | 0.885 | +0.035 (+0.020) | alpha-1.0-T-4 0.970 | 0.990 |" in table
