@@ -206,10 +206,12 @@ class _HelpFormatter(ArgumentDefaultsHelpFormatter):
 
 class ArgumentParser(HfArgumentParser):
     """HfArgumentParser whose errors are one line (argparse would print the whole usage first), with a
-    "did you mean" for mistyped flags, and a --help that shows each recipe's defaults per model family."""
+    "did you mean" for mistyped flags, and a --help that shows each recipe's defaults per model family.
+    Abbreviated flags are refused (argparse would take `--per_device_train_bat` for
+    `--per_device_train_batch_size`): every flag is spelled out, so what was given is known exactly."""
 
     def __init__(self, types):
-        super().__init__(types, formatter_class=_HelpFormatter)
+        super().__init__(types, formatter_class=_HelpFormatter, allow_abbrev=False)
         for action in self._actions:
             values = {family: recipe[action.dest] for family, recipe in RECIPES["default"].items()
                       if action.dest in recipe}
@@ -237,8 +239,8 @@ def parse_arguments(argv: Sequence[str], model_type: type = ModelArguments,
     the flags after it override the file.
     """
     argv = [*arguments_file_flags(argv[0]), *argv[1:]] if argv and _is_arguments_file(argv[0]) else list(argv)
-    given = given_flags(argv)
     parser = ArgumentParser((model_type, data_type, training_type))
+    given = given_flags(parser, argv)
     known, _ = parser.parse_known_args(argv)  # the model flags; argparse alone, no dataclass built
     preset = find_preset(known.model, known.model_name_or_path, model_type.default_model)
     source = preset.checkpoint if preset else known.model_name_or_path
@@ -321,9 +323,11 @@ def arguments_file_flags(path: str) -> list[str]:
     return flags
 
 
-def given_flags(argv: Sequence[str]) -> set[str]:
-    """The names of the flags in `argv` (`--name value` and `--name=value`)."""
-    return {a[2:].split("=", 1)[0] for a in argv if a.startswith("--")}
+def given_flags(parser: ArgumentParser, argv: Sequence[str]) -> set[str]:
+    """The fields the flags in `argv` set, however they are spelled: `--name value` or `--name=value`, with
+    underscores or dashes, an alias (`--train_val_split`) or a `--no_` complement."""
+    field_of = {option: action.dest for action in parser._actions for option in action.option_strings}
+    return {field_of.get(flag, flag[2:]) for flag in (a.split("=", 1)[0] for a in argv if a.startswith("--"))}
 
 
 def _move_token_to_environment(arguments) -> None:

@@ -11,7 +11,7 @@ from helpers import FakeHub
 
 import run_distill
 import run_finetune
-from hf_transfer.arguments import parse_arguments
+from hf_transfer.arguments import fit_to_data, parse_arguments
 from hf_transfer.commands.tools import main as tools
 from hf_transfer.errors import UserError, run_cli
 from hf_transfer.models.loading import load_model
@@ -197,6 +197,42 @@ def test_the_transformers_examples_flag_names_carry_over(tmp_path):
                               "0.2", "--cache_dir", str(tmp_path)])
     assert (parsed.data.image_column, parsed.data.label_column, parsed.data.validation_split) == ("img", "label", 0.2)
     assert parsed.model.cache_dir == str(tmp_path)
+
+
+@pytest.mark.parametrize("spelling", [
+    ["--per-device-train-batch-size", "256", "--num-train-epochs", "1"],  # dashes
+    ["--per_device_train_batch_size=256", "--num_train_epochs=1"],  # --name=value
+    ["--per-device-train-batch-size=256", "--max-steps", "7"],
+])
+def test_every_spelling_of_a_flag_is_the_users_and_the_data_fitted_defaults_leave_it_alone(spelling):
+    parsed = parse_arguments(["--model", "resnet18", *spelling])
+    assert parsed.training.per_device_train_batch_size == 256
+    assert fit_to_data(parsed.training, 1293, parsed.given) == []  # no "a tenth of the data", no longer schedule
+    assert parsed.training.per_device_train_batch_size == 256 and parsed.training.num_train_epochs in (1, 3)
+
+
+def test_aliases_and_complements_count_as_given():
+    parsed = parse_arguments(["--model", "resnet18", "--train_val_split", "0.2", "--no_load_best_model_at_end",
+                              "--save_strategy", "no"])
+    assert {"validation_split", "load_best_model_at_end", "save_strategy"} <= parsed.given
+
+
+@pytest.mark.parametrize("script", [run_finetune, run_distill])
+def test_abbreviated_flags_are_refused_with_the_full_name(script, tmp_path, capsys):
+    argv = ["--output_dir", str(tmp_path / "o"), "--per_device_train_bat", "8"]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(script.main, ["--teacher_model_name_or_path", str(tmp_path), *argv] if script is run_distill else argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == ("error: unrecognized arguments: --per_device_train_bat 8; did you mean "
+                                               "--per_device_train_batch_size? (see --help)")
+
+
+def test_the_tools_take_dashes_and_refuse_abbreviations(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        tools(["report", str(tmp_path), "--out", str(tmp_path / "r")])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --out" in capsys.readouterr().err
+    with pytest.raises(UserError, match="is not a finished run"):  # parsed: the run itself is what is missing
+        tools(["push", str(tmp_path / "nothing"), "--hub-model-id", "me/model"])
 
 
 def test_long_steps_of_ours_show_a_progress_bar(cifar_teacher, cifar_like, tmp_path, capsys):

@@ -16,18 +16,21 @@ from ..errors import run_cli
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m hf_transfer", description=__doc__,
+    # As in the training scripts: flags spelled out (no abbreviations), with underscores or dashes.
+    parser = argparse.ArgumentParser(prog="python -m hf_transfer", description=__doc__, allow_abbrev=False,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    push = commands.add_parser("push", help="push a finished run (model, processor, card, results) to the Hub")
+    push = commands.add_parser("push", help="push a finished run (model, processor, card, results) to the Hub",
+                               allow_abbrev=False)
     push.add_argument("output_dir")
-    push.add_argument("--hub_model_id", required=True, help="USER/NAME of the model repository")
+    push.add_argument("--hub_model_id", "--hub-model-id", required=True, help="USER/NAME of the model repository")
     push.add_argument("--private", action="store_true", help="create the repository as private")
     push.add_argument("--revision", default=None, help="branch to push to (created if needed; default main)")
-    report = commands.add_parser("report", help="compare finished runs")
+    report = commands.add_parser("report", help="compare finished runs", allow_abbrev=False)
     report.add_argument("runs", nargs="+")
     report.add_argument("--output", default="reports/comparison", help="folder for report.md and the plots")
-    check = commands.add_parser("check-config", help="check accelerate config files (keys, devices, precision)")
+    check = commands.add_parser("check-config", help="check accelerate config files (keys, devices, precision)",
+                                allow_abbrev=False)
     check.add_argument("files", nargs="+")
     args = parser.parse_args(argv)
 
