@@ -22,6 +22,7 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
+from .compat import field_for_argparse
 from .data.augmentation import check_augmentation
 from .errors import UserError
 from .models.loading import checkpoint_family
@@ -36,39 +37,39 @@ logger = logging.getLogger(__name__)
 class ModelArguments:
     model: str | None = field(
         default=None,
-        metadata={"help": "Model preset (default resnet50 unless --model_name_or_path is given). "
+        metadata={"shapes": True, "help": "Model preset (default resnet50 unless --model_name_or_path is given). "
                           + preset_help().replace("%", "%%")},
     )
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Any Hub id or local directory of an image-classification checkpoint, "
+        metadata={"shapes": True, "help": "Any Hub id or local directory of an image-classification checkpoint, "
                           "transformers-native or timm (`timm/...`). Overrides --model."},
     )
     from_scratch: bool = field(
         default=False,
-        metadata={"help": "Random weights: the architecture only, no weight download."},
+        metadata={"shapes": True, "help": "Random weights: the architecture only, no weight download."},
     )
     image_size: int | None = field(
         default=None,
-        metadata={"help": "Input size in pixels (square). Default: the checkpoint's own input size."},
+        metadata={"shapes": True, "help": "Input size in pixels (square). Default: the checkpoint's own input size."},
     )
     recipe: str = field(
         default="default",
-        metadata={"help": "Optimiser/schedule defaults per model family; flags you pass win.",
+        metadata={"shapes": True, "help": "Optimiser/schedule defaults per model family; flags you pass win.",
                   "choices": list(RECIPES)},
     )
-    model_revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of the checkpoint."})
+    model_revision: str | None = field(default=None, metadata={"shapes": True, "help": "Branch, tag or commit of the checkpoint."})
     trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow code from the checkpoint's repository to run (off by default)."}
+        default=False, metadata={"shapes": False, "help": "Allow code from the checkpoint's repository to run (off by default)."}
     )
     drop_path_rate: float | None = field(
         default=None,
-        metadata={"help": "Stochastic depth (drop path) rate for models that have it (timm models, ConvNeXt, Swin, "
+        metadata={"shapes": True, "help": "Stochastic depth (drop path) rate for models that have it (timm models, ConvNeXt, Swin, "
                           "BEiT, ...): blocks are skipped at random in training, up to this rate for the last one."},
     )
     cache_dir: str | None = field(
         default=None,
-        metadata={"help": "Where downloaded checkpoints and data sets are stored (default: the Hugging Face cache)."},
+        metadata={"shapes": False, "help": "Where downloaded checkpoints and data sets are stored (default: the Hugging Face cache)."},
     )
 
     default_model = "resnet50"  # the preset when neither --model nor --model_name_or_path is given
@@ -87,13 +88,13 @@ class StudentArguments(ModelArguments):
 
     model: str | None = field(
         default=None,
-        metadata={"aliases": ["--student"],
+        metadata={"shapes": True, "aliases": ["--student"],
                   "help": "Student preset (default resnet18 unless --student_model_name_or_path is given). "
                           + preset_help().replace("%", "%%")},
     )
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"aliases": ["--student_model_name_or_path"],
+        metadata={"shapes": True, "aliases": ["--student_model_name_or_path"],
                   "help": "Any Hub id or local directory of an image-classification checkpoint for the student."},
     )
 
@@ -105,44 +106,44 @@ class StudentArguments(ModelArguments):
 class DataArguments:
     dataset_name: str = field(
         default="uoft-cs/cifar10",
-        metadata={"help": "Hub data set id, local directory (parquet repo, save_to_disk or image folder), "
+        metadata={"shapes": True, "help": "Hub data set id, local directory (parquet repo, save_to_disk or image folder), "
                           "or 'digits' (scikit-learn's bundled digits, no download)."},
     )
-    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of the Hub data set."})
-    train_dir: str | None = field(default=None, metadata={"help": "Image folder (one subfolder per class)."})
-    validation_dir: str | None = field(default=None, metadata={"help": "Image folder for validation."})
-    test_dir: str | None = field(default=None, metadata={"help": "Image folder for the final test."})
+    dataset_config_name: str | None = field(default=None, metadata={"shapes": True, "help": "Configuration of the Hub data set."})
+    train_dir: str | None = field(default=None, metadata={"shapes": True, "help": "Image folder (one subfolder per class)."})
+    validation_dir: str | None = field(default=None, metadata={"shapes": True, "help": "Image folder for validation."})
+    test_dir: str | None = field(default=None, metadata={"shapes": True, "help": "Image folder for the final test."})
     # The aliases are the transformers image-classification example's names, so that its commands carry over.
     image_column: str | None = field(
         default=None,
-        metadata={"aliases": ["--image_column_name"], "help": "Image column (default: found from the features)."},
+        metadata={"shapes": True, "aliases": ["--image_column_name"], "help": "Image column (default: found from the features)."},
     )
     label_column: str | None = field(
         default=None,
-        metadata={"aliases": ["--label_column_name"], "help": "Label column (default: found from the features)."},
+        metadata={"shapes": True, "aliases": ["--label_column_name"], "help": "Label column (default: found from the features)."},
     )
     validation_split: float = field(
         default=0.1,
-        metadata={"aliases": ["--train_val_split"],
+        metadata={"shapes": True, "aliases": ["--train_val_split"],
                   "help": "Fraction of train held out (stratified, seeded) when the data set has no validation split."},
     )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use only this many training images."})
+    max_train_samples: int | None = field(default=None, metadata={"shapes": True, "help": "Use only this many training images."})
     max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Use only this many validation and test images (quick runs)."}
+        default=None, metadata={"shapes": True, "help": "Use only this many validation and test images (quick runs)."}
     )
     augmentation: str = field(
         default="auto",
-        metadata={"help": "Training augmentation: a preset (none, crop, flip, basic = crop + flip, strong, randaugment, "
+        metadata={"shapes": True, "help": "Training augmentation: a preset (none, crop, flip, basic = crop + flip, strong, randaugment, "
                           "trivialaugment) or several joined by '+', e.g. crop+randaugment; auto is basic on "
                           "CIFAR-10/100 and none elsewhere (no flips unless known to be safe)."},
     )
     random_erasing: float = field(
         default=0.0,
-        metadata={"help": "Probability of blanking a random rectangle of each training image (after --augmentation)."},
+        metadata={"shapes": True, "help": "Probability of blanking a random rectangle of each training image (after --augmentation)."},
     )
     skip_corrupt_images: bool = field(
         default=False,
-        metadata={"help": "Decode every image before training and drop (and count) those that fail, instead of "
+        metadata={"shapes": True, "help": "Decode every image before training and drop (and count) those that fail, instead of "
                           "stopping at the first broken one."},
     )
 
@@ -164,16 +165,16 @@ class DistillationDataArguments(DataArguments):
 
     unlabeled_dir: str | None = field(
         default=None,
-        metadata={"help": "Images without labels for the teacher to label: every image file under this folder, at any "
+        metadata={"shapes": True, "help": "Images without labels for the teacher to label: every image file under this folder, at any "
                           "depth (folder names are ignored; unreadable files are skipped and counted). They train the "
                           "student through the distillation term only; an image that is also a test image is refused."},
     )
     unlabeled_dataset: str | None = field(
         default=None,
-        metadata={"help": "The same from a Hub or local data set (as --dataset_name takes them); a label column, if "
+        metadata={"shapes": True, "help": "The same from a Hub or local data set (as --dataset_name takes them); a label column, if "
                           "any, is ignored."},
     )
-    unlabeled_split: str = field(default="train", metadata={"help": "The split of --unlabeled_dataset."})
+    unlabeled_split: str = field(default="train", metadata={"shapes": True, "help": "The split of --unlabeled_dataset."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -219,6 +220,10 @@ class ArgumentParser(HfArgumentParser):
                 action.family_defaults = ", ".join(f"{v} for {FAMILY_NAMES[f]}" for f, v in values.items())
             if action.dest == "optim":
                 action.choices = SUPPORTED_OPTIMIZERS  # the ones TransferTrainer can build from its parameter groups
+
+    @staticmethod
+    def _parse_dataclass_field(parser, field):
+        HfArgumentParser._parse_dataclass_field(parser, field_for_argparse(field))  # compat.py
 
     def error(self, message: str):
         unknown = [w for w in message.split() if w.startswith("--")] if message.startswith("unrecognized") else []
@@ -341,6 +346,16 @@ def _move_token_to_environment(arguments) -> None:
         sys.argv[:] = [a.replace(token, "<hub_token>") for a in sys.argv]
 
 
+def fitted_fields(args: TransferConfig, given: set[str]) -> set[str]:
+    """The settings `fit_to_data` takes from the data (keys as in run_args.py): those of the flags nobody set."""
+    fitted = set()
+    if "per_device_train_batch_size" not in given:
+        fitted.add("global_batch_size")  # through the batch size per device
+    if not ({"num_train_epochs", "max_steps"} & given) and args.min_train_steps > 0:
+        fitted.add("training.num_train_epochs")
+    return fitted
+
+
 def fit_to_data(args: TransferConfig, num_train: int, given: set[str]) -> list[str]:
     """Defaults that depend on the training set's size, for the flags nobody set; returns what changed.
 
@@ -352,14 +367,15 @@ def fit_to_data(args: TransferConfig, num_train: int, given: set[str]) -> list[s
     """
     changes = []
     processes = max(1, args.world_size)
-    if "per_device_train_batch_size" not in given:
+    fitted = fitted_fields(args, given)
+    if "global_batch_size" in fitted:
         cap = max(8, num_train // 10)
         global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * processes
         if global_batch > cap:
             args.per_device_train_batch_size = max(1, cap // (args.gradient_accumulation_steps * processes))
             changes.append(f"--per_device_train_batch_size {args.per_device_train_batch_size} "
                            f"(a tenth of the {num_train} training images)")
-    if not ({"num_train_epochs", "max_steps"} & given) and args.min_train_steps > 0:
+    if "training.num_train_epochs" in fitted:
         global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * processes
         steps_per_epoch = max(1, math.ceil(num_train / global_batch))
         epochs = math.ceil(args.min_train_steps / steps_per_epoch)

@@ -15,6 +15,9 @@ cannot avoid them; their canaries are here too):
   (hub strategies other than end); replaced so that the Trainer's pickled arguments and card never
   reach the repository (transformers 5.x).
 
+Overridden private method of `transformers.HfArgumentParser` (in `arguments.ArgumentParser`):
+- `_parse_dataclass_field(parser, field)`: see `field_for_argparse` below.
+
 Library behaviour worked around without touching internals (canaries in the same test file):
 - transformers 5.x `PrinterCallback` (used with --disable_tqdm) pops `total_flos` from the very
   metrics dict `train()` returns; `workflow.train_and_evaluate` reads it from the Trainer's state.
@@ -22,7 +25,10 @@ Library behaviour worked around without touching internals (canaries in the same
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import os
+from types import MappingProxyType
 
 import torch
 from torch import nn
@@ -123,3 +129,17 @@ def wandb_has_credentials() -> bool:
     finally:
         if not existed:
             wandb_setup.teardown()
+
+
+# Field metadata of the project's own (run_args.py reads "shapes"), which argparse does not know.
+PROJECT_FIELD_METADATA = ("shapes",)
+
+
+def field_for_argparse(field: dataclasses.Field) -> dataclasses.Field:
+    """transformers 4.x-5.24: `HfArgumentParser._parse_dataclass_field` passes every metadata key it does not
+    use itself to argparse's `add_argument`, which refuses unknown ones; a copy without the project's keys."""
+    if not any(key in field.metadata for key in PROJECT_FIELD_METADATA):
+        return field
+    field = copy.copy(field)
+    field.metadata = MappingProxyType({k: v for k, v in field.metadata.items() if k not in PROJECT_FIELD_METADATA})
+    return field

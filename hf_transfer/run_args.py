@@ -1,38 +1,45 @@
 """The run's arguments, saved as `run_args.json` in its output directory, and compared when the directory is used again.
 
 A rerun of the same command continues a partial run or, for a finished one, leaves it untouched;
-a command that would train differently (model, data, length, global batch, processes, seed,
-recipe and optimiser) is refused with the settings that differ, so that a resumed run is always
-the run it claims to be. The file is readable JSON: the report shows some of it.
+a command that would train differently is refused with the settings that differ, so that a resumed
+run is always the run it claims to be. What "differently" means is each field's own fact: the
+project's fields say it in their metadata (`"shapes": True`), `TRAINER_SHAPING` names the
+Trainer's own fields that do (they cannot carry the project's metadata).
+
+The file holds what the run used: data-fitted values (epochs, batch size; `arguments.fit_to_data`)
+as they were fitted. A new command is compared with them: the exact command of a run whose length
+was fitted is the same run (the same data fit the same way); one that names another length, or
+the fitted length where the first run named one, is not.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 
 FILE = "run_args.json"
 
-# What makes two runs train differently. Logging, output, tracking and Hub flags are not here.
-SHAPING = {
-    "model": ("model", "model_name_or_path", "from_scratch", "image_size", "recipe", "model_revision", "drop_path_rate"),
-    "data": ("dataset_name", "dataset_config_name", "train_dir", "validation_dir", "test_dir", "image_column",
-             "label_column", "validation_split", "max_train_samples", "max_eval_samples", "augmentation",
-             "random_erasing", "skip_corrupt_images", "unlabeled_dir", "unlabeled_dataset", "unlabeled_split"),
-    "training": ("num_train_epochs", "max_steps", "min_train_steps", "seed", "learning_rate", "optim", "optim_args",
-                 "weight_decay", "lr_scheduler_type", "warmup_steps", "max_grad_norm", "freeze_backbone",
-                 "unfreeze_schedule", "backbone_lr_scale", "layer_decay", "lr_step_size", "lr_step_gamma", "mixup",
-                 "cutmix", "label_smoothing_factor", "teacher_model_name_or_path", "alpha", "temperature", "ema_decay",
-                 "class_weights", "precise_bn_images"),
-}
+# The Trainer's own fields that shape training. Logging, output, tracking and Hub flags are not here.
+TRAINER_SHAPING = ("max_steps", "seed", "data_seed", "learning_rate", "optim", "optim_args", "weight_decay",
+                   "adam_beta1", "adam_beta2", "adam_epsilon", "lr_scheduler_type", "lr_scheduler_kwargs",
+                   "warmup_steps", "max_grad_norm", "label_smoothing_factor", "bf16", "fp16", "eval_steps",
+                   "average_tokens_across_devices")
+# What `arguments.fit_to_data` may set from the data: compared as fitted or as given (module docstring).
+FITTABLE = ("training.num_train_epochs", "global_batch_size")
+
+
+def shaping_fields(cls) -> list[str]:
+    """The fields of an arguments dataclass that shape training."""
+    return [f.name for f in fields(cls) if f.metadata.get("shapes", f.name in TRAINER_SHAPING)]
 
 
 def shaping(model_args, data_args, args) -> dict:
-    """The settings that shape training, as parsed (before data-fitted defaults, which follow from them)."""
-    sections = {"model": asdict(model_args), "data": asdict(data_args), "training": args.to_dict()}
-    record = {f"{section}.{key}": _plain(sections[section].get(key)) for section, keys in SHAPING.items()
-              for key in keys if key in sections[section]}
+    """The settings that shape training, as they are now (before or after the data-fitted defaults)."""
+    sections = {"model": model_args, "data": data_args, "training": args}
+    values = {"model": asdict(model_args), "data": asdict(data_args), "training": args.to_dict()}
+    record = {f"{section}.{key}": _plain(values[section].get(key)) for section, obj in sections.items()
+              for key in shaping_fields(type(obj))}
     record["processes"] = max(1, args.world_size)
     record["global_batch_size"] = args.per_device_train_batch_size * args.gradient_accumulation_steps * \
         record["processes"]
@@ -43,10 +50,19 @@ def _plain(value):
     return getattr(value, "value", value)  # enums (optimizer, schedule) as their names
 
 
-def differences(saved: dict, current: dict) -> list[str]:
-    """'key saved -> current' for every shaping setting that changed."""
-    return [f"{key.split('.')[-1]} {_show(saved.get(key))} -> {_show(current.get(key))}"
-            for key in sorted(set(saved) | set(current)) if saved.get(key) != current.get(key)]
+def differences(saved: dict, current: dict, fitted: set[str] = frozenset()) -> list[str]:
+    """'key saved -> current' for every shaping setting that differs between a saved run (`read`) and a new
+    command (`current`, of which `fitted` are the keys the data will set)."""
+    record, saved_fitted = saved["shaping"], set(saved.get("fitted_fields", ()))
+    legacy = "fitted_fields" not in saved  # a file that kept the flags as parsed: compared as parsed
+    changed = []
+    for key in sorted(set(record) | set(current)):
+        if key in FITTABLE and not legacy and key in fitted:
+            if key not in saved_fitted:
+                changed.append(f"{key.split('.')[-1]} {_show(record.get(key))} -> fitted to the data")
+        elif record.get(key) != current.get(key):
+            changed.append(f"{key.split('.')[-1]} {_show(record.get(key))} -> {_show(current.get(key))}")
+    return changed
 
 
 def _show(value) -> str:
@@ -55,17 +71,17 @@ def _show(value) -> str:
 
 def read(output_dir: str | Path) -> dict | None:
     path = Path(output_dir) / FILE
-    return json.loads(path.read_text())["shaping"] if path.is_file() else None
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
-def write(output_dir: str | Path, command: str, record: dict, fitted: dict, argv: list[str],
+def write(output_dir: str | Path, command: str, record: dict, fitted: set[str], argv: list[str],
           card: dict | None = None) -> None:
-    """`fitted`: what the data-fitted defaults chose (epochs, batch size), for the reader; `card`: the model
-    card's facts, so that a later push can render it for the repository it goes to."""
-    payload = {"command": command, "argv": argv, "shaping": record, "fitted": fitted, "card": card}
+    """`record`: what the run uses, fitted values included; `fitted`: which of its keys the data set; `card`: the
+    model card's facts, so that a later push can render it for the repository it goes to."""
+    payload = {"command": command, "argv": argv, "shaping": record, "fitted_fields": sorted(fitted), "card": card}
     (Path(output_dir) / FILE).write_text(json.dumps(payload, indent=2, default=str) + "\n")
 
 
 def read_card(output_dir: str | Path) -> dict | None:
-    path = Path(output_dir) / FILE
-    return json.loads(path.read_text()).get("card") if path.is_file() else None
+    saved = read(output_dir)
+    return saved.get("card") if saved else None

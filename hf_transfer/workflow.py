@@ -21,7 +21,7 @@ import torch
 from transformers import EarlyStoppingCallback
 
 from . import run_args
-from .checkpoints import StopOnSignal, last_complete_checkpoint
+from .checkpoints import StopOnSignal, is_complete, last_complete_checkpoint
 from .data.dataset import ROW, ImageData, load_image_data
 from .data.samples import EpochCallback, UInt8Collator
 from .errors import Preempted, UserError
@@ -139,21 +139,27 @@ class OutputDir:
     finished: dict | None = None  # the finished run's results, left untouched
 
 
-def prepare_output_dir(args, record: dict) -> OutputDir:
+def prepare_output_dir(args, record: dict, fitted: set[str] = frozenset()) -> OutputDir:
     """Check the output directory before any download (creating nothing); say what it holds for this run.
 
-    - `--resume_from_checkpoint PATH` resumes from PATH.
-    - A finished run of the same settings (`record`, run_args.py) is left as it is: the command
-      reports it and returns its results. A partial one resumes from its newest complete
-      checkpoint (checkpoints.py). Either, with other settings, is refused with what differs.
+    - `--resume_from_checkpoint PATH` resumes from PATH, if it is a complete checkpoint.
+    - A finished run of the same settings (`record`, whose `fitted` keys the data will set;
+      run_args.py) is left as it is: the command reports it and returns its results. A partial one
+      resumes from its newest complete checkpoint (checkpoints.py). Either, with other settings, is
+      refused with what differs.
     - A directory holding anything else is refused unless `--overwrite_output_dir`, so no
       earlier result is lost by accident.
     """
     out = Path(args.output_dir)
     if args.resume_from_checkpoint:
-        if not Path(args.resume_from_checkpoint).is_dir():
-            raise UserError(f"--resume_from_checkpoint '{args.resume_from_checkpoint}' is not a directory")
-        return OutputDir(resume_from=args.resume_from_checkpoint)
+        checkpoint = Path(args.resume_from_checkpoint)
+        if not checkpoint.is_dir():
+            raise UserError(f"--resume_from_checkpoint '{checkpoint}' is not a directory")
+        if not is_complete(checkpoint):
+            raise UserError(f"--resume_from_checkpoint '{checkpoint}' is not a complete checkpoint (cut short while it "
+                            "was written, or not a checkpoint); pass an earlier one, or leave the flag out to resume "
+                            "from the newest complete checkpoint of --output_dir")
+        return OutputDir(resume_from=str(checkpoint))
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir '{out}' exists and is not a directory")
     _check_writable(out)
@@ -169,7 +175,7 @@ def prepare_output_dir(args, record: dict) -> OutputDir:
                 return state
             finished = (out / "all_results.json").is_file() and (not args.do_train or (out / "model.safetensors").is_file())
             saved = run_args.read(out)
-            changed = run_args.differences(saved, record) if saved is not None else []
+            changed = run_args.differences(saved, record, fitted) if saved is not None else []
             if changed:
                 raise UserError(f"--output_dir '{out}' holds a {'finished' if finished else 'partial'} run with "
                                 f"other settings ({'; '.join(changed)}); pass --overwrite_output_dir to start "
@@ -203,15 +209,16 @@ def _check_writable(out: Path) -> None:
         raise UserError(f"--output_dir '{out}' cannot be written (no write permission in '{existing}')")
 
 
-def save_run_args(args, command: str, record: dict, argv: Sequence[str], card: CardInfo | None = None) -> None:
-    """run_args.json in the output directory (the main process): what the next run in it is compared with,
+def save_run_args(args, command: str, record: dict, fitted: set[str], argv: Sequence[str],
+                  card: CardInfo | None = None) -> None:
+    """run_args.json in the output directory (the main process): what the run uses (`record`, taken after the
+    data-fitted defaults, whose keys are `fitted`), which the next command in the directory is compared with,
     and the model card's facts (a later `python -m hf_transfer push` renders the card for its repo)."""
     if args.process_index == 0:
         shown = list(argv)
         for i, value in enumerate(shown[:-1]):
             if value == "--hub_token":
                 shown[i + 1] = "<hub_token>"
-        fitted = {"num_train_epochs": args.num_train_epochs, "per_device_train_batch_size": args.per_device_train_batch_size}
         run_args.write(args.output_dir, command, record, fitted, shown, asdict(card) if card else None)
 
 

@@ -160,3 +160,20 @@ def test_wandb_still_looks_up_credentials_without_prompting():
 
     assert {"prompt", "update_session"} <= set(inspect.signature(wbauth.authenticate_session).parameters)
     assert hasattr(wandb_setup, "_singleton") and callable(wandb_setup.teardown)
+
+
+def test_hf_argument_parser_still_passes_unknown_metadata_to_argparse():
+    """-> compat.field_for_argparse, arguments.ArgumentParser._parse_dataclass_field."""
+    from transformers import HfArgumentParser
+
+    from hf_transfer.arguments import ArgumentParser
+
+    @dataclasses.dataclass
+    class Flags:
+        rate: float = dataclasses.field(default=0.1, metadata={"shapes": True, "help": "a rate"})
+
+    with pytest.raises(TypeError, match="shapes"):
+        HfArgumentParser(Flags)
+    assert list(inspect.signature(HfArgumentParser._parse_dataclass_field).parameters) == ["parser", "field"]
+    (flags,) = ArgumentParser((Flags,)).parse_args_into_dataclasses(["--rate", "0.5"])
+    assert flags.rate == 0.5 and dataclasses.fields(Flags)[0].metadata["shapes"] is True

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -79,6 +80,29 @@ def test_checkpoint_transfers_to_new_labels(digits_run, cifar_like, tmp_path, qu
     assert results["test_accuracy"] >= 0.9
 
 
+def test_a_rerun_is_compared_with_the_length_the_data_fitted(tiny_resnet, cifar_like, tmp_path, quick_args):
+    """43 training images at batch 8 and --min_train_steps 24: the run trains 4 epochs, not the default 3. Its
+    exact command, and the same command naming those 4 epochs, are that run; naming 3 epochs is not."""
+    out = tmp_path / "run"
+    args = ["--model_name_or_path", tiny_resnet, "--dataset_name", cifar_like, "--output_dir", str(out), *quick_args,
+            "--min_train_steps", "24"]
+    first = run_finetune.main(args)
+    assert first["epoch"] == 4
+    saved = json.loads((out / "run_args.json").read_text())
+    assert saved["shaping"]["training.num_train_epochs"] == 4 and saved["fitted_fields"] == ["training.num_train_epochs"]
+    card = (out / "README.md").read_text()
+    assert "| epochs | 4.0 |" in card
+    assert run_finetune.main(args) == first
+    assert run_finetune.main([*args, "--num_train_epochs", "4"]) == first
+    with pytest.raises(UserError, match=r"holds a finished run with other settings \(num_train_epochs 4 -> 3\)"):
+        run_finetune.main([*args, "--num_train_epochs", "3"])
+    # a run that named its length, rerun without it (the data would fit it): not known to be the same run
+    named = tmp_path / "named"
+    run_finetune.main([*args[:4], "--output_dir", str(named), *args[6:], "--num_train_epochs", "2"])
+    with pytest.raises(UserError, match=r"num_train_epochs 2 -> fitted to the data"):
+        run_finetune.main([*args[:4], "--output_dir", str(named), *args[6:]])
+
+
 def test_mixed_size_image_folder_with_rgba_and_grayscale(tiny_hf_resnet, tmp_path, quick_args):
     from helpers import colour_dataset
 
@@ -132,6 +156,14 @@ def test_rerun_keeps_a_finished_run_resumes_a_partial_one_and_refuses_other_sett
     again = json.loads((out / "trainer_state.json").read_text())
     steps = [h for h in state["log_history"] if "loss" in h or "eval_loss" in h]
     assert [h for h in again["log_history"] if "loss" in h or "eval_loss" in h] == steps  # nothing trained again
+
+    # --resume_from_checkpoint PATH: a checkpoint cut short is refused as automatic resume would skip it
+    broken = tmp_path / "broken"
+    shutil.copytree(last, broken)
+    (broken / "model.safetensors").write_bytes((broken / "model.safetensors").read_bytes()[:100])
+    with pytest.raises(UserError, match="--resume_from_checkpoint '.*broken' is not a complete checkpoint"):
+        run_finetune.main([*args[:4], "--output_dir", str(tmp_path / "x"), *args[6:], "--resume_from_checkpoint",
+                           str(broken)])
 
     # --resume_from_checkpoint PATH: continue that run's state into another directory
     elsewhere = tmp_path / "continued"

@@ -252,3 +252,33 @@ def test_total_flos_counts_the_input_the_model_sees(tiny_resnet, cifar_like, tmp
     expected = 3 * forward_flops(model, (64, 64)) * 2 * results["train_samples"]
     assert np.isclose(results["total_flos"], expected, rtol=1e-6)
     assert forward_flops(model, (64, 64)) > 3.5 * forward_flops(model, (32, 32))  # what counting at 32 px missed
+
+
+def test_every_field_of_ours_says_whether_it_shapes_training_and_the_record_follows():
+    """run_args.json compares what shapes training: each field of the project's says so in its metadata, so a new
+    flag cannot be forgotten; the Trainer's own shaping fields are named and must exist."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    from hf_transfer import run_args
+    from hf_transfer.arguments import (
+        DataArguments,
+        DistillationDataArguments,
+        ModelArguments,
+        StudentArguments,
+    )
+    from hf_transfer.trainers.distillation_config import DistillationConfig
+
+    for cls in (ModelArguments, StudentArguments, DataArguments, DistillationDataArguments, TransferConfig,
+                DistillationConfig):
+        own = cls.__dict__.get("__annotations__", {})
+        for f in dataclasses.fields(cls):
+            if f.name in own:
+                assert "shapes" in f.metadata, f"{cls.__name__}.{f.name} does not say whether it shapes training"
+    trainer_fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    assert set(run_args.TRAINER_SHAPING) <= trainer_fields
+    training = set(run_args.shaping_fields(DistillationConfig))
+    assert {"bf16", "fp16", "teacher_revision", "teacher_model_name_or_path", "precise_bn_images", "seed"} <= training
+    assert not {"output_dir", "logging_steps", "report_to", "dataloader_num_workers"} & training
+    assert "unlabeled_dir" in run_args.shaping_fields(DistillationDataArguments)

@@ -15,7 +15,13 @@ from dataclasses import asdict
 from transformers import set_seed
 
 from .. import run_args
-from ..arguments import DistillationDataArguments, StudentArguments, fit_to_data, parse_arguments
+from ..arguments import (
+    DistillationDataArguments,
+    StudentArguments,
+    fit_to_data,
+    fitted_fields,
+    parse_arguments,
+)
 from ..data.augmentation import resolve_augmentation
 from ..data.samples import attach_transforms
 from ..data.unlabeled import add_unlabeled_images
@@ -55,8 +61,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         "new view of an image")
     check_setup(args)
     source = resolve_source(student_args.model, student_args.model_name_or_path, StudentArguments.default_model)
-    record = run_args.shaping(student_args, data_args, args)
-    output = prepare_output_dir(args, record)
+    record, fitted = run_args.shaping(student_args, data_args, args), fitted_fields(args, parsed.given)
+    output = prepare_output_dir(args, record, fitted)
     if output.finished is not None:
         return report_finished(args.output_dir, output.finished)
 
@@ -92,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             **({"unlabeled images": data.unlabeled} if data.unlabeled else {}),
         ),
     )
-    save_run_args(args, "distill", record, argv, card)
+    save_run_args(args, "distill", run_args.shaping(student_args, data_args, args), fitted, argv, card)  # as fitted
     return train_and_evaluate(trainer, data, card, output.resume_from)
 
 

@@ -14,7 +14,7 @@ from dataclasses import asdict
 from transformers import set_seed
 
 from .. import run_args
-from ..arguments import fit_to_data, parse_arguments
+from ..arguments import fit_to_data, fitted_fields, parse_arguments
 from ..data.augmentation import resolve_augmentation
 from ..data.samples import attach_transforms
 from ..errors import UserError, run_cli, setup_logging
@@ -47,8 +47,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         "or --push_to_hub (nothing new to push)")
     check_setup(args)
     source = resolve_source(model_args.model, model_args.model_name_or_path)
-    record = run_args.shaping(model_args, data_args, args)
-    output = prepare_output_dir(args, record)
+    record, fitted = run_args.shaping(model_args, data_args, args), fitted_fields(args, parsed.given)
+    output = prepare_output_dir(args, record, fitted)
     if output.finished is not None:
         return report_finished(args.output_dir, output.finished)
 
@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     data = load_data(data_args, args.seed, model_args.cache_dir)
     loaded = load_trained_model(model_args, source, data)
     if not args.do_train:
-        return evaluate_as_is(args, data, loaded, record, argv)
+        return evaluate_as_is(args, data, loaded, record, fitted, argv)
     for change in fit_to_data(args, len(data.train), parsed.given):
         logger.info("small data set: %s", change)
     logger.info("model %s (%s), input %s, %d labels, augmentation %s", source, loaded.family, loaded.spec.size,
@@ -71,11 +71,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         hyperparameters=hyperparameters(args, model_args, data_args, model=source, family=loaded.family,
                                         image_size=loaded.spec.size[0]),
     )
-    save_run_args(args, "finetune", record, argv, card)
+    save_run_args(args, "finetune", run_args.shaping(model_args, data_args, args), fitted, argv, card)  # as fitted
     return train_and_evaluate(trainer, data, card, output.resume_from)
 
 
-def evaluate_as_is(args, data, loaded, record: dict, argv: list[str]) -> dict:
+def evaluate_as_is(args, data, loaded, record: dict, fitted: set[str], argv: list[str]) -> dict:
     """`--do_train false`: score the checkpoint on this data set's validation and test splits, unchanged."""
     if loaded.head_reset:
         raise UserError(f"--do_train false evaluates {loaded.source} as it is, but its classification head was made "
@@ -83,7 +83,7 @@ def evaluate_as_is(args, data, loaded, record: dict, argv: list[str]) -> dict:
                         "fine-tuned on these labels")
     attach_transforms(data, "none", args.seed)
     trainer = TransferTrainer(**trainer_kwargs(args, data, loaded, tags=["evaluation"]))
-    save_run_args(args, "evaluate", record, argv)
+    save_run_args(args, "evaluate", record, fitted, argv)
     eval_metrics, test_metrics = evaluate(trainer, data)
     return {**eval_metrics, **test_metrics}
 

@@ -12,26 +12,26 @@ class DistillationConfig(TransferConfig):
     """Read by `DistillationTrainer` from `self.args` (`alpha`, `temperature`)."""
 
     output_dir: str | None = field(
-        default=None, metadata={"help": "Where the student, checkpoints and results go (default runs/<student>-distilled)."}
+        default=None, metadata={"shapes": False, "help": "Where the student, checkpoints and results go (default runs/<student>-distilled)."}
     )
     teacher_model_name_or_path: str | None = field(
         default=None,
-        metadata={"required": True,
+        metadata={"shapes": True, "required": True,
                   "help": "The teacher: an output directory of run_finetune.py, or any Hub/local "
                           "image-classification checkpoint fine-tuned on the same labels."},
     )
-    teacher_revision: str | None = field(default=None, metadata={"help": "Branch, tag or commit of the teacher."})
+    teacher_revision: str | None = field(default=None, metadata={"shapes": True, "help": "Branch, tag or commit of the teacher."})
     alpha: float = field(
         default=0.5,
-        metadata={"help": "Weight of the distillation (KL) term, in [0, 1]; the label cross-entropy gets 1 - alpha. "
+        metadata={"shapes": True, "help": "Weight of the distillation (KL) term, in [0, 1]; the label cross-entropy gets 1 - alpha. "
                           "0 is plain fine-tuning, 1 ignores the labels."},
     )
     temperature: float = field(
-        default=2.0, metadata={"help": "Softmax temperature (> 0) of the distillation term; the term is scaled by T^2."}
+        default=2.0, metadata={"shapes": True, "help": "Softmax temperature (> 0) of the distillation term; the term is scaled by T^2."}
     )
     cache_teacher_logits: bool = field(
         default=False,
-        metadata={"help": "Compute the teacher's logits once per training image and reuse them every epoch "
+        metadata={"shapes": False, "help": "Compute the teacher's logits once per training image and reuse them every epoch "
                           "(only without augmentation and mixing; stored in the output directory)."},
     )
 

@@ -38,119 +38,119 @@ class TransferConfig(TrainingArguments):
     """
 
     output_dir: str | None = field(
-        default=None, metadata={"help": "Where the model, checkpoints and results go (default runs/<model>)."}
+        default=None, metadata={"shapes": False, "help": "Where the model, checkpoints and results go (default runs/<model>)."}
     )
     overwrite_output_dir: bool = field(
         default=False,
-        metadata={"help": "Start afresh in an output directory that already holds files (its old checkpoints are removed)."},
+        metadata={"shapes": False, "help": "Start afresh in an output directory that already holds files (its old checkpoints are removed)."},
     )
     early_stopping_patience: int | None = field(
-        default=None, metadata={"help": "Stop after this many evaluations without a better validation accuracy."}
+        default=None, metadata={"shapes": True, "help": "Stop after this many evaluations without a better validation accuracy."}
     )
     # Transfer strategies (README, "Transfer strategies")
-    freeze_backbone: bool = field(default=False, metadata={"help": "Linear probe: only the classification head trains."})
+    freeze_backbone: bool = field(default=False, metadata={"shapes": True, "help": "Linear probe: only the classification head trains."})
     unfreeze_schedule: str | None = field(
         default=None,
-        metadata={"help": "Gradual unfreezing, EPOCH:STAGE pairs from epoch 0, e.g. \"0:head,2:last_stage,4:all\". "
+        metadata={"shapes": True, "help": "Gradual unfreezing, EPOCH:STAGE pairs from epoch 0, e.g. \"0:head,2:last_stage,4:all\". "
                           "Stages: head, last_stage (ResNet layer4 / last quarter of ViT blocks), all."},
     )
     backbone_lr_scale: float = field(
-        default=1.0, metadata={"help": "The backbone trains at learning_rate x this; the head at learning_rate."}
+        default=1.0, metadata={"shapes": True, "help": "The backbone trains at learning_rate x this; the head at learning_rate."}
     )
     layer_decay: float | None = field(
         default=None,
-        metadata={"help": "Layer-wise learning-rate decay in (0, 1]: each block/stage below the head gets this factor once more."},
+        metadata={"shapes": True, "help": "Layer-wise learning-rate decay in (0, 1]: each block/stage below the head gets this factor once more."},
     )
     lr_step_size: float | None = field(
         default=None,
-        metadata={"help": "Step decay (the tutorial's StepLR): multiply the learning rate by --lr_step_gamma every this many "
+        metadata={"shapes": True, "help": "Step decay (the tutorial's StepLR): multiply the learning rate by --lr_step_gamma every this many "
                           "epochs. Replaces --lr_scheduler_type."},
     )
-    lr_step_gamma: float = field(default=0.1, metadata={"help": "Factor of the step decay."})
-    mixup: float = field(default=0.0, metadata={"help": "Mixup alpha (0: off); a draw per sample, on the device."})
-    cutmix: float = field(default=0.0, metadata={"help": "CutMix alpha (0: off); a box per sample, on the device."})
+    lr_step_gamma: float = field(default=0.1, metadata={"shapes": True, "help": "Factor of the step decay."})
+    mixup: float = field(default=0.0, metadata={"shapes": True, "help": "Mixup alpha (0: off); a draw per sample, on the device."})
+    cutmix: float = field(default=0.0, metadata={"shapes": True, "help": "CutMix alpha (0: off); a box per sample, on the device."})
     max_nan_steps: int = field(
         default=0,
-        metadata={"help": "Training steps with a NaN/inf loss to skip before stopping the run (0: stop at the first)."},
+        metadata={"shapes": True, "help": "Training steps with a NaN/inf loss to skip before stopping the run (0: stop at the first)."},
     )
     class_weights: str | None = field(
         default=None,
-        metadata={"help": "Weight the cross-entropy per class, for imbalanced data: 'auto' (inversely to each class's "
+        metadata={"shapes": True, "help": "Weight the cross-entropy per class, for imbalanced data: 'auto' (inversely to each class's "
                           "share of the training set) or one weight per class, comma-separated."},
     )
     ema_decay: float | None = field(
         default=None,
-        metadata={"help": "Keep an exponential moving average of the weights with this decay per optimizer step "
+        metadata={"shapes": True, "help": "Keep an exponential moving average of the weights with this decay per optimizer step "
                           "(e.g. 0.999; timm's ModelEmaV3 with warm-up); it is evaluated, chosen by and saved. "
                           "Off by default."},
     )
     min_train_steps: int = field(
         default=200,
-        metadata={"help": "Unless --num_train_epochs or --max_steps is given: train 3 epochs, or as many more as it takes "
+        metadata={"shapes": True, "help": "Unless --num_train_epochs or --max_steps is given: train 3 epochs, or as many more as it takes "
                           "to reach this many optimizer steps (small data sets need many epochs); 0 turns it off."},
     )
     precise_bn_images: int = field(
         default=2048,
-        metadata={"help": "Before each evaluation in training (and at its end), recompute the running statistics of "
+        metadata={"shapes": True, "help": "Before each evaluation in training (and at its end), recompute the running statistics of "
                           "BatchNorm layers from this many training images with the current weights, so that what is "
                           "evaluated, chosen and saved matches the weights (trainers/batchnorm.py); 0 turns it off. "
                           "Models without BatchNorm (ViTs) are not affected."},
     )
     channels_last: bool | None = field(
         default=None,
-        metadata={"help": "Channels-last memory format for CNNs (faster convolutions with tensor cores). "
+        metadata={"shapes": False, "help": "Channels-last memory format for CNNs (faster convolutions with tensor cores). "
                           "Default: on for CNNs when training on a GPU."},
     )
 
     # Defaults that differ from TrainingArguments':
     do_train: bool = field(
-        default=True, metadata={"help": "Train (--do_train false: evaluate --model_name_or_path as it is)."}
+        default=True, metadata={"shapes": False, "help": "Train (--do_train false: evaluate --model_name_or_path as it is)."}
     )
-    do_eval: bool = field(default=True, metadata={"help": "Evaluate the final model on the validation split."})
+    do_eval: bool = field(default=True, metadata={"shapes": False, "help": "Evaluate the final model on the validation split."})
     do_predict: bool = field(
         default=True,
-        metadata={"help": "Evaluate the final model once on the test split (metrics, confusion matrix, predictions)."},
+        metadata={"shapes": False, "help": "Evaluate the final model once on the test split (metrics, confusion matrix, predictions)."},
     )
     remove_unused_columns: bool = field(
-        default=False, metadata={"help": "Keep False: the on-the-fly transforms need the raw columns."}
+        default=False, metadata={"shapes": False, "help": "Keep False: the on-the-fly transforms need the raw columns."}
     )
     num_train_epochs: float = field(
         default=3.0,
-        metadata={"help": "Training epochs; unless this or --max_steps is given, small data sets train longer "
+        metadata={"shapes": True, "help": "Training epochs; unless this or --max_steps is given, small data sets train longer "
                           "(--min_train_steps)."},
     )
     per_device_train_batch_size: int = field(
         default=128,
-        metadata={"help": "Batch size per device for training; unless given, at most a tenth of the training set."},
+        metadata={"shapes": False, "help": "Batch size per device for training; unless given, at most a tenth of the training set."},
     )
-    per_device_eval_batch_size: int = field(default=256, metadata={"help": "Batch size per device for evaluation."})
-    eval_strategy: str = field(default="epoch", metadata={"help": "When to evaluate on the validation split."})
-    save_strategy: str = field(default="epoch", metadata={"help": "When to save a checkpoint."})
+    per_device_eval_batch_size: int = field(default=256, metadata={"shapes": False, "help": "Batch size per device for evaluation."})
+    eval_strategy: str = field(default="epoch", metadata={"shapes": True, "help": "When to evaluate on the validation split."})
+    save_strategy: str = field(default="epoch", metadata={"shapes": False, "help": "When to save a checkpoint."})
     logging_steps: float = field(
         default=0.02,
-        metadata={"help": "Log every this many steps, or, below 1, this fraction of the run (0.02: 50 points per run, "
+        metadata={"shapes": False, "help": "Log every this many steps, or, below 1, this fraction of the run (0.02: 50 points per run, "
                           "however short, for the loss curves)."},
     )
-    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most this many checkpoints (best kept)."})
+    save_total_limit: int | None = field(default=2, metadata={"shapes": False, "help": "Keep at most this many checkpoints (best kept)."})
     load_best_model_at_end: bool = field(
-        default=True, metadata={"help": "Finish with the checkpoint of best validation accuracy."}
+        default=True, metadata={"shapes": True, "help": "Finish with the checkpoint of best validation accuracy."}
     )
-    metric_for_best_model: str | None = field(default="accuracy", metadata={"help": "Metric for model selection."})
+    metric_for_best_model: str | None = field(default="accuracy", metadata={"shapes": True, "help": "Metric for model selection."})
     hub_strategy: str = field(
         default="end",
-        metadata={"help": "With --push_to_hub: 'end' pushes the finished run once (model, processor, card, results); "
+        metadata={"shapes": False, "help": "With --push_to_hub: 'end' pushes the finished run once (model, processor, card, results); "
                           "'every_save', 'checkpoint', 'all_checkpoints' also push during training (the Trainer's)."},
     )
     dataloader_num_workers: int = field(
         default_factory=_default_workers,
-        metadata={"help": "DataLoader worker processes per process (default: cores - 1 up to 8 with a GPU, 0 without)."}
+        metadata={"shapes": False, "help": "DataLoader worker processes per process (default: cores - 1 up to 8 with a GPU, 0 without)."}
     )
     dataloader_persistent_workers: bool = field(
-        default=True, metadata={"help": "Keep DataLoader workers alive between epochs (when there are workers)."}
+        default=True, metadata={"shapes": False, "help": "Keep DataLoader workers alive between epochs (when there are workers)."}
     )
     logging_nan_inf_filter: bool = field(
         default=False,
-        metadata={"help": "The Trainer's filter that keeps NaN/inf losses out of the logged loss. Off: it reads the loss "
+        metadata={"shapes": False, "help": "The Trainer's filter that keeps NaN/inf losses out of the logged loss. Off: it reads the loss "
                           "on the host every step (on a GPU the CPU waits for the device each time), and a NaN/inf "
                           "loss stops the run or is skipped anyway (--max_nan_steps)."},
     )
