@@ -91,19 +91,19 @@ def test_the_loss_watch_reports_the_first_bad_step_and_its_loss():
     assert watch.first_bad_step(wait=True) is None
     watch.observe(torch.tensor(1.5), step=1)
     assert watch.first_bad_step(wait=False) is None  # on the CPU the verdict is there at once
-    watch.observe(torch.tensor(float("inf")), step=2)
+    watch.observe(torch.tensor(float("inf")), step=2, what=1)
     watch.observe(torch.tensor(float("nan")), step=3)
-    assert watch.first_bad_step(wait=False) == (2, float("inf"))
+    assert watch.first_bad_step(wait=False) == (2, float("inf"), "gradient norm")
 
 
-def test_with_max_nan_steps_each_step_reads_its_loss(tiny_vit, cifar_like, tmp_path):
-    # A step to skip must be known before its backward pass: the one per-step read left, and only on request.
+def test_with_max_nan_steps_each_step_reads_one_verdict(tiny_vit, cifar_like, tmp_path):
+    # A step to skip must be known before the optimizer steps: the one per-step read left, and only on request.
     data, trainer = trainer_for(tiny_vit, cifar_like, tmp_path, {"use_cpu": True}, max_nan_steps=2)
     window = Window(3, 6, lambda: {data.epoch.data_ptr()} | {
         s["step"].data_ptr() for s in trainer.optimizer.state.values() if "step" in s})
     trainer.add_callback(window)
     trainer.train()
-    assert len(window.mode.reads) == 3  # steps 4, 5 and 6: one each, from skip_if_not_finite
+    assert len(window.mode.reads) == 3  # steps 4, 5 and 6: one each, from StepSkipper.on_pre_optimizer_step
 
 
 gpu = pytest.mark.gpu

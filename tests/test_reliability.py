@@ -12,6 +12,7 @@ import time
 import zlib
 from pathlib import Path
 
+import numpy as np
 import PIL.Image
 import psutil
 import pytest
@@ -19,7 +20,7 @@ import torch
 from conftest import quick_flags
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 from helpers import png_bytes, random_images
-from transformers import AutoModelForImageClassification
+from transformers import AutoModelForImageClassification, TrainerCallback
 
 import run_distill
 import run_finetune
@@ -184,28 +185,47 @@ def test_completeness_checks_each_file(tmp_path):
 
 
 class NanAt:
-    """Forward pre-hook: the n-th training forward pass gets NaN pixels (so its loss is NaN)."""
+    """Forward pre-hook: the n-th training forward pass gets NaN pixels (so its loss is NaN); with `every`, every
+    later one too."""
 
-    def __init__(self, n):
-        self.n, self.calls = n, 0
+    def __init__(self, n, every=False):
+        self.n, self.every, self.calls = n, every, 0
 
     def __call__(self, module, args, kwargs):
         if module.training:
             self.calls += 1
-            if self.calls == self.n:
+            if self.calls == self.n or (self.every and self.calls > self.n):
                 kwargs = {**kwargs, "pixel_values": kwargs["pixel_values"] * float("nan")}
         return args, kwargs
 
 
-def nan_trainer(tiny_vit, cifar_like, tmp_path, **overrides):
+class InfiniteGradientAt:
+    """Forward hook: the n-th training forward pass's logits pass infinite gradients back (its loss is finite)."""
+
+    def __init__(self, n, every=False):
+        self.n, self.every, self.calls = n, every, 0
+
+    def __call__(self, module, args, output):
+        if module.training:
+            self.calls += 1
+            if self.calls == self.n or (self.every and self.calls > self.n):
+                output.logits.register_hook(lambda grad: grad * float("inf"))
+
+
+def nan_trainer(tiny_vit, cifar_like, tmp_path, bad="loss", every=False, **overrides):
+    """Six steps of 8 images; the third has a NaN loss (`bad="loss"`) or infinite gradients (and every later one
+    too, with `every`)."""
     data = load_image_data(cifar_like)
     attach_transforms(data, "none")
     loaded = load_model(tiny_vit, data.label_names)
     args = TransferConfig(output_dir=str(tmp_path), per_device_train_batch_size=8, dataloader_num_workers=0,
-                                     report_to="none", use_cpu=True, save_strategy="steps", save_steps=2,
-                                     eval_strategy="no", load_best_model_at_end=False, max_steps=6, **overrides)
+                          report_to="none", use_cpu=True, save_strategy="steps", save_steps=2,
+                          eval_strategy="no", load_best_model_at_end=False, max_steps=6, **overrides)
     trainer = TransferTrainer(**trainer_kwargs(args, data, loaded))
-    loaded.model.register_forward_pre_hook(NanAt(3), with_kwargs=True)
+    if bad == "loss":
+        loaded.model.register_forward_pre_hook(NanAt(3, every), with_kwargs=True)
+    else:
+        loaded.model.register_forward_hook(InfiniteGradientAt(3, every))
     return trainer
 
 
@@ -219,12 +239,71 @@ def test_a_nan_loss_stops_the_run_at_its_step_and_keeps_the_last_checkpoint(tiny
     assert all(torch.isfinite(v).all() for v in saved.values())
 
 
-def test_max_nan_steps_skips_a_bad_step(tiny_vit, cifar_like, tmp_path, caplog):
-    trainer = nan_trainer(tiny_vit, cifar_like, tmp_path, max_nan_steps=1)
+class Snapshots(TrainerCallback):
+    """The whole training state at the start of every optimizer step: weights (and the weight average), the
+    optimizer's state, the schedule's, the step count."""
+
+    def __init__(self, trainer):
+        self.trainer, self.before, self.after = trainer, [], []
+
+    def state(self, state):
+        trainer = self.trainer
+        optimizer = trainer.optimizer.state_dict()
+        return {"step": state.global_step, "weights": {k: v.clone() for k, v in trainer.model.state_dict().items()},
+                "optimizer": {i: {k: v.clone() for k, v in s.items()} for i, s in optimizer["state"].items()},
+                "lr": [g["lr"] for g in optimizer["param_groups"]], "schedule": trainer.lr_scheduler.last_epoch,
+                "ema": {k: v.clone() for k, v in trainer.ema.state_dict().items()} if trainer.ema else {}}
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.before.append(self.state(state))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.after.append(self.state(state))
+
+
+def same_state(a, b) -> bool:
+    def equal(x, y):
+        if isinstance(x, dict):
+            return x.keys() == y.keys() and all(equal(x[k], y[k]) for k in x)
+        return torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y
+    return equal(a, b)
+
+
+@pytest.mark.parametrize("bad", ["loss", "gradients"])
+def test_max_nan_steps_skips_a_bad_step_as_if_it_never_happened(tiny_vit, cifar_like, tmp_path, caplog, bad):
+    """The 3rd step has a NaN loss, or a finite loss and an infinite gradient: with --max_nan_steps it leaves
+    the weights, the weight average, the optimizer's momentum and step counts, the schedule and the step count
+    exactly as they were. SGD with Nesterov momentum and weight decay: a step with zero gradients still moves."""
+    trainer = nan_trainer(tiny_vit, cifar_like, tmp_path, bad=bad, max_nan_steps=1, ema_decay=0.9,
+                          optim="sgd", optim_args="momentum=0.9,nesterov=True", weight_decay=0.01, max_grad_norm=0)
+    snapshots = Snapshots(trainer)
+    trainer.add_callback(snapshots)
     trainer.train()
-    assert trainer.state.global_step == 6
-    assert "non-finite loss at step 3: step skipped (1 of 1 allowed)" in caplog.text
+    assert "non-finite loss or gradients at step 3: step skipped (1 of 1 allowed)" in caplog.text
+    skipped = 2  # the third step begun
+    assert snapshots.before[skipped]["step"] == 2 and same_state(snapshots.after[skipped], snapshots.before[skipped])
+    assert same_state(snapshots.before[skipped + 1], snapshots.before[skipped])  # the next step starts from there
+    assert not same_state(snapshots.after[skipped + 1], snapshots.before[skipped + 1])  # and is taken
+    assert trainer.state.global_step == 5  # 6 batches, one of them not taken
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert logged and all(np.isfinite(logged))
+
+
+def test_more_bad_steps_than_allowed_stop_the_run(tiny_vit, cifar_like, tmp_path):
+    """Step 3 fails, is skipped, and the next batch (step 3 again: the first was not taken) fails too."""
+    trainer = nan_trainer(tiny_vit, cifar_like, tmp_path, bad="loss", every=True, max_nan_steps=1)
+    with pytest.raises(NonFiniteLossError, match=r"the training loss or gradient norm is nan at step 3 of 6 \(more "
+                                                 r"than the 1 steps --max_nan_steps skips\)"):
+        trainer.train()
+
+
+def test_a_finite_loss_with_infinite_gradients_stops_the_run(tiny_vit, cifar_like, tmp_path):
+    trainer = nan_trainer(tiny_vit, cifar_like, tmp_path, bad="gradients")
+    with pytest.raises(NonFiniteLossError, match="the gradient norm is (nan|inf) at step 3 .*the last checkpoint is "
+                                                 f"{tmp_path / 'checkpoint-2'}"):
+        trainer.train()
+    assert not (tmp_path / "checkpoint-4").exists()
 
 
 def test_a_diverging_run_stops_with_one_line(tiny_vit, cifar_like, tmp_path):

@@ -96,12 +96,13 @@ class DistillationTrainer(TransferTrainer):
             label_smoothing=self.args.label_smoothing_factor, class_weights=self.class_weights,
         )
         processes = counts.processes if counts else 1
-        loss = self.skip_if_not_finite(loss * processes, model)
+        loss = self.guard_loss(loss * processes)
         if self._terms_since is None:  # the first step of this train() call (a resumed run starts mid-way)
             self._terms_since = self.state.global_step
         # Summed over the step's micro-batches, like the Trainer's logged loss: per-sample means of the step.
-        self._terms["ce_loss"] += ce * processes
-        self._terms["kd_loss"] += kd * processes
+        # (a step skipped for a non-finite loss, --max_nan_steps, adds nothing, as it adds nothing to the loss)
+        self._terms["ce_loss"] += torch.nan_to_num(ce * processes, nan=0.0, posinf=0.0, neginf=0.0)
+        self._terms["kd_loss"] += torch.nan_to_num(kd * processes, nan=0.0, posinf=0.0, neginf=0.0)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -64,10 +64,11 @@ def swapped_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]):
 
 
 class EmaCallback(TrainerCallback):
-    """Updates the average after every optimizer step."""
+    """Updates the average after every optimizer step taken (`skipped()`: the step was not, nonfinite.py)."""
 
-    def __init__(self, ema: WeightEma):
-        self.ema = ema
+    def __init__(self, ema: WeightEma, skipped=lambda: False):
+        self.ema, self.skipped = ema, skipped
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
-        self.ema.update(getattr(model, "module", model), step=state.global_step)
+        if not self.skipped():
+            self.ema.update(getattr(model, "module", model), step=state.global_step)

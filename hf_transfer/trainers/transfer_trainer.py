@@ -13,7 +13,9 @@ The other overrides exist because the Trainer has no option for them:
 - `create_scheduler`: adds the tutorial's step decay to the Trainer's schedules.
 - `get_batch_samples`, `compute_loss`: the loss (cross-entropy with the soft targets mixup/CutMix
   produce, class weights, label smoothing) is the per-sample mean over the whole optimizer step,
-  whatever the model, the accumulation and the process count; no training on a NaN/inf loss.
+  whatever the model, the accumulation and the process count; no training on a NaN/inf loss or
+  gradient (`nonfinite.py`; with --max_nan_steps the optimizer is guarded so that a skipped step
+  leaves it alone).
 - `log`: adds the learning rate of each parameter group.
 - `push_to_hub`, `_push_from_checkpoint`: one push path, `hub.py` (no pickles, no card but the run's).
 - `_load_from_checkpoint`, `_load_best_model`: a transformers 5 bug (`compat.py`); with EMA, they
@@ -33,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import Trainer
+from transformers import DefaultFlowCallback, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, get_last_checkpoint
 from transformers.utils import PushInProgress
 
@@ -46,7 +48,7 @@ from ..on_device.preprocessing import ImageSpec, ToModelInput
 from ..tracking import forward_flops
 from .batchnorm import recompute_statistics, trainable_batchnorm_layers
 from .ema import EmaCallback, WeightEma, swapped_weights
-from .nonfinite import LossGuard, LossWatch, NonFiniteLossError
+from .nonfinite import LossGuard, LossWatch, NonFiniteLossError, StepSkipper
 from .optimizer import param_groups, step_schedule, updates_per_epoch
 
 logger = logging.getLogger(__name__)
@@ -82,10 +84,20 @@ class TransferTrainer(Trainer):
         self._raw_weights: dict | None = None  # once the EMA weights are the model's, the raw ones (for eval_raw_*)
         self._statistics_step: int | None = None  # the step whose weights the BatchNorm statistics belong to
         self._statistics_images = None  # the training images they are computed from (batchnorm.py)
+        # Never training on non-finite numbers (nonfinite.py): stop, or skip up to --max_nan_steps steps.
+        gradients = not (self.is_fsdp_enabled or self.is_deepspeed_enabled)  # sharded gradients: the loss only
+        self.loss_watch, self.skipper = LossWatch(), None
+        if self.args.max_nan_steps:
+            agree = (lambda t: self.accelerator.reduce(t, reduction="sum")) if self.accelerator.num_processes > 1 \
+                else None
+            self.skipper = StepSkipper(self.args.max_nan_steps, agree, self.stop, gradients)
+            callbacks = self.callback_handler.callbacks  # right after the flow callback: the others see no step
+            callbacks.insert(1 + next(i for i, c in enumerate(callbacks) if isinstance(c, DefaultFlowCallback)),
+                             self.skipper)
+        else:
+            self.add_callback(LossGuard(self.loss_watch, self.stop, gradients))  # after those that ask for a save
         if self.ema is not None:
-            self.add_callback(EmaCallback(self.ema))
-        self.loss_watch = LossWatch()
-        self.add_callback(LossGuard(self.loss_watch, self.stop))  # after the callbacks that ask for a save
+            self.add_callback(EmaCallback(self.ema, skipped=lambda: self.skipper is not None and self.skipper.skipping))
 
     # ---------------------------------------------------------------- inputs
 
@@ -167,42 +179,30 @@ class TransferTrainer(Trainer):
         if counts is not None:
             loss = loss * counts.processes
         if model.training:
-            loss = self.skip_if_not_finite(loss, model)
+            loss = self.guard_loss(loss)
         return (loss, outputs) if return_outputs else loss
 
-    def skip_if_not_finite(self, loss: torch.Tensor, model) -> torch.Tensor:
-        """Never train on a NaN/inf loss: stop the run before its weights are logged, evaluated or
-        saved (the last checkpoint stays good), or, within --max_nan_steps, replace it by a zero loss.
+    def guard_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """Never train on a NaN/inf loss (`nonfinite.py`): the run stops before weights a bad step touched are
+        logged, evaluated or saved (the last checkpoint stays good), or, with --max_nan_steps, the step is
+        skipped. Neither reads the loss on the host here."""
+        if self.skipper is not None:
+            return self.skipper.observe_loss(loss)
+        self.loss_watch.observe(loss, self.state.global_step + 1)
+        bad = self.loss_watch.first_bad_step(wait=False)  # the verdicts that have reached the host
+        if bad is not None:
+            self.stop(*bad)
+        return loss
 
-        Stopping needs no host read of the loss (`nonfinite.py`): on the CPU the run stops at the
-        bad step, on a GPU by the next step or before anything is saved. Skipping does need it,
-        before the backward pass, so with --max_nan_steps the loss is read every step.
-        """
-        step = self.state.global_step + 1
-        if not self.args.max_nan_steps:
-            self.loss_watch.observe(loss, step)
-            bad = self.loss_watch.first_bad_step(wait=False)  # the verdicts that have reached the host
-            if bad is not None:
-                self.stop(*bad)
-            return loss
-        if torch.isfinite(loss.detach()).all():
-            return loss
-        self.non_finite_steps = getattr(self, "non_finite_steps", 0) + 1
-        if self.non_finite_steps > self.args.max_nan_steps:
-            self.stop(step, loss.detach().float().item())
-        logger.warning("non-finite loss at step %d: step skipped (%d of %d allowed)", step,
-                       self.non_finite_steps, self.args.max_nan_steps)
-        # Zero, yet connected to every parameter, so that DDP's gradient all-reduce still completes.
-        return sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
-
-    def stop(self, bad_step: int, loss: float) -> None:
+    def stop(self, bad_step: int, value: float, what: str = "training loss") -> None:
         # Inside a step (compute_loss) global_step is the previous one; in a callback, the step just done.
-        applied = bad_step <= self.state.global_step
+        applied = bad_step <= self.state.global_step and self.skipper is None
         when = f"after step {self.state.global_step}, before saving anything trained on it" if applied else \
             "before applying it"
         last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+        allowed = f" (more than the {self.args.max_nan_steps} steps --max_nan_steps skips)" if self.skipper else ""
         raise NonFiniteLossError(
-            f"the training loss is {loss} at step {bad_step} of {self.state.max_steps}; stopped {when}, the last "
+            f"the {what} is {value} at step {bad_step} of {self.state.max_steps}{allowed}; stopped {when}, the last "
             f"checkpoint is {last or 'not written yet'}; lower --learning_rate, prefer --bf16 over --fp16, or "
             "tolerate a few such steps with --max_nan_steps"
         )
@@ -216,6 +216,8 @@ class TransferTrainer(Trainer):
             groups = param_groups(model, self.args.learning_rate, self.args.weight_decay,
                                   backbone_lr_scale=self.args.backbone_lr_scale, layer_decay=self.args.layer_decay)
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+            if self.skipper is not None:
+                self.skipper.guard(self.optimizer)  # a skipped step leaves the weights and their state alone
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
