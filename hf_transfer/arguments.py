@@ -27,7 +27,7 @@ from .data.augmentation import check_augmentation
 from .errors import UserError
 from .models.loading import checkpoint_family
 from .models.presets import find_preset, preset_help
-from .recipes import FAMILY_NAMES, RECIPES
+from .recipes import FAMILY_NAMES, RECIPES, recipe_defaults
 from .trainers.transfer_config import SUPPORTED_OPTIMIZERS, TransferConfig
 
 logger = logging.getLogger(__name__)
@@ -253,7 +253,10 @@ def parse_arguments(argv: Sequence[str], model_type: type = ModelArguments,
         source, from_scratch=known.from_scratch, revision=known.model_revision,
         trust_remote_code=known.trust_remote_code, cache_dir=known.cache_dir)
     name = known.model or (Path(source).name if known.model_name_or_path else model_type.default_model)
-    recipe = RECIPES[known.recipe][family]
+    optimizer = str(getattr(known.optim, "value", known.optim)) if "optim" in given else None
+    recipe, note = recipe_defaults(known.recipe, family, optimizer)
+    if note:
+        logger.warning(note)
     suffix = model_type.output_suffix if known.do_train else "-eval"
     parser.set_defaults(output_dir=str(Path("runs") / (name + suffix)), **recipe, **_yielding_defaults(known, given))
     try:

@@ -294,6 +294,7 @@ def hyperparameters(args, model_args, data_args, **extra) -> dict[str, object]:
         "epochs": args.num_train_epochs if args.max_steps <= 0 else f"{args.max_steps} steps",
         "batch size (total)": args.per_device_train_batch_size * args.gradient_accumulation_steps * world,
         "optimizer": f"{getattr(args.optim, 'value', args.optim)}" + (f" ({args.optim_args})" if args.optim_args else ""),
+        "gradient clipping": f"at norm {args.max_grad_norm:g}" if args.max_grad_norm else "none",
         "learning rate": args.learning_rate,
         "schedule": (f"step x{args.lr_step_gamma} every {args.lr_step_size} epochs" if args.lr_step_size
                      else str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)))

@@ -282,3 +282,31 @@ def test_every_field_of_ours_says_whether_it_shapes_training_and_the_record_foll
     assert {"bf16", "fp16", "teacher_revision", "teacher_model_name_or_path", "precise_bn_images", "seed"} <= training
     assert not {"output_dir", "logging_steps", "report_to", "dataloader_num_workers"} & training
     assert "unlabeled_dir" in run_args.shaping_fields(DistillationDataArguments)
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], ("sgd", "momentum=0.9,nesterov=True", 0.0, 0.01)),  # the CNN recipe as it is
+    (["--optim", "sgd"], ("sgd", "momentum=0.9,nesterov=True", 0.0, 0.01)),
+    (["--optim", "adamw_torch"], ("adamw_torch", None, 1.0, 1e-3)),  # AdamW's own, not SGD's momentum and no-clip
+    (["--optim", "adamw_torch", "--max_grad_norm", "0.5", "--learning_rate", "3e-4"], ("adamw_torch", None, 0.5, 3e-4)),
+    (["--recipe", "tutorial"], ("sgd", "momentum=0.9", 0.0, 1e-3)),  # a recipe's own optimizer keeps its settings
+    (["--model", "vit-tiny", "--optim", "sgd"], ("sgd", "momentum=0.9,nesterov=True", 0.0, 5e-5)),
+])
+def test_what_belongs_to_an_optimizer_comes_with_the_optimizer_used(flags, expected, caplog, tmp_path):
+    argv = ["--model", "resnet18", *flags] if "--model" not in flags else flags
+    with caplog.at_level(logging.WARNING):
+        parsed = parse_arguments([*argv, "--output_dir", str(tmp_path / "o")])
+    args = parsed.training
+    assert (str(getattr(args.optim, "value", args.optim)), args.optim_args, args.max_grad_norm,
+            args.learning_rate) == expected
+    unmeasured = "--optim sgd for ViTs: the learning rate 5e-05 is the one measured with adamw_torch" in caplog.text
+    assert unmeasured == ("vit-tiny" in flags)
+
+
+def test_the_card_shows_the_optimizer_and_clipping_that_ran(tiny_resnet, cifar_like, tmp_path):
+    out = tmp_path / "o"
+    run_finetune.main(["--model_name_or_path", tiny_resnet, "--dataset_name", cifar_like, "--output_dir", str(out),
+                       "--optim", "adamw_torch", "--max_steps", "2", *quick_flags()])
+    card = (out / "README.md").read_text()
+    assert "| optimizer | adamw_torch |" in card and "| gradient clipping | at norm 1 |" in card
+    assert "| learning rate | 0.001 |" in card
