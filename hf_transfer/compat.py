@@ -143,3 +143,15 @@ def field_for_argparse(field: dataclasses.Field) -> dataclasses.Field:
     field = copy.copy(field)
     field.metadata = MappingProxyType({k: v for k, v in field.metadata.items() if k not in PROJECT_FIELD_METADATA})
     return field
+
+
+def go_offline() -> None:
+    """What HF_HUB_OFFLINE=1 does, decided after import: huggingface_hub 1.x-2.4 (whose `is_offline_mode`,
+    also used by transformers 5.x, reads `constants.HF_HUB_OFFLINE`) and datasets 3.x-5.2 (`config.HF_HUB_OFFLINE`)
+    read the variable once, when they are imported; the environment variable is set for child processes."""
+    import datasets.config
+    from huggingface_hub import constants
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+    datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True

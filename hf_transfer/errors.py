@@ -71,10 +71,14 @@ def one_line(exc: BaseException) -> str:
 
 
 def setup_logging() -> None:
-    """INFO lines from the main process only: every process of a multi-process run logs the same steps."""
+    """INFO lines from the main process only: every process of a multi-process run logs the same steps. Each
+    line once: huggingface_hub prints its own through its own handler, so it does not also pass them on."""
+    from huggingface_hub.utils import logging as hub_logging
+
     main_process = int(os.environ.get("RANK", "0")) == 0
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         level=logging.INFO if main_process else logging.WARNING)
+    hub_logging.disable_propagation()
 
 
 def run_cli(main: Callable[[Sequence[str] | None], object], argv: Sequence[str] | None = None) -> int:

@@ -9,18 +9,43 @@ that fails at the end says so in one line with the command that pushes the saved
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
-from huggingface_hub import HfApi, get_token
+from huggingface_hub import HfApi, constants, get_token, is_offline_mode
 
+from .compat import go_offline
 from .errors import UserError
+
+logger = logging.getLogger(__name__)
+_reachability_known = False
 
 # Checkpoints (optimizer state), files private to the run ("_*": the teacher-logit cache) and pickles
 # (training_args.bin) stay local. TensorBoard logs (runs/) go up: the Hub shows them in its metrics tab.
 IGNORE = ["checkpoint-*", "incomplete-checkpoint-*", "_*", "*.bin", "*.pt", "*.pth", ".write-test-*"]
 MODEL_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors",
                "preprocessor_config.json"]
+
+
+def check_hub_reachable(timeout: float = 3.0) -> None:
+    """Called before a download from the Hub: the first time, ask the Hub once, with a short timeout (through
+    the proxies huggingface_hub itself uses). When it cannot be reached, work from cached files only, as
+    HF_HUB_OFFLINE=1 does, and say so in one line: otherwise every file request retries for half a minute
+    before the same conclusion."""
+    global _reachability_known
+    if _reachability_known or is_offline_mode():
+        return
+    _reachability_known = True
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception as exc:  # httpx's connect, timeout and proxy errors, among others: unreachable either way
+        go_offline()
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        logger.warning("the Hugging Face Hub (%s) cannot be reached (%s): using cached files only, as with "
+                       "HF_HUB_OFFLINE=1", constants.ENDPOINT, reason)
 
 
 def later_command(output_dir: str, repo_id: str) -> str:

@@ -17,10 +17,19 @@ from .errors import UserError
 CPU_COMMAND = "accelerate launch --config_file accelerate_configs/cpu.yaml run_finetune.py --use_cpu ..."
 
 
-def check_launch(args, environ=os.environ, cuda_devices: int | None = None) -> None:
-    """Refuse launches whose processes would not form the run the user asked for."""
+def check_launch(args, environ=os.environ, cuda_devices: int | None = None,
+                 launcher: list[str] | None = None) -> None:
+    """Refuse launches whose processes would not form the run the user asked for. `launcher`: the command line
+    of the process that started this one (default: read from the system)."""
     cuda_devices = torch.cuda.device_count() if cuda_devices is None else cuda_devices
     started = int(environ.get("WORLD_SIZE", "1"))
+    requested = requested_processes(launcher if launcher is not None else _parent_command_line())
+    if started == 1 and requested and requested > 1:
+        # accelerate's plain launcher starts one process whatever --num_processes says unless it is told how
+        # to start several (--multi_gpu, a config file): without a GPU the user would get one quiet process.
+        raise UserError(f"accelerate launch was asked for {requested} processes but started one; "
+                        + (f"on a machine without a GPU use {CPU_COMMAND}" if not cuda_devices else
+                           "add --multi_gpu (or use accelerate_configs/multi_gpu.yaml)"))
     local = int(environ.get("LOCAL_WORLD_SIZE", str(started)))
     on_cpu = args.use_cpu or environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     if cuda_devices and not on_cpu and local > cuda_devices:
@@ -35,6 +44,39 @@ def check_launch(args, environ=os.environ, cuda_devices: int | None = None) -> N
     mixed = environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if (args.fp16 or mixed == "fp16") and (on_cpu or not cuda_devices):
         raise UserError("fp16 mixed precision needs a GPU; on the CPU use --bf16 (or bf16.yaml), or no mixed precision")
+
+
+def requested_processes(command: list[str]) -> int | None:
+    """The process count an `accelerate launch` command line asks for (its --num_processes, or its config
+    file's), or None when `command` is not one."""
+    if not command:
+        return None
+    words = [Path(w).name for w in command]
+    if "accelerate.commands.launch" in words:
+        start = words.index("accelerate.commands.launch") + 1
+    elif "launch" in words and any(w.startswith("accelerate") for w in words[:words.index("launch")]):
+        start = words.index("launch") + 1
+    else:
+        return None
+    from accelerate.commands.config.config_args import default_config_file, load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+
+    try:
+        launch, _ = launch_command_parser().parse_known_args(command[start:])
+        if launch.num_processes is not None:
+            return int(launch.num_processes)
+        config = launch.config_file or (default_config_file if Path(default_config_file).is_file() else None)
+        return int(load_config_from_file(config).num_processes) if config else None
+    except (SystemExit, ValueError, TypeError, OSError):  # not a command we can read: no opinion
+        return None
+
+
+def _parent_command_line() -> list[str]:
+    try:  # Linux; elsewhere no opinion
+        raw = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
 def check_config_file(path: str | Path, cuda_devices: int | None = None) -> dict:

@@ -148,3 +148,68 @@ def test_check_config_says_when_the_machine_lacks_the_gpus_it_needs():
 
 def test_reports_are_not_committed_by_accident():
     assert "reports/" in (ROOT / ".gitignore").read_text().split()
+
+
+@pytest.fixture
+def unreachable_hub(monkeypatch):
+    """A machine where the Hub cannot be reached and HF_HUB_OFFLINE is not set (what a laptop on a train has)."""
+    import datasets.config
+    import huggingface_hub.utils
+    from huggingface_hub import constants
+
+    from hf_transfer import hub
+
+    class NoRoute:
+        def head(self, *args, **kwargs):
+            raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # restored by monkeypatch after go_offline() sets it
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
+    monkeypatch.setattr(hub, "_reachability_known", False)
+    monkeypatch.setattr(huggingface_hub.utils, "get_session", lambda: NoRoute())
+
+
+@pytest.mark.parametrize("flag", ["--model_name_or_path", "--teacher_model_name_or_path"])
+def test_an_unreachable_hub_is_one_line_within_seconds_not_a_retry_storm(unreachable_hub, flag, tmp_path, caplog):
+    import logging
+    import time
+
+    script = run_finetune if flag == "--model_name_or_path" else run_distill
+    extra = [] if script is run_finetune else ["--student", "resnet18", "--from_scratch"]
+    start = time.perf_counter()
+    with caplog.at_level(logging.INFO), pytest.raises(UserError, match="could not load .*'someone/no-such-model'"):
+        script.main([flag, "someone/no-such-model", "--dataset_name", "digits", "--output_dir", str(tmp_path / "o"),
+                     *extra])
+    assert time.perf_counter() - start < 20  # the retries alone took 31 s
+    told = [r.message for r in caplog.records if "cannot be reached" in r.message]
+    assert len(told) == 1 and "using cached files only, as with HF_HUB_OFFLINE=1" in told[0]
+    assert not any("Retrying" in r.message for r in caplog.records)
+
+
+def test_huggingface_hub_lines_are_printed_once():
+    import logging
+
+    from hf_transfer.errors import setup_logging
+
+    setup_logging()
+    assert logging.getLogger("huggingface_hub").propagate is False  # its own handler prints them; not root's too
+
+
+@pytest.mark.slow
+def test_a_two_process_launch_that_starts_one_is_refused_and_accelerate_q_adds_no_traceback(tmp_path):
+    def launch(*flags):
+        return subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "-q", *flags,
+                               str(ROOT / "run_finetune.py"), "--dataset_name", "digits", "--model", "resnet18",
+                               "--from_scratch", "--max_steps", "1", "--output_dir", str(tmp_path / "o")],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                              env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+
+    proc = launch("--num_processes", "2")
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "error: accelerate launch was asked for 2 processes but started one; on a machine without a GPU use "
+        "accelerate launch --config_file accelerate_configs/cpu.yaml run_finetune.py --use_cpu ...")
+    assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()

@@ -21,6 +21,7 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset, load_from_disk
 
 from ..errors import UserError, check_local_path, wrap_load_error
+from ..hub import check_hub_reachable
 from .decoding import decode_rgb
 
 logger = logging.getLogger(__name__)
@@ -149,6 +150,7 @@ def _load_raw(dataset_name, config_name, train_dir, validation_dir, test_dir,
                 raise UserError(f"--dataset_name '{name}' is neither a directory nor a Hub data set id")
             loaded = load_dataset(str(path), config_name, cache_dir=cache_dir)
         else:
+            check_hub_reachable()
             loaded = load_dataset(name, config_name, cache_dir=cache_dir)
     except UserError:
         raise

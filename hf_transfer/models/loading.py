@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+from pathlib import Path
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassi
 
 from ..compat import drop_timm_pretrained_cfg, set_fsdp_units, set_timm_label_names
 from ..errors import UserError, check_local_path, wrap_load_error
+from ..hub import check_hub_reachable
 from ..on_device.preprocessing import ImageSpec
 from .presets import PRESETS
 from .structure import classifier_head
@@ -152,6 +154,8 @@ def _config_and_spec(source: str, from_scratch: bool, hub_kwargs: dict, flag: st
         return ViTConfig(), ImageSpec.from_image_processor(ViTImageProcessor())
 
     check_local_path(flag, source)
+    if not Path(source).is_dir():
+        check_hub_reachable()
     try:
         config = AutoConfig.from_pretrained(source, **hub_kwargs)
     except (OSError, ValueError) as exc:
