@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 import pickle
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
