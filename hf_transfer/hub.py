@@ -120,8 +120,12 @@ def push_checkpoint(checkpoint_folder: str | Path, repo_id: str, strategy: str, 
 
     The checkpoint's model files go to the repository's root (the latest model is always
     there); with `checkpoint` / `all_checkpoints` the checkpoint itself goes to `last-checkpoint/` /
-    `checkpoint-N/`, to resume from. No pickles and no card of the Trainer's: the run's own card
-    comes with the final push. Returns the upload futures.
+    `checkpoint-N/`, to resume from: the model (safetensors), trainer_state.json, and the optimizer,
+    schedule and random-number states (optimizer.pt, scheduler.pt, rng_state*.pth: torch files, which
+    the Trainer reads back with `weights_only=True`: tensors, numbers and plain containers, nothing
+    that runs code). Not the pickled training arguments (training_args.bin, which only a full unpickle
+    reads) and no card of the Trainer's: the run's own card comes with the final push. Returns the
+    upload futures.
     """
     api, folder = HfApi(), Path(checkpoint_folder)
     jobs = [api.upload_folder(repo_id=repo_id, folder_path=str(folder), allow_patterns=MODEL_FILES,

@@ -169,7 +169,11 @@ def test_pushes_during_training_carry_no_pickles_and_no_card_but_the_runs(tiny_r
     during, final = hub.uploads[:-1], hub.uploads[-1]
     assert len(during) == 4  # two epochs: the model, and the checkpoint under last-checkpoint/
     assert all(not f.endswith(".bin") for upload in hub.uploads for f in upload["files"])
-    assert any(f.startswith("last-checkpoint/") for upload in during for f in upload["files"])
+    # what goes up to resume from is named in hub.push_checkpoint: torch files read back with weights_only=True
+    checkpoint = {f.split("/", 1)[1] for upload in during for f in upload["files"] if f.startswith("last-checkpoint/")}
+    assert checkpoint == {"model.safetensors", "config.json", "trainer_state.json", "optimizer.pt", "scheduler.pt",
+                          "rng_state.pth", "preprocessor_config.json"}, checkpoint
+    assert not [f for f in final["files"] if f.endswith((".pt", ".pth", ".bin"))]  # the final push: none at all
     assert all(upload["card"] is None for upload in during)
     assert "hf-vision-transfer" in final["card"] and card_metadata(final["card"])["model-index"][0]["name"] == "me/live"
 
