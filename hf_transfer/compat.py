@@ -21,13 +21,19 @@ Overridden private method of `transformers.HfArgumentParser` (in `arguments.Argu
 Library behaviour worked around without touching internals (canaries in the same test file):
 - transformers 5.x `PrinterCallback` (used with --disable_tqdm) pops `total_flos` from the very
   metrics dict `train()` returns; `workflow.train_and_evaluate` reads it from the Trainer's state.
+
+`WORKAROUNDS` lists every entry with the library it depends on and its canary; `TESTED` the
+versions they were checked with. `check_versions` (run when this module is imported) warns once
+per workaround whose library is outside that range, naming the canary to run.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 import os
+from importlib.metadata import PackageNotFoundError, version
 from types import MappingProxyType
 
 import torch
@@ -112,23 +118,23 @@ def dataset_fingerprint(dataset) -> str:
     return dataset._fingerprint
 
 
-def wandb_has_credentials() -> bool:
-    """Whether wandb would find credentials on its own: WANDB_API_KEY, WANDB_IDENTITY_TOKEN_FILE, the
-    netrc file (NETRC), or its settings file. wandb 0.31 exposes that lookup in `wandb.sdk.lib.wbauth`;
-    asking it (without prompting or storing anything) avoids re-implementing its rules."""
-    from wandb.sdk import wandb_setup
-    from wandb.sdk.lib import wbauth
+def wandb_has_credentials(environ=os.environ) -> bool:
+    """Whether wandb 0.19-0.31 would find credentials without asking: WANDB_API_KEY,
+    WANDB_IDENTITY_TOKEN_FILE, or an entry for its host (WANDB_BASE_URL, default api.wandb.ai) in the
+    netrc file (NETRC, default ~/.netrc), where `wandb login` stores the key. The public rules, read with
+    the standard library; `tests/test_compat.py` checks that wandb's own lookup agrees."""
+    import netrc
+    from urllib.parse import urlparse
 
-    # The lookup reads wandb's process-wide settings, creating them if needed; settings created here would
-    # freeze the environment of this moment (WANDB_MODE, say) for a later wandb.init, so they are dropped.
-    existed = wandb_setup._singleton is not None
+    if environ.get("WANDB_API_KEY") or environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = urlparse(environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname
+    path = environ.get("NETRC") or os.path.join(environ.get("HOME") or os.path.expanduser("~"), ".netrc")
     try:
-        host = wandb_setup.singleton().settings.base_url
-        return wbauth.authenticate_session(host=host, source="hf-vision-transfer", prompt=False,
-                                           update_session=False) is not None
-    finally:
-        if not existed:
-            wandb_setup.teardown()
+        entry = netrc.netrc(path).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return False
+    return bool(entry and entry[2])
 
 
 # Field metadata of the project's own (run_args.py reads "shapes"), which argparse does not know.
@@ -155,3 +161,55 @@ def go_offline() -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     constants.HF_HUB_OFFLINE = True
     datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+
+
+# The versions every workaround here was checked with (the canaries pass), oldest and newest.
+TESTED = {"transformers": ("5.0", "5.24"), "accelerate": ("1.2", "1.15"), "torch": ("2.4", "2.14"),
+          "datasets": ("3.0", "5.2"), "timm": ("1.0.12", "1.0.31"), "wandb": ("0.19", "0.31"),
+          "huggingface_hub": ("1.0", "2.4")}
+# Each workaround: the library whose internals or behaviour it depends on, and its canary in tests/test_compat.py.
+WORKAROUNDS = {
+    "load_checkpoint_weights": ("transformers", "test_trainer_checkpoint_loading_still_skips_renamed_vit_layers"),
+    "TransferTrainer._prepare_inputs": ("transformers", "test_trainer_still_prepares_every_batch_through_prepare_inputs"),
+    "TransferTrainer._push_from_checkpoint": ("transformers",
+                                              "test_trainer_still_pushes_during_training_through_push_from_checkpoint"),
+    "TransferTrainer._save_checkpoint": ("transformers", "test_trainer_still_saves_checkpoints_through_save_checkpoint"),
+    "TransferTrainer.get_batch_samples": ("transformers", "test_trainer_still_takes_the_loss_counts_we_give_it"),
+    "drop_timm_pretrained_cfg": ("transformers",
+                                 "test_timm_local_config_with_pretrained_cfg_still_overrides_the_saved_processor"),
+    "set_timm_label_names": ("transformers", "test_timm_config_still_prefers_its_saved_label_names"),
+    "field_for_argparse": ("transformers", "test_hf_argument_parser_still_passes_unknown_metadata_to_argparse"),
+    "set_fsdp_units": ("accelerate", "test_no_split_modules_still_do_not_name_the_blocks"),
+    "deepspeed_dtype": ("accelerate", "test_deepspeed_dtype_is_still_where_it_is_read"),
+    "accelerate_launch_keys": ("accelerate", "test_accelerate_launch_parser_still_lists_its_options"),
+    "is_batch_norm": ("torch", "test_batch_norm_classes_still_share_the_private_base"),
+    "dataset_fingerprint": ("datasets", "test_dataset_fingerprint_still_tracks_content_and_transforms"),
+    "wandb_has_credentials": ("wandb", "test_wandb_still_finds_credentials_where_the_public_rules_say"),
+    "go_offline": ("huggingface_hub", "test_going_offline_after_import_still_stops_every_request"),
+}
+logger = logging.getLogger(__name__)
+
+
+def check_versions(installed=None) -> list[str]:
+    """One warning per workaround whose library's installed version is outside `TESTED` (transformers, accelerate,
+    torch, datasets, timm, wandb, huggingface_hub): it may be obsolete or broken there, and its canary says which.
+    `installed(name)` gives a version (default: the installed distribution's). Returns the warnings."""
+    from packaging.version import Version
+
+    installed = installed or version
+    warnings = []
+    for workaround, (library, canary) in WORKAROUNDS.items():
+        try:
+            found = Version(installed(library))
+        except PackageNotFoundError:
+            continue
+        oldest, newest = (Version(v) for v in TESTED[library])
+        if not oldest <= Version(found.base_version) < Version(f"{newest.major}.{newest.minor + 1}"):
+            warnings.append(f"{workaround} was checked with {library} {TESTED[library][0]} to {TESTED[library][1]}, "
+                            f"this is {found}: run pytest tests/test_compat.py::{canary}")
+    for warning in warnings:
+        logger.warning(warning)
+    return warnings
+
+
+check_versions()

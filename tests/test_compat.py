@@ -130,11 +130,25 @@ def test_dataset_fingerprint_still_tracks_content_and_transforms():
     assert compat.dataset_fingerprint(a.select([0, 1])) != compat.dataset_fingerprint(a.select([1, 2]))
 
 
-@pytest.mark.parametrize("name", [n for n in dir(compat) if callable(getattr(compat, n)) and not n.startswith("_")
-                                  and getattr(getattr(compat, n), "__module__", "") == "hf_transfer.compat"])
-def test_every_workaround_says_which_versions_it_is_for(name):
-    doc = inspect.getdoc(getattr(compat, name)) or ""
-    assert any(lib in doc for lib in ("transformers", "accelerate", "torch", "datasets", "wandb")), name
+def test_every_workaround_names_its_library_versions_and_a_canary_that_exists():
+    own = {n for n in dir(compat) if callable(getattr(compat, n)) and not n.startswith("_")
+           and getattr(getattr(compat, n), "__module__", "") == "hf_transfer.compat"} - {"check_versions"}
+    assert own <= set(compat.WORKAROUNDS), own - set(compat.WORKAROUNDS)
+    tests = {name for name in globals() if name.startswith("test_")}
+    for workaround, (library, canary) in compat.WORKAROUNDS.items():
+        assert library in compat.TESTED and canary in tests, workaround
+
+
+def test_a_library_outside_the_tested_versions_gets_one_warning_per_workaround(caplog):
+    from importlib.metadata import version
+
+    assert compat.check_versions() == []  # the versions installed here are the ones checked
+    newer = compat.check_versions(lambda name: "5.30.0" if name == "transformers" else version(name))
+    on_transformers = [w for w, (library, _) in compat.WORKAROUNDS.items() if library == "transformers"]
+    assert len(newer) == len(on_transformers) and newer[0] == (
+        "load_checkpoint_weights was checked with transformers 5.0 to 5.24, this is 5.30.0: run pytest "
+        "tests/test_compat.py::test_trainer_checkpoint_loading_still_skips_renamed_vit_layers")
+    assert compat.check_versions(lambda name: "5.24.3" if name == "transformers" else version(name)) == []
 
 
 def test_printer_callback_still_pops_total_flos_from_the_logs_it_is_given():
@@ -153,13 +167,36 @@ def test_trainer_still_pushes_during_training_through_push_from_checkpoint():
     assert list(inspect.signature(Trainer._push_from_checkpoint).parameters) == ["self", "checkpoint_folder"]
 
 
-def test_wandb_still_looks_up_credentials_without_prompting():
-    """-> compat.wandb_has_credentials."""
+@pytest.mark.parametrize("case", ["nothing", "netrc", "netrc-other-host", "api-key", "base-url"])
+def test_wandb_still_finds_credentials_where_the_public_rules_say(case, tmp_path, monkeypatch):
+    """-> compat.wandb_has_credentials: its rules (environment, netrc for wandb's host) against wandb's own lookup
+    (a private function of wandb 0.31, asked here only)."""
     from wandb.sdk import wandb_setup
     from wandb.sdk.lib import wbauth
 
-    assert {"prompt", "update_session"} <= set(inspect.signature(wbauth.authenticate_session).parameters)
-    assert hasattr(wandb_setup, "_singleton") and callable(wandb_setup.teardown)
+    for name in ("WANDB_MODE", "WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    netrc = tmp_path / "netrc"
+    monkeypatch.setenv("NETRC", str(netrc))
+    key = "0123456789" * 4
+    if case.startswith("netrc"):
+        host = "api.wandb.ai" if case == "netrc" else "example.com"
+        netrc.write_text(f"machine {host}\n  login user\n  password {key}\n")
+        netrc.chmod(0o600)
+    if case == "api-key":
+        monkeypatch.setenv("WANDB_API_KEY", key)
+    if case == "base-url":
+        monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.example.com")
+        netrc.write_text(f"machine wandb.example.com\n  login user\n  password {key}\n")
+        netrc.chmod(0o600)
+    wandb_setup.teardown()
+    try:
+        host = wandb_setup.singleton().settings.base_url
+        theirs = wbauth.authenticate_session(host=host, source="canary", prompt=False, update_session=False) is not None
+    finally:
+        wandb_setup.teardown()
+    assert compat.wandb_has_credentials() == theirs == (case != "nothing" and case != "netrc-other-host")
 
 
 def test_hf_argument_parser_still_passes_unknown_metadata_to_argparse():
@@ -177,3 +214,35 @@ def test_hf_argument_parser_still_passes_unknown_metadata_to_argparse():
     assert list(inspect.signature(HfArgumentParser._parse_dataclass_field).parameters) == ["parser", "field"]
     (flags,) = ArgumentParser((Flags,)).parse_args_into_dataclasses(["--rate", "0.5"])
     assert flags.rate == 0.5 and dataclasses.fields(Flags)[0].metadata["shapes"] is True
+
+
+def test_trainer_still_saves_checkpoints_through_save_checkpoint():
+    """-> TransferTrainer._save_checkpoint (the weight EMA is written into every checkpoint before its state)."""
+    assert list(inspect.signature(Trainer._save_checkpoint).parameters) == ["self", "model", "trial"]
+    source = inspect.getsource(Trainer._maybe_log_save_evaluate)
+    assert "self._save_checkpoint(" in source
+
+
+def test_trainer_still_takes_the_loss_counts_we_give_it():
+    """-> TransferTrainer.get_batch_samples / loss_is_scaled_for_ga: the Trainer passes what get_batch_samples
+    returns to compute_loss untouched, and divides by the accumulation steps unless told the loss is scaled."""
+    assert Trainer.loss_is_scaled_for_ga is None
+    loop = inspect.getsource(Trainer._run_epoch) if hasattr(Trainer, "_run_epoch") else inspect.getsource(Trainer)
+    assert "self.get_batch_samples(" in loop and "self.training_step(model, inputs, num_items_in_batch)" in loop
+    step = inspect.getsource(Trainer.training_step)
+    assert "self.loss_is_scaled_for_ga" in step and "compute_loss(model, inputs, num_items_in_batch=" in step
+
+
+def test_going_offline_after_import_still_stops_every_request(monkeypatch, tmp_path):
+    """-> compat.go_offline: huggingface_hub, transformers and datasets read the module constants it sets."""
+    import datasets.config
+    from huggingface_hub import constants, is_offline_mode
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    compat.go_offline()
+    assert is_offline_mode() and datasets.config.HF_HUB_OFFLINE
+    with pytest.raises(OSError, match="cached files|offline"):
+        AutoConfig.from_pretrained("someone/not-cached-anywhere", cache_dir=str(tmp_path))
