@@ -1,9 +1,10 @@
 """The training step never makes the host wait for the device between logging steps.
 
-On a GPU every host read of a device tensor (`.item()`, `bool(t)`, `int(t)`, a blocking copy) stalls
-the CPU until the kernels queued before it have run; the next batch cannot be prepared meanwhile
-and the GPU idles. On the CPU the same reads show up as `aten._local_scalar_dense` calls, so they
-are counted here; the GPU tests check the real thing with CUDA's sync debug mode.
+On a GPU every host read of a device tensor (`.item()`, `bool(t)`, `int(t)`, `.tolist()`, `.cpu()`,
+`.numpy()`, a blocking copy) stalls the CPU until the kernels queued before it have run; the next
+batch cannot be prepared meanwhile and the GPU idles. On the CPU the scalar reads show up as
+`aten._local_scalar_dense` calls and the copies as calls of those methods, so both are counted
+here; the GPU tests check the real thing with CUDA's sync debug mode.
 """
 
 import pytest
@@ -23,18 +24,46 @@ from hf_transfer.workflow import trainer_kwargs
 
 
 class HostReads(TorchDispatchMode):
-    """Records every read of a tensor's value by the host, except of the tensors in `host_side`."""
+    """Records every read of a tensor's value by the host, except of the tensors in `host_side`: the reads that
+    reach the dispatcher (`.item()`, `bool(t)`, `int(t)`, `float(t)`: `aten._local_scalar_dense`) and those
+    that do not on the CPU but copy to the host on a GPU (`.tolist()`, `.numpy()`, `.cpu()`). (`.to(device)` is
+    how batches reach the device; a read through it would show up under a GPU's sync debug mode.)"""
+
+    PYTHON_READS = ("tolist", "numpy", "cpu")
 
     def __init__(self, host_side):
         super().__init__()
         self.host_side, self.reads = host_side, []
+        self._originals = {}
+
+    def _record(self, tensor):
+        import traceback
+
+        stack = traceback.format_stack(limit=12)
+        # The DataLoader's own sampling (a permutation drawn from a CPU generator) is host work on a GPU too.
+        if tensor.data_ptr() not in self.host_side() and not any("torch/utils/data/" in frame for frame in stack):
+            self.reads.append("".join(stack[-9:]))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default and args[0].data_ptr() not in self.host_side():
-            import traceback
-
-            self.reads.append("".join(traceback.format_stack(limit=8)))
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self._record(args[0])
         return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        for name in self.PYTHON_READS:
+            self._originals[name] = original = getattr(torch.Tensor, name)
+
+            def counted(tensor, *args, _original=original, **kwargs):
+                self._record(tensor)
+                return _original(tensor, *args, **kwargs)
+
+            setattr(torch.Tensor, name, counted)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, original in self._originals.items():
+            setattr(torch.Tensor, name, original)
+        return super().__exit__(*exc)
 
 
 class Window(TrainerCallback):
@@ -75,9 +104,11 @@ def test_training_steps_read_nothing_back_from_the_device(tiny_vit, cifar_like, 
     data, trainer = trainer_for(tiny_vit, cifar_like, tmp_path, {"use_cpu": True},
                                 teacher=cifar_teacher if distil else None)
 
-    def host_side():  # in host memory on a GPU too: the optimizer's step counters, the shared epoch counter
+    def host_side():  # in host memory on a GPU too: the optimizer's step counters, the shared epoch counter, the
+        # NaN guard's copy of its verdict (read once the copy has landed)
         steps = {state["step"].data_ptr() for state in trainer.optimizer.state.values() if "step" in state}
-        return steps | {data.epoch.data_ptr()}
+        watch = trainer.loss_watch._host
+        return steps | {data.epoch.data_ptr()} | ({watch.data_ptr()} if watch is not None else set())
 
     window = Window(1, 10, host_side)
     trainer.add_callback(window)
