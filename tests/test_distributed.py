@@ -304,3 +304,24 @@ def test_fp16_on_a_gpu(script, cifar_teacher, tiny_resnet, cifar_like, tmp_path)
     # autocast computes in bf16; the weights stay float32 and are saved so
     saved = AutoModelForImageClassification.from_pretrained(tmp_path / "o")
     assert {p.dtype for p in saved.parameters()} == {torch.float32}
+
+
+@pytest.mark.slow
+def test_two_process_run_with_the_transfer_strategies_matches_one_process(tiny_vit, cifar_like, tmp_path):
+    """docs/strategies.md: layer decay, step decay, a backbone learning-rate scale and label smoothing in 2 processes
+    give the 1-process run. (Mixup and CutMix draw per process, so their 2-process runs have no 1-process twin: the
+    second launch checks that they run.)"""
+    common = ["--model_name_or_path", tiny_vit, "--dataset_name", cifar_like, "--num_train_epochs", "2",
+              "--max_train_samples", "40", "--layer_decay", "0.8", "--lr_step_size", "1", "--backbone_lr_scale",
+              "0.5", "--label_smoothing_factor", "0.1", "--seed", "3", *quick_flags()]
+    two = tmp_path / "two"
+    proc = launch(tmp_path, "finetune", [*common, "--output_dir", str(two), "--per_device_train_batch_size", "4"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = tmp_path / "one"
+    run_finetune.main([*common, "--output_dir", str(one), "--per_device_train_batch_size", "8"])
+    assert_same_run(one, two)
+    mixed = tmp_path / "mixed"
+    proc = launch(tmp_path, "finetune", [*common, "--output_dir", str(mixed), "--mixup", "0.4", "--cutmix", "1.0",
+                                         "--freeze_backbone", "--layer_decay", "1.0"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert results(mixed)["test_samples"] == 48

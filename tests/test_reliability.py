@@ -520,3 +520,27 @@ def test_resume_and_best_model_load_every_layer_of_a_vit(tiny_vit, cifar_like, t
     trainer._load_best_model()
     expected = best.state_dict()
     assert all(torch.equal(v, expected[k]) for k, v in trainer.model.state_dict().items())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [
+    ("--layer_decay", "0.8", "--lr_step_size", "1", "--label_smoothing_factor", "0.1", "--mixup", "0.4",
+     "--cutmix", "1.0"),
+    ("--freeze_backbone", "--backbone_lr_scale", "0.1"),
+], ids=["layer-decay-step-decay-smoothing-mixup-cutmix", "linear-probe-backbone-scale"])
+def test_sigkill_with_the_transfer_strategies_resumes_bit_identical(tiny_resnet, cifar_like, tmp_path, extra):
+    """docs/strategies.md: every strategy survives a kill and resume bit for bit (the rest are in the tests above)."""
+    reference = tmp_path / "reference"
+    done = start(run_flags(tiny_resnet, cifar_like, reference, *extra))
+    assert done.communicate(timeout=300) and done.returncode == 0
+    out = tmp_path / "run"
+    flags = run_flags(tiny_resnet, cifar_like, out, *extra)
+    process = start(flags, sleep=0.3)
+    wait_for(out / "checkpoint-4", process)
+    process.kill()
+    process.wait()
+    again = start(flags)
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err[-3000:]
+    assert "resuming from checkpoint" in err
+    assert_identical(reference, out)
