@@ -73,7 +73,7 @@ class ModelArguments:
     )
 
     default_model = "resnet50"  # the preset when neither --model nor --model_name_or_path is given
-    output_suffix = ""  # runs/<model><suffix> is the default output directory
+    output_suffix = ""  # runs/<model>-<data set><suffix> is the default output directory
 
     def __post_init__(self):
         if self.image_size is not None and self.image_size <= 0:
@@ -253,6 +253,7 @@ def parse_arguments(argv: Sequence[str], model_type: type = ModelArguments,
         source, from_scratch=known.from_scratch, revision=known.model_revision,
         trust_remote_code=known.trust_remote_code, cache_dir=known.cache_dir)
     name = known.model or (Path(source).name if known.model_name_or_path else model_type.default_model)
+    name = f"{name}-{data_label(known)}"  # one directory per model and data set: runs of other data never collide
     optimizer = str(getattr(known.optim, "value", known.optim)) if "optim" in given else None
     recipe, note = recipe_defaults(known.recipe, family, optimizer)
     if note:
@@ -265,8 +266,19 @@ def parse_arguments(argv: Sequence[str], model_type: type = ModelArguments,
         raise UserError(" ".join(line.strip() for line in str(exc).strip().splitlines())) from exc
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if data.train_dir and "dataset_name" not in given:
+        data.dataset_name = None  # the image folders are the data: nothing else is recorded or compared
     _move_token_to_environment(training)
     return Arguments(model=model, data=data, training=training, family=family, given=given | set(recipe))
+
+
+def data_label(known) -> str:
+    """What the default output directory calls the data set: the image folder's name (its parent's, for a folder
+    called train), or the data set's (`cifar10` for uoft-cs/cifar10)."""
+    if known.train_dir:
+        folder = Path(known.train_dir).resolve()
+        return folder.parent.name if folder.name.lower() in ("train", "training") and folder.parent.name else folder.name
+    return Path(str(known.dataset_name).rstrip("/")).name or "data"
 
 
 def _yielding_defaults(known, given: set[str]) -> dict:

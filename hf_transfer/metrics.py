@@ -45,8 +45,9 @@ class ComputeMetrics:
 
 
 def write_test_report(output_dir: str | Path, logits: np.ndarray, labels: np.ndarray, label_names: list[str],
-                      rows: np.ndarray | None = None, prefix: str = "test") -> None:
-    """Per-class report, confusion matrix (JSON + PNG) and per-image predictions of the test split."""
+                      rows: np.ndarray | None = None, prefix: str = "test", files: list[str | None] | None = None) -> None:
+    """Per-class report, confusion matrix (JSON + PNG) and per-image predictions of the test split; `files`: the
+    image file of each row, where the images are files (an image folder), listed beside the rows."""
     output_dir = Path(output_dir)
     predictions = np.asarray(logits).argmax(axis=-1)
     classes = list(range(len(label_names)))
@@ -57,11 +58,12 @@ def write_test_report(output_dir: str | Path, logits: np.ndarray, labels: np.nda
     (output_dir / f"{prefix}_confusion_matrix.json").write_text(
         json.dumps({"labels": label_names, "matrix": matrix.tolist()}, indent=2)
     )
-    (output_dir / f"{prefix}_predictions.json").write_text(json.dumps({
-        "rows": (rows if rows is not None else np.arange(len(labels))).tolist(),
-        "labels": np.asarray(labels).tolist(),
-        "predictions": predictions.tolist(),
-    }))
+    rows = rows if rows is not None else np.arange(len(labels))
+    predictions_by_row = {"rows": rows.tolist(), "labels": np.asarray(labels).tolist(),
+                          "predictions": predictions.tolist()}
+    if files is not None and any(files):
+        predictions_by_row["files"] = list(files)
+    (output_dir / f"{prefix}_predictions.json").write_text(json.dumps(predictions_by_row))
     plot_confusion_matrix(matrix, label_names, output_dir / f"{prefix}_confusion_matrix.png")
 
 

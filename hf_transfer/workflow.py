@@ -275,8 +275,12 @@ def evaluate(trainer, data: ImageData) -> tuple[dict, dict]:
         trainer.log_metrics("test", test_metrics)
         trainer.save_metrics("test", test_metrics)
         if trainer.is_world_process_zero():
-            rows = np.asarray(data.test.with_format(None)[ROW])
-            write_test_report(trainer.args.output_dir, output.predictions, output.label_ids, data.label_names, rows)
+            stored = data.test.with_format(None)
+            rows = np.asarray(stored[ROW])
+            by_row = dict(zip(stored[ROW], (c.get("path") if isinstance(c, dict) else None
+                                            for c in stored[data.image_column])))
+            write_test_report(trainer.args.output_dir, output.predictions, output.label_ids, data.label_names, rows,
+                              files=[by_row[r] for r in rows.tolist()])
     elif trainer.args.do_predict:
         logger.warning("the data set has no test split: the run reports validation results only")
     return eval_metrics, test_metrics

@@ -121,6 +121,9 @@ def test_mixed_size_image_folder_with_rgba_and_grayscale(tiny_hf_resnet, tmp_pat
     saved = json.loads((out / "test_predictions.json").read_text())
     raw = load_dataset("imagefolder", data_files={"test": str(folders / "test" / "**")}, split="test")
     assert pipeline_predictions(out, [raw[row]["image"] for row in saved["rows"]]) == saved["predictions"]
+    # each prediction names its file, and the file is the row's image
+    assert len(saved["files"]) == len(saved["rows"]) and all(Path(f).is_file() for f in saved["files"])
+    assert pipeline_predictions(out, saved["files"]) == saved["predictions"]
 
 
 @pytest.mark.slow

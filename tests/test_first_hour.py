@@ -103,13 +103,13 @@ def test_help_shows_the_defaults_a_run_really_uses():
     flat = " ".join(finetune.split())
     for text in ("(default: 0.01 for CNNs, 5e-05 for ViTs)", "(default: sgd for CNNs, adamw_torch for ViTs)",
                  "(default: cosine for CNNs, cosine for ViTs)", "at most a tenth of the training set",
-                 "(default runs/<model>)"):
+                 "(default runs/<model>-<data set>)"):
         assert text in flat, text
     assert "galore" not in flat  # only the optimizers the project can build are offered
 
     distill = " ".join(ArgumentParser((StudentArguments, DataArguments, DistillationConfig)).format_help().split())
     assert "resnet18: timm/resnet18.a1_in1k" in distill and "vit-tiny" in distill  # the student presets
-    assert "(default runs/<student>-distilled)" in distill
+    assert "(default runs/<student>-<data set>-distilled)" in distill
     usage = distill[:distill.index("options:")]
     assert "--teacher_model_name_or_path TEACHER_MODEL_NAME_OR_PATH" in usage
     assert "[--teacher_model_name_or_path" not in usage  # required, not optional

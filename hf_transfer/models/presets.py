@@ -19,11 +19,23 @@ class Preset:
 #   against 76.1% for the torchvision weights the tutorial used); fine-tuning accuracy tracks
 #   ImageNet accuracy closely (Kornblith et al. 2019). The tutorial's weights: resnet50-tv.
 # - the small ViTs are the AugReg ImageNet-21k checkpoints, the same pretraining data as vit-base.
+# - the small CNNs are students smaller than a small teacher (ResNet-18 has 11.7 M parameters): MobileNetV3,
+#   EfficientNet-Lite0 (the architecture of the real weights the tests and benchmarks use) and -B0, ResNet-10t.
+#   Parameter counts are timm's models with their 1000-class heads.
 PRESETS: dict[str, Preset] = {
     "resnet18": Preset("timm/resnet18.a1_in1k", "ResNet-18, ImageNet-1k (timm A1 recipe)", "cnn"),
     "resnet34": Preset("timm/resnet34.a1_in1k", "ResNet-34, ImageNet-1k (timm A1 recipe)", "cnn"),
     "resnet50": Preset("timm/resnet50.a1_in1k", "ResNet-50, ImageNet-1k (timm A1 recipe, 80.4% top-1)", "cnn"),
     "resnet50-tv": Preset("timm/resnet50.tv_in1k", "ResNet-50, the torchvision weights the tutorial used", "cnn"),
+    "mobilenetv3-small": Preset("timm/mobilenetv3_small_100.lamb_in1k", "MobileNetV3-Small, ImageNet-1k, 2.5 M "
+                                "parameters", "cnn"),
+    "mobilenetv3-large": Preset("timm/mobilenetv3_large_100.ra_in1k", "MobileNetV3-Large, ImageNet-1k, 5.5 M "
+                                "parameters", "cnn"),
+    "efficientnet-lite0": Preset("timm/tf_efficientnet_lite0.in1k", "EfficientNet-Lite0, ImageNet-1k (Google), "
+                                 "4.7 M parameters", "cnn"),
+    "efficientnet-b0": Preset("timm/efficientnet_b0.ra_in1k", "EfficientNet-B0, ImageNet-1k (timm RA recipe), 5.3 M "
+                              "parameters", "cnn"),
+    "resnet10t": Preset("timm/resnet10t.c3_in1k", "ResNet-10-T, ImageNet-1k, 5.4 M parameters", "cnn"),
     "vit-tiny": Preset("timm/vit_tiny_patch16_224.augreg_in21k", "ViT-Ti/16, ImageNet-21k (AugReg)", "vit"),
     "vit-small": Preset("timm/vit_small_patch16_224.augreg_in21k", "ViT-S/16, ImageNet-21k (AugReg)", "vit"),
     "vit-base": Preset("google/vit-base-patch16-224-in21k", "ViT-B/16, ImageNet-21k (Google)", "vit"),

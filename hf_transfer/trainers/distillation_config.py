@@ -12,7 +12,7 @@ class DistillationConfig(TransferConfig):
     """Read by `DistillationTrainer` from `self.args` (`alpha`, `temperature`)."""
 
     output_dir: str | None = field(
-        default=None, metadata={"shapes": False, "help": "Where the student, checkpoints and results go (default runs/<student>-distilled)."}
+        default=None, metadata={"shapes": False, "help": "Where the student, checkpoints and results go (default runs/<student>-<data set>-distilled)."}
     )
     teacher_model_name_or_path: str | None = field(
         default=None,

@@ -38,7 +38,7 @@ class TransferConfig(TrainingArguments):
     """
 
     output_dir: str | None = field(
-        default=None, metadata={"shapes": False, "help": "Where the model, checkpoints and results go (default runs/<model>)."}
+        default=None, metadata={"shapes": False, "help": "Where the model, checkpoints and results go (default runs/<model>-<data set>)."}
     )
     overwrite_output_dir: bool = field(
         default=False,
