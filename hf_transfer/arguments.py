@@ -64,7 +64,7 @@ class ModelArguments:
     )
     drop_path_rate: float | None = field(
         default=None,
-        metadata={"shapes": True, "help": "Stochastic depth (drop path) rate for models that have it (timm models, ConvNeXt, Swin, "
+        metadata={"shapes": True, "card": "drop path rate", "help": "Stochastic depth (drop path) rate for models that have it (timm models, ConvNeXt, Swin, "
                           "BEiT, ...): blocks are skipped at random in training, up to this rate for the last one."},
     )
     cache_dir: str | None = field(
@@ -139,7 +139,7 @@ class DataArguments:
     )
     random_erasing: float = field(
         default=0.0,
-        metadata={"shapes": True, "help": "Probability of blanking a random rectangle of each training image (after --augmentation)."},
+        metadata={"shapes": True, "card": "random erasing", "help": "Probability of blanking a random rectangle of each training image (after --augmentation)."},
     )
     skip_corrupt_images: bool = field(
         default=False,

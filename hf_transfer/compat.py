@@ -137,8 +137,8 @@ def wandb_has_credentials(environ=os.environ) -> bool:
     return bool(entry and entry[2])
 
 
-# Field metadata of the project's own (run_args.py reads "shapes"), which argparse does not know.
-PROJECT_FIELD_METADATA = ("shapes",)
+# Field metadata of the project's own (run_args.py reads "shapes", model_card.py "card"), which argparse does not know.
+PROJECT_FIELD_METADATA = ("shapes", "card")
 
 
 def field_for_argparse(field: dataclasses.Field) -> dataclasses.Field:

@@ -6,7 +6,8 @@ results); the body says what was trained, how, and how to use it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import os
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -129,3 +130,37 @@ def write_model_card(output_dir: str | Path, info: CardInfo, test_metrics: dict 
     path = Path(output_dir) / "README.md"
     render_model_card(info, test_metrics, eval_metrics).save(path)
     return path
+
+
+# The Trainer's own fields shown on the card when set (they cannot carry the project's "card" metadata).
+TRAINER_CARD = {"label_smoothing_factor": "label smoothing"}
+
+
+def hyperparameters(args, model_args, data_args, **extra) -> dict[str, object]:
+    """The settings that matter, for the model card: what every run has, then each setting a run changed from its
+    default, named by its field's "card" metadata (arguments.py, trainers/transfer_config.py)."""
+    world = max(1, args.world_size)
+    summary = dict(extra, augmentation=data_args.augmentation, recipe=model_args.recipe)
+    summary.update({
+        "epochs": args.num_train_epochs if args.max_steps <= 0 else f"{args.max_steps} steps",
+        "batch size (total)": args.per_device_train_batch_size * args.gradient_accumulation_steps * world,
+        "optimizer": f"{getattr(args.optim, 'value', args.optim)}" + (f" ({args.optim_args})" if args.optim_args else ""),
+        "gradient clipping": f"at norm {args.max_grad_norm:g}" if args.max_grad_norm else "none",
+        "learning rate": args.learning_rate,
+        "schedule": (f"step x{args.lr_step_gamma} every {args.lr_step_size} epochs" if args.lr_step_size
+                     else str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)))
+        + f", warmup {args.warmup_steps}",
+        "weight decay": args.weight_decay,
+        "freezing": "backbone frozen (linear probe)" if args.freeze_backbone else args.unfreeze_schedule or "none",
+        "mixed precision": "bf16" if args.bf16 else "fp16" if args.fp16
+        else os.environ.get("ACCELERATE_MIXED_PRECISION", "no"),  # set by an accelerate config
+        "seed": args.seed,
+    })
+    for arguments in (model_args, data_args, args):
+        for f in fields(arguments):
+            row = f.metadata.get("card") or (TRAINER_CARD.get(f.name) if "shapes" not in f.metadata else None)
+            value = getattr(arguments, f.name)
+            default = f.default if f.default is not MISSING else None
+            if row and value != default:
+                summary[row] = value
+    return summary

@@ -288,31 +288,3 @@ def evaluate(trainer, data: ImageData) -> tuple[dict, dict]:
 
 def _callback(trainer, kind):
     return next((c for c in trainer.callback_handler.callbacks if isinstance(c, kind)), None)
-
-
-def hyperparameters(args, model_args, data_args, **extra) -> dict[str, object]:
-    """The settings that matter, for the model card."""
-    world = max(1, args.world_size)
-    summary = dict(extra, augmentation=data_args.augmentation, recipe=model_args.recipe)
-    summary.update({
-        "epochs": args.num_train_epochs if args.max_steps <= 0 else f"{args.max_steps} steps",
-        "batch size (total)": args.per_device_train_batch_size * args.gradient_accumulation_steps * world,
-        "optimizer": f"{getattr(args.optim, 'value', args.optim)}" + (f" ({args.optim_args})" if args.optim_args else ""),
-        "gradient clipping": f"at norm {args.max_grad_norm:g}" if args.max_grad_norm else "none",
-        "learning rate": args.learning_rate,
-        "schedule": (f"step x{args.lr_step_gamma} every {args.lr_step_size} epochs" if args.lr_step_size
-                     else str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)))
-        + f", warmup {args.warmup_steps}",
-        "weight decay": args.weight_decay,
-        "freezing": "backbone frozen (linear probe)" if args.freeze_backbone else args.unfreeze_schedule or "none",
-        "mixed precision": "bf16" if args.bf16 else "fp16" if args.fp16
-        else os.environ.get("ACCELERATE_MIXED_PRECISION", "no"),  # set by an accelerate config
-        "seed": args.seed,
-    })
-    optional = {"label smoothing": args.label_smoothing_factor, "mixup": args.mixup, "cutmix": args.cutmix,
-                "weight EMA decay": args.ema_decay, "class weights": args.class_weights,
-                "drop path rate": model_args.drop_path_rate, "random erasing": data_args.random_erasing,
-                "backbone lr scale": args.backbone_lr_scale if args.backbone_lr_scale != 1.0 else 0,
-                "layer decay": args.layer_decay}
-    summary.update({key: value for key, value in optional.items() if value})
-    return summary

@@ -286,6 +286,8 @@ def test_every_field_of_ours_says_whether_it_shapes_training_and_the_record_foll
     assert {"bf16", "fp16", "teacher_revision", "teacher_model_name_or_path", "precise_bn_images", "seed"} <= training
     assert not {"output_dir", "logging_steps", "report_to", "dataloader_num_workers"} & training
     assert "unlabeled_dir" in run_args.shaping_fields(DistillationDataArguments)
+    for cls in (ModelArguments, DataArguments, TransferConfig, DistillationConfig):  # what the card shows shapes
+        assert all(f.metadata["shapes"] for f in dataclasses.fields(cls) if f.metadata.get("card")), cls
 
 
 @pytest.mark.parametrize("flags, expected", [
@@ -310,7 +312,10 @@ def test_what_belongs_to_an_optimizer_comes_with_the_optimizer_used(flags, expec
 def test_the_card_shows_the_optimizer_and_clipping_that_ran(tiny_resnet, cifar_like, tmp_path):
     out = tmp_path / "o"
     run_finetune.main(["--model_name_or_path", tiny_resnet, "--dataset_name", cifar_like, "--output_dir", str(out),
-                       "--optim", "adamw_torch", "--max_steps", "2", *quick_flags()])
+                       "--optim", "adamw_torch", "--max_steps", "2", "--mixup", "0.2", "--label_smoothing_factor",
+                       "0.1", *quick_flags()])
     card = (out / "README.md").read_text()
     assert "| optimizer | adamw_torch |" in card and "| gradient clipping | at norm 1 |" in card
     assert "| learning rate | 0.001 |" in card
+    # a setting changed from its default is shown under its field's card name; one left alone is not
+    assert "| mixup | 0.2 |" in card and "| label smoothing | 0.1 |" in card and "cutmix" not in card

@@ -26,14 +26,13 @@ from ..data.augmentation import resolve_augmentation
 from ..data.samples import attach_transforms
 from ..data.unlabeled import add_unlabeled_images
 from ..errors import UserError, check_local_path, run_cli, setup_logging
-from ..model_card import CardInfo
+from ..model_card import CardInfo, hyperparameters
 from ..models.loading import load_teacher
 from ..models.presets import resolve_source
 from ..trainers.distillation_config import DistillationConfig
 from ..trainers.distillation_trainer import DistillationTrainer, teacher_cache_path
 from ..workflow import (
     check_setup,
-    hyperparameters,
     load_data,
     load_trained_model,
     prepare_output_dir,

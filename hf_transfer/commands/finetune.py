@@ -18,13 +18,12 @@ from ..arguments import fit_to_data, fitted_fields, parse_arguments
 from ..data.augmentation import resolve_augmentation
 from ..data.samples import attach_transforms
 from ..errors import UserError, run_cli, setup_logging
-from ..model_card import CardInfo
+from ..model_card import CardInfo, hyperparameters
 from ..models.presets import resolve_source
 from ..trainers.transfer_trainer import TransferTrainer
 from ..workflow import (
     check_setup,
     evaluate,
-    hyperparameters,
     load_data,
     load_trained_model,
     prepare_output_dir,

@@ -45,7 +45,7 @@ class TransferConfig(TrainingArguments):
         metadata={"shapes": False, "help": "Start afresh in an output directory that already holds files (its old checkpoints are removed)."},
     )
     early_stopping_patience: int | None = field(
-        default=None, metadata={"shapes": True, "help": "Stop after this many evaluations without a better validation accuracy."}
+        default=None, metadata={"shapes": True, "card": "early stopping patience", "help": "Stop after this many evaluations without a better validation accuracy."}
     )
     # Transfer strategies (README, "Transfer strategies")
     freeze_backbone: bool = field(default=False, metadata={"shapes": True, "help": "Linear probe: only the classification head trains."})
@@ -55,11 +55,11 @@ class TransferConfig(TrainingArguments):
                           "Stages: head, last_stage (ResNet layer4 / last quarter of ViT blocks), all."},
     )
     backbone_lr_scale: float = field(
-        default=1.0, metadata={"shapes": True, "help": "The backbone trains at learning_rate x this; the head at learning_rate."}
+        default=1.0, metadata={"shapes": True, "card": "backbone lr scale", "help": "The backbone trains at learning_rate x this; the head at learning_rate."}
     )
     layer_decay: float | None = field(
         default=None,
-        metadata={"shapes": True, "help": "Layer-wise learning-rate decay in (0, 1]: each block/stage below the head gets this factor once more."},
+        metadata={"shapes": True, "card": "layer decay", "help": "Layer-wise learning-rate decay in (0, 1]: each block/stage below the head gets this factor once more."},
     )
     lr_step_size: float | None = field(
         default=None,
@@ -67,20 +67,20 @@ class TransferConfig(TrainingArguments):
                           "epochs. Replaces --lr_scheduler_type."},
     )
     lr_step_gamma: float = field(default=0.1, metadata={"shapes": True, "help": "Factor of the step decay."})
-    mixup: float = field(default=0.0, metadata={"shapes": True, "help": "Mixup alpha (0: off); a draw per sample, on the device."})
-    cutmix: float = field(default=0.0, metadata={"shapes": True, "help": "CutMix alpha (0: off); a box per sample, on the device."})
+    mixup: float = field(default=0.0, metadata={"shapes": True, "card": "mixup", "help": "Mixup alpha (0: off); a draw per sample, on the device."})
+    cutmix: float = field(default=0.0, metadata={"shapes": True, "card": "cutmix", "help": "CutMix alpha (0: off); a box per sample, on the device."})
     max_nan_steps: int = field(
         default=0,
         metadata={"shapes": True, "help": "Training steps with a NaN/inf loss to skip before stopping the run (0: stop at the first)."},
     )
     class_weights: str | None = field(
         default=None,
-        metadata={"shapes": True, "help": "Weight the cross-entropy per class, for imbalanced data: 'auto' (inversely to each class's "
+        metadata={"shapes": True, "card": "class weights", "help": "Weight the cross-entropy per class, for imbalanced data: 'auto' (inversely to each class's "
                           "share of the training set) or one weight per class, comma-separated."},
     )
     ema_decay: float | None = field(
         default=None,
-        metadata={"shapes": True, "help": "Keep an exponential moving average of the weights with this decay per optimizer step "
+        metadata={"shapes": True, "card": "weight EMA decay", "help": "Keep an exponential moving average of the weights with this decay per optimizer step "
                           "(e.g. 0.999; timm's ModelEmaV3 with warm-up); it is evaluated, chosen by and saved. "
                           "Off by default."},
     )
@@ -91,7 +91,7 @@ class TransferConfig(TrainingArguments):
     )
     precise_bn_images: int = field(
         default=2048,
-        metadata={"shapes": True, "help": "Before each evaluation in training (and at its end), recompute the running statistics of "
+        metadata={"shapes": True, "card": "BatchNorm statistics recomputed from (images)", "help": "Before each evaluation in training (and at its end), recompute the running statistics of "
                           "BatchNorm layers from this many training images with the current weights, so that what is "
                           "evaluated, chosen and saved matches the weights (trainers/batchnorm.py); 0 turns it off. "
                           "Models without BatchNorm (ViTs) are not affected."},
