@@ -4,13 +4,15 @@ One module per concept:
   commands/finetune.py         run_finetune.py's main, top to bottom
   commands/distill.py          run_distill.py's main, top to bottom
   commands/tools.py            `python -m hf_transfer push|report|check-config`
-  arguments.py                 model and data flags; parsing once, with the recipe as defaults; data-fitted defaults
-  recipes.py                   optimiser and schedule defaults per model family
-  workflow.py                  the steps both commands share: output directory, loading, train, test, save
+  arguments.py                 model and data flags; parsing once, with the recipe as defaults
+  recipes.py                   optimiser and schedule defaults per model family and optimiser; defaults fitted to the data
+  workflow.py                  the steps both commands share: setup checks, loading, the trainer's parts, train, test, save
+  output_dir.py                what the output directory holds for a new command; the run's arguments written into it
   data/dataset.py              data sets, their image and label columns, their splits
   data/decoding.py             one stored image -> uint8 RGB tensor
   data/augmentation.py         per-sample training augmentation (CPU, uint8)
-  data/samples.py              per-sample transform and batch collation for the DataLoader
+  data/samples.py              per-sample transform and batch collation for the DataLoader (one resize per model)
+  data/unlabeled.py            images without labels for distillation: loading, checks, joining the training split
   on_device/preprocessing.py   uint8 batch -> one model's input, on the training device (ImageSpec)
   on_device/geometry.py        random crops and flips of a whole batch on the device, one draw per image
   on_device/mixing.py          mixup and CutMix on the device
@@ -23,11 +25,14 @@ One module per concept:
   trainers/freezing.py         freezing and progressive unfreezing
   trainers/optimizer.py        parameter groups (per-layer learning rates, weight decay), step decay
   trainers/ema.py              weight EMA (--ema_decay), kept beside the model and saved with checkpoints
-  trainers/nonfinite.py        the NaN/inf loss guard, without a host-device sync per step
-  losses.py                    the distillation loss, soft-target cross-entropy, class weights (pure functions)
+  trainers/nonfinite.py        the NaN/inf loss and gradient guard (stop, or skip a step as if it never happened)
+  trainers/batchnorm.py        precise BatchNorm statistics for the weights evaluated and saved
+  losses.py                    the distillation loss, soft-target cross-entropy, class weights (pure functions; images
+                               without labels add to the distillation term only)
   metrics.py                   accuracy, precision, recall, F1, top-5, per-class report, confusion matrix
   checkpoints.py               which checkpoint to resume from; stopping cleanly on SIGTERM
-  run_args.py                  run_args.json: a run's arguments, compared when its directory is used again
+  run_args.py                  run_args.json: what a run used (fitted values included), compared when its directory
+                               is used again; which fields shape training (field metadata)
   launch.py                    checks of the launch and of accelerate config files
   tracking.py                  W&B configuration, throughput and peak memory
   hub.py                       pushing a run to the Hugging Face Hub

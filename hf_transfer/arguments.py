@@ -12,7 +12,6 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-import math
 import os
 import sys
 from argparse import ArgumentDefaultsHelpFormatter
@@ -359,45 +358,3 @@ def _move_token_to_environment(arguments) -> None:
         arguments.hub_token = None
         # Trackers record the command line (W&B's run metadata): keep the token out of it too.
         sys.argv[:] = [a.replace(token, "<hub_token>") for a in sys.argv]
-
-
-def fitted_fields(args: TransferConfig, given: set[str]) -> set[str]:
-    """The settings `fit_to_data` takes from the data (keys as in run_args.py): those of the flags nobody set."""
-    fitted = set()
-    if "per_device_train_batch_size" not in given:
-        fitted.add("global_batch_size")  # through the batch size per device
-    if not ({"num_train_epochs", "max_steps"} & given) and args.min_train_steps > 0:
-        fitted.add("training.num_train_epochs")
-    return fitted
-
-
-def fit_to_data(args: TransferConfig, num_train: int, given: set[str]) -> list[str]:
-    """Defaults that depend on the training set's size, for the flags nobody set; returns what changed.
-
-    - Batch size: at most a tenth of the training set (at least 8), so that an epoch has about
-      ten optimizer steps or more; the default 128 is meant for CIFAR-sized data.
-    - Length: the default 3 epochs, or more until `--min_train_steps` optimizer steps. 100
-      real digits at batch 10 reach 0.87 test accuracy in 15 epochs and 0.96 in 20 (one seed,
-      benchmarks/transfer.py): on small data the number of updates, not of epochs, decides.
-    """
-    changes = []
-    processes = max(1, args.world_size)
-    fitted = fitted_fields(args, given)
-    if "global_batch_size" in fitted:
-        cap = max(8, num_train // 10)
-        global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * processes
-        if global_batch > cap:
-            args.per_device_train_batch_size = max(1, cap // (args.gradient_accumulation_steps * processes))
-            changes.append(f"--per_device_train_batch_size {args.per_device_train_batch_size} "
-                           f"(a tenth of the {num_train} training images)")
-    if "training.num_train_epochs" in fitted:
-        global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * processes
-        steps_per_epoch = max(1, math.ceil(num_train / global_batch))
-        epochs = math.ceil(args.min_train_steps / steps_per_epoch)
-        if epochs > args.num_train_epochs:
-            args.num_train_epochs = float(epochs)
-            changes.append(f"--num_train_epochs {epochs} ({epochs * steps_per_epoch} steps; --min_train_steps "
-                           f"{args.min_train_steps})")
-    return changes
-
-

@@ -8,20 +8,15 @@ results and the model card, save the model and push it).
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import EarlyStoppingCallback
 
-from . import run_args
-from .checkpoints import StopOnSignal, is_complete, last_complete_checkpoint
+from .checkpoints import StopOnSignal
 from .data.dataset import ROW, ImageData, load_image_data
 from .data.samples import EpochCallback, UInt8Collator
 from .errors import Preempted, UserError
@@ -72,9 +67,21 @@ def load_trained_model(model_args, source: str, data: ImageData) -> LoadedModel:
     )
 
 
+def fit_workers(args, data: ImageData) -> None:
+    """Without a GPU, no DataLoader workers for data decoded in memory (`attach_transforms` says so): they would
+    only stack rows already in memory, taking cores from the model's threads (docs/performance.md)."""
+    if args.device.type != "cuda" and data.in_memory and args.dataloader_num_workers > 0:
+        logger.info("--dataloader_num_workers %d: 0 instead, the images are decoded in memory and batches are "
+                    "made on the %s (workers would only take cores from the model)", args.dataloader_num_workers,
+                    args.device.type)
+        args.dataloader_num_workers, args.dataloader_persistent_workers = 0, False
+        args.dataloader_prefetch_factor = None
+
+
 def trainer_kwargs(args, data: ImageData, loaded: LoadedModel, run_config: dict | None = None,
                    tags: Sequence[str] = ()) -> dict:
-    """What every trainer of this project is built from."""
+    """What every trainer of this project is built from (nothing is changed here: the arguments and the model are
+    as the caller left them)."""
     callbacks = [StopOnSignal(), EpochCallback(data.epoch), RunConfigCallback(run_config or {}, [*tags, loaded.family]),
                  ThroughputCallback(), LastStepLog()]
     schedule = args.stage_schedule()
@@ -85,18 +92,7 @@ def trainer_kwargs(args, data: ImageData, loaded: LoadedModel, run_config: dict 
     if args.layer_decay is not None or args.backbone_lr_scale != 1.0:
         depth_groups(loaded.model)  # the same check for per-layer learning rates
     on_gpu = args.device.type == "cuda"
-    if not on_gpu and data.in_memory and args.dataloader_num_workers > 0:
-        # Worker processes would only stack rows already in memory, and on a machine without a GPU they take
-        # cores from the model's threads: benchmarks/benchmark.py measured 0.88-0.90 of the model alone with 1-2
-        # workers against 0.98 without (docs/performance.md).
-        logger.info("--dataloader_num_workers %d: 0 instead, the images are decoded in memory and batches are "
-                    "made on the %s (workers would only take cores from the model)", args.dataloader_num_workers,
-                    args.device.type)
-        args.dataloader_num_workers, args.dataloader_persistent_workers = 0, False
-        args.dataloader_prefetch_factor = None
     channels_last = loaded.family == "cnn" and (args.channels_last if args.channels_last is not None else on_gpu)
-    if channels_last:  # the weights too, so convolutions need no layout conversion
-        loaded.model.to(memory_format=torch.channels_last)
     if args.early_stopping_patience is not None:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
     return dict(
@@ -129,97 +125,6 @@ def class_weights(args, data: ImageData) -> torch.Tensor | None:
     weights = balanced_class_weights(torch.bincount(labels, minlength=len(data.label_names)))
     logger.info("class weights (auto): %s", ", ".join(f"{n} {w:.2f}" for n, w in zip(data.label_names, weights)))
     return weights
-
-
-@dataclass
-class OutputDir:
-    """What the output directory holds for this run: nothing yet, a partial run to resume, or a finished one."""
-
-    resume_from: str | None = None
-    finished: dict | None = None  # the finished run's results, left untouched
-
-
-def prepare_output_dir(args, record: dict, fitted: set[str] = frozenset()) -> OutputDir:
-    """Check the output directory before any download (creating nothing); say what it holds for this run.
-
-    - `--resume_from_checkpoint PATH` resumes from PATH, if it is a complete checkpoint.
-    - A finished run of the same settings (`record`, whose `fitted` keys the data will set;
-      run_args.py) is left as it is: the command reports it and returns its results. A partial one
-      resumes from its newest complete checkpoint (checkpoints.py). Either, with other settings, is
-      refused with what differs.
-    - A directory holding anything else is refused unless `--overwrite_output_dir`, so no
-      earlier result is lost by accident.
-    """
-    out = Path(args.output_dir)
-    if args.resume_from_checkpoint:
-        checkpoint = Path(args.resume_from_checkpoint)
-        if not checkpoint.is_dir():
-            raise UserError(f"--resume_from_checkpoint '{checkpoint}' is not a directory")
-        if not is_complete(checkpoint):
-            raise UserError(f"--resume_from_checkpoint '{checkpoint}' is not a complete checkpoint (cut short while it "
-                            "was written, or not a checkpoint); pass an earlier one, or leave the flag out to resume "
-                            "from the newest complete checkpoint of --output_dir")
-        return OutputDir(resume_from=str(checkpoint))
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--output_dir '{out}' exists and is not a directory")
-    _check_writable(out)
-    state = OutputDir()
-    # The main process looks first (and moves incomplete checkpoints aside); the others then agree with it.
-    with args.main_process_first(local=False, desc="checking the output directory"):
-        # Files a run writes before its first checkpoint (the teacher-logit cache, its arguments) are its own.
-        if out.is_dir() and any(not p.name.startswith(("_teacher_logits-", run_args.FILE)) for p in out.iterdir()):
-            if args.overwrite_output_dir:
-                if args.process_index == 0:
-                    for old in out.glob("*checkpoint-*"):
-                        shutil.rmtree(old, ignore_errors=True)
-                return state
-            finished = (out / "all_results.json").is_file() and (not args.do_train or (out / "model.safetensors").is_file())
-            saved = run_args.read(out)
-            changed = run_args.differences(saved, record, fitted) if saved is not None else []
-            if changed:
-                raise UserError(f"--output_dir '{out}' holds a {'finished' if finished else 'partial'} run with "
-                                f"other settings ({'; '.join(changed)}); pass --overwrite_output_dir to start "
-                                "afresh, or choose another --output_dir")
-            if finished:
-                return OutputDir(finished=json.loads((out / "all_results.json").read_text()))
-            state.resume_from = last_complete_checkpoint(out)
-            if state.resume_from is None:
-                raise UserError(f"--output_dir '{out}' already holds files but no checkpoint to resume from; "
-                                "pass --overwrite_output_dir or choose another --output_dir")
-    if state.resume_from is not None:
-        logger.warning("resuming from checkpoint %s", state.resume_from)
-    return state
-
-
-def report_finished(out: str, results: dict) -> dict:
-    """The rerun of a finished run: nothing is trained or written; say so and hand back its results."""
-    accuracy = results.get("test_accuracy", results.get("eval_accuracy"))
-    logger.warning("the run in %s is complete (%s %.4f); nothing was changed. To train again pass "
-                   "--overwrite_output_dir or choose another --output_dir", out,
-                   "test accuracy" if "test_accuracy" in results else "validation accuracy", accuracy or float("nan"))
-    return results
-
-
-def _check_writable(out: Path) -> None:
-    """Whether the directory could be written, without creating it (a refused start leaves nothing behind)."""
-    existing = out
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"--output_dir '{out}' cannot be written (no write permission in '{existing}')")
-
-
-def save_run_args(args, command: str, record: dict, fitted: set[str], argv: Sequence[str],
-                  card: CardInfo | None = None) -> None:
-    """run_args.json in the output directory (the main process): what the run uses (`record`, taken after the
-    data-fitted defaults, whose keys are `fitted`), which the next command in the directory is compared with,
-    and the model card's facts (a later `python -m hf_transfer push` renders the card for its repo)."""
-    if args.process_index == 0:
-        shown = list(argv)
-        for i, value in enumerate(shown[:-1]):
-            if value == "--hub_token":
-                shown[i + 1] = "<hub_token>"
-        run_args.write(args.output_dir, command, record, fitted, shown, asdict(card) if card else None)
 
 
 def train_and_evaluate(trainer, data: ImageData, card: CardInfo, resume_from: str | None = None) -> dict:

@@ -260,15 +260,14 @@ def test_in_memory_means_decoded_and_no_per_image_cpu_work(cifar_like):
 @pytest.mark.parametrize("decode_once", [True, False])
 def test_without_a_gpu_workers_are_not_started_for_data_in_memory(tiny_resnet, cifar_like, tmp_path, caplog,
                                                                   decode_once):
-    from hf_transfer.models.loading import load_model
     from hf_transfer.trainers.transfer_config import TransferConfig
-    from hf_transfer.workflow import trainer_kwargs
+    from hf_transfer.workflow import fit_workers
 
     data = load_image_data(cifar_like)
     attach_transforms(data, "basic", decode_once=decode_once)
     args = TransferConfig(output_dir=str(tmp_path), use_cpu=True, dataloader_num_workers=2, report_to="none")
     with caplog.at_level("INFO"):
-        trainer_kwargs(args, data, load_model(tiny_resnet, data.label_names))
+        fit_workers(args, data)
     if decode_once:  # a batch is a gather of rows in memory: workers would only take cores from the model
         assert args.dataloader_num_workers == 0 and not args.dataloader_persistent_workers
         assert "--dataloader_num_workers 2: 0 instead" in caplog.text

@@ -19,6 +19,7 @@ import run_finetune
 from hf_transfer.errors import UserError
 from hf_transfer.launch import check_config_file, check_launch
 from hf_transfer.trainers.transfer_config import TransferConfig
+from hf_transfer.trainers.transfer_trainer import TransferTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "accelerate_configs").glob("*.yaml"))
@@ -263,8 +264,10 @@ def test_channels_last_choice(flag, family_model, expected, request, cifar_like,
 
     data = load_image_data(cifar_like)
     loaded = load_model(request.getfixturevalue(family_model), data.label_names)
-    args = TransferConfig(output_dir=str(tmp_path), use_cpu=True, channels_last=flag)
-    assert trainer_kwargs(args, data, loaded)["channels_last"] is expected
+    args = TransferConfig(output_dir=str(tmp_path), use_cpu=True, channels_last=flag, report_to="none")
+    kwargs = trainer_kwargs(args, data, loaded)
+    assert kwargs["channels_last"] is expected
+    TransferTrainer(**kwargs)  # the trainer puts the weights in that layout
     conv = next(m for m in loaded.model.modules() if isinstance(m, torch.nn.Conv2d) and m.kernel_size[0] > 1)
     assert conv.weight.is_contiguous(memory_format=torch.channels_last) == expected
 

@@ -242,13 +242,13 @@ def test_recipes_fill_only_what_the_user_left_out():
     assert (vit.family, vit.training.optim, vit.training.learning_rate) == ("vit", "adamw_torch", 3e-4)
     tutorial = parse_arguments(["--recipe", "tutorial"]).training
     assert (tutorial.learning_rate, tutorial.weight_decay, tutorial.num_train_epochs) == (1e-3, 1e-4, 3)
-    assert tutorial.output_dir == str(Path("runs") / "resnet50")
+    assert tutorial.output_dir == str(Path("runs") / "resnet50-cifar10")
 
 
 def test_a_local_checkpoint_picks_its_family_recipe(tiny_vit, tiny_resnet):
     assert parse_arguments(["--model_name_or_path", tiny_vit]).training.optim == "adamw_torch"
     parsed = parse_arguments(["--model_name_or_path", tiny_resnet])
-    assert parsed.training.optim == "sgd" and parsed.training.output_dir == str(Path("runs") / Path(tiny_resnet).name)
+    assert parsed.training.optim == "sgd" and parsed.training.output_dir == str(Path("runs") / f"{Path(tiny_resnet).name}-cifar10")
 
 
 @pytest.mark.network

@@ -11,10 +11,11 @@ from helpers import FakeHub
 
 import run_distill
 import run_finetune
-from hf_transfer.arguments import fit_to_data, parse_arguments
+from hf_transfer.arguments import parse_arguments
 from hf_transfer.commands.tools import main as tools
 from hf_transfer.errors import UserError, run_cli
 from hf_transfer.models.loading import load_model
+from hf_transfer.recipes import fit_to_data
 from hf_transfer.tracking import check_tracking, forward_flops
 from hf_transfer.trainers.transfer_config import TransferConfig
 

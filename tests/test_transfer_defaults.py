@@ -21,9 +21,10 @@ from timm.data import ImageNetInfo
 from transformers import pipeline
 
 import run_finetune
-from hf_transfer.arguments import fit_to_data, parse_arguments
+from hf_transfer.arguments import parse_arguments
 from hf_transfer.data.augmentation import Augmentation, resolve_augmentation
 from hf_transfer.data.dataset import load_image_data
+from hf_transfer.recipes import fit_to_data
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from real_weights import write_timm_folder  # noqa: E402

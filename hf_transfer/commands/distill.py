@@ -15,13 +15,7 @@ from dataclasses import asdict
 from transformers import set_seed
 
 from .. import run_args
-from ..arguments import (
-    DistillationDataArguments,
-    StudentArguments,
-    fit_to_data,
-    fitted_fields,
-    parse_arguments,
-)
+from ..arguments import DistillationDataArguments, StudentArguments, parse_arguments
 from ..data.augmentation import resolve_augmentation
 from ..data.samples import attach_transforms
 from ..data.unlabeled import add_unlabeled_images
@@ -29,15 +23,15 @@ from ..errors import UserError, check_local_path, run_cli, setup_logging
 from ..model_card import CardInfo, hyperparameters
 from ..models.loading import load_teacher
 from ..models.presets import resolve_source
+from ..output_dir import prepare_output_dir, report_finished, save_run_args
+from ..recipes import fit_to_data, fitted_fields
 from ..trainers.distillation_config import DistillationConfig
 from ..trainers.distillation_trainer import DistillationTrainer, teacher_cache_path
 from ..workflow import (
     check_setup,
+    fit_workers,
     load_data,
     load_trained_model,
-    prepare_output_dir,
-    report_finished,
-    save_run_args,
     train_and_evaluate,
     trainer_kwargs,
 )
@@ -83,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     cache_path = (teacher_cache_path(args.output_dir, teacher.model, teacher.spec, data.train)
                   if args.cache_teacher_logits else None)
     attach_transforms(data, data_args.augmentation, args.seed, data_args.random_erasing)
+    fit_workers(args, data)
     run_config = {**asdict(student_args), **asdict(data_args)}
     trainer = DistillationTrainer(teacher=teacher.model, teacher_spec=teacher.spec,
                                   **trainer_kwargs(args, data, student, run_config, tags=["distillation"]))

@@ -14,21 +14,21 @@ from dataclasses import asdict
 from transformers import set_seed
 
 from .. import run_args
-from ..arguments import fit_to_data, fitted_fields, parse_arguments
+from ..arguments import parse_arguments
 from ..data.augmentation import resolve_augmentation
 from ..data.samples import attach_transforms
 from ..errors import UserError, run_cli, setup_logging
 from ..model_card import CardInfo, hyperparameters
 from ..models.presets import resolve_source
+from ..output_dir import prepare_output_dir, report_finished, save_run_args
+from ..recipes import fit_to_data, fitted_fields
 from ..trainers.transfer_trainer import TransferTrainer
 from ..workflow import (
     check_setup,
     evaluate,
+    fit_workers,
     load_data,
     load_trained_model,
-    prepare_output_dir,
-    report_finished,
-    save_run_args,
     train_and_evaluate,
     trainer_kwargs,
 )
@@ -62,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 len(data.label_names), data_args.augmentation)
 
     attach_transforms(data, data_args.augmentation, args.seed, data_args.random_erasing)
+    fit_workers(args, data)
     run_config = {**asdict(model_args), **asdict(data_args)}
     trainer = TransferTrainer(**trainer_kwargs(args, data, loaded, run_config, tags=["fine-tuning"]))
     card = CardInfo(
@@ -81,6 +82,7 @@ def evaluate_as_is(args, data, loaded, record: dict, fitted: set[str], argv: lis
                         f"for other labels than this data set's ({len(data.label_names)}); evaluate a model "
                         "fine-tuned on these labels")
     attach_transforms(data, "none", args.seed)
+    fit_workers(args, data)
     trainer = TransferTrainer(**trainer_kwargs(args, data, loaded, tags=["evaluation"]))
     save_run_args(args, "evaluate", record, fitted, argv)
     eval_metrics, test_metrics = evaluate(trainer, data)

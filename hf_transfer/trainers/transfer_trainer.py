@@ -73,6 +73,8 @@ class TransferTrainer(Trainer):
 
     def __init__(self, *args, image_spec: ImageSpec, channels_last: bool = False,
                  class_weights: torch.Tensor | None = None, **kwargs):
+        if channels_last:  # the weights too, so convolutions need no layout conversion
+            kwargs["model"].to(memory_format=torch.channels_last)
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = False  # the model computes no loss here (compute_loss does)
         self.class_weights = class_weights  # (classes,), from --class_weights and the training labels
