@@ -94,9 +94,13 @@ def render_model_card(info: CardInfo, test_metrics: dict | None, eval_metrics: d
 
 
 def _body(info: CardInfo, test_metrics: dict, eval_metrics: dict) -> str:
-    start = "trained from scratch (random initialisation)" if info.from_scratch else f"fine-tuned from `{info.base_model}`"
-    if info.teacher:
-        start = f"distilled from the teacher `{info.teacher}` ({start})"
+    if info.teacher:  # the student: its architecture and where its weights started, then the teacher
+        begun = ("from random weights (the architecture of " if info.from_scratch else "from the weights of ") + \
+            f"`{info.base_model}`" + (")" if info.from_scratch else "")
+        start = f"distilled from the teacher `{info.teacher}` into a student that started {begun},"
+    else:
+        start = (f"trained from random weights (the architecture of `{info.base_model}`)" if info.from_scratch
+                 else f"fine-tuned from `{info.base_model}`")
     lines = [f"An image classifier {start} on {_about_dataset(info)} ({len(info.label_names)} classes), "
              "made with hf-vision-transfer and the transformers `Trainer`.", ""]
 

@@ -61,6 +61,8 @@ def test_end_to_end(cifar_teacher, student_checkpoint, cifar_like, tmp_path, mon
 
     card = (out / "README.md").read_text()
     assert cifar_teacher in card and "knowledge-distillation" in card
+    assert (f"distilled from the teacher `{cifar_teacher}` into a student that started from the weights of "
+            f"`{student_checkpoint}`,") in card
 
 
 @pytest.mark.slow
