@@ -273,3 +273,20 @@ def test_without_a_gpu_workers_are_not_started_for_data_in_memory(tiny_resnet, c
         assert "--dataloader_num_workers 2: 0 instead" in caplog.text
     else:  # they decode images: kept
         assert args.dataloader_num_workers == 2
+
+
+def test_mixed_sizes_are_resized_once_per_model_and_shared_when_the_models_agree():
+    images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in ((40, 60), (50, 30), (64, 64))]
+    examples = [{"pixel_values": image, "labels": i, "row_index": i} for i, image in enumerate(images)]
+    collate = UInt8Collator((16, 16), "bicubic").with_view("teacher", (32, 32), "bilinear")
+    batch = collate(examples)
+    assert batch["pixel_values"].shape == (3, 3, 16, 16) and batch["view_teacher"].shape == (3, 3, 32, 32)
+    from hf_transfer.on_device.preprocessing import resize_batch
+
+    for i, image in enumerate(images):  # each view straight from the stored image
+        assert torch.equal(batch["view_teacher"][i], resize_batch(image, (32, 32), "bilinear"))
+        assert torch.equal(batch["pixel_values"][i], resize_batch(image, (16, 16), "bicubic"))
+    shared = UInt8Collator((16, 16), "bicubic").with_view("teacher", (16, 16), "bicubic")(examples)
+    assert shared["view_teacher"] is shared["pixel_values"]
+    uniform = collate([{"pixel_values": images[2], "labels": 0, "row_index": 0}] * 2)
+    assert "view_teacher" not in uniform and uniform["pixel_values"].shape[-1] == 64  # resized on the device

@@ -163,7 +163,9 @@ class UInt8Collator:
         else:
             collated["pixel_values"] = _stack([resize_batch(i, self.size, self.interpolation) for i in images])
             for name, (size, interpolation) in self.views.items():
-                collated[f"view_{name}"] = _stack([resize_batch(i, size, interpolation) for i in images])
+                same = (tuple(size), interpolation) == (self.size, self.interpolation)  # the same picture: shared
+                collated[f"view_{name}"] = collated["pixel_values"] if same else \
+                    _stack([resize_batch(i, size, interpolation) for i in images])
         if "augment" in examples[0]:  # each image's crop and flip, applied on the device
             collated["augment"] = torch.tensor([e["augment"] for e in examples], dtype=torch.long)
         return collated
