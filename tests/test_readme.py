@@ -55,13 +55,14 @@ def test_the_walkthrough_is_the_commands_a_newcomer_needs():
 
 @pytest.mark.slow
 def test_readme_walkthrough_as_written(tmp_path, monkeypatch, capsys):
-    """Fine-tuning reaches >= 0.95 on the digits' test split and the distilled student >= 0.93 with
-    >= 0.95 agreement, with the defaults (about a minute each on 2 CPU cores)."""
+    """The README's figures within a margin only machine-to-machine rounding explains: measured with 1, 2 and 4
+    threads, fine-tuning 0.981-0.983 on the digits' test split, the distilled student 0.992-0.994 agreeing with
+    its teacher on 0.975-0.989 (360 test images: one image is 0.003)."""
     monkeypatch.chdir(tmp_path)  # the commands write runs/ and reports/ where they are run
     results = [run(argv) for argv in walkthrough()]
     finetune, distill = results[0], results[1]
-    assert finetune["test_accuracy"] >= 0.95
-    assert distill["test_accuracy"] >= 0.93 and distill["test_agreement"] >= 0.95
+    assert finetune["test_accuracy"] >= 0.965
+    assert distill["test_accuracy"] >= 0.975 and distill["test_agreement"] >= 0.96
     # the report compares exactly these runs, with their own numbers
     report = json.loads(next(tmp_path.glob("reports/*/summary.json")).read_text())
     assert [round(row["test_accuracy"], 4) for row in report] == [round(finetune["test_accuracy"], 4),
