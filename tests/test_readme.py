@@ -60,13 +60,14 @@ def test_readme_walkthrough_as_written(tmp_path, monkeypatch, capsys):
     its teacher on 0.975-0.989 (360 test images: one image is 0.003)."""
     monkeypatch.chdir(tmp_path)  # the commands write runs/ and reports/ where they are run
     results = [run(argv) for argv in walkthrough()]
-    finetune, distill = results[0], results[1]
+    finetune, distill, few_labels = results[0], results[1], results[2]
     assert finetune["test_accuracy"] >= 0.965
     assert distill["test_accuracy"] >= 0.975 and distill["test_agreement"] >= 0.96
+    assert few_labels["train_unlabeled_samples"] == 1193 and few_labels["test_accuracy"] >= 0.97
     # the report compares exactly these runs, with their own numbers
     report = json.loads(next(tmp_path.glob("reports/*/summary.json")).read_text())
-    assert [round(row["test_accuracy"], 4) for row in report] == [round(finetune["test_accuracy"], 4),
-                                                                   round(distill["test_accuracy"], 4)]
+    assert [round(row["test_accuracy"], 4) for row in report] == [round(r["test_accuracy"], 4)
+                                                                   for r in (finetune, distill, few_labels)]
 
 
 @pytest.mark.slow
