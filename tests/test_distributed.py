@@ -85,6 +85,26 @@ def test_check_config_command_is_one_line():
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: accelerate config 'missing.yaml' does not")
 
 
+def test_what_an_accelerate_launch_command_asked_for(tmp_path):
+    from hf_transfer.launch import requested_processes
+
+    assert requested_processes(["/usr/bin/python3", "/usr/local/bin/accelerate", "launch", "--num_processes", "2",
+                                "run_finetune.py", "--num_processes", "7"]) == 2  # the script's flags are its own
+    assert requested_processes(["python", "-m", "accelerate.commands.launch", "--config_file",
+                                str(ROOT / "accelerate_configs" / "cpu.yaml"), "run_finetune.py"]) == 2
+    assert requested_processes(["python", "run_finetune.py", "--num_processes", "2"]) is None  # not a launcher
+    assert requested_processes([]) is None
+    with pytest.raises(UserError, match="accelerate launch was asked for 2 processes but started one; on a machine "
+                                        "without a GPU use accelerate launch --config_file"):
+        check_launch(TransferConfig(output_dir="x"), environ={}, cuda_devices=0,
+                     launcher=["accelerate", "launch", "--num_processes", "2", "run_finetune.py"])
+    with pytest.raises(UserError, match="add --multi_gpu"):
+        check_launch(TransferConfig(output_dir="x"), environ={}, cuda_devices=2,
+                     launcher=["accelerate", "launch", "--num_processes", "2", "run_finetune.py"])
+    check_launch(TransferConfig(output_dir="x", use_cpu=True), environ={}, cuda_devices=0,
+                 launcher=["accelerate", "launch", "--num_processes", "1", "run_finetune.py"])  # asked for one
+
+
 def test_launch_checks():
     args = TransferConfig(output_dir="x", use_cpu=True)
     check_launch(args, environ={}, cuda_devices=0)
