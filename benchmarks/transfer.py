@@ -181,23 +181,25 @@ DISTILL_SETTINGS = {f"alpha-{a}-T-{t}": ["--alpha", a, "--temperature", t]
                     for a in ("0.5", "0.9", "1.0") for t in ("2", "4")}
 # Beyer et al. 2022: consistent and patient teaching; here, 3x the optimizer steps, and mixup the teacher grades.
 DISTILL_EXTRAS = {"long": ["--min_train_steps", "600"], "mixup": ["--mixup", "0.4"]}
+# The student alone (run_finetune, labelled images only) at its defaults and at the long cell's length: whether a
+# long distillation gains from the teacher or from the steps.
+ALONE_CELLS = {"student-alone": [], "alone-long": ["--min_train_steps", "600"]}
 
 
 def teacher_dir(workdir: Path) -> Path:
     return workdir / "teacher"
 
 
-def distillation_cells() -> dict[str, list[str] | None]:
-    """None: the student alone (run_finetune, labelled images only); a list: run_distill with these flags ([] = its
-    defaults)."""
-    return {"student-alone": None, "distill-defaults": [], **DISTILL_SETTINGS, **DISTILL_EXTRAS}
+def distillation_cells() -> dict[str, list[str]]:
+    """Each cell's flags: ALONE_CELLS run run_finetune, the others run_distill ([] = its defaults)."""
+    return {**ALONE_CELLS, "distill-defaults": [], **DISTILL_SETTINGS, **DISTILL_EXTRAS}
 
 
-def run_distillation_cell(workdir: Path, regime: str, cell: str, flags: list[str] | None, seed: int,
+def run_distillation_cell(workdir: Path, regime: str, cell: str, flags: list[str], seed: int,
                           workers: int) -> dict:
     labelled, unlabeled = DISTILL_REGIMES[regime]
-    if flags is None:  # the student alone has the labelled images only
-        results, seconds = run("finetune", ["--model", "resnet18", *STUDENT, *labelled, "--seed", str(seed)],
+    if cell in ALONE_CELLS:  # the student alone has the labelled images only
+        results, seconds = run("finetune", ["--model", "resnet18", *STUDENT, *labelled, *flags, "--seed", str(seed)],
                                workdir / "run", workers)
     else:
         results, seconds = run("distill", ["--teacher_model_name_or_path", str(teacher_dir(workdir)), "--student",
@@ -271,12 +273,12 @@ def summarize_distillation(records: list[dict]) -> dict:
         gaps = [by_seed[(cell, s)] - by_seed[(other, s)] for c, s in by_seed if c == cell and (other, s) in by_seed]
         return (round(statistics.mean(gaps), 4), round(min(gaps), 4)) if gaps else (None, None)
 
-    distilled = {c: mean(c, "test_accuracy") for c in by_cell if c != "student-alone"}
+    distilled = {c: mean(c, "test_accuracy") for c in by_cell if c not in ALONE_CELLS}
     best = max(distilled, key=distilled.get) if distilled else None
     gain, worst = paired("distill-defaults", "student-alone")
     return {
         "mean_test_accuracy": {c: mean(c, "test_accuracy") for c in by_cell},
-        "mean_agreement": {c: mean(c, "test_agreement") for c in by_cell if c != "student-alone"},
+        "mean_agreement": {c: mean(c, "test_agreement") for c in by_cell if c not in ALONE_CELLS},
         "teacher_test_accuracy": next((r["test_teacher_accuracy"] for r in records if r.get("test_teacher_accuracy")),
                                       None),
         "seeds": {c: len(v) for c, v in by_cell.items()},
@@ -284,13 +286,15 @@ def summarize_distillation(records: list[dict]) -> dict:
         "best_cell": best,
         "defaults_minus_alone": gain, "defaults_minus_alone_worst_seed": worst,
         "best_minus_defaults": paired(best, "distill-defaults")[0] if best else None,
+        "long_minus_alone_long": paired("long", "alone-long")[0],
         "seconds_mean": {c: round(statistics.mean(r["seconds"] for r in v), 1) for c, v in by_cell.items()},
     }
 
 
 def markdown_distillation(summary: dict) -> str:
     lines = ["| regime | labelled | unlabeled | seeds | student alone | distilled, defaults | defaults - alone (worst "
-             "seed) | best cell | teacher |", "|---|---|---|---|---|---|---|---|---|"]
+             "seed) | alone, 600 steps | distilled, 600 steps | best cell | teacher |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for regime, s in summary.items():
         if not regime.startswith("distill"):
             continue
@@ -305,7 +309,8 @@ def markdown_distillation(summary: dict) -> str:
         best = f"{s['best_cell']} {acc[s['best_cell']]:.3f}" if s["best_cell"] else "-"
         teacher = f"{s['teacher_test_accuracy']:.3f}" if s["teacher_test_accuracy"] else "-"
         lines.append(f"| {regime} | {labelled} | {s['unlabeled_samples']} | {s['seeds'].get('distill-defaults', 0)} | "
-                     f"{cell('student-alone')} | {cell('distill-defaults')} | {gain} | {best} | {teacher} |")
+                     f"{cell('student-alone')} | {cell('distill-defaults')} | {gain} | {cell('alone-long')} | "
+                     f"{cell('long')} | {best} | {teacher} |")
     return "\n".join(lines)
 
 
