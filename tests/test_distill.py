@@ -92,9 +92,9 @@ def build_trainer(teacher_dir, student_dir, data_path, output_dir, augmentation=
     return trainer, data, teacher, student, fingerprint
 
 
-def test_each_model_receives_exactly_its_own_processors_input(cifar_teacher, student_checkpoint, cifar_like,
-                                                             tmp_path):
-    trainer, data, teacher, student, _ = build_trainer(cifar_teacher, student_checkpoint, cifar_like, tmp_path)
+def one_training_step(trainer, data) -> tuple[dict, dict, list]:
+    """The loss of one training batch, as training_step computes it (mixing drawn after torch.manual_seed(0)):
+    the pixel_values each model received, the batch, and its images as datasets decodes them."""
     seen = {}
     trainer.teacher.register_forward_pre_hook(lambda m, a, kw: seen.__setitem__("teacher", kw["pixel_values"]),
                                               with_kwargs=True)
@@ -102,12 +102,18 @@ def test_each_model_receives_exactly_its_own_processors_input(cifar_teacher, stu
                                             with_kwargs=True)
     batch = next(iter(trainer.get_train_dataloader()))
     trainer.model.train()
-    trainer.compute_loss(trainer.model, trainer._prepare_inputs(batch))  # what training_step does
-
-    # the same rows, decoded by datasets and preprocessed by each model's saved processor
+    torch.manual_seed(0)
+    trainer.compute_loss(trainer.model, trainer._prepare_inputs(batch))
     decoded = data.train.with_format(None).cast_column(data.image_column, Image())
     by_row = {row: image for row, image in zip(decoded[ROW], decoded[data.image_column])}
-    images = [by_row[int(row)] for row in batch["row_index"]]
+    return seen, batch, [by_row[int(row)] for row in batch["row_index"]]
+
+
+def test_each_model_receives_exactly_its_own_processors_input(cifar_teacher, student_checkpoint, cifar_like,
+                                                             tmp_path):
+    trainer, data, teacher, student, _ = build_trainer(cifar_teacher, student_checkpoint, cifar_like, tmp_path)
+    seen, _, images = one_training_step(trainer, data)
+    # the same rows, decoded by datasets, preprocessed by each model's saved processor
     expected_teacher = AutoImageProcessor.from_pretrained(cifar_teacher)(images, return_tensors="pt")["pixel_values"]
     expected_student = student.spec.to_image_processor()(images, return_tensors="pt")["pixel_values"]
     assert seen["teacher"].shape[-1] == 32 and seen["student"].shape[-1] == 24
@@ -164,20 +170,7 @@ def test_on_mixed_sizes_the_teacher_trains_on_its_own_resize_of_each_image(textu
                               report_to="none", use_cpu=True, max_steps=2, mixup=float(mixup))
     trainer = DistillationTrainer(teacher=teacher.model, teacher_spec=teacher.spec,
                                   **trainer_kwargs(args, images, student))
-    seen = {}
-    trainer.teacher.register_forward_pre_hook(lambda m, a, kw: seen.__setitem__("teacher", kw["pixel_values"]),
-                                              with_kwargs=True)
-    trainer.model.register_forward_pre_hook(lambda m, a, kw: seen.__setitem__("student", kw["pixel_values"]),
-                                            with_kwargs=True)
-    batch = next(iter(trainer.get_train_dataloader()))
-    trainer.model.train()
-    torch.manual_seed(0)
-    inputs = trainer._prepare_inputs(batch)
-    trainer.compute_loss(trainer.model, inputs)
-
-    decoded = images.train.with_format(None).cast_column(images.image_column, Image())
-    by_row = {row: image for row, image in zip(decoded[ROW], decoded[images.image_column])}
-    originals = [by_row[int(row)] for row in batch["row_index"]]
+    seen, batch, originals = one_training_step(trainer, images)
     expected = AutoImageProcessor.from_pretrained(teacher_dir)(originals, return_tensors="pt")["pixel_values"]
     assert seen["teacher"].shape[-2:] == (64, 64) and seen["student"].shape[-2:] == (16, 16)
     if mixup != "0":  # the same draws (partners, weights) applied to the teacher's own inputs

@@ -127,6 +127,17 @@ def launch(tmp_path, script, flags, *, use_cpu=True, timeout=420):
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=tmp_path)
 
 
+def two_and_one(tmp_path, script: str, common: list[str]) -> tuple[Path, Path]:
+    """The same run as 2 processes of batch 4 (launched) and 1 of batch 8 (in-process): the same global batch."""
+    two = tmp_path / "two"
+    proc = launch(tmp_path, script, [*common, "--output_dir", str(two), "--per_device_train_batch_size", "4"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = tmp_path / "one"
+    (run_finetune if script == "finetune" else run_distill).main(
+        [*common, "--output_dir", str(one), "--per_device_train_batch_size", "8"])
+    return one, two
+
+
 def results(out: Path) -> dict:
     return json.loads((out / "all_results.json").read_text())
 
@@ -159,11 +170,7 @@ def test_two_process_finetune_with_unfreezing_matches_one_process(tiny_vit, cifa
               "--max_train_samples", "40", "--augmentation", "crop+randaugment", "--random_erasing", "0.25",
               "--class_weights", "auto", "--ema_decay", "0.9", "--unfreeze_schedule", "0:head,1:all",
               "--learning_rate", "0.01", "--seed", "3", "--save_total_limit", "5", *quick_flags()]
-    two = tmp_path / "two"
-    proc = launch(tmp_path, "finetune", [*common, "--output_dir", str(two), "--per_device_train_batch_size", "4"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    one = tmp_path / "one"
-    run_finetune.main([*common, "--output_dir", str(one), "--per_device_train_batch_size", "8"])
+    one, two = two_and_one(tmp_path, "finetune", common)
 
     assert_same_run(one, two)
     assert_sharded(tmp_path / "rows", train_rows=40)
@@ -194,11 +201,7 @@ def test_two_process_distillation_matches_one_process(cifar_teacher, tiny_vit, c
     common = ["--teacher_model_name_or_path", cifar_teacher, "--student_model_name_or_path", tiny_vit,
               "--image_size", "24", "--dataset_name", cifar_like, "--num_train_epochs", "2", "--max_train_samples",
               "40", "--augmentation", "basic", "--seed", "3", *quick_flags()]  # crops and flips batched on the device
-    two = tmp_path / "two"
-    proc = launch(tmp_path, "distill", [*common, "--output_dir", str(two), "--per_device_train_batch_size", "4"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    one = tmp_path / "one"
-    run_distill.main([*common, "--output_dir", str(one), "--per_device_train_batch_size", "8"])
+    one, two = two_and_one(tmp_path, "distill", common)
     assert_same_run(one, two)
     assert_sharded(tmp_path / "rows", train_rows=40)
     assert results(two)["test_teacher_accuracy"] == results(one)["test_teacher_accuracy"]
@@ -337,11 +340,7 @@ def test_two_process_run_with_the_transfer_strategies_matches_one_process(tiny_v
     common = ["--model_name_or_path", tiny_vit, "--dataset_name", cifar_like, "--num_train_epochs", "2",
               "--max_train_samples", "40", "--layer_decay", "0.8", "--lr_step_size", "1", "--backbone_lr_scale",
               "0.5", "--label_smoothing_factor", "0.1", "--seed", "3", *quick_flags()]
-    two = tmp_path / "two"
-    proc = launch(tmp_path, "finetune", [*common, "--output_dir", str(two), "--per_device_train_batch_size", "4"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    one = tmp_path / "one"
-    run_finetune.main([*common, "--output_dir", str(one), "--per_device_train_batch_size", "8"])
+    one, two = two_and_one(tmp_path, "finetune", common)
     assert_same_run(one, two)
     mixed = tmp_path / "mixed"
     proc = launch(tmp_path, "finetune", [*common, "--output_dir", str(mixed), "--mixup", "0.4", "--cutmix", "1.0",

@@ -103,27 +103,6 @@ def test_sigkill_mid_epoch_then_the_same_command_finishes_bit_identical(uninterr
 
 
 @pytest.mark.slow
-def test_sigkill_with_drop_path_resumes_bit_identical(tiny_resnet, cifar_like, tmp_path):
-    """Stochastic depth draws from the RNG every step: the resumed run must restore it exactly too. (With crops
-    and flips only, which the device applies batched, from each image's (seed, epoch, row).)"""
-    extra = ("--drop_path_rate", "0.2", "--augmentation", "basic", "--random_erasing", "0")
-    reference = tmp_path / "reference"
-    done = start(run_flags(tiny_resnet, cifar_like, reference, *extra))
-    assert done.communicate(timeout=300) and done.returncode == 0
-    out = tmp_path / "run"
-    flags = run_flags(tiny_resnet, cifar_like, out, *extra)
-    process = start(flags, sleep=0.3)
-    wait_for(out / "checkpoint-4", process)
-    process.kill()
-    process.wait()
-    again = start(flags)
-    _, err = again.communicate(timeout=300)
-    assert again.returncode == 0, err[-3000:]
-    assert "resuming from checkpoint" in err
-    assert_identical(reference, out)
-
-
-@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(uninterrupted, tiny_vit, cifar_like, tmp_path):
     out = tmp_path / "run"
     flags = run_flags(tiny_vit, cifar_like, out)
@@ -527,9 +506,12 @@ def test_resume_and_best_model_load_every_layer_of_a_vit(tiny_vit, cifar_like, t
     ("--layer_decay", "0.8", "--lr_step_size", "1", "--label_smoothing_factor", "0.1", "--mixup", "0.4",
      "--cutmix", "1.0"),
     ("--freeze_backbone", "--backbone_lr_scale", "0.1"),
-], ids=["layer-decay-step-decay-smoothing-mixup-cutmix", "linear-probe-backbone-scale"])
+    ("--drop_path_rate", "0.2", "--augmentation", "basic", "--random_erasing", "0"),
+], ids=["layer-decay-step-decay-smoothing-mixup-cutmix", "linear-probe-backbone-scale", "drop-path-crop-flip"])
 def test_sigkill_with_the_transfer_strategies_resumes_bit_identical(tiny_resnet, cifar_like, tmp_path, extra):
-    """docs/strategies.md: every strategy survives a kill and resume bit for bit (the rest are in the tests above)."""
+    """docs/strategies.md: every strategy survives a kill and resume bit for bit (the rest are in the tests above).
+    Stochastic depth and mixing draw from the RNG every step: the resumed run must restore it exactly; crops and
+    flips are drawn from each image's (seed, epoch, row) and applied batched on the device."""
     reference = tmp_path / "reference"
     done = start(run_flags(tiny_resnet, cifar_like, reference, *extra))
     assert done.communicate(timeout=300) and done.returncode == 0

@@ -129,17 +129,13 @@ def test_cached_teacher_logits_cover_the_unlabeled_images(cifar_teacher, student
 @pytest.mark.slow
 def test_two_processes_see_each_unlabeled_image_once_per_epoch_and_match_one(cifar_teacher, tiny_vit, cifar_like,
                                                                               tmp_path):
-    from test_distributed import assert_same_run, assert_sharded, launch
+    from test_distributed import assert_same_run, assert_sharded, two_and_one
 
     folder = unlabeled_folder(tmp_path / "photos", n=16)
     common = ["--teacher_model_name_or_path", cifar_teacher, "--student_model_name_or_path", tiny_vit,
               "--image_size", "24", "--dataset_name", cifar_like, "--num_train_epochs", "2", "--max_train_samples",
               "40", "--unlabeled_dir", str(folder), "--augmentation", "crop", "--seed", "3", *quick_flags()]
-    two = tmp_path / "two"
-    proc = launch(tmp_path, "distill", [*common, "--output_dir", str(two), "--per_device_train_batch_size", "4"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    one = tmp_path / "one"
-    run_distill.main([*common, "--output_dir", str(one), "--per_device_train_batch_size", "8"])
+    one, two = two_and_one(tmp_path, "distill", common)
     assert_same_run(one, two)
     assert_sharded(tmp_path / "rows", train_rows=40 + 16)
 
