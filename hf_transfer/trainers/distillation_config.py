@@ -29,12 +29,6 @@ class DistillationConfig(TransferConfig):
     temperature: float = field(
         default=2.0, metadata={"shapes": True, "help": "Softmax temperature (> 0) of the distillation term; the term is scaled by T^2."}
     )
-    min_train_steps: int = field(
-        default=600,
-        metadata={"shapes": True, "help": "Unless --num_train_epochs or --max_steps is given: train 3 epochs, or as many more as it takes "
-                          "to reach this many optimizer steps; 0 turns it off. Three times fine-tuning's 200: a student "
-                          "taught from a few hundred images needs a patient teacher (README, \"Defaults, measured\")."},
-    )
     cache_teacher_logits: bool = field(
         default=False,
         metadata={"shapes": False, "help": "Compute the teacher's logits once per training image and reuse them every epoch "
