@@ -71,7 +71,7 @@ def fitted_fields(args, given: set[str]) -> set[str]:
     fitted = set()
     if "per_device_train_batch_size" not in given:
         fitted.add("global_batch_size")  # through the batch size per device
-    if not ({"num_train_epochs", "max_steps"} & given) and args.min_train_steps > 0:
+    if not ({"num_train_epochs", "max_steps"} & given) and (args.min_train_steps > 0 or args.min_seen_images > 0):
         fitted.add("training.num_train_epochs")
     return fitted
 
@@ -81,9 +81,10 @@ def fit_to_data(args, num_train: int, given: set[str]) -> list[str]:
 
     - Batch size: at most a tenth of the training set (at least 8), so that an epoch has about
       ten optimizer steps or more; the default 128 is meant for CIFAR-sized data.
-    - Length: the default 3 epochs, or more until `--min_train_steps` optimizer steps. 100
-      real digits at batch 10 reach 0.87 test accuracy in 15 epochs and 0.96 in 20 (one seed,
-      benchmarks/transfer.py): on small data the number of updates, not of epochs, decides.
+    - Length: the default 3 epochs, or more until `--min_train_steps` optimizer steps and
+      `--min_seen_images` images seen (distillation's patient teacher). 100 real digits at batch 10
+      reach 0.87 test accuracy in 15 epochs and 0.96 in 20 (one seed, benchmarks/transfer.py): on
+      small data the number of updates, not of epochs, decides.
     """
     changes = []
     processes = max(1, args.world_size)
@@ -98,9 +99,10 @@ def fit_to_data(args, num_train: int, given: set[str]) -> list[str]:
     if "training.num_train_epochs" in fitted:
         global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * processes
         steps_per_epoch = max(1, math.ceil(num_train / global_batch))
-        epochs = math.ceil(args.min_train_steps / steps_per_epoch)
+        epochs = max(math.ceil(args.min_train_steps / steps_per_epoch), math.ceil(args.min_seen_images / num_train))
         if epochs > args.num_train_epochs:
             args.num_train_epochs = float(epochs)
-            changes.append(f"--num_train_epochs {epochs} ({epochs * steps_per_epoch} steps; --min_train_steps "
-                           f"{args.min_train_steps})")
+            rule = (f"--min_train_steps {args.min_train_steps}" if not args.min_seen_images else
+                    f"--min_train_steps {args.min_train_steps}, --min_seen_images {args.min_seen_images}")
+            changes.append(f"--num_train_epochs {epochs} ({epochs * steps_per_epoch} steps; {rule})")
     return changes

@@ -57,7 +57,8 @@ def cifar_like(tmp_path_factory):
 
 def quick_flags():
     return ["--dataloader_num_workers", "0", "--per_device_train_batch_size", "8", "--per_device_eval_batch_size", "32",
-            "--disable_tqdm", "true", "--logging_steps", "5", "--min_train_steps", "0", "--report_to", "none"]
+            "--disable_tqdm", "true", "--logging_steps", "5", "--min_train_steps", "0", "--min_seen_images", "0",
+            "--report_to", "none"]
 
 
 @pytest.fixture

@@ -21,10 +21,11 @@ from timm.data import ImageNetInfo
 from transformers import pipeline
 
 import run_finetune
-from hf_transfer.arguments import parse_arguments
+from hf_transfer.arguments import DistillationDataArguments, StudentArguments, parse_arguments
 from hf_transfer.data.augmentation import Augmentation, resolve_augmentation
 from hf_transfer.data.dataset import load_image_data
 from hf_transfer.recipes import fit_to_data
+from hf_transfer.trainers.distillation_config import DistillationConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from real_weights import write_timm_folder  # noqa: E402
@@ -132,6 +133,25 @@ def test_small_data_trains_long_enough_with_a_batch_that_fits():
     tutorial = parse_arguments(["--recipe", "tutorial"])
     fit_to_data(tutorial.training, 100, tutorial.given)
     assert tutorial.training.num_train_epochs == 3  # the tutorial's recipe is its 3 epochs
+
+
+@pytest.mark.parametrize(("images", "batch", "epochs"), [(100, 10, 180), (300, 30, 60), (1293, 128, 19)])
+def test_distillation_trains_a_patient_student_on_small_data_only(images, batch, epochs):
+    """Distillation trains until 18,000 images are seen or 200 steps, whichever is longer: 1,800 steps on 100
+    images, 600 on 300; from about 900 images on the step minimum decides, as in fine-tuning."""
+    parsed = parse_arguments(["--teacher_model_name_or_path", "t"], StudentArguments, DistillationConfig,
+                             DistillationDataArguments)
+    changes = fit_to_data(parsed.training, images, parsed.given)
+    assert (parsed.training.per_device_train_batch_size, parsed.training.num_train_epochs) == (batch, epochs)
+    assert "--min_seen_images 18000" in changes[-1] or images > 900
+    finetune = parse_arguments([])
+    fit_to_data(finetune.training, images, finetune.given)
+    assert finetune.training.num_train_epochs == math.ceil(200 / math.ceil(images / batch))  # 200 steps, no more
+
+    user = parse_arguments(["--teacher_model_name_or_path", "t", "--max_steps", "50"], StudentArguments,
+                           DistillationConfig, DistillationDataArguments)
+    fit_to_data(user.training, images, user.given)
+    assert user.training.num_train_epochs == 3 and user.training.max_steps == 50  # the user's length stands
 
 
 def test_clipping_follows_the_optimiser():

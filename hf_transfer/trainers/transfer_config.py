@@ -89,6 +89,11 @@ class TransferConfig(TrainingArguments):
         metadata={"shapes": True, "help": "Unless --num_train_epochs or --max_steps is given: train 3 epochs, or as many more as it takes "
                           "to reach this many optimizer steps (small data sets need many epochs); 0 turns it off."},
     )
+    min_seen_images: int = field(
+        default=0,
+        metadata={"shapes": True, "help": "Unless --num_train_epochs or --max_steps is given: also train until this many images have been "
+                          "seen, repeats counted (run_distill.py: 18,000, a patient teacher on small data); 0 turns it off."},
+    )
     precise_bn_images: int = field(
         default=2048,
         metadata={"shapes": True, "card": "BatchNorm statistics recomputed from (images)", "help": "Before each evaluation in training (and at its end), recompute the running statistics of "
@@ -195,6 +200,7 @@ class TransferConfig(TrainingArguments):
             (self.mixup >= 0 and self.cutmix >= 0, "--mixup and --cutmix must be >= 0"),
             (self.max_nan_steps >= 0, f"--max_nan_steps must be >= 0, got {self.max_nan_steps}"),
             (self.min_train_steps >= 0, f"--min_train_steps must be >= 0, got {self.min_train_steps}"),
+            (self.min_seen_images >= 0, f"--min_seen_images must be >= 0, got {self.min_seen_images}"),
             (self.precise_bn_images >= 0, f"--precise_bn_images must be >= 0, got {self.precise_bn_images}"),
             (self.ema_decay is None or 0 < self.ema_decay < 1, f"--ema_decay must be in (0, 1), got {self.ema_decay}"),
             (0 <= self.label_smoothing_factor < 1,
