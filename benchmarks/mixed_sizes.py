@@ -54,14 +54,13 @@ def one_batch(mode: str, batch: list[dict], student: ImageSpec, teacher: ImageSp
     """Seconds for one batch: collation, then each model's float input."""
     start = time.perf_counter()
     if mode == "own view":  # now: a resize per model on the CPU
-        collated = UInt8Collator(student.size, student.interpolation).with_view(
-            "teacher", teacher.size, teacher.interpolation)(batch)
+        collated = UInt8Collator(student).with_view("teacher", teacher)(batch)
         teacher_images = collated["view_teacher"]
     else:  # before: the teacher upsampled the student's resize
-        collated = UInt8Collator(student.size, student.interpolation)(batch)
+        collated = UInt8Collator(student)(batch)
         teacher_images = collated["pixel_values"]
-    ToModelInput(student)(collated["pixel_values"])
-    ToModelInput(teacher)(teacher_images)
+    ToModelInput(student)(collated["pixel_values"], fitted=True)
+    ToModelInput(teacher)(teacher_images, fitted=mode == "own view")
     return time.perf_counter() - start
 
 

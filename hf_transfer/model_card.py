@@ -123,7 +123,7 @@ def _body(info: CardInfo, test_metrics: dict, eval_metrics: dict) -> str:
     lines += ["", "## Usage", "", "```python", "from transformers import pipeline", "",
               f'classifier = pipeline("image-classification", model="{info.model_name}")',
               'print(classifier("image.png"))', "```", "",
-              "The saved image processor applies the same resize and normalisation as the evaluation did.", "",
+              "The saved image processor applies the same resize, crop and normalisation as the evaluation did.", "",
               "## Labels", "", ", ".join(f"{i}: {name}" for i, name in enumerate(info.label_names)),
               "", "## Framework versions", "", *_versions()]
     return "\n".join(lines)

@@ -100,7 +100,7 @@ def trainer_kwargs(args, data: ImageData, loaded: LoadedModel, run_config: dict 
         args=args,
         train_dataset=data.train,
         eval_dataset=data.validation,
-        data_collator=UInt8Collator(loaded.spec.size, loaded.spec.interpolation),
+        data_collator=UInt8Collator(loaded.spec),
         processing_class=loaded.spec.to_image_processor(),
         compute_metrics=ComputeMetrics(len(data.label_names)),
         callbacks=callbacks,

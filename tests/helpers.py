@@ -11,14 +11,16 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
 
 
 def make_checkpoint(kind: str, directory: Path, image_size: int = 32, num_labels: int = 3, seed: int = 0,
-                    mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)) -> str:
+                    mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_pct: float | None = None) -> str:
     """Save a tiny random checkpoint: 'resnet' or 'convnext' (timm, via TimmWrapper; the ConvNeXt has no
-    BatchNorm), 'vit' (transformers-native ViT) or 'hf-resnet' (transformers-native ResNet). Loaded like any
+    BatchNorm), 'vit' (transformers-native ViT) or 'hf-resnet' (transformers-native ResNet; with `crop_pct`,
+    microsoft/resnet-50's processor: the shorter edge to size / crop_pct, the centre cropped). Loaded like any
     Hub checkpoint."""
     import timm
     import torch
     from transformers import (
         AutoModelForImageClassification,
+        ConvNextImageProcessor,
         ResNetConfig,
         TimmWrapperConfig,
         ViTConfig,
@@ -45,6 +47,9 @@ def make_checkpoint(kind: str, directory: Path, image_size: int = 32, num_labels
                               downsample_in_first_stage=False, **labels)
         processor = ViTImageProcessor(size={"height": image_size, "width": image_size},
                                       image_mean=list(mean), image_std=list(std))
+        if crop_pct is not None:
+            processor = ConvNextImageProcessor(size={"shortest_edge": image_size}, crop_pct=crop_pct, resample=3,
+                                               image_mean=list(mean), image_std=list(std))
     else:
         raise ValueError(kind)
     model = AutoModelForImageClassification.from_config(config)

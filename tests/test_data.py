@@ -1,5 +1,7 @@
 """Loading, columns, splits and the uint8 sample path."""
 
+from dataclasses import replace
+
 import numpy as np
 import PIL.Image
 import pytest
@@ -12,6 +14,7 @@ from hf_transfer.data.dataset import ROW, digits_dataset, load_image_data
 from hf_transfer.data.samples import UInt8Collator, attach_transforms
 from hf_transfer.errors import CorruptImageError, UserError
 from hf_transfer.on_device.geometry import crop_and_flip
+from hf_transfer.on_device.preprocessing import ImageSpec, resize_batch
 
 
 def save(ds: DatasetDict, tmp_path) -> str:
@@ -157,7 +160,7 @@ def test_dataset_is_not_materialised(cifar_like):
 
 
 def test_collator_keeps_uint8_at_storage_size_and_resizes_only_mixed_sizes():
-    collate = UInt8Collator((40, 40), "bilinear")
+    collate = UInt8Collator(ImageSpec((40, 40), (0.5,) * 3, (0.5,) * 3))
     same = [{"pixel_values": torch.zeros(3, 32, 32, dtype=torch.uint8), "labels": i, "row_index": i} for i in range(4)]
     batch = collate(same)
     assert batch["pixel_values"].shape == (4, 3, 32, 32) and batch["pixel_values"].dtype == torch.uint8
@@ -238,7 +241,7 @@ def test_batched_crops_and_flips_are_the_transforms_with_those_draws():
 
 
 def test_batches_are_channels_last_uint8():
-    collate = UInt8Collator((32, 32), "bilinear")
+    collate = UInt8Collator(ImageSpec((32, 32), (0.5,) * 3, (0.5,) * 3))
     images = [torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8) for _ in range(3)]
     batch = collate([{"pixel_values": im, "labels": 0, "row_index": i} for i, im in enumerate(images)])
     assert batch["pixel_values"].is_contiguous(memory_format=torch.channels_last)
@@ -278,15 +281,19 @@ def test_without_a_gpu_workers_are_not_started_for_data_in_memory(tiny_resnet, c
 def test_mixed_sizes_are_resized_once_per_model_and_shared_when_the_models_agree():
     images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in ((40, 60), (50, 30), (64, 64))]
     examples = [{"pixel_values": image, "labels": i, "row_index": i} for i, image in enumerate(images)]
-    collate = UInt8Collator((16, 16), "bicubic").with_view("teacher", (32, 32), "bilinear")
+    student = ImageSpec((16, 16), (0.5,) * 3, (0.5,) * 3, "bicubic")
+    teacher = ImageSpec((32, 32), (0.5,) * 3, (0.5,) * 3, "bilinear", resize=36)  # shorter edge 36, centre 32 x 32
+    collate = UInt8Collator(student).with_view("teacher", teacher)
     batch = collate(examples)
     assert batch["pixel_values"].shape == (3, 3, 16, 16) and batch["view_teacher"].shape == (3, 3, 32, 32)
-    from hf_transfer.on_device.preprocessing import resize_batch
-
+    assert batch["fitted"]  # each model's input already: the device neither resizes nor crops again
     for i, image in enumerate(images):  # each view straight from the stored image
-        assert torch.equal(batch["view_teacher"][i], resize_batch(image, (32, 32), "bilinear"))
+        resized = resize_batch(image, teacher.resized_size(*image.shape[-2:]), "bilinear")
+        top, left = (resized.shape[-2] - 32) // 2, (resized.shape[-1] - 32) // 2
+        assert torch.equal(batch["view_teacher"][i], resized[:, top:top + 32, left:left + 32])
         assert torch.equal(batch["pixel_values"][i], resize_batch(image, (16, 16), "bicubic"))
-    shared = UInt8Collator((16, 16), "bicubic").with_view("teacher", (16, 16), "bicubic")(examples)
-    assert shared["view_teacher"] is shared["pixel_values"]
+    shared = UInt8Collator(student).with_view("teacher", replace(student, mean=(0.4,) * 3))(examples)
+    assert shared["view_teacher"] is shared["pixel_values"]  # the same pixels, normalised otherwise on the device
     uniform = collate([{"pixel_values": images[2], "labels": 0, "row_index": 0}] * 2)
-    assert "view_teacher" not in uniform and uniform["pixel_values"].shape[-1] == 64  # resized on the device
+    assert "view_teacher" not in uniform and "fitted" not in uniform
+    assert uniform["pixel_values"].shape[-1] == 64  # resized on the device

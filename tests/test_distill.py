@@ -51,7 +51,8 @@ def test_end_to_end(cifar_teacher, student_checkpoint, cifar_like, tmp_path, mon
     # the student is a plain model: its own weights only, its own processor; no teacher anywhere
     student = AutoModelForImageClassification.from_pretrained(out)
     assert set(load_file(str(out / "model.safetensors"))) == set(student.state_dict())
-    assert AutoImageProcessor.from_pretrained(out).size == {"height": 24, "width": 24}
+    processor = AutoImageProcessor.from_pretrained(out)  # the student's own (timm crop_pct 0.95) at 24 px
+    assert processor.size == {"shortest_edge": 25} and processor.crop_size == {"height": 24, "width": 24}
     classify = pipeline("image-classification", model=str(out), device="cpu")
     assert classify.model.config.id2label == {0: "red", 1: "green", 2: "blue"}
 

@@ -8,13 +8,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pytest
 import yaml
 from datasets import load_dataset
-from transformers import AutoModelForImageClassification, pipeline
+from helpers import make_checkpoint, texture_folders
+from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
 import run_finetune
 from hf_transfer.arguments import parse_arguments
+from hf_transfer.data.dataset import load_image_data
 from hf_transfer.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +30,24 @@ def pipeline_predictions(output_dir, images):
     classify = pipeline("image-classification", model=str(output_dir), device="cpu")
     label2id = classify.model.config.label2id
     return [label2id[result[0]["label"]] for result in classify(images, top_k=1)]
+
+
+def test_mixed_size_photos_are_seen_as_the_checkpoints_processor_sees_them(tmp_path, quick_args):
+    """A checkpoint whose processor keeps the aspect ratio and crops the centre (microsoft/resnet-50's: the shorter
+    edge to 32 / 0.875, the centre 32 x 32), images of many sizes and shapes: the saved processor is the same
+    geometry, and pipeline() on the saved model predicts what the run's test evaluation predicted."""
+    data = texture_folders(tmp_path / "data", {"train": 6, "test": 6})
+    checkpoint = make_checkpoint("hf-resnet", tmp_path / "arch", image_size=32, num_labels=4, crop_pct=0.875)
+    out = tmp_path / "run"
+    run_finetune.main(["--model_name_or_path", checkpoint, "--train_dir", str(data / "train"), "--test_dir",
+                       str(data / "test"), "--output_dir", str(out), "--max_steps", "3", *quick_args])
+    processor = AutoImageProcessor.from_pretrained(out)
+    assert processor.size == {"shortest_edge": 36} and processor.crop_size == {"height": 32, "width": 32}
+    saved = json.loads((out / "test_predictions.json").read_text())
+    test = load_image_data(train_dir=str(data / "train"), test_dir=str(data / "test"), seed=0).test
+    images = [PIL.Image.open(test.with_format(None)[row]["image"]["path"]) for row in saved["rows"]]
+    assert len({image.size for image in images}) > 1 and any(w != h for w, h in (image.size for image in images))
+    assert pipeline_predictions(out, images) == saved["predictions"]
 
 
 @pytest.mark.parametrize("fixture", ["tiny_vit", "tiny_resnet"])

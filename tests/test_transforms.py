@@ -1,14 +1,24 @@
 """Preprocessing facts come from the checkpoint, and the device path equals the saved processor."""
 
 import numpy as np
+import PIL.Image
 import pytest
+import skimage.data as skimage_data
 import timm
 import torch
 from helpers import random_images
-from transformers import AutoImageProcessor, ConvNextImageProcessor, ViTImageProcessor
+from transformers import (
+    AutoImageProcessor,
+    BitImageProcessor,
+    ConvNextImageProcessor,
+    EfficientNetImageProcessor,
+    MobileViTImageProcessor,
+    ViTImageProcessor,
+)
 
 from hf_transfer.data.decoding import decode_rgb
-from hf_transfer.on_device.preprocessing import ImageSpec, ToModelInput
+from hf_transfer.data.samples import UInt8Collator
+from hf_transfer.on_device.preprocessing import ImageSpec, ToModelInput, resize_batch
 
 
 def test_spec_from_vit_processor():
@@ -21,7 +31,89 @@ def test_spec_from_shortest_edge_processor():
                                        image_std=[0.229, 0.224, 0.225])
     spec = ImageSpec.from_image_processor(processor)
     assert spec.size == (224, 224) and spec.interpolation == "bicubic"
+    assert spec.resize == 256  # crop_pct 0.875: the shorter edge to 256, then the centre 224 x 224
     assert spec.mean == pytest.approx((0.485, 0.456, 0.406))
+    assert ImageSpec.from_image_processor(ConvNextImageProcessor(size={"shortest_edge": 384})).resize is None  # warped
+
+
+def test_rescale_factor_and_offset_fold_into_mean_and_std():
+    """EfficientNet's processor: x / 127.5 - 1, then divided by its std (include_top): mean 0.5 and std 0.5 x std
+    on the [0, 1] scale."""
+    processor = EfficientNetImageProcessor(size={"height": 32, "width": 32}, rescale_factor=1 / 127.5,
+                                           rescale_offset=True, do_normalize=False, image_std=[0.25, 0.5, 1.0])
+    spec = ImageSpec.from_image_processor(processor)
+    assert spec.mean == pytest.approx((0.5,) * 3) and spec.std == pytest.approx((0.125, 0.25, 0.5))
+    images = mixed_size_images()
+    expected = processor(images, return_tensors="pt")["pixel_values"]
+    got = torch.stack([ToModelInput(spec)(decode_rgb(image)[None])[0] for image in images])
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def mixed_size_images() -> list:
+    """Photographs of several sizes and aspect ratios, wide and tall (odd margins included)."""
+    photo = skimage_data.astronaut()  # 512 x 512 RGB
+    return [PIL.Image.fromarray(photo[top:top + h, left:left + w])
+            for top, left, h, w in ((0, 0, 300, 420), (40, 100, 257, 181), (100, 30, 96, 97), (7, 3, 61, 150))]
+
+
+# The checkpoint's own processor: transformers ViT (squash), ConvNeXt/ResNet (crop_pct), BiT (shortest edge and crop
+# size), MobileViT (BGR, no normalisation).
+PROCESSORS = {
+    "vit": lambda: ViTImageProcessor(size={"height": 48, "width": 48}),
+    "convnext": lambda: ConvNextImageProcessor(size={"shortest_edge": 48}, crop_pct=0.875, resample=3,
+                                               image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225]),
+    "bit": lambda: BitImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 48, "width": 48}),
+    "mobilevit-bgr": lambda: MobileViTImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 48, "width": 48}),
+}
+
+
+@pytest.mark.parametrize("name", list(PROCESSORS))
+def test_evaluation_input_is_the_checkpoints_processor_output(tmp_path, name):
+    """Non-square images of several sizes, one at a time (the collator's path for a mixed-size batch) and as a
+    batch of one size (the device path): what the project feeds the model equals the checkpoint's own processor
+    within 1/255 of a pixel, and so does the processor the project saves with the trained model."""
+    processor = PROCESSORS[name]()
+    spec = ImageSpec.from_image_processor(processor)
+    assert spec.bgr == (name == "mobilevit-bgr")
+    images = mixed_size_images()
+    expected = processor(images, return_tensors="pt")["pixel_values"]
+    pixel = 1 / 255 / torch.tensor(spec.std).view(1, 3, 1, 1) + 1e-5  # 1/255 of a pixel, after normalisation
+    collate = UInt8Collator(spec)
+    batch = collate([{"pixel_values": decode_rgb(image), "labels": 0, "row_index": i} for i, image in enumerate(images)])
+    got = ToModelInput(spec)(batch["pixel_values"], fitted=bool(batch["fitted"]))
+    assert got.shape == expected.shape and ((got - expected).abs() <= pixel).all()
+    one_size = torch.stack([decode_rgb(images[0])] * 2)  # the device path: resize and crop a whole batch
+    expected_one = processor([images[0]] * 2, return_tensors="pt")["pixel_values"]
+    assert ((ToModelInput(spec)(one_size) - expected_one).abs() <= pixel).all()
+
+    spec.to_image_processor().save_pretrained(tmp_path)
+    saved = AutoImageProcessor.from_pretrained(tmp_path)  # what pipeline() will load with the trained model
+    torch.testing.assert_close(saved(images, return_tensors="pt")["pixel_values"], got, rtol=0, atol=1e-5)
+
+
+def test_timm_evaluation_geometry():
+    """timm's evaluation transform: the shorter edge to input / crop_pct, then the centre crop; the same pixels
+    within 1/255. Where the margin is odd, timm rounds the centre's offset to the nearest even number and
+    transformers down (as the processor saved with the model does): the crop may sit a pixel left of or above
+    timm's."""
+    cfg = {**timm.get_pretrained_cfg("resnet18.a1_in1k").to_dict(), "input_size": (3, 48, 48), "crop_pct": 0.8}
+    spec = ImageSpec.from_timm_config(cfg)
+    assert spec.resize == 60 and spec.size == (48, 48)
+    timm_eval = timm.data.create_transform(**timm.data.resolve_data_config(pretrained_cfg=cfg), is_training=False)
+    std, shifts = torch.tensor(spec.std).view(3, 1, 1), []
+    for image in mixed_size_images():
+        stored = decode_rgb(image)[None]
+        height, width = spec.resized_size(*stored.shape[-2:])
+        top, left = round((height - 48) / 2), round((width - 48) / 2)  # timm's (torchvision's) centre
+        resized = resize_batch(stored, (height, width), spec.interpolation)
+        timm_crop = ToModelInput(spec)(resized[..., top:top + 48, left:left + 48], fitted=True)[0]
+        assert ((timm_crop - timm_eval(image)) * std).abs().max() <= 1 / 255 + 1e-6  # same resize, same pixels
+        shifted = (top, left) != ((height - 48) // 2, (width - 48) // 2)
+        shifts.append(shifted)
+        assert torch.equal(ToModelInput(spec)(stored)[0], timm_crop) == (not shifted)
+    assert any(shifts) and not all(shifts)  # both cases were seen
+    squash = ImageSpec.from_timm_config({**cfg, "crop_mode": "squash"})
+    assert squash.resize == (60, 60)
 
 
 def test_spec_from_timm_pretrained_cfg():

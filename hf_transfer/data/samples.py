@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
 from ..errors import CorruptImageError
-from ..on_device.preprocessing import resize_batch
+from ..on_device.preprocessing import ImageSpec, fit_to_spec
 from .augmentation import Augmentation, sample_seed
 from .dataset import ROW, ImageData
 from .decoding import decode_rgb
@@ -134,23 +134,24 @@ class SampleTransform:
 
 
 class UInt8Collator:
-    """Stack samples into a uint8 batch; resize on the CPU only when their sizes differ.
+    """Stack samples into a uint8 batch; resize and crop on the CPU only when their sizes differ.
 
-    Images of one size (CIFAR) travel at storage resolution, and each model resizes them on the
-    device to its own input size. Mixed sizes cannot be stacked, so each image is resized here,
-    once per model that will see it: `pixel_values` at the trained model's size and, for every
-    other view (`with_view`: a distillation teacher), `view_<name>` at that model's size, each
-    straight from the stored image with the same function and interpolation as the device path
-    and the saved processor. No model ever sees another model's resize of an image.
+    Images of one size (CIFAR) travel at storage resolution, and each model fits them on the
+    device to its own input (resize, centre crop: `ToModelInput`). Mixed sizes cannot be
+    stacked, so each image is fitted here, once per model that will see it: `pixel_values` for
+    the trained model and, for every other view (`with_view`: a distillation teacher),
+    `view_<name>`, each straight from the stored image with the same function as the device
+    path and the saved processor; `fitted` then says the batch is the models' input already.
+    No model ever sees another model's resize of an image.
     """
 
-    def __init__(self, size: tuple[int, int], interpolation: str, views: dict[str, tuple] | None = None):
-        self.size, self.interpolation = tuple(size), interpolation
-        self.views = dict(views or {})  # name -> (size, interpolation)
+    def __init__(self, spec: ImageSpec, views: dict[str, ImageSpec] | None = None):
+        self.spec = spec
+        self.views = dict(views or {})
 
-    def with_view(self, name: str, size: tuple[int, int], interpolation: str) -> UInt8Collator:
-        """This collator, also making `view_<name>` at `size` for mixed-size batches."""
-        return UInt8Collator(self.size, self.interpolation, {**self.views, name: (tuple(size), interpolation)})
+    def with_view(self, name: str, spec: ImageSpec) -> UInt8Collator:
+        """This collator, also making `view_<name>` with `spec`'s geometry for mixed-size batches."""
+        return UInt8Collator(self.spec, {**self.views, name: spec})
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         images = [e["pixel_values"] for e in examples]
@@ -161,11 +162,12 @@ class UInt8Collator:
         if all(image.shape == images[0].shape for image in images):
             collated["pixel_values"] = _stack(images)
         else:
-            collated["pixel_values"] = _stack([resize_batch(i, self.size, self.interpolation) for i in images])
-            for name, (size, interpolation) in self.views.items():
-                same = (tuple(size), interpolation) == (self.size, self.interpolation)  # the same picture: shared
+            collated["pixel_values"] = _stack([fit_to_spec(i[None], self.spec)[0] for i in images])
+            for name, spec in self.views.items():
+                same = spec.geometry == self.spec.geometry  # the same picture: shared
                 collated[f"view_{name}"] = collated["pixel_values"] if same else \
-                    _stack([resize_batch(i, size, interpolation) for i in images])
+                    _stack([fit_to_spec(i[None], spec)[0] for i in images])
+            collated["fitted"] = torch.ones((), dtype=torch.bool)
         if "augment" in examples[0]:  # each image's crop and flip, applied on the device
             collated["augment"] = torch.tensor([e["augment"] for e in examples], dtype=torch.long)
         return collated

@@ -44,8 +44,7 @@ class DistillationTrainer(TransferTrainer):
 
     def __init__(self, *args, teacher: torch.nn.Module, teacher_spec: ImageSpec, **kwargs):
         # Mixed-size batches carry the teacher's own resize of each image (samples.UInt8Collator).
-        kwargs["data_collator"] = kwargs["data_collator"].with_view(TEACHER_VIEW, teacher_spec.size,
-                                                                    teacher_spec.interpolation)
+        kwargs["data_collator"] = kwargs["data_collator"].with_view(TEACHER_VIEW, teacher_spec)
         super().__init__(*args, **kwargs)
         self.teacher_input = ToModelInput(teacher_spec)
         self.teacher = self._prepare_teacher(teacher)
@@ -87,7 +86,7 @@ class DistillationTrainer(TransferTrainer):
             teacher_logits = self.teacher_logits[inputs["row_index"].to(self.teacher_logits.device)]
         else:
             with torch.inference_mode():  # no autograd bookkeeping at all for the frozen teacher
-                teacher_logits = self.teacher_logits_for(inputs["views"].get(TEACHER_VIEW, inputs["images"]))
+                teacher_logits = self.teacher_logits_for(inputs["images"], inputs["views"].get(TEACHER_VIEW))
             teacher_logits = teacher_logits.clone()  # an ordinary tensor: the loss saves it for the backward pass
         counts = num_items_in_batch if isinstance(num_items_in_batch, BatchCounts) else None
         loss, ce, kd = distillation_loss(
@@ -118,10 +117,12 @@ class DistillationTrainer(TransferTrainer):
             self._terms_since = self.state.global_step
         super().log(logs, start_time)
 
-    def teacher_logits_for(self, images: torch.Tensor) -> torch.Tensor:
-        """The teacher's logits for a batch of images (uint8, or mixed floats on the 0-255 scale) at storage size
-        or already at the teacher's: its own resize and normalisation, then its forward."""
-        return self.teacher(pixel_values=self.cast_for_model(self.teacher_input(images))).logits
+    def teacher_logits_for(self, images: torch.Tensor, view: torch.Tensor | None = None) -> torch.Tensor:
+        """The teacher's logits for a batch of images (uint8, or mixed floats on the 0-255 scale) at storage size,
+        resized, cropped and normalised its own way; or, for a mixed-size batch, for its own `view` of them, made
+        by the collator (samples.UInt8Collator)."""
+        pixels = self.teacher_input(view, fitted=True) if view is not None else self.teacher_input(images)
+        return self.teacher(pixel_values=self.cast_for_model(pixels)).logits
 
     def train(self, *args, **kwargs):
         self._terms, self._terms_since = dict.fromkeys(self._terms, 0.0), None
@@ -134,7 +135,7 @@ class DistillationTrainer(TransferTrainer):
         batches = tqdm(self.get_test_dataloader(dataset), desc=description, leave=False,
                        disable=self.args.disable_tqdm or not self.is_local_process_zero())
         for batch in batches:
-            logits = self.teacher_logits_for(batch.get(f"view_{TEACHER_VIEW}", batch["pixel_values"]))
+            logits = self.teacher_logits_for(batch["pixel_values"], batch.get(f"view_{TEACHER_VIEW}"))
             rows, logits = self.accelerator.gather_for_metrics((batch["row_index"], logits.float()))
             all_rows.append(rows.cpu())
             all_logits.append(logits.cpu())

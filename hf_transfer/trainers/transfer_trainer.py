@@ -112,7 +112,8 @@ class TransferTrainer(Trainer):
             images = crop_and_flip(images, batch["augment"])
         if self.batch_mix is not None and self.model.training and labels is not None:
             images, labels, views = self.batch_mix(images, labels, views)
-        prepared = {"pixel_values": self.cast_for_model(self.to_model_input(images))}
+        # A mixed-size batch is each model's input already (UInt8Collator), mixed or not; one of one size is fitted here.
+        prepared = {"pixel_values": self.cast_for_model(self.to_model_input(images, fitted="fitted" in batch))}
         if labels is not None:
             prepared["labels"] = labels
         if self.model.training:
@@ -263,7 +264,7 @@ class TransferTrainer(Trainer):
                 images = batch["pixel_values"]
                 if "augment" in batch:
                     images = crop_and_flip(images, batch["augment"])
-                yield self.cast_for_model(self.to_model_input(images))
+                yield self.cast_for_model(self.to_model_input(images, fitted="fitted" in batch))
 
         reduce = (lambda t: self.accelerator.reduce(t, reduction="mean")) if self.accelerator.num_processes > 1 else None
         device = self.args.device
