@@ -182,8 +182,11 @@ def evaluate(trainer, data: ImageData) -> tuple[dict, dict]:
         if trainer.is_world_process_zero():
             stored = data.test.with_format(None)
             rows = np.asarray(stored[ROW])
-            by_row = dict(zip(stored[ROW], (c.get("path") if isinstance(c, dict) else None
-                                            for c in stored[data.image_column])))
+            by_row = {}  # row -> file path, read a chunk at a time: the cells may hold every image's bytes
+            for start in range(0, len(stored), 4096):
+                chunk = stored[start:start + 4096]
+                by_row.update(zip(chunk[ROW], (c.get("path") if isinstance(c, dict) else None
+                                               for c in chunk[data.image_column])))
             write_test_report(trainer.args.output_dir, output.predictions, output.label_ids, data.label_names, rows,
                               files=[by_row[r] for r in rows.tolist()])
     elif trainer.args.do_predict:

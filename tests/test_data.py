@@ -9,6 +9,7 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 from helpers import colour_dataset, png_bytes, random_images
 
+from hf_transfer.data import samples
 from hf_transfer.data.augmentation import Augmentation
 from hf_transfer.data.dataset import ROW, digits_dataset, load_image_data
 from hf_transfer.data.samples import UInt8Collator, attach_transforms
@@ -297,3 +298,49 @@ def test_mixed_sizes_are_resized_once_per_model_and_shared_when_the_models_agree
     uniform = collate([{"pixel_values": images[2], "labels": 0, "row_index": 0}] * 2)
     assert "view_teacher" not in uniform and "fitted" not in uniform
     assert uniform["pixel_values"].shape[-1] == 64  # resized on the device
+
+
+# ---------------------------------------------------------------- what is decoded into memory, decided cheaply
+
+
+def image_rows(sizes: list[tuple[int, int]]) -> Dataset:
+    """A split as load_image_data leaves it (encoded images, row numbers); image i is red i % 256, (width, height)."""
+    cells = [{"bytes": png_bytes(PIL.Image.new("RGB", size, (i % 256, 0, 0))), "path": None}
+             for i, size in enumerate(sizes)]
+    return Dataset.from_dict({"image": cells, ROW: list(range(len(sizes)))},
+                             features=Features({"image": Image(decode=False), ROW: Value("int64")}))
+
+
+def test_deciding_what_to_decode_reads_a_sample_of_headers_not_every_file(monkeypatch):
+    headers = []
+    stored_size = samples._stored_size
+    monkeypatch.setattr(samples, "_stored_size", lambda *args: headers.append(args) or stored_size(*args))
+    mixed = image_rows([(8 + i % 5, 8) for i in range(1000)])
+    assert samples.decode_split(mixed, "image", "train") is None and len(headers) <= samples.HEADER_SAMPLE
+
+    uniform = samples.decode_split(image_rows([(8, 8)] * 1000), "image", "train")
+    assert uniform.images.shape == (1000, 8, 8, 3) and uniform.images[:, 0, 0, 0].tolist() == [
+        i % 256 for i in range(1000)]
+    # An image of another size where the sample does not look: the decode itself finds it, and the split is
+    # decoded per sample instead (the collator resizes mixed sizes).
+    headers.clear()
+    sizes = [(8, 8)] * 1000
+    sizes[501] = (9, 8)
+    assert samples.decode_split(image_rows(sizes), "image", "train") is None
+    assert 501 not in {row for _, _, row in headers}
+
+
+def test_the_decode_budget_is_per_machine_and_shared_by_the_splits(cifar_like, monkeypatch):
+    def decoded_splits() -> dict[str, bool]:
+        data = load_image_data(cifar_like)
+        attach_transforms(data, "none")
+        return {split: ds.format["format_kwargs"]["transform"].decoded is not None
+                for split, ds in (("train", data.train), ("validation", data.validation), ("test", data.test))}
+
+    data = load_image_data(cifar_like)
+    image = 32 * 32 * 3
+    monkeypatch.setattr(samples, "DECODE_BUDGET", image * (len(data.train) + len(data.validation)))
+    assert decoded_splits() == {"train": True, "validation": True, "test": False}  # the test split did not fit
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two processes on this machine: half each
+    assert len(data.train) * image > samples.DECODE_BUDGET // 2
+    assert decoded_splits() == {"train": False, "validation": True, "test": False}

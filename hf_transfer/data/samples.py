@@ -9,14 +9,22 @@ of uint8) is decoded once, up front, into one tensor: every epoch then reads pix
 decoding PNGs (1.3 ms per batch of 32 on a CPU core). Crops and flips of such a split are left to
 the device, batched, with each image's parameters computed here from its seed (a few integer
 operations instead of ~60 us of transforms per image).
+
+Deciding that costs no pass over the data: the headers of a sample of rows say whether one size is
+likely and what the split would take; the decode itself checks every image, and falls back to
+decoding per sample at the first one of another size. The budget is one per machine, shared by the
+splits (train first) and divided among the machine's processes, each of which holds its own copy.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import math
+import os
 from dataclasses import dataclass
 
+import numpy as np
 import PIL.Image
 import torch
 from tqdm.auto import tqdm
@@ -27,6 +35,8 @@ from ..on_device.preprocessing import ImageSpec, fit_to_spec
 from .augmentation import Augmentation, sample_seed
 from .dataset import ROW, ImageData
 from .decoding import decode_rgb
+
+logger = logging.getLogger(__name__)
 
 
 class EpochCallback(TrainerCallback):
@@ -39,22 +49,32 @@ class EpochCallback(TrainerCallback):
         self.epoch.fill_(math.floor((state.epoch or 0.0) + 1e-6))
 
 
-DECODE_BUDGET = 2**30  # bytes of decoded uint8 pixels per split: larger splits decode per sample, every epoch
+DECODE_BUDGET = 2**30  # bytes of decoded uint8 pixels per machine, all splits and processes together
+HEADER_SAMPLE = 64  # rows whose headers decide whether a split is worth decoding once
+DECODE_CHUNK = 1024  # rows read from Arrow at a time while decoding: memory for their file bytes stays bounded
 
 
 def attach_transforms(data: ImageData, augmentation: str, seed: int = 42, random_erasing: float = 0.0,
                       decode_once: bool = True) -> None:
     """Decode (and augment the train split) on the fly, per sample, in uint8; small uniform splits decoded once."""
     data.in_memory = True
+    budget = DECODE_BUDGET // processes_on_this_machine()  # what is left of this process's share
     for split, ds, aug in (("train", data.train, Augmentation(augmentation, random_erasing)),
                            ("validation", data.validation, None), ("test", data.test, None)):
         if ds is not None:
-            decoded = decode_split(ds, data.image_column, split) if decode_once else None
+            decoded = decode_split(ds, data.image_column, split, budget) if decode_once else None
+            if decoded is not None:
+                budget -= decoded.images.numel()
             transform = SampleTransform(data.image_column, data.label_column, split, aug, seed, data.epoch, decoded)
             # Decoded pixels are read by row number: the stored image bytes need not leave Arrow again.
             columns = [data.label_column, ROW] if decoded is not None else [data.image_column, data.label_column, ROW]
             ds.set_transform(transform, columns=columns)
             data.in_memory = data.in_memory and not transform.per_image_work
+
+
+def processes_on_this_machine() -> int:
+    """Training processes on this machine (torchrun and accelerate launch set LOCAL_WORLD_SIZE)."""
+    return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 @dataclass
@@ -63,19 +83,34 @@ class DecodedSplit:
     position: dict[int, int]  # row number -> index in `images`
 
 
-def decode_split(ds, image_column: str, split: str) -> DecodedSplit | None:
-    """Every image of the split decoded into one tensor, when they share one size and fit DECODE_BUDGET."""
+def decode_split(ds, image_column: str, split: str, budget: int = DECODE_BUDGET) -> DecodedSplit | None:
+    """Every image of the split decoded into one tensor, when they share one size and fit `budget` bytes; None
+    otherwise. Reads the headers of HEADER_SAMPLE rows spread over the split, not of every row."""
     raw = ds.with_format(None)
-    cells, rows = raw[image_column], raw[ROW]
-    sizes = {_stored_size(cell, split, row) for cell, row in zip(cells, rows)}
-    if len(sizes) != 1 or len(cells) * 3 * math.prod(next(iter(sizes))) > DECODE_BUDGET:
+    if len(raw) == 0:
+        return None
+    sample = sorted({round(i) for i in np.linspace(0, len(raw) - 1, min(len(raw), HEADER_SAMPLE))})
+    picked = raw.select(sample)
+    sizes = {_stored_size(cell, split, row) for cell, row in zip(picked[image_column], picked[ROW])}
+    if len(sizes) != 1 or len(raw) * 3 * math.prod(next(iter(sizes))) > budget:
         return None
     width, height = next(iter(sizes))
-    images = torch.empty((len(cells), height, width, 3), dtype=torch.uint8)
-    for i, (cell, row) in enumerate(zip(tqdm(cells, desc=f"decoding the {split} split once", leave=False,
-                                             disable=len(cells) < 5000), rows)):
-        images[i] = _decode(cell, split, row).permute(1, 2, 0)  # a broken file stops the run now, not mid-epoch
-    return DecodedSplit(images=images, position={int(row): i for i, row in enumerate(rows)})
+    images = torch.empty((len(raw), height, width, 3), dtype=torch.uint8)
+    rows = []
+    progress = tqdm(total=len(raw), desc=f"decoding the {split} split once", leave=False, disable=len(raw) < 5000)
+    for start in range(0, len(raw), DECODE_CHUNK):
+        chunk = raw[start:start + DECODE_CHUNK]
+        for i, (cell, row) in enumerate(zip(chunk[image_column], chunk[ROW]), start):
+            image = _decode(cell, split, row)  # a broken file stops the run now, not mid-epoch
+            if tuple(image.shape[-2:]) != (height, width):  # another size after all: decoded per sample
+                logger.info("the %s split has images of more than one size (row %s is %dx%d, not %dx%d): decoded "
+                            "per sample", split, row, image.shape[-1], image.shape[-2], width, height)
+                return None
+            images[i] = image.permute(1, 2, 0)
+            rows.append(int(row))
+        progress.update(len(chunk[ROW]))
+    progress.close()
+    return DecodedSplit(images=images, position={row: i for i, row in enumerate(rows)})
 
 
 def _stored_size(cell, split: str, row) -> tuple[int, int]:
