@@ -27,22 +27,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from mixed_sizes import samples  # noqa: E402  (random uint8 images, sides drawn in a range)
+
 from hf_transfer.data.samples import UInt8Collator  # noqa: E402
 from hf_transfer.on_device.preprocessing import ImageSpec, ToModelInput  # noqa: E402
 
 IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 SPECS = {"squash to 224": ImageSpec((224, 224), *IMAGENET, "bicubic"),
          "shorter edge 256, centre 224": ImageSpec((224, 224), *IMAGENET, "bicubic", resize=256)}
-
-
-def batch(sides: tuple[int, int], n: int, seed: int = 0) -> list[dict]:
-    generator = torch.Generator().manual_seed(seed)
-    out = []
-    for i in range(n):
-        height, width = (int(v) for v in torch.randint(sides[0], sides[1] + 1, (2,), generator=generator))
-        image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator)
-        out.append({"pixel_values": image, "labels": i % 10, "row_index": i})
-    return out
 
 
 def seconds(spec: ImageSpec, examples: list[dict]) -> float:
@@ -58,8 +50,8 @@ def main() -> None:
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "geometry-cpu-2core.json"))
     args = parser.parse_args()
 
-    cases = {"one size (32 px), 128 images": batch((32, 32), 128), "mixed photos (160-480 px), 64 images":
-             batch((160, 480), 64)}
+    cases = {"one size (32 px), 128 images": samples((32, 32), 128), "mixed photos (160-480 px), 64 images":
+             samples((160, 480), 64)}
     results = {}
     for case, examples in cases.items():
         times = {name: [] for name in SPECS}
