@@ -52,6 +52,13 @@ class ModelArguments:
         default=None,
         metadata={"shapes": True, "help": "Input size in pixels (square). Default: the checkpoint's own input size."},
     )
+    crop_pct: float | None = field(
+        default=None,
+        metadata={"shapes": True, "card": "centre crop (crop_pct)",
+                  "help": "Replace the checkpoint's geometry: resize the shorter edge to the input size / crop_pct, keeping the "
+                          "aspect ratio, and cut out the centre (1.0: the whole shorter edge, for images whose content "
+                          "reaches their border). Default: the checkpoint's own (its processor or timm crop_pct)."},
+    )
     recipe: str = field(
         default="default",
         metadata={"shapes": True, "help": "Optimiser/schedule defaults per model family; flags you pass win.",
@@ -77,6 +84,8 @@ class ModelArguments:
     def __post_init__(self):
         if self.image_size is not None and self.image_size <= 0:
             raise ValueError(f"--image_size must be a positive number of pixels, got {self.image_size}")
+        if self.crop_pct is not None and not 0 < self.crop_pct <= 1:
+            raise ValueError(f"--crop_pct must be in (0, 1], got {self.crop_pct}")
         if self.drop_path_rate is not None and not 0 <= self.drop_path_rate < 1:
             raise ValueError(f"--drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
 

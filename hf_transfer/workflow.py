@@ -62,7 +62,7 @@ def load_trained_model(model_args, source: str, data: ImageData) -> LoadedModel:
     """The model to train, with a head for the data set's labels."""
     return load_model(
         source, data.label_names, from_scratch=model_args.from_scratch, image_size=model_args.image_size,
-        revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code,
+        crop_pct=model_args.crop_pct, revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code,
         cache_dir=model_args.cache_dir, drop_path_rate=model_args.drop_path_rate,
     )
 

@@ -383,6 +383,8 @@ def cli(main, argv, capsys) -> tuple[int, str]:
     (["--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be >= 1"),
     (["--validation_split", "0"], "--validation_split must be between 0 and 1"),
     (["--image_size", "-3"], "--image_size must be a positive number"),
+    (["--crop_pct", "1.5"], "--crop_pct must be in (0, 1]"),
+    (["--min_seen_images", "-1"], "--min_seen_images must be >= 0"),
     (["--unfreeze_schedule", "0:head,1:top"], "unknown stage 'top'"),
     (["--max_nan_steps", "-1"], "--max_nan_steps must be >= 0"),
     (["--augmentation", "wild"], "--augmentation: unknown preset 'wild'"),

@@ -18,6 +18,7 @@ from transformers import (
 
 from hf_transfer.data.decoding import decode_rgb
 from hf_transfer.data.samples import UInt8Collator
+from hf_transfer.models.loading import load_model
 from hf_transfer.on_device.preprocessing import ImageSpec, ToModelInput, resize_batch
 
 
@@ -89,6 +90,22 @@ def test_evaluation_input_is_the_checkpoints_processor_output(tmp_path, name):
     spec.to_image_processor().save_pretrained(tmp_path)
     saved = AutoImageProcessor.from_pretrained(tmp_path)  # what pipeline() will load with the trained model
     torch.testing.assert_close(saved(images, return_tensors="pt")["pixel_values"], got, rtol=0, atol=1e-5)
+
+
+def test_crop_pct_replaces_the_checkpoints_geometry(tmp_path, tiny_vit):
+    """--crop_pct 1.0 on a checkpoint that squashes: the shorter edge to the input size, the centre cut out, in
+    training, evaluation and the saved processor alike."""
+    spec = load_model(tiny_vit, ["a", "b", "c"], crop_pct=1.0).spec
+    assert spec.resize == spec.size[0] == 32
+    images = mixed_size_images()
+    expected = BitImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, resample=2,
+                                 image_mean=[0.5] * 3, image_std=[0.5] * 3)(images, return_tensors="pt")["pixel_values"]
+    got = torch.stack([ToModelInput(spec)(decode_rgb(image)[None])[0] for image in images])
+    assert ((got - expected).abs() <= 1 / 255 / 0.5 + 1e-5).all()
+    spec.to_image_processor().save_pretrained(tmp_path)
+    torch.testing.assert_close(AutoImageProcessor.from_pretrained(tmp_path)(images, return_tensors="pt")["pixel_values"],
+                               got, rtol=0, atol=1e-5)
+    assert ImageSpec.from_image_processor(PROCESSORS["convnext"]()).with_crop_pct(0.8).resize == 60
 
 
 def test_timm_evaluation_geometry():

@@ -42,6 +42,7 @@ def load_model(
     *,
     from_scratch: bool = False,
     image_size: int | None = None,
+    crop_pct: float | None = None,
     revision: str | None = None,
     trust_remote_code: bool = False,
     cache_dir: str | None = None,
@@ -84,6 +85,8 @@ def load_model(
     if image_size is not None and (image_size,) * 2 != spec.size:
         model = set_input_size(model, image_size)
         spec = spec.with_size(image_size)
+    if crop_pct is not None:
+        spec = spec.with_crop_pct(crop_pct)
     set_fsdp_units(model)
     drop_timm_pretrained_cfg(model.config)
     return LoadedModel(model=model, spec=spec, family=model_family(model), source=source, head_reset=head_reset)

@@ -109,6 +109,10 @@ class ImageSpec:
             resize = (int(size * self.resize[0] / height), int(size * self.resize[1] / width))
         return replace(self, size=(size, size), resize=resize)
 
+    def with_crop_pct(self, crop_pct: float) -> ImageSpec:
+        """The shorter edge resized to the input size / `crop_pct` (aspect ratio kept), then the centre cut out."""
+        return replace(self, resize=int(min(self.size) / crop_pct))
+
     @property
     def geometry(self) -> tuple:
         """What decides the pixels of a view of an image, before its values are normalised."""
