@@ -87,7 +87,7 @@ class ImageSpec:
         crop_pct = data_config.get("crop_pct") or 0.875  # timm's DEFAULT_CROP_PCT
         scaled = (math.floor(height / crop_pct), math.floor(width / crop_pct))
         if data_config.get("crop_mode") == "squash" or scaled[0] != scaled[1]:
-            resize = scaled  # (a non-square input in center mode is resized by timm keeping the ratio; rare)
+            resize = scaled  # (timm keeps the ratio for a non-square input in center mode; squashed here, rare)
         else:
             resize = scaled[0]
         interpolation = data_config.get("interpolation", "bilinear")
