@@ -197,11 +197,13 @@ class UInt8Collator:
         if all(image.shape == images[0].shape for image in images):
             collated["pixel_values"] = _stack(images)
         else:
-            collated["pixel_values"] = _stack([fit_to_spec(i[None], self.spec)[0] for i in images])
+            def fitted(spec: ImageSpec) -> torch.Tensor:  # each image on its own, then stacked
+                return _stack([fit_to_spec(image[None], spec)[0] for image in images])
+
+            collated["pixel_values"] = fitted(self.spec)
             for name, spec in self.views.items():
                 same = spec.geometry == self.spec.geometry  # the same picture: shared
-                collated[f"view_{name}"] = collated["pixel_values"] if same else \
-                    _stack([fit_to_spec(i[None], spec)[0] for i in images])
+                collated[f"view_{name}"] = collated["pixel_values"] if same else fitted(spec)
             collated["fitted"] = torch.ones((), dtype=torch.bool)
         if "augment" in examples[0]:  # each image's crop and flip, applied on the device
             collated["augment"] = torch.tensor([e["augment"] for e in examples], dtype=torch.long)
