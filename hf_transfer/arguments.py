@@ -23,6 +23,7 @@ from transformers import HfArgumentParser
 
 from .compat import field_for_argparse
 from .data.augmentation import check_augmentation
+from .data.streaming import check_streaming
 from .errors import UserError
 from .models.loading import checkpoint_family
 from .models.presets import find_preset, preset_help
@@ -152,7 +153,19 @@ class DataArguments:
     skip_corrupt_images: bool = field(
         default=False,
         metadata={"shapes": True, "help": "Decode every image before training and drop (and count) those that fail, instead of "
-                          "stopping at the first broken one."},
+                          "stopping at the first broken one (with --streaming: skip and count them as they come)."},
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={"shapes": True, "help": "Read the train split as a stream, a shard at a time, never whole: a Hub data set or a "
+                          "local folder of Parquet/Arrow shards larger than the disk or memory. Needs --max_steps; "
+                          "validation (at most --max_eval_samples, default 10,000) and test are read once into the "
+                          "cache; a killed run resumes where the stream stopped (docs/guide.md, \"The data path\")."},
+    )
+    shuffle_buffer: int = field(
+        default=2000,
+        metadata={"shapes": True, "help": "With --streaming: images read and shuffled together, per process and DataLoader "
+                          "worker (on top of a shuffled shard order). More mixes better and holds more in memory."},
     )
 
     def __post_init__(self):
@@ -165,6 +178,8 @@ class DataArguments:
             raise ValueError("--max_train_samples must be >= 1")
         if self.max_eval_samples is not None and self.max_eval_samples < 1:
             raise ValueError("--max_eval_samples must be >= 1")
+        if self.shuffle_buffer < 1:
+            raise ValueError(f"--shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
 
 
 @dataclass
@@ -276,6 +291,8 @@ def parse_arguments(argv: Sequence[str], model_type: type = ModelArguments,
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if data.train_dir and "dataset_name" not in given:
         data.dataset_name = None  # the image folders are the data: nothing else is recorded or compared
+    if data.streaming:
+        check_streaming(data, training, given)
     _move_token_to_environment(training)
     return Arguments(model=model, data=data, training=training, family=family, given=given | set(recipe))
 
@@ -293,6 +310,11 @@ def _yielding_defaults(known, given: set[str]) -> dict:
     """Project defaults the user's own flags make impossible give way, each with one line saying so;
     two flags the user gave that conflict are left to fail (the Trainer names them)."""
     changed = {}
+    if known.streaming and not {"eval_strategy", "save_strategy"} & given:
+        # A stream has no epochs to end: evaluate and save every tenth of --max_steps instead.
+        changed.update(eval_strategy="steps", save_strategy="steps", eval_steps=0.1, save_steps=0.1)
+        logger.info("--streaming: evaluating and saving every tenth of --max_steps (a stream has no epochs)")
+        return changed
     strategies = {"eval_strategy": str(getattr(known.eval_strategy, "value", known.eval_strategy)),
                   "save_strategy": str(getattr(known.save_strategy, "value", known.save_strategy))}
     if "no" in strategies.values():

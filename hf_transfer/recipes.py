@@ -76,8 +76,9 @@ def fitted_fields(args, given: set[str]) -> set[str]:
     return fitted
 
 
-def fit_to_data(args, num_train: int, given: set[str]) -> list[str]:
-    """Defaults that depend on the training set's size, for the flags nobody set; returns what changed.
+def fit_to_data(args, num_train: int | None, given: set[str]) -> list[str]:
+    """Defaults that depend on the training set's size, for the flags nobody set; returns what changed
+    (nothing for a stream, whose size is unknown and whose length --max_steps gives).
 
     - Batch size: at most a tenth of the training set (at least 8), so that an epoch has about
       ten optimizer steps or more; the default 128 is meant for CIFAR-sized data.
@@ -87,6 +88,8 @@ def fit_to_data(args, num_train: int, given: set[str]) -> list[str]:
       small data the number of updates, not of epochs, decides.
     """
     changes = []
+    if num_train is None:
+        return changes
     processes = max(1, args.world_size)
     fitted = fitted_fields(args, given)
     if "global_batch_size" in fitted:

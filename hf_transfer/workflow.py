@@ -19,6 +19,7 @@ from transformers import EarlyStoppingCallback
 from .checkpoints import StopOnSignal
 from .data.dataset import ROW, ImageData, load_image_data
 from .data.samples import EpochCallback, UInt8Collator
+from .data.streaming import StreamingSplit, load_streaming_data
 from .errors import Preempted, UserError
 from .hub import check_push_possible
 from .launch import check_launch
@@ -48,6 +49,11 @@ def check_setup(args) -> None:
 
 
 def load_data(data_args, seed: int, cache_dir: str | None = None) -> ImageData:
+    if data_args.streaming:
+        return load_streaming_data(
+            data_args.dataset_name, data_args.dataset_config_name, data_args.image_column, data_args.label_column,
+            data_args.max_eval_samples, seed, data_args.shuffle_buffer, data_args.skip_corrupt_images, cache_dir,
+        )
     return load_image_data(
         dataset_name=data_args.dataset_name, dataset_config_name=data_args.dataset_config_name,
         train_dir=data_args.train_dir, validation_dir=data_args.validation_dir, test_dir=data_args.test_dir,
@@ -137,7 +143,14 @@ def train_and_evaluate(trainer, data: ImageData, card: CardInfo, resume_from: st
         raise Preempted(f"SIGTERM at step {stopper.stopped_at}; checkpoint saved in {checkpoint}; "
                         "run the same command again to resume")
     # total_flos from the state: with --disable_tqdm the Trainer's PrinterCallback pops it from the metrics it logs.
-    results = dict(train_result.metrics, train_samples=len(data.train), total_flos=trainer.state.total_flos)
+    results = dict(train_result.metrics, total_flos=trainer.state.total_flos)
+    if isinstance(data.train, StreamingSplit):  # what the stream delivered and skipped, all processes together
+        images = trainer.state.global_step * trainer.args.train_batch_size * trainer.args.gradient_accumulation_steps
+        counts = torch.tensor([images, *data.train.skipped()], device=trainer.args.device)
+        counts = trainer.accelerator.reduce(counts, reduction="sum").tolist()
+        results.update(train_streamed_images=counts[0], train_skipped_shards=counts[1], train_skipped_images=counts[2])
+    else:
+        results["train_samples"] = len(data.train)
     if data.unlabeled:
         results["train_unlabeled_samples"] = data.unlabeled
     results.update({f"train_{key}": value for key, value in peak_memory().items()})

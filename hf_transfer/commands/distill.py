@@ -67,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     teacher = load_teacher(args.teacher_model_name_or_path, data.label_names, revision=args.teacher_revision,
                            trust_remote_code=student_args.trust_remote_code, cache_dir=student_args.cache_dir)
     student = load_trained_model(student_args, source, data)
-    for change in fit_to_data(args, len(data.train), parsed.given):
+    for change in fit_to_data(args, data.train_size, parsed.given):
         logger.info("small data set: %s", change)
     logger.info("teacher %s (input %s) -> student %s (input %s), augmentation %s", teacher.source, teacher.spec.size,
                 source, student.spec.size, data_args.augmentation)

@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     loaded = load_trained_model(model_args, source, data)
     if not args.do_train:
         return evaluate_as_is(args, data, loaded, record, fitted, argv)
-    for change in fit_to_data(args, len(data.train), parsed.given):
+    for change in fit_to_data(args, data.train_size, parsed.given):
         logger.info("small data set: %s", change)
     logger.info("model %s (%s), input %s, %d labels, augmentation %s", source, loaded.family, loaded.spec.size,
                 len(data.label_names), data_args.augmentation)

@@ -53,6 +53,11 @@ class ImageData:
     # (crops and flips, if any, run on the device), so loading a batch is a gather of rows.
     in_memory: bool = False
 
+    @property
+    def train_size(self) -> int | None:
+        """Rows of the train split; None for a stream (data/streaming.py), which has no length."""
+        return len(self.train) if hasattr(self.train, "__len__") else None
+
 
 def load_image_data(
     dataset_name: str | None = None,

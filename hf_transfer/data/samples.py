@@ -35,6 +35,7 @@ from ..on_device.preprocessing import ImageSpec, fit_to_spec
 from .augmentation import Augmentation, sample_seed
 from .dataset import ROW, ImageData
 from .decoding import decode_rgb
+from .streaming import StreamingSplit
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,8 @@ def attach_transforms(data: ImageData, augmentation: str, seed: int = 42, random
     for split, ds, aug in (("train", data.train, Augmentation(augmentation, random_erasing)),
                            ("validation", data.validation, None), ("test", data.test, None)):
         if ds is not None:
-            decoded = decode_split(ds, data.image_column, split, budget) if decode_once else None
+            streamed = isinstance(ds, StreamingSplit)  # read a shard at a time, never whole
+            decoded = decode_split(ds, data.image_column, split, budget) if decode_once and not streamed else None
             if decoded is not None:
                 budget -= decoded.images.numel()
             transform = SampleTransform(data.image_column, data.label_column, split, aug, seed, data.epoch, decoded)
@@ -149,23 +151,25 @@ class SampleTransform:
                                                   and not self.on_device)
 
     def __call__(self, batch: dict) -> dict:
-        images, parameters = [], []
         epoch = int(self.epoch)  # read the shared counter once per batch
-        for i, row in enumerate(batch[ROW]):
-            if self.decoded is not None:
-                image = self.decoded.images[self.decoded.position[int(row)]].permute(2, 0, 1)
-            else:
-                image = _decode(batch[self.image_column][i], self.split, row)
-            if self.on_device:
-                parameters.append(self.augmentation.batch_parameters(tuple(image.shape[-2:]),
-                                                                     sample_seed(self.seed, epoch, int(row))))
-            elif self.augmentation is not None:
-                image = self.augmentation(image, sample_seed(self.seed, epoch, int(row)))
-            images.append(image)
-        samples = {"pixel_values": images, "labels": list(batch[self.label_column]), "row_index": list(batch[ROW])}
+        cells = batch[self.image_column] if self.decoded is None else [None] * len(batch[ROW])
+        images, parameters = zip(*(self.image(cell, int(row), epoch) for cell, row in zip(cells, batch[ROW])))
+        samples = {"pixel_values": list(images), "labels": list(batch[self.label_column]), "row_index": list(batch[ROW])}
         if self.on_device:
-            samples["augment"] = parameters
+            samples["augment"] = list(parameters)
         return samples
+
+    def image(self, cell, row: int, epoch: int) -> tuple[torch.Tensor, list[int] | None]:
+        """One image as uint8 CHW: decoded (or read from the decoded split) and augmented here, or with the
+        parameters of its crop and flip when the device does them."""
+        image = (self.decoded.images[self.decoded.position[row]].permute(2, 0, 1) if self.decoded is not None
+                 else _decode(cell, self.split, row))
+        if self.on_device:
+            return image, self.augmentation.batch_parameters(tuple(image.shape[-2:]),
+                                                             sample_seed(self.seed, epoch, row))
+        if self.augmentation is not None:
+            image = self.augmentation(image, sample_seed(self.seed, epoch, row))
+        return image, None
 
 
 class UInt8Collator:
@@ -207,6 +211,8 @@ class UInt8Collator:
             collated["fitted"] = torch.ones((), dtype=torch.bool)
         if "augment" in examples[0]:  # each image's crop and flip, applied on the device
             collated["augment"] = torch.tensor([e["augment"] for e in examples], dtype=torch.long)
+        if "stream" in examples[0]:  # each image's place in the training stream (data/streaming.py)
+            collated["stream"] = torch.tensor([e["stream"] for e in examples], dtype=torch.long)
         return collated
 
 

@@ -40,6 +40,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, get_l
 from transformers.utils import PushInProgress
 
 from ..compat import deepspeed_dtype, load_checkpoint_weights
+from ..data.streaming import StreamingSplit
 from ..hub import push_at_end, push_checkpoint
 from ..losses import cross_entropy, label_mass
 from ..on_device.geometry import crop_and_flip
@@ -100,6 +101,16 @@ class TransferTrainer(Trainer):
             self.add_callback(LossGuard(self.loss_watch, self.stop, gradients))  # after those that ask for a save
         if self.ema is not None:
             self.add_callback(EmaCallback(self.ema, skipped=lambda: self.skipper is not None and self.skipper.skipping))
+        self.stream = self.train_dataset if isinstance(self.train_dataset, StreamingSplit) else None
+        if self.stream is not None:
+            # A resumed stream goes on from the position its checkpoint holds (`_load_from_checkpoint`); the
+            # Trainer's own resume would read and drop every batch already trained on.
+            self.args.ignore_data_skip = True
+
+    def get_train_dataloader(self):
+        if self.stream is not None:  # each process reads its own shards (data/streaming.py)
+            return self.stream.loader(self._train_batch_size, self.data_collator, self.args)
+        return super().get_train_dataloader()
 
     # ---------------------------------------------------------------- inputs
 
@@ -162,6 +173,9 @@ class TransferTrainer(Trainer):
         batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
         if not batches:
             return batches, None
+        if self.stream is not None:  # where the stream goes on after this step (still on the CPU: no sync)
+            for batch in batches:
+                self.stream.consumed(batch.pop("stream"))
         labels = [batch["labels"] for batch in batches]
         counts = torch.stack([sum(label_mass(lab).sum() for lab in labels),
                               torch.tensor(float(sum(len(lab) for lab in labels)), device=labels[0].device)])
@@ -255,7 +269,9 @@ class TransferTrainer(Trainer):
         if (not self.args.precise_bn_images or self.is_fsdp_enabled or self.is_deepspeed_enabled
                 or not trainable_batchnorm_layers(model)):
             return
-        if self._statistics_images is None:
+        if self._statistics_images is None and self.stream is not None:
+            self._statistics_images = self.stream.head(self.args.precise_bn_images)
+        elif self._statistics_images is None:
             rows = np.random.default_rng(self.args.seed).permutation(len(self.train_dataset))
             self._statistics_images = self.train_dataset.select(np.sort(rows[:self.args.precise_bn_images]))
 
@@ -296,9 +312,14 @@ class TransferTrainer(Trainer):
         return {**averaged, **{k: v for k, v in raw.items() if "accuracy" in k or k.endswith("_loss")}}
 
     def _save_checkpoint(self, model, trial) -> None:
-        """The EMA first, then the Trainer's checkpoint (whose trainer_state.json, written last, marks it complete)."""
+        """The EMA and each process's stream position first, then the Trainer's checkpoint (whose
+        trainer_state.json, written last, marks it complete)."""
+        folder = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         if self.ema is not None and self.args.should_save:
-            self.ema.save(Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            self.ema.save(folder)
+        if self.stream is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+            self.stream.save(folder)
         super()._save_checkpoint(model, trial)
 
     # ---------------------------------------------------------------- loading checkpoints
@@ -306,6 +327,9 @@ class TransferTrainer(Trainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         if not self._load_whole(resume_from_checkpoint, model):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.stream is not None:
+            self.stream.resume(resume_from_checkpoint, self.args.process_index, self.args.world_size,
+                               self.args.dataloader_num_workers)
         if self.ema is not None and not self.ema.load(resume_from_checkpoint):
             logger.warning("checkpoint %s has no EMA weights: the average restarts from its weights",
                            resume_from_checkpoint)

@@ -1,0 +1,365 @@
+"""Streaming (`--streaming`): a training split read as a stream, never whole, and resumed where it stopped.
+
+The train split of a Hub data set or of a local folder of Parquet/Arrow shards is read with
+datasets' streaming, a shard (file) at a time. Validation and test are bounded: validation is at
+most --max_eval_samples images (default EVAL_BOUND; without a validation split, the first ones of
+train, which training then skips), test is read whole unless --max_eval_samples bounds it; both
+are written once into datasets' cache and from then on take the in-memory path (`samples.py`).
+
+The order of the stream is the project's, not datasets' shuffle, because a resumed run must see
+what the stopped one would have seen (datasets' shuffle buffer loses its content on resume):
+- Every epoch the shards, in a seeded order, are dealt to the slots, one per process and
+  DataLoader worker: each image of an epoch is read once, by one slot. With fewer shards than
+  slots, every slot reads every shard and keeps every n-th row.
+- A slot reads its rows in blocks of --shuffle_buffer and yields each block in a seeded order.
+- Every sample carries its position (`POSITION`). The trainer keeps the last one consumed per slot
+  (`consumed`) and each checkpoint stores them (`save`): a resumed run re-reads at most one block
+  per slot, skipping to it inside its shard, and goes on with the same samples in the same order.
+A shard that cannot be read is skipped and counted, and with --skip_corrupt_images so is an
+image that cannot be decoded; the counts travel with the positions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset, Image, IterableDataset, load_dataset
+from torch.utils.data import DataLoader, get_worker_info
+
+from ..errors import CorruptImageError, UserError, wrap_load_error
+from ..hub import check_hub_reachable
+from .dataset import (
+    _IMAGE_NAMES,
+    _LABEL_NAMES,
+    DIGITS,
+    ROW,
+    ImageData,
+    _canonical_splits,
+    _drop_corrupt_images,
+    _pick_column,
+)
+from .decoding import decode_rgb
+
+logger = logging.getLogger(__name__)
+
+EVAL_BOUND = 10_000  # validation images read from a stream unless --max_eval_samples says otherwise
+# A sample's position in its slot's stream, as the batch carries it ("stream"), and the counts of what was skipped.
+POSITION = ("slot", "epoch", "shard", "block_row", "offset", "skipped_shards", "skipped_images")
+STATE_FILE = "stream-{rank}.json"  # in each checkpoint, one per process
+READ_BATCH = 64  # rows read from a shard at a time
+
+
+def check_streaming(data_args, args, given: set[str]) -> None:
+    """What --streaming cannot be combined with, refused in one line before anything is read."""
+    strategies = {str(getattr(args.eval_strategy, "value", args.eval_strategy)),
+                  str(getattr(args.save_strategy, "value", args.save_strategy))}
+    refusals = [
+        (args.max_steps <= 0, "--streaming needs --max_steps: a stream has no length to count epochs in"),
+        ("epoch" in strategies, "--streaming has no epochs to evaluate or save at: pass --eval_strategy steps and "
+                                "--save_strategy steps (or leave both out: every tenth of --max_steps)"),
+        (data_args.train_dir is not None, "--streaming reads --dataset_name (a Hub id or a local folder of "
+                                          "Parquet/Arrow shards or images), not --train_dir"),
+        (data_args.dataset_name == DIGITS, "--streaming is for data sets larger than memory; 'digits' is 1,797 "
+                                           "images: leave --streaming out"),
+        (args.class_weights == "auto", "--class_weights auto counts the labels of the whole train split, which a "
+                                       "stream never holds: give the weights, one per class"),
+        (args.lr_step_size is not None, "--lr_step_size counts epochs, which a stream does not have: use "
+                                        "--lr_scheduler_type (cosine by default)"),
+        (getattr(data_args, "unlabeled_dir", None) or getattr(data_args, "unlabeled_dataset", None),
+         "--unlabeled_dir/--unlabeled_dataset are joined to an in-memory train split, not to a stream"),
+        (getattr(args, "cache_teacher_logits", False), "--cache_teacher_logits keeps the teacher's logits of every "
+                                                       "training image, which a stream never holds: leave it out"),
+        ("max_train_samples" in given, "--max_train_samples picks images from the whole train split: with "
+                                       "--streaming, --max_steps says how much is read"),
+    ]
+    for refused, message in refusals:
+        if refused:
+            raise UserError(message)
+
+
+def load_streaming_data(dataset_name: str, config_name: str | None, image_column: str | None,
+                        label_column: str | None, max_eval_samples: int | None, seed: int, shuffle_buffer: int,
+                        skip_corrupt_images: bool, cache_dir: str | None = None) -> ImageData:
+    """The train split as a `StreamingSplit`, validation and test read into the cache (see the module docstring)."""
+    raw = _open(dataset_name, config_name, cache_dir)
+    splits = _canonical_splits(raw, dataset_name)
+    features = splits["train"].features
+    if features is None:
+        raise UserError(f"--streaming needs the data set's columns before its first image, and '{dataset_name}' "
+                        "declares none; run without --streaming")
+    image_column = _pick_column(features, image_column, _IMAGE_NAMES, lambda f: isinstance(f, Image), "image")
+    label_column = _pick_column(features, label_column, _LABEL_NAMES, lambda f: isinstance(f, ClassLabel), "label")
+    if not isinstance(features[image_column], Image):
+        raise UserError(f"column '{image_column}' holds {features[image_column]}, not images; pass --image_column")
+    if not isinstance(features[label_column], ClassLabel):
+        raise UserError(f"--streaming needs the label names before the first image, but column '{label_column}' holds "
+                        f"{features[label_column]}, not a ClassLabel; store it as a ClassLabel, or run without "
+                        "--streaming (the labels are then read from the whole data set)")
+    label_names = list(features[label_column].names)
+    if len(label_names) < 2:
+        raise UserError(f"the data set has {len(label_names)} class(es) in column '{label_column}'; need at least 2")
+    splits = {key: ds.select_columns([image_column, label_column]).cast_column(image_column, Image(decode=False))
+              for key, ds in splits.items()}
+    key = f"{dataset_name}|{config_name}|{_source_signature(dataset_name)}"
+    held_out: dict[int, int] = {}
+    if "validation" in splits:
+        validation = _read_into_cache(splits["validation"], max_eval_samples or EVAL_BOUND, cache_dir,
+                                      f"{key}|validation")
+    else:  # the first images of train, in file order: training skips them (`held_out`)
+        bound = max_eval_samples or EVAL_BOUND
+        validation = _read_into_cache(splits["train"], bound, cache_dir, f"{key}|held-out", held_out)
+        if len(validation) < bound:
+            raise UserError(f"the train split has {len(validation)} images, no more than the {bound} held out for "
+                            "validation: none are left to train on; pass a smaller --max_eval_samples, or leave "
+                            "--streaming out for a data set this small")
+    test = _read_into_cache(splits["test"], max_eval_samples, cache_dir, f"{key}|test") if "test" in splits else None
+    skipped = {}
+    if skip_corrupt_images:  # the bounded splits as in memory; train's images are skipped as they come
+        kept, skipped = _drop_corrupt_images({"validation": validation, "test": test} if test is not None else
+                                             {"validation": validation}, image_column)
+        validation, test = kept["validation"], kept.get("test")
+    train = StreamingSplit(splits["train"], image_column, label_column, len(label_names), seed, shuffle_buffer,
+                           held_out, skip_corrupt_images)
+    logger.info("streaming the train split of %s: %d shard(s), shuffled in blocks of %d; validation: %d images%s",
+                dataset_name, train.num_shards, shuffle_buffer, len(validation),
+                " held out from the start of train" if held_out else "")
+    return ImageData(train=train, validation=validation, test=test, label_names=label_names,
+                     image_column=image_column, label_column=label_column, name=dataset_name,
+                     validation_from_train=bool(held_out), skipped_images=skipped)
+
+
+def _open(name: str, config_name: str | None, cache_dir: str | None):
+    path = Path(name)
+    try:
+        if path.exists() or name.startswith((".", "/")):
+            if not path.is_dir():
+                raise UserError(f"--dataset_name '{name}' is neither a directory nor a Hub data set id")
+            if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
+                raise UserError(f"'{name}' is a save_to_disk folder, which datasets cannot stream; run without "
+                                "--streaming, or save it as Parquet shards (Dataset.to_parquet)")
+            return load_dataset(str(path), config_name, cache_dir=cache_dir, streaming=True)
+        check_hub_reachable()
+        return load_dataset(name, config_name, cache_dir=cache_dir, streaming=True)
+    except UserError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise wrap_load_error("data set", name, exc) from exc
+
+
+def _source_signature(name: str) -> str:
+    """For a local folder, its files' names, sizes and times: the cached validation and test follow their changes."""
+    path = Path(name)
+    if not path.is_dir():
+        return ""
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return ";".join(f"{p.relative_to(path)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
+
+
+def _shard_rows(source: IterableDataset, shard: int, first_row: int = 0, skipped: list[int] | None = None):
+    """(row, example) of one shard from `first_row` on, READ_BATCH rows at a time, and not through datasets' own
+    split among DataLoader workers (the slots decide who reads what). A shard that cannot be read (on) is skipped,
+    logged and counted in skipped[0]."""
+    part = source.shard(source.num_shards, shard)
+    batches = (part.skip(first_row) if first_row else part).iter(batch_size=READ_BATCH)
+    row = first_row
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except Exception as exc:  # pyarrow, fsspec, the network: whatever the reader raises, the shard is unusable
+            if skipped is not None:
+                skipped[0] += 1
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            logger.warning("skipped shard %d of %d from row %d on: %s", shard, source.num_shards, row, reason)
+            return
+        for values in zip(*batch.values()):
+            yield row, dict(zip(batch, values))
+            row += 1
+
+
+def _rows_in_file_order(source: IterableDataset):
+    """(shard, row, example) of the whole split, shard after shard."""
+    for shard in range(source.num_shards):
+        for row, example in _shard_rows(source, shard):
+            yield shard, row, example
+
+
+def _read_into_cache(source: IterableDataset, limit: int | None, cache_dir: str | None, key: str,
+                     held_out: dict[int, int] | None = None) -> Dataset:
+    """The first `limit` rows (all: None) as a Dataset in datasets' cache, with row numbers; `held_out` gets, per
+    shard, how many of its first rows were taken."""
+    taken = {}
+
+    def rows():
+        for i, (shard, row, example) in enumerate(itertools.islice(_rows_in_file_order(source), limit)):
+            taken[shard] = row + 1
+            yield {**example, ROW: i}
+
+    fingerprint = hashlib.sha256(f"{key}|{limit}".encode()).hexdigest()[:16]
+    features = source.features.copy()
+    features[ROW] = Dataset.from_dict({ROW: [0]}).features[ROW]
+    dataset = Dataset.from_generator(rows, features=features, cache_dir=cache_dir, fingerprint=fingerprint)
+    if held_out is not None:
+        if not taken:  # read from the cache: which rows they were (nothing is decoded)
+            for shard, row, _ in itertools.islice(_rows_in_file_order(source), len(dataset)):
+                taken[shard] = row + 1
+        held_out.update(taken)
+    return dataset
+
+
+class StreamingSplit(torch.utils.data.IterableDataset):
+    """The training stream (see the module docstring). The DataLoader iterates it (`loader`); the trainer tells it
+    what it consumed (`consumed`) and saves and restores its position with each checkpoint (`save`, `resume`)."""
+
+    def __init__(self, source: IterableDataset, image_column: str, label_column: str, num_labels: int, seed: int,
+                 block: int, held_out: dict[int, int], skip_corrupt_images: bool):
+        self.source, self.image_column, self.label_column = source, image_column, label_column
+        self.num_shards, self.num_labels, self.seed, self.block = source.num_shards, num_labels, seed, block
+        self.held_out, self.skip_corrupt_images = held_out, skip_corrupt_images
+        self.transform = None  # the train split's SampleTransform (samples.attach_transforms)
+        self.rank, self.world, self.workers = 0, 1, 1
+        self.start: dict[int, list[int]] = {}  # slot -> the position to go on after (a resumed run)
+        self.last: dict[int, list[int]] = {}  # slot -> the last position the trainer consumed
+        self.batches = 0  # batches this process consumed: which worker's turn the next one is
+
+    def set_transform(self, transform, columns=None) -> None:
+        self.transform = transform
+
+    def loader(self, batch_size: int, collate_fn, args) -> DataLoader:
+        """This process's DataLoader. Not accelerate's: it would read the whole stream in every process and keep a
+        slice of each batch, where here each process reads only its own shards."""
+        self.rank, self.world = args.process_index, args.world_size
+        self.workers = max(1, args.dataloader_num_workers)
+        workers = args.dataloader_num_workers
+        return DataLoader(self, batch_size=batch_size, collate_fn=collate_fn, num_workers=workers,
+                          pin_memory=args.dataloader_pin_memory,
+                          persistent_workers=args.dataloader_persistent_workers and workers > 0,
+                          prefetch_factor=args.dataloader_prefetch_factor if workers else None)
+
+    # ---------------------------------------------------------------- reading
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        # The DataLoader takes a batch from each worker in turn, starting with worker 0: after a resume, worker 0
+        # plays the slot whose turn it was.
+        slot = self.rank * self.workers + (worker + self.batches) % self.workers
+        return self._samples(slot, self.world * self.workers, self.start.get(slot))
+
+    def _samples(self, slot: int, slots: int, start: list[int] | None):
+        _, epoch, shard_pos, block_row, offset, skipped_shards, skipped_images = start or (slot, 0, 0, 0, -1, 0, 0)
+        skipped = [skipped_shards, skipped_images]
+        while True:
+            whole_epoch = (shard_pos, block_row, offset) == (0, 0, -1)
+            shards, step, phase = self._plan(slot, slots, epoch)
+            rows = self._rows(shards, step, phase, shard_pos, block_row, skipped)
+            delivered = False
+            while block := list(itertools.islice(rows, self.block)):
+                start_pos, start_row = block[0][0], block[0][1]
+                order = np.random.default_rng([self.seed, epoch, slot, start_pos, start_row]).permutation(len(block))
+                for place in range(offset + 1, len(block)):
+                    pos, row, example = block[order[place]]
+                    sample = self._sample(example, shards[pos], row, epoch, skipped)
+                    if sample is not None:
+                        sample["stream"] = [slot, epoch, start_pos, start_row, place, *skipped]
+                        delivered = True
+                        yield sample
+                offset = -1
+            if not delivered and whole_epoch:
+                raise UserError(f"slot {slot} of the stream got no image in a whole epoch: the train split has fewer "
+                                f"images than processes x DataLoader workers ({slots}), or none that can be read")
+            epoch, shard_pos, block_row = epoch + 1, 0, 0
+
+    def _plan(self, slot: int, slots: int, epoch: int) -> tuple[list[int], int, int]:
+        """The slot's shards this epoch, and which of their rows it keeps (row % step == phase)."""
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.num_shards).tolist()
+        if self.num_shards >= slots:
+            return order[slot::slots], 1, 0
+        return order, slots, slot  # fewer shards than slots: every slot reads them all and keeps its rows
+
+    def _rows(self, shards: list[int], step: int, phase: int, shard_pos: int, first_row: int, skipped: list[int]):
+        """(index in `shards`, row, example) of the slot's rows from (shard_pos, first_row) on."""
+        for pos in range(shard_pos, len(shards)):
+            first = first_row if pos == shard_pos else 0
+            for row, example in _shard_rows(self.source, shards[pos], first, skipped):
+                if row % step == phase and row >= self.held_out.get(shards[pos], 0):
+                    yield pos, row, example
+
+    def _sample(self, example: dict, shard: int, row: int, epoch: int, skipped: list[int]) -> dict | None:
+        label = example[self.label_column]
+        if label is None or not 0 <= label < self.num_labels:
+            raise CorruptImageError(f"label {label} in shard {shard} of the train stream, row {row}, is outside "
+                                    f"0..{self.num_labels - 1}; every row needs one of the {self.num_labels} classes")
+        row_id = shard << 32 | row  # unique in the split: the augmentation's seed (augmentation.sample_seed)
+        try:
+            image, _ = self.transform.image(example[self.image_column], row_id, epoch)
+        except CorruptImageError as exc:
+            self._unreadable(exc, shard, row)
+            skipped[1] += 1
+            return None
+        return {"pixel_values": image, "labels": label, "row_index": row_id}
+
+    def _unreadable(self, exc: Exception, shard: int, row: int) -> None:
+        """An image that cannot be decoded: the run stops naming it, unless --skip_corrupt_images."""
+        if not self.skip_corrupt_images:
+            raise CorruptImageError(f"cannot decode the image in shard {shard} of the train stream, row {row}: "
+                                    f"{str(exc).split(': ', 1)[-1]} (--skip_corrupt_images skips such images)") from exc
+
+    # ---------------------------------------------------------------- position
+
+    def consumed(self, positions: torch.Tensor) -> None:
+        """The trainer took a batch (`positions`: the batch's "stream", one row per sample)."""
+        self.last[int(positions[-1, 0])] = positions[-1].tolist()
+        self.batches += 1
+
+    def skipped(self) -> tuple[int, int]:
+        """Shards and images this process's slots skipped so far (as far as the trainer consumed)."""
+        return (sum(p[5] for p in self.last.values()), sum(p[6] for p in self.last.values()))
+
+    def save(self, folder: str | Path) -> None:
+        state = {"processes": self.world, "workers": self.workers, "batches": self.batches,
+                 "positions": {str(slot): p for slot, p in self.last.items()}}
+        (Path(folder) / STATE_FILE.format(rank=self.rank)).write_text(json.dumps(state))
+
+    def resume(self, folder: str | Path, rank: int, processes: int, workers: int) -> None:
+        """Go on after the positions `folder` (a checkpoint) holds for process `rank`."""
+        path = Path(folder) / STATE_FILE.format(rank=rank)
+        if not path.is_file():
+            raise UserError(f"checkpoint {folder} holds no stream position for process {rank} ({path.name}); resume "
+                            "it with the processes it was written with, or start afresh with --overwrite_output_dir")
+        state = json.loads(path.read_text())
+        if (state["processes"], state["workers"]) != (processes, max(1, workers)):
+            raise UserError(f"checkpoint {folder} was written by {state['processes']} process(es) with "
+                            f"{state['workers']} stream reader(s) each (DataLoader workers), this run has {processes} "
+                            f"with {max(1, workers)}; resume with the same --dataloader_num_workers and processes")
+        self.start = {int(slot): p for slot, p in state["positions"].items()}
+        self.last = dict(self.start)
+        self.batches = state["batches"]
+
+    def head(self, n: int) -> Dataset:
+        """The first `n` training images in file order (held-out ones excluded), as a Dataset with this split's
+        transform: what precise BatchNorm statistics are computed from."""
+        taken = []
+        for shard, row, example in _rows_in_file_order(self.source):
+            if row < self.held_out.get(shard, 0):
+                continue
+            try:
+                decode_rgb(example[self.image_column])
+            except Exception as exc:  # PIL raises many types; any of them means the file is unusable
+                self._unreadable(exc, shard, row)
+                continue
+            taken.append({**example, ROW: shard << 32 | row})
+            if len(taken) == n:
+                break
+        features = self.source.features.copy()
+        features[ROW] = Dataset.from_dict({ROW: [0]}).features[ROW]
+        dataset = Dataset.from_list(taken, features=features)
+        dataset.set_transform(self.transform, columns=[self.image_column, self.label_column, ROW])
+        return dataset
