@@ -13,6 +13,7 @@ One module per concept:
   data/augmentation.py         per-sample training augmentation (CPU, uint8)
   data/samples.py              per-sample transform and batch collation for the DataLoader (one resize per model)
   data/unlabeled.py            images without labels for distillation: loading, checks, joining the training split
+  data/streaming.py            --streaming: the train split read a shard at a time, in an order a checkpoint can resume
   on_device/preprocessing.py   uint8 batch -> one model's input, on the training device (ImageSpec)
   on_device/geometry.py        random crops and flips of a whole batch on the device, one draw per image
   on_device/mixing.py          mixup and CutMix on the device

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import ClassLabel, Dataset, Image, IterableDataset, load_dataset
+from datasets import ClassLabel, Dataset, Image, IterableDataset, Value, load_dataset
 from torch.utils.data import DataLoader, get_worker_info
 
 from ..errors import CorruptImageError, UserError, wrap_load_error
@@ -204,7 +204,7 @@ def _read_into_cache(source: IterableDataset, limit: int | None, cache_dir: str 
 
     fingerprint = hashlib.sha256(f"{key}|{limit}".encode()).hexdigest()[:16]
     features = source.features.copy()
-    features[ROW] = Dataset.from_dict({ROW: [0]}).features[ROW]
+    features[ROW] = Value("int64")
     dataset = Dataset.from_generator(rows, features=features, cache_dir=cache_dir, fingerprint=fingerprint)
     if held_out is not None:
         if not taken:  # read from the cache: which rows they were (nothing is decoded)
@@ -359,7 +359,7 @@ class StreamingSplit(torch.utils.data.IterableDataset):
             if len(taken) == n:
                 break
         features = self.source.features.copy()
-        features[ROW] = Dataset.from_dict({ROW: [0]}).features[ROW]
+        features[ROW] = Value("int64")
         dataset = Dataset.from_list(taken, features=features)
         dataset.set_transform(self.transform, columns=[self.image_column, self.label_column, ROW])
         return dataset
