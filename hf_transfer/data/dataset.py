@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset, load_from_disk
+from datasets.packaged_modules.imagefolder.imagefolder import IMAGE_EXTENSIONS as _EXTENSIONS
 
 from ..errors import UserError, check_local_path, wrap_load_error
 from ..hub import check_hub_reachable
@@ -33,6 +34,7 @@ _SPLIT_ALIASES = {"train": ("train", "training"), "validation": ("validation", "
                   "test": ("test", "testing")}
 DIGITS = "digits"
 DIGITS_NAME = "sklearn digits"  # what the model card calls it
+IMAGE_EXTENSIONS = tuple(_EXTENSIONS)  # the files an image folder's rows are made of (datasets' imagefolder list)
 
 
 @dataclass
@@ -137,7 +139,10 @@ def _load_raw(dataset_name, config_name, train_dir, validation_dir, test_dir,
             raise UserError(f"--train_dir '{train_dir}' has {len(classes)} class folder(s) "
                             f"({', '.join(classes) or 'none'}); an image folder needs one subfolder per class, "
                             "at least 2")
-        try:
+        listed = _class_folders(files)
+        if listed is not None:
+            return listed, str(train_dir)
+        try:  # another layout (nested folders, metadata files): datasets' imagefolder knows them all
             return load_dataset("imagefolder", data_files=files, cache_dir=cache_dir), str(train_dir)
         except (OSError, ValueError) as exc:
             raise wrap_load_error("image folder", train_dir, exc) from exc
@@ -164,6 +169,38 @@ def _load_raw(dataset_name, config_name, train_dir, validation_dir, test_dir,
     if isinstance(loaded, Dataset):
         loaded = DatasetDict(train=loaded)
     return loaded, name
+
+
+def _class_folders(files: dict[str, str]) -> DatasetDict | None:
+    """Image folders laid out as one subfolder of images per class, listed directly; None for any other layout.
+
+    The same rows as datasets' imagefolder (labels from the folder names, sorted; files in path
+    order), which for 200,000 JPEGs spends 54 s on 2 cores resolving a glob over every file and
+    indexing them before the first step (benchmarks/large_data.py); listing them takes about a second.
+    """
+    paths, labels = {}, set()
+    for split, pattern in files.items():
+        root, found = Path(pattern).parent, []
+        for entry in os.scandir(root):
+            if entry.name.startswith((".", "__")):
+                continue
+            if not entry.is_dir():
+                if entry.name.lower().endswith(IMAGE_EXTENSIONS) or entry.name.startswith("metadata."):
+                    return None  # images outside a class folder, or labels from a metadata file
+                continue
+            for file in os.scandir(entry.path):
+                if file.name.startswith((".", "__")):
+                    continue
+                if file.is_dir() or file.name.startswith("metadata."):
+                    return None  # nested folders: datasets' rules decide the labels
+                if file.name.lower().endswith(IMAGE_EXTENSIONS):
+                    found.append((file.path, entry.name))
+        paths[split] = sorted(found)
+        labels.update(label for _, label in found)
+    features = Features({"image": Image(), "label": ClassLabel(names=sorted(labels))})
+    return DatasetDict({split: Dataset.from_dict({"image": [{"path": p, "bytes": None} for p, _ in found],
+                                                  "label": [label for _, label in found]}, features=features)
+                        for split, found in paths.items()})
 
 
 def _canonical_splits(raw: DatasetDict, name: str) -> dict[str, Dataset]:
