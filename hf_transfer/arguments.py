@@ -142,7 +142,8 @@ class DataArguments:
     )
     augmentation: str = field(
         default="auto",
-        metadata={"shapes": True, "help": "Training augmentation: a preset (none, crop, flip, basic = crop + flip, strong, randaugment, "
+        metadata={"shapes": True, "help": "Training augmentation: a preset (none, crop, flip, basic = crop + flip, rrc = "
+                          "random-resized crop, strong, randaugment, "
                           "trivialaugment) or several joined by '+', e.g. crop+randaugment; auto is basic on "
                           "CIFAR-10/100 and none elsewhere (no flips unless known to be safe)."},
     )

@@ -143,7 +143,9 @@ def textures(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_on_mixed_sizes_the_teacher_is_scored_as_in_its_own_evaluation(textures, tmp_path):
+@pytest.mark.parametrize("augmentation", ["none", "rrc"])
+def test_on_mixed_sizes_the_teacher_is_scored_as_in_its_own_evaluation(textures, tmp_path, augmentation):
+    """(Trained on random-resized crops too: each model resizes the same crop whole, only in training.)"""
     import run_finetune
 
     data, teacher = textures
@@ -153,7 +155,7 @@ def test_on_mixed_sizes_the_teacher_is_scored_as_in_its_own_evaluation(textures,
     student = make_checkpoint("resnet", tmp_path / "student", image_size=16)
     distilled = run_distill.main(["--teacher_model_name_or_path", str(teacher), "--student_model_name_or_path", student,
                                   "--from_scratch", *folders, "--output_dir", str(tmp_path / "d"), "--max_steps", "2",
-                                  *quick_flags()])
+                                  *quick_flags(), "--augmentation", augmentation])
     assert own["test_accuracy"] >= 0.6  # 4 classes: chance is 0.25, where a 16 px view leaves the teacher
     assert distilled["test_teacher_accuracy"] == pytest.approx(own["test_accuracy"])
 

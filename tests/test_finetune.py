@@ -32,15 +32,18 @@ def pipeline_predictions(output_dir, images):
     return [label2id[result[0]["label"]] for result in classify(images, top_k=1)]
 
 
-def test_mixed_size_photos_are_seen_as_the_checkpoints_processor_sees_them(tmp_path, quick_args):
+@pytest.mark.parametrize("augmentation", ["none", "rrc+flip"])
+def test_mixed_size_photos_are_seen_as_the_checkpoints_processor_sees_them(tmp_path, quick_args, augmentation):
     """A checkpoint whose processor keeps the aspect ratio and crops the centre (microsoft/resnet-50's: the shorter
     edge to 32 / 0.875, the centre 32 x 32), images of many sizes and shapes: the saved processor is the same
-    geometry, and pipeline() on the saved model predicts what the run's test evaluation predicted."""
+    geometry, and pipeline() on the saved model predicts what the run's test evaluation predicted (also after
+    training on random-resized crops, which only training sees)."""
     data = texture_folders(tmp_path / "data", {"train": 6, "test": 6})
     checkpoint = make_checkpoint("hf-resnet", tmp_path / "arch", image_size=32, num_labels=4, crop_pct=0.875)
     out = tmp_path / "run"
     run_finetune.main(["--model_name_or_path", checkpoint, "--train_dir", str(data / "train"), "--test_dir",
-                       str(data / "test"), "--output_dir", str(out), "--max_steps", "3", *quick_args])
+                       str(data / "test"), "--output_dir", str(out), "--max_steps", "3", *quick_args,
+                       "--augmentation", augmentation])
     processor = AutoImageProcessor.from_pretrained(out)
     assert processor.size == {"shortest_edge": 36} and processor.crop_size == {"height": 32, "width": 32}
     saved = json.loads((out / "test_predictions.json").read_text())

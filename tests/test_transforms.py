@@ -178,3 +178,34 @@ def test_memory_layout_does_not_change_the_values(interpolation):
     nhwc = batch.contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(ToModelInput(spec)(nhwc), ToModelInput(spec)(batch), rtol=0, atol=0)
     assert ToModelInput(spec)(nhwc).is_contiguous()
+
+
+def test_random_resized_crop_is_square_at_the_stored_resolution_and_seeded():
+    from hf_transfer.data.augmentation import Augmentation
+
+    image = torch.from_numpy(np.asarray(skimage_data.astronaut()[:60, :90])).permute(2, 0, 1).contiguous()
+    rrc = Augmentation("rrc")
+    views = [rrc(image, seed) for seed in (1, 1, 2)]
+    assert all(view.shape == (3, 60, 60) for view in views)  # square at the shorter edge
+    assert torch.equal(views[0], views[1]) and not torch.equal(views[0], views[2])  # the image's seed decides
+    assert rrc.squash and not rrc.batched and not Augmentation("basic").squash
+
+
+def test_random_resized_crops_are_resized_whole_by_each_model_in_its_own_view():
+    """Each model makes its input from the crop at the stored resolution, resized whole (no evaluation centre
+    crop): the student's and the teacher's pictures are the same region, neither made from the other's."""
+    crops = [torch.from_numpy(np.asarray(im)).permute(2, 0, 1).contiguous() for im in random_images(3, size=40)]
+    crops[1] = crops[1][:, :30, :30]  # mixed sizes, as random-resized crops of photos of several sizes are
+    student = ImageSpec(size=(16, 16), mean=(0.5,) * 3, std=(0.5,) * 3, resize=18)  # crop_pct 0.875
+    teacher = ImageSpec(size=(32, 32), mean=(0.5,) * 3, std=(0.5,) * 3, resize=36)
+    samples = [{"pixel_values": c, "labels": 0, "row_index": i, "squash": True} for i, c in enumerate(crops)]
+    batch = UInt8Collator(student).with_view("teacher", teacher)(samples)
+    assert bool(batch["squash"]) and bool(batch["fitted"])
+    for i, crop in enumerate(crops):
+        assert torch.equal(batch["pixel_values"][i], resize_batch(crop[None], (16, 16), "bilinear")[0])
+        assert torch.equal(batch["view_teacher"][i], resize_batch(crop[None], (32, 32), "bilinear")[0])
+    # one size: the device does the same, batched
+    same = torch.stack([crops[0], crops[2]])
+    assert torch.equal(ToModelInput(student)(same, squash=True),
+                       ToModelInput(student)(resize_batch(same, (16, 16), "bilinear"), fitted=True))
+    assert not torch.equal(ToModelInput(student)(same, squash=True), ToModelInput(student)(same))

@@ -16,6 +16,9 @@ microseconds, where the same work at 224 px would cost fifty times as much.
 - crop:   random crop with 1/8 padding.
 - flip:   horizontal flip.
 - basic:  the tutorial's: crop + flip.
+- rrc:    random-resized crop, ImageNet training's: a region of 8-100% of the image's area with an
+          aspect ratio of 3/4-4/3, made square here at the image's shorter edge; each model then
+          resizes the whole square to its input, without its evaluation crop (`squash`).
 - strong: the tutorial's aggressive set (random resized crop scale 0.8-1.0, flip, rotation
           10 degrees, colour jitter 0.2) followed by TrivialAugment.
 - randaugment:    RandAugment, 2 operations at magnitude 9 (timm's rand-m9-n2).
@@ -28,7 +31,7 @@ from __future__ import annotations
 import torch
 from torchvision.transforms import v2
 
-PRESETS = ("none", "crop", "flip", "basic", "strong", "randaugment", "trivialaugment")
+PRESETS = ("none", "crop", "flip", "basic", "rrc", "strong", "randaugment", "trivialaugment")
 AUGMENTATIONS = ("auto", *PRESETS)
 # Natural-photo data sets whose classes survive a left-right mirror, where crops and flips are the standard.
 MIRROR_SAFE = ("uoft-cs/cifar10", "cifar10", "uoft-cs/cifar100", "cifar100")
@@ -96,6 +99,12 @@ class Augmentation:
         return not self.parts and not self.random_erasing
 
     @property
+    def squash(self) -> bool:
+        """Whether each model takes the augmented image whole, resized to its input (a random-resized crop is
+        the region to see: the evaluation's centre crop would cut it again)."""
+        return "rrc" in self.parts
+
+    @property
     def batched(self) -> bool:
         """Whether this augmentation is crops and flips only, which the device applies to a whole batch at once
         (`on_device/geometry.py`) from per-sample parameters (`batch_parameters`): no per-image CPU work."""
@@ -128,6 +137,9 @@ def _steps(part: str, size: tuple[int, int]) -> list[v2.Transform]:
         "crop": lambda: [v2.RandomCrop(size, padding=padding)],
         "flip": lambda: [v2.RandomHorizontalFlip()],
         "basic": lambda: [v2.RandomCrop(size, padding=padding), v2.RandomHorizontalFlip()],
+        # At the stored resolution (the shorter edge): every model makes its own input from the same region.
+        "rrc": lambda: [v2.RandomResizedCrop((min(size),) * 2, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                                             antialias=True)],
         "strong": lambda: [v2.RandomResizedCrop(size, scale=(0.8, 1.0), antialias=True), v2.RandomHorizontalFlip(),
                            v2.RandomRotation(10), v2.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
                            v2.TrivialAugmentWide()],

@@ -149,6 +149,8 @@ class SampleTransform:
         # Whether a sample costs more than a row lookup on the CPU: decoding, or augmenting one image at a time.
         self.per_image_work = decoded is None or (augmentation is not None and not augmentation.is_identity
                                                   and not self.on_device)
+        # A random-resized crop is seen whole by each model, resized to its input (augmentation.py).
+        self.squash = augmentation is not None and augmentation.squash
 
     def __call__(self, batch: dict) -> dict:
         epoch = int(self.epoch)  # read the shared counter once per batch
@@ -157,6 +159,8 @@ class SampleTransform:
         samples = {"pixel_values": list(images), "labels": list(batch[self.label_column]), "row_index": list(batch[ROW])}
         if self.on_device:
             samples["augment"] = list(parameters)
+        if self.squash:
+            samples["squash"] = [True] * len(images)
         return samples
 
     def image(self, cell, row: int, epoch: int) -> tuple[torch.Tensor, list[int] | None]:
@@ -198,11 +202,14 @@ class UInt8Collator:
             "labels": torch.tensor([e["labels"] for e in examples], dtype=torch.long),
             "row_index": torch.tensor([e["row_index"] for e in examples], dtype=torch.long),
         }
+        squash = "squash" in examples[0]  # random-resized crops: each model resizes them whole (augmentation.py)
+        if squash:
+            collated["squash"] = torch.ones((), dtype=torch.bool)
         if all(image.shape == images[0].shape for image in images):
             collated["pixel_values"] = _stack(images)
         else:
             def fitted(spec: ImageSpec) -> torch.Tensor:  # each image on its own, then stacked
-                return _stack([fit_to_spec(image[None], spec)[0] for image in images])
+                return _stack([fit_to_spec(image[None], spec, squash)[0] for image in images])
 
             collated["pixel_values"] = fitted(self.spec)
             for name, spec in self.views.items():

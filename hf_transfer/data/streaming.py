@@ -50,7 +50,8 @@ logger = logging.getLogger(__name__)
 
 EVAL_BOUND = 10_000  # validation images read from a stream unless --max_eval_samples says otherwise
 # A sample's position in its slot's stream, as the batch carries it ("stream"), and the counts of what was skipped.
-POSITION = ("slot", "epoch", "shard", "block_row", "offset", "skipped_shards", "skipped_images")
+POSITION = ("slot", "epoch", "shard", "block_row", "offset", "skipped_shards_before_block", "skipped_images",
+            "skipped_shards")
 STATE_FILE = "stream-{rank}.json"  # in each checkpoint, one per process
 READ_BATCH = 64  # rows read from a shard at a time
 
@@ -254,21 +255,25 @@ class StreamingSplit(torch.utils.data.IterableDataset):
         return self._samples(slot, self.world * self.workers, self.start.get(slot))
 
     def _samples(self, slot: int, slots: int, start: list[int] | None):
-        _, epoch, shard_pos, block_row, offset, skipped_shards, skipped_images = start or (slot, 0, 0, 0, -1, 0, 0)
+        _, epoch, shard_pos, block_row, offset, skipped_shards, skipped_images, _ = start or (slot, 0, 0, 0, -1, 0, 0, 0)
         skipped = [skipped_shards, skipped_images]
         while True:
             whole_epoch = (shard_pos, block_row, offset) == (0, 0, -1)
             shards, step, phase = self._plan(slot, slots, epoch)
             rows = self._rows(shards, step, phase, shard_pos, block_row, skipped)
             delivered = False
-            while block := list(itertools.islice(rows, self.block)):
+            while True:
+                before = skipped[0]  # shards skipped before the block: a resumed run re-reads (and re-counts) it
+                block = list(itertools.islice(rows, self.block))
+                if not block:
+                    break
                 start_pos, start_row = block[0][0], block[0][1]
                 order = np.random.default_rng([self.seed, epoch, slot, start_pos, start_row]).permutation(len(block))
                 for place in range(offset + 1, len(block)):
                     pos, row, example = block[order[place]]
                     sample = self._sample(example, shards[pos], row, epoch, skipped)
                     if sample is not None:
-                        sample["stream"] = [slot, epoch, start_pos, start_row, place, *skipped]
+                        sample["stream"] = [slot, epoch, start_pos, start_row, place, before, skipped[1], skipped[0]]
                         delivered = True
                         yield sample
                 offset = -1
@@ -304,7 +309,10 @@ class StreamingSplit(torch.utils.data.IterableDataset):
             self._unreadable(exc, shard, row)
             skipped[1] += 1
             return None
-        return {"pixel_values": image, "labels": label, "row_index": row_id}
+        sample = {"pixel_values": image, "labels": label, "row_index": row_id}
+        if self.transform.squash:
+            sample["squash"] = True
+        return sample
 
     def _unreadable(self, exc: Exception, shard: int, row: int) -> None:
         """An image that cannot be decoded: the run stops naming it, unless --skip_corrupt_images."""
@@ -321,7 +329,7 @@ class StreamingSplit(torch.utils.data.IterableDataset):
 
     def skipped(self) -> tuple[int, int]:
         """Shards and images this process's slots skipped so far (as far as the trainer consumed)."""
-        return (sum(p[5] for p in self.last.values()), sum(p[6] for p in self.last.values()))
+        return (sum(p[7] for p in self.last.values()), sum(p[6] for p in self.last.values()))
 
     def save(self, folder: str | Path) -> None:
         state = {"processes": self.world, "workers": self.workers, "batches": self.batches,

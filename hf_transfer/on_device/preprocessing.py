@@ -189,11 +189,13 @@ def resize_batch(images: torch.Tensor, size: tuple[int, int], interpolation: str
     return tvF.resize(images, list(size), interpolation=InterpolationMode(interpolation), antialias=True)
 
 
-def fit_to_spec(images: torch.Tensor, spec: ImageSpec) -> torch.Tensor:
+def fit_to_spec(images: torch.Tensor, spec: ImageSpec, squash: bool = False) -> torch.Tensor:
     """A NCHW batch of one size (uint8, or float on the 0-255 scale) as the model's image processor makes it:
     resized, then its centre cut out at the input size (zero-padded where the image is smaller, as
-    transformers' centre crop does)."""
-    images = resize_batch(images, spec.resized_size(*images.shape[-2:]), spec.interpolation)
+    transformers' centre crop does). `squash`: the whole image resized to the input size, no centre cut
+    (a random-resized crop in training, data/augmentation.py)."""
+    target = spec.size if squash else spec.resized_size(*images.shape[-2:])
+    images = resize_batch(images, target, spec.interpolation)
     height, width = images.shape[-2:]
     crop_height, crop_width = spec.size
     if (height, width) == (crop_height, crop_width):
@@ -227,12 +229,13 @@ class ToModelInput:
             self._stats[device] = (mean, std)
         return self._stats[device]
 
-    def __call__(self, images: torch.Tensor, fitted: bool = False) -> torch.Tensor:
-        """`fitted`: the images are this model's view already (a mixed-size batch, `UInt8Collator`)."""
+    def __call__(self, images: torch.Tensor, fitted: bool = False, squash: bool = False) -> torch.Tensor:
+        """`fitted`: the images are this model's view already (a mixed-size batch, `UInt8Collator`);
+        `squash`: resized whole to the input, without the centre crop (`fit_to_spec`)."""
         # Batches arrive channels-last (see UInt8Collator), where the uint8 resize is twice as fast on
         # the CPU; the result is the same. The float copy writes the layout the model wants.
         if not fitted:
-            images = fit_to_spec(images, self.spec)
+            images = fit_to_spec(images, self.spec, squash)
         mean, std = self._mean_std(images.device)
         layout = torch.channels_last if self.channels_last else torch.contiguous_format
         x = torch.empty(images.shape, dtype=torch.float32, device=images.device, memory_format=layout)

@@ -86,7 +86,8 @@ class DistillationTrainer(TransferTrainer):
             teacher_logits = self.teacher_logits[inputs["row_index"].to(self.teacher_logits.device)]
         else:
             with torch.inference_mode():  # no autograd bookkeeping at all for the frozen teacher
-                teacher_logits = self.teacher_logits_for(inputs["images"], inputs["views"].get(TEACHER_VIEW))
+                teacher_logits = self.teacher_logits_for(inputs["images"], inputs["views"].get(TEACHER_VIEW),
+                                                         inputs["squash"])
             teacher_logits = teacher_logits.clone()  # an ordinary tensor: the loss saves it for the backward pass
         counts = num_items_in_batch if isinstance(num_items_in_batch, BatchCounts) else None
         loss, ce, kd = distillation_loss(
@@ -117,11 +118,13 @@ class DistillationTrainer(TransferTrainer):
             self._terms_since = self.state.global_step
         super().log(logs, start_time)
 
-    def teacher_logits_for(self, images: torch.Tensor, view: torch.Tensor | None = None) -> torch.Tensor:
+    def teacher_logits_for(self, images: torch.Tensor, view: torch.Tensor | None = None,
+                           squash: bool = False) -> torch.Tensor:
         """The teacher's logits for a batch of images (uint8, or mixed floats on the 0-255 scale) at storage size,
-        resized, cropped and normalised its own way; or, for a mixed-size batch, for its own `view` of them, made
-        by the collator (samples.UInt8Collator)."""
-        pixels = self.teacher_input(view, fitted=True) if view is not None else self.teacher_input(images)
+        resized, cropped and normalised its own way (`squash`: random-resized crops, resized whole); or, for a
+        mixed-size batch, for its own `view` of them, made by the collator (samples.UInt8Collator)."""
+        pixels = self.teacher_input(view, fitted=True) if view is not None else self.teacher_input(images,
+                                                                                                     squash=squash)
         return self.teacher(pixel_values=self.cast_for_model(pixels)).logits
 
     def train(self, *args, **kwargs):

@@ -123,14 +123,16 @@ class TransferTrainer(Trainer):
             images = crop_and_flip(images, batch["augment"])
         if self.batch_mix is not None and self.model.training and labels is not None:
             images, labels, views = self.batch_mix(images, labels, views)
-        # A mixed-size batch is each model's input already (UInt8Collator), mixed or not; one of one size is fitted here.
-        prepared = {"pixel_values": self.cast_for_model(self.to_model_input(images, fitted="fitted" in batch))}
+        # A mixed-size batch is each model's input already (UInt8Collator), mixed or not; one of one size is fitted here,
+        # random-resized crops (training only) resized whole.
+        squash = "squash" in batch and self.model.training
+        prepared = {"pixel_values": self.cast_for_model(self.to_model_input(images, "fitted" in batch, squash))}
         if labels is not None:
             prepared["labels"] = labels
         if self.model.training:
             # What a loss may need besides the model's input: the same (augmented, mixed) images before this
             # model's resize, and the other views, from which the distillation teacher makes its own input.
-            prepared.update(images=images, views=views, row_index=batch["row_index"])
+            prepared.update(images=images, views=views, row_index=batch["row_index"], squash=squash)
         return prepared
 
     def floating_point_ops(self, inputs: dict) -> int:
@@ -280,7 +282,7 @@ class TransferTrainer(Trainer):
                 images = batch["pixel_values"]
                 if "augment" in batch:
                     images = crop_and_flip(images, batch["augment"])
-                yield self.cast_for_model(self.to_model_input(images, fitted="fitted" in batch))
+                yield self.cast_for_model(self.to_model_input(images, "fitted" in batch, "squash" in batch))
 
         reduce = (lambda t: self.accelerator.reduce(t, reduction="mean")) if self.accelerator.num_processes > 1 else None
         device = self.args.device
