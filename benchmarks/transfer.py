@@ -19,6 +19,8 @@ Cells (each one `run_finetune.main(argv)`, the function `run_finetune.py` runs):
   no-precise-bn     the defaults with BatchNorm's running statistics as training left them (--precise_bn_images 0)
   crop              the defaults with random crops (--augmentation crop; the default on digits is none)
   ema               the defaults with a weight EMA (--ema_decay 0.999)
+  basic, rrc        photos-10 only: crops and flips (--augmentation basic); random-resized crops and flips
+                    (--augmentation rrc+flip)
   tutorial          --recipe tutorial
   sgd-*/adamw-*     SGD (momentum 0.9, Nesterov) and AdamW x 3 learning rates x clipping on (1.0) / off
   linear-probe      --freeze_backbone (pretrained only)
@@ -123,7 +125,8 @@ def cells_for(init: str, regime: str = "digits-10") -> dict[str, list[str] | Non
     """The cells of one (regime, init); None marks a cell whose flags depend on the defaults' run.
     The photo patches ask what pretraining buys on natural images: defaults, crops and flips, linear probe."""
     if regime == "photos-10":
-        cells = {"defaults": [], "no-precise-bn": ["--precise_bn_images", "0"], "basic": ["--augmentation", "basic"]}
+        cells = {"defaults": [], "no-precise-bn": ["--precise_bn_images", "0"], "basic": ["--augmentation", "basic"],
+                 "rrc": ["--augmentation", "rrc+flip"]}
         return {**cells, "linear-probe": ["--freeze_backbone"]} if init == "pretrained" else cells
     cells = {"defaults": [], "no-precise-bn": ["--precise_bn_images", "0"], "crop": ["--augmentation", "crop"],
              "ema": ["--ema_decay", "0.999"],
@@ -416,7 +419,7 @@ def main() -> None:
             for cell, flags in cells_for(init, regime).items():
                 if wanted is not None and cell not in wanted:
                     continue
-                multi_seed = cell in ("defaults", "no-precise-bn", "crop", "ema", "basic", "linear-probe") or is_sweep(cell)
+                multi_seed = cell in ("defaults", "no-precise-bn", "crop", "ema", "basic", "rrc", "linear-probe") or is_sweep(cell)
                 for seed in seeds if multi_seed else range(1):
                     if (regime, init, cell, seed) not in done:
                         cell_flags = progressive_flags(records, regime) if flags is None else flags
