@@ -199,3 +199,14 @@ def test_a_stream_without_class_names_or_with_too_few_images_is_refused_before_t
                                            "--output_dir", str(tmp_path / folder / "out")])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and err[-1].startswith(f"error: {message}"), err
+
+
+@pytest.mark.network
+def test_cifar10_streams_from_the_hub(tiny_resnet, tmp_path, monkeypatch):
+    """The Hub path: CIFAR-10's train split streamed, 50 validation images held out, the test split bounded."""
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    results = run_finetune.main(["--model_name_or_path", tiny_resnet, "--dataset_name", "uoft-cs/cifar10",
+                                 "--streaming", "--max_steps", "4", "--max_eval_samples", "50",
+                                 "--output_dir", str(tmp_path / "out"), *quick_flags()])
+    assert results["train_streamed_images"] == 32 and results["test_samples"] == 50
