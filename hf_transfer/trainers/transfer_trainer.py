@@ -22,6 +22,9 @@ The other overrides exist because the Trainer has no option for them:
   also restore the average.
 - `train`, `evaluate`, `_save_checkpoint`: the weight EMA (`--ema_decay`, `ema.py`); `train` and
   `evaluate` also recompute BatchNorm statistics for the weights evaluated (`--precise_bn_images`, `batchnorm.py`).
+- `get_train_dataloader`, and the stream's position in `get_batch_samples`, `_save_checkpoint` and
+  `_load_from_checkpoint`: a `--streaming` train split reads its own shards in each process and
+  resumes where it stopped (`data/streaming.py`).
 
 `DistillationTrainer` builds on this class and adds the teacher.
 """
