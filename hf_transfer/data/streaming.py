@@ -239,9 +239,10 @@ class StreamingSplit(torch.utils.data.IterableDataset):
         self.rank, self.world = args.process_index, args.world_size
         self.workers = max(1, args.dataloader_num_workers)
         workers = args.dataloader_num_workers
+        # One iterator for the whole run (the stream never ends): persistent workers would add nothing but a
+        # slower shutdown.
         return DataLoader(self, batch_size=batch_size, collate_fn=collate_fn, num_workers=workers,
                           pin_memory=args.dataloader_pin_memory,
-                          persistent_workers=args.dataloader_persistent_workers and workers > 0,
                           prefetch_factor=args.dataloader_prefetch_factor if workers else None)
 
     # ---------------------------------------------------------------- reading

@@ -89,7 +89,9 @@ class TransferTrainer(Trainer):
         self.ema = WeightEma(self.model, self.args.ema_decay) if self.args.ema_decay else None
         self._raw_weights: dict | None = None  # once the EMA weights are the model's, the raw ones (for eval_raw_*)
         self._statistics_step: int | None = None  # the step whose weights the BatchNorm statistics belong to
-        self._statistics_images = None  # the training images they are computed from (batchnorm.py)
+        # The loader of the training images they are computed from (batchnorm.py), made once: a new one at every
+        # evaluation would start new persistent DataLoader workers each time, all alive until garbage-collected.
+        self._statistics_loader = None
         # Never training on non-finite numbers (nonfinite.py): stop, or skip up to --max_nan_steps steps.
         gradients = not (self.is_fsdp_enabled or self.is_deepspeed_enabled)  # sharded gradients: the loss only
         self.loss_watch, self.skipper = LossWatch(), None
@@ -274,14 +276,16 @@ class TransferTrainer(Trainer):
         if (not self.args.precise_bn_images or self.is_fsdp_enabled or self.is_deepspeed_enabled
                 or not trainable_batchnorm_layers(model)):
             return
-        if self._statistics_images is None and self.stream is not None:
-            self._statistics_images = self.stream.head(self.args.precise_bn_images)
-        elif self._statistics_images is None:
-            rows = np.random.default_rng(self.args.seed).permutation(len(self.train_dataset))
-            self._statistics_images = self.train_dataset.select(np.sort(rows[:self.args.precise_bn_images]))
+        if self._statistics_loader is None:
+            if self.stream is not None:
+                images = self.stream.head(self.args.precise_bn_images)
+            else:
+                rows = np.random.default_rng(self.args.seed).permutation(len(self.train_dataset))
+                images = self.train_dataset.select(np.sort(rows[:self.args.precise_bn_images]))
+            self._statistics_loader = self.get_test_dataloader(images)
 
         def batches():
-            for batch in self.get_test_dataloader(self._statistics_images):
+            for batch in self._statistics_loader:
                 images = batch["pixel_values"]
                 if "augment" in batch:
                     images = crop_and_flip(images, batch["augment"])
