@@ -12,7 +12,7 @@ what the stopped one would have seen (datasets' shuffle buffer loses its content
   DataLoader worker: each image of an epoch is read once, by one slot. With fewer shards than
   slots, every slot reads every shard and keeps every n-th row.
 - A slot reads its rows in blocks of --shuffle_buffer and yields each block in a seeded order.
-- Every sample carries its position (`POSITION`). The trainer keeps the last one consumed per slot
+- Every sample carries its position (`_samples`). The trainer keeps the last one consumed per slot
   (`consumed`) and each checkpoint stores them (`save`): a resumed run re-reads at most one block
   per slot, skipping to it inside its shard, and goes on with the same samples in the same order.
 A shard that cannot be read is skipped and counted, and with --skip_corrupt_images so is an
@@ -49,9 +49,6 @@ from .decoding import decode_rgb
 logger = logging.getLogger(__name__)
 
 EVAL_BOUND = 10_000  # validation images read from a stream unless --max_eval_samples says otherwise
-# A sample's position in its slot's stream, as the batch carries it ("stream"), and the counts of what was skipped.
-POSITION = ("slot", "epoch", "shard", "block_row", "offset", "skipped_shards_before_block", "skipped_images",
-            "skipped_shards")
 STATE_FILE = "stream-{rank}.json"  # in each checkpoint, one per process
 READ_BATCH = 64  # rows read from a shard at a time
 
@@ -192,6 +189,12 @@ def _rows_in_file_order(source: IterableDataset):
             yield shard, row, example
 
 
+def _with_row_numbers(features):
+    features = features.copy()
+    features[ROW] = Value("int64")
+    return features
+
+
 def _read_into_cache(source: IterableDataset, limit: int | None, cache_dir: str | None, key: str,
                      held_out: dict[int, int] | None = None) -> Dataset:
     """The first `limit` rows (all: None) as a Dataset in datasets' cache, with row numbers; `held_out` gets, per
@@ -204,9 +207,8 @@ def _read_into_cache(source: IterableDataset, limit: int | None, cache_dir: str 
             yield {**example, ROW: i}
 
     fingerprint = hashlib.sha256(f"{key}|{limit}".encode()).hexdigest()[:16]
-    features = source.features.copy()
-    features[ROW] = Value("int64")
-    dataset = Dataset.from_generator(rows, features=features, cache_dir=cache_dir, fingerprint=fingerprint)
+    dataset = Dataset.from_generator(rows, features=_with_row_numbers(source.features), cache_dir=cache_dir,
+                                     fingerprint=fingerprint)
     if held_out is not None:
         if not taken:  # read from the cache: which rows they were (nothing is decoded)
             for shard, row, _ in itertools.islice(_rows_in_file_order(source), len(dataset)):
@@ -274,6 +276,8 @@ class StreamingSplit(torch.utils.data.IterableDataset):
                     pos, row, example = block[order[place]]
                     sample = self._sample(example, shards[pos], row, epoch, skipped)
                     if sample is not None:
+                        # Its position: slot, epoch, the block's first row (index in the slot's shards, row), its
+                        # place in the block; shards skipped before the block, images and shards skipped so far.
                         sample["stream"] = [slot, epoch, start_pos, start_row, place, before, skipped[1], skipped[0]]
                         delivered = True
                         yield sample
@@ -355,20 +359,17 @@ class StreamingSplit(torch.utils.data.IterableDataset):
     def head(self, n: int) -> Dataset:
         """The first `n` training images in file order (held-out ones excluded), as a Dataset with this split's
         transform: what precise BatchNorm statistics are computed from."""
-        taken = []
-        for shard, row, example in _rows_in_file_order(self.source):
-            if row < self.held_out.get(shard, 0):
-                continue
-            try:
-                decode_rgb(example[self.image_column])
-            except Exception as exc:  # PIL raises many types; any of them means the file is unusable
-                self._unreadable(exc, shard, row)
-                continue
-            taken.append({**example, ROW: shard << 32 | row})
-            if len(taken) == n:
-                break
-        features = self.source.features.copy()
-        features[ROW] = Value("int64")
-        dataset = Dataset.from_list(taken, features=features)
+        def readable():
+            for shard in range(self.num_shards):  # each from its first row not held out: those are not read again
+                for row, example in _shard_rows(self.source, shard, self.held_out.get(shard, 0)):
+                    try:
+                        decode_rgb(example[self.image_column])
+                    except Exception as exc:  # PIL raises many types; any of them means the file is unusable
+                        self._unreadable(exc, shard, row)
+                        continue
+                    yield {**example, ROW: shard << 32 | row}
+
+        taken = list(itertools.islice(readable(), n))
+        dataset = Dataset.from_list(taken, features=_with_row_numbers(self.source.features))
         dataset.set_transform(self.transform, columns=[self.image_column, self.label_column, ROW])
         return dataset
