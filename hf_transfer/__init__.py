@@ -3,7 +3,7 @@
 One module per concept:
   commands/finetune.py         run_finetune.py's main, top to bottom
   commands/distill.py          run_distill.py's main, top to bottom
-  commands/tools.py            `python -m hf_transfer push|report|check-config`
+  commands/tools.py            `python -m hf_transfer push|report|check-config|export`
   arguments.py                 model and data flags; parsing once, with the recipe as defaults
   recipes.py                   optimiser and schedule defaults per model family and optimiser; defaults fitted to the data
   workflow.py                  the steps both commands share: setup checks, loading, the trainer's parts, train, test, save
@@ -39,6 +39,7 @@ One module per concept:
   hub.py                       pushing a run to the Hugging Face Hub
   model_card.py                the README.md of every output directory
   report.py                    comparison of finished runs
+  export.py                    ONNX export, checked against PyTorch on the run's test images
   compat.py                    every workaround of a library internal, with its versions
   errors.py                    one-line user errors
 """

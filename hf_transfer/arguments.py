@@ -298,6 +298,17 @@ def parse_arguments(argv: Sequence[str], model_type: type = ModelArguments,
     return Arguments(model=model, data=data, training=training, family=family, given=given | set(recipe))
 
 
+def data_arguments(argv: Sequence[str]) -> DistillationDataArguments:
+    """The data flags of a saved command line (run_args.json's `argv`), as the run parsed them: the model and
+    training flags are left aside, so neither the checkpoint nor the recipe is needed."""
+    argv = [*arguments_file_flags(argv[0]), *argv[1:]] if argv and _is_arguments_file(argv[0]) else list(argv)
+    parser = ArgumentParser((DistillationDataArguments,))
+    data, _ = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if data.train_dir and not any(a.split("=")[0] == "--dataset_name" for a in argv):
+        data.dataset_name = None  # as parse_arguments: the image folders are the data
+    return data
+
+
 def data_label(known) -> str:
     """What the default output directory calls the data set: the image folder's name (its parent's, for a folder
     called train), or the data set's (`cifar10` for uoft-cs/cifar10)."""

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
 import run_distill
+from hf_transfer.commands.tools import main as tools
 from hf_transfer.compat import dataset_fingerprint
 from hf_transfer.data.dataset import ROW, load_image_data
 from hf_transfer.data.samples import attach_transforms
@@ -78,6 +79,10 @@ def test_digits_student_learns_from_the_teacher(digits_run, tmp_path):
     ])
     assert results["test_accuracy"] >= 0.9
     assert results["test_agreement"] >= 0.9
+    # The student is a model like any other: it exports to ONNX and scores the test split as the run did.
+    tools(["export", str(tmp_path / "out"), "--format", "onnx", "--output", str(tmp_path / "onnx")])
+    exported = json.loads((tmp_path / "onnx" / "export_results.json").read_text())
+    assert exported["top1_disagreements"] == 0 and exported["onnx_accuracy"] == pytest.approx(results["test_accuracy"])
 
 
 def build_trainer(teacher_dir, student_dir, data_path, output_dir, augmentation="none"):

@@ -3,6 +3,7 @@
   push OUTPUT_DIR --hub_model_id USER/NAME   push a finished run to the Hugging Face Hub
   report RUN_DIR... [--output DIR]           compare finished runs: a Markdown table and plots
   check-config FILE...                       check accelerate config files before launching
+  export RUN_DIR --format onnx               export a saved model to ONNX, checked against PyTorch on the test images
 """
 
 from __future__ import annotations
@@ -32,6 +33,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     check = commands.add_parser("check-config", help="check accelerate config files (keys, devices, precision)",
                                 allow_abbrev=False)
     check.add_argument("files", nargs="+")
+    export = commands.add_parser("export", help="export a saved model (a run or a checkpoint-N folder) to ONNX and "
+                                 "check it against PyTorch on the run's test images", allow_abbrev=False)
+    export.add_argument("run_dir")
+    export.add_argument("--format", choices=["onnx"], default="onnx", help="the export format")
+    export.add_argument("--output", default=None, help="folder for model.onnx and its files (default RUN_DIR/onnx)")
+    export.add_argument("--max_images", "--max-images", type=int, default=None,
+                        help="compare on at most this many test images (default: all of them)")
+    export.add_argument("--images", default=None,
+                        help="compare on the image files under this folder instead of the run's test split")
+    export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     args = parser.parse_args(argv)
 
     if args.command == "push":
@@ -58,6 +69,15 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         for path in args.files:
             print(json.dumps(check_config_file(path)))
+    elif args.command == "export":
+        from ..export import export_onnx
+
+        if args.max_images is not None and args.max_images < 1:
+            parser.exit(2, "error: --max_images must be >= 1\n")
+        results = export_onnx(args.run_dir, args.output, args.max_images, args.images, args.opset)
+        print(json.dumps(results, indent=2))
+        print(f"\n{results['model']}: onnxruntime matches PyTorch on {results['image_source']} (largest logit "
+              f"difference {results['max_abs_logit_diff']:.1e}, same top-1 on all)")
 
 
 def render_card_for(output_dir: str, repo_id: str) -> None:

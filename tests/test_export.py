@@ -1,0 +1,98 @@
+"""`python -m hf_transfer export RUN_DIR --format onnx`: the exported model gives PyTorch's logits on the run's
+own test images, takes any batch size, and carries what a server needs to prepare an image and name the class."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+from helpers import make_checkpoint, random_images
+from transformers import AutoConfig
+
+from hf_transfer import export
+from hf_transfer.commands.tools import main as tools
+from hf_transfer.errors import run_cli
+
+
+def exported(run_dir, out: Path, *flags) -> dict:
+    tools(["export", str(run_dir), "--format", "onnx", "--output", str(out), *flags])
+    return json.loads((out / "export_results.json").read_text())
+
+
+def check_served_like_the_run(run_dir: Path, out: Path, results: dict) -> None:
+    """The ONNX model scores the run's test split exactly as the run did, at any batch size, with its facts inside."""
+    test = json.loads((run_dir / "test_results.json").read_text())
+    assert results["images"] == test["test_samples"] and results["image_source"].endswith("run's test split")
+    assert results["max_abs_logit_diff"] <= 1e-4 and results["top1_disagreements"] == 0
+    assert results["onnx_accuracy"] == pytest.approx(test["test_accuracy"], abs=1e-9)
+
+    id2label = AutoConfig.from_pretrained(run_dir).id2label  # (a timm config.json keeps them as label_names)
+    metadata = {p.key: p.value for p in onnx.load(str(out / "model.onnx"), load_external_data=False).metadata_props}
+    assert {int(k): v for k, v in json.loads(metadata["id2label"]).items()} == id2label
+    processor = json.loads((run_dir / "preprocessor_config.json").read_text())
+    assert {k: v for k, v in json.loads(metadata["image_processor"]).items() if k in processor} == processor
+    session = onnxruntime.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    height, width = processor["crop_size"].values() if processor.get("do_center_crop") else processor["size"].values()
+    for batch in (1, 5):
+        logits = session.run(None, {"pixel_values": np.zeros((batch, 3, height, width), np.float32)})[0]
+        assert logits.shape == (batch, len(id2label))
+
+
+@pytest.mark.slow
+def test_a_timm_run_exports_and_serves_its_test_split_as_the_run_scored_it(digits_run, tmp_path):
+    run_dir, _ = digits_run
+    out = tmp_path / "onnx"
+    check_served_like_the_run(run_dir, out, exported(run_dir, out))
+
+
+@pytest.mark.slow
+def test_a_transformers_run_exports_and_so_does_its_checkpoint_folder(cifar_teacher, tmp_path):
+    run_dir = Path(cifar_teacher)
+    check_served_like_the_run(run_dir, tmp_path / "onnx", exported(run_dir, tmp_path / "onnx"))
+    checkpoint = sorted(run_dir.glob("checkpoint-*"))[-1]  # its images are its run's (run_args.json one level up)
+    results = exported(checkpoint, tmp_path / "ckpt", "--max_images", "7")
+    assert results["images"] == 7 and results["top1_disagreements"] == 0
+
+
+def test_a_model_without_a_run_exports_against_a_folder_of_images(tmp_path):
+    model = make_checkpoint("hf-resnet", tmp_path / "model", crop_pct=0.875)
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    for i, image in enumerate(random_images(6, size=40)):
+        image.resize((40 + 8 * i, 40)).save(tmp_path / "images" / "a" / f"{i}.png")
+    results = exported(model, tmp_path / "onnx", "--images", str(tmp_path / "images"))
+    assert results["images"] == 6 and results["max_abs_logit_diff"] <= 1e-4 and "onnx_accuracy" not in results
+
+
+def test_a_model_onnx_cannot_match_fails_and_keeps_the_file(digits_run, tmp_path, monkeypatch, capsys):
+    run_dir, _ = digits_run
+    monkeypatch.setattr(export, "TOLERANCE", -1.0)  # no difference can be below it: the check must fail
+    code = run_cli(tools, ["export", str(run_dir), "--output", str(tmp_path / "onnx"), "--max_images", "4"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: the ONNX model differs from PyTorch on 4 images of the run's test")
+    assert (tmp_path / "onnx" / "model.onnx").is_file()
+
+
+def test_export_refusals_are_one_line(digits_run, tmp_path, capsys):
+    run_dir, _ = digits_run
+    no_run = tmp_path / "copied"  # a saved model whose run is unknown: no test images to compare on
+    shutil.copytree(run_dir, no_run, ignore=shutil.ignore_patterns("checkpoint-*", "run_args.json"))
+    (tmp_path / "empty").mkdir()
+    cases = [
+        ([str(tmp_path / "missing")], "is not a directory"),
+        ([str(tmp_path / "empty")], "holds no saved model (config.json and preprocessor_config.json)"),
+        ([str(no_run)], "has no run_args.json (not a run of this project) to find its test images; pass --images"),
+        ([str(no_run), "--images", str(tmp_path / "empty")], "--images"),
+        ([str(run_dir), "--format", "tflite"], "invalid choice: 'tflite'"),
+    ]
+    for argv, message in cases:
+        try:
+            code = run_cli(tools, ["export", *argv, "--output", str(tmp_path / "o")])
+        except SystemExit as exc:  # argparse's own refusals
+            code = exc.code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and message in err[-1], (argv, err)
