@@ -3,7 +3,7 @@
 One module per concept:
   commands/finetune.py         run_finetune.py's main, top to bottom
   commands/distill.py          run_distill.py's main, top to bottom
-  commands/tools.py            `python -m hf_transfer push|report|check-config|export`
+  commands/tools.py            `python -m hf_transfer push|report|check-config|export|search`
   arguments.py                 model and data flags; parsing once, with the recipe as defaults
   recipes.py                   optimiser and schedule defaults per model family and optimiser; defaults fitted to the data
   workflow.py                  the steps both commands share: setup checks, loading, the trainer's parts, train, test, save
@@ -30,7 +30,8 @@ One module per concept:
   trainers/batchnorm.py        precise BatchNorm statistics for the weights evaluated and saved
   losses.py                    the distillation loss, soft-target cross-entropy, class weights (pure functions; images
                                without labels add to the distillation term only)
-  metrics.py                   accuracy, precision, recall, F1, top-5, per-class report, confusion matrix
+  metrics.py                   accuracy, precision, recall, F1, top-5, per-class report, confusion matrix; mAP and F1
+                               at a threshold for several labels per image
   checkpoints.py               which checkpoint to resume from; stopping cleanly on SIGTERM
   run_args.py                  run_args.json: what a run used (fitted values included), compared when its directory
                                is used again; which fields shape training (field metadata)
@@ -40,6 +41,9 @@ One module per concept:
   model_card.py                the README.md of every output directory
   report.py                    comparison of finished runs
   export.py                    ONNX export, checked against PyTorch on the run's test images
+  search.py                    hyperparameter search (optuna): each trial an ordinary run, the study resumable
+  tasks.py                     one class or several labels per image: label ids, loss, targets, metrics, threshold,
+                               test report, problem_type
   compat.py                    every workaround of a library internal, with its versions
   errors.py                    one-line user errors
 """

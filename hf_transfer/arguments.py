@@ -151,6 +151,12 @@ class DataArguments:
         default=0.0,
         metadata={"shapes": True, "card": "random erasing", "help": "Probability of blanking a random rectangle of each training image (after --augmentation)."},
     )
+    multi_label: bool = field(
+        default=False,
+        metadata={"shapes": True, "help": "Several labels per image: a sigmoid per class and binary cross-entropy, mAP and F1 at a "
+                          "threshold chosen on validation. Detected when the label column holds lists; this flag "
+                          "makes a column of single labels multi-label too (independent scores per class)."},
+    )
     skip_corrupt_images: bool = field(
         default=False,
         metadata={"shapes": True, "help": "Decode every image before training and drop (and count) those that fail, instead of "
@@ -215,6 +221,7 @@ class Arguments:
     training: TransferConfig
     family: str  # "cnn" or "vit", from the checkpoint: the recipe that filled the defaults
     given: set[str]  # the flags the user passed and those the recipe set: data-fitted defaults leave them alone
+    passed: set[str] = field(default_factory=set)  # the flags the user passed
 
 
 class _HelpFormatter(ArgumentDefaultsHelpFormatter):
@@ -295,7 +302,8 @@ def parse_arguments(argv: Sequence[str], model_type: type = ModelArguments,
     if data.streaming:
         check_streaming(data, training, given)
     _move_token_to_environment(training)
-    return Arguments(model=model, data=data, training=training, family=family, given=given | set(recipe))
+    return Arguments(model=model, data=data, training=training, family=family, given=given | set(recipe),
+                     passed=given)
 
 
 def data_arguments(argv: Sequence[str]) -> DistillationDataArguments:

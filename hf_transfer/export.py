@@ -65,7 +65,7 @@ def export_onnx(run_dir: str, output: str | None = None, max_images: int | None 
     results = {"format": "onnx", "model": str(path), "images": len(pictures), "image_source": source,
                "max_abs_logit_diff": worst, "top1_disagreements": disagree, "tolerance": TOLERANCE,
                "export_seconds": round(seconds, 2), "onnx_bytes": _size(path)}
-    if labels is not None:  # the exported model's own score on the run's split, to set beside the run's
+    if labels is not None and not isinstance(labels[0], list):  # one class per image: the exported model's score
         results["onnx_accuracy"] = float((predicted == np.asarray(labels)).mean())
     (out / "export_results.json").write_text(json.dumps(results, indent=2) + "\n")
     if worst > TOLERANCE or disagree:

@@ -51,6 +51,32 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, count=None,
     return per_sample.sum() / count
 
 
+def binary_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, count=None, label_smoothing: float = 0.0,
+                         positive_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Several labels per image: binary cross-entropy of each class's logit against its target in [0, 1] (N, C),
+    summed over the classes and the samples and divided by `count` (default: the batch). Summed over the classes,
+    as softmax cross-entropy is, the gradient of each logit is sigmoid - target, the scale the recipes' learning
+    rates were measured at (averaged over C classes it would be C times smaller).
+
+    `positive_weights` (C,) multiply each class's positive term (`BCEWithLogits`' pos_weight; from
+    `positive_class_weights`); label smoothing moves each target towards 1/2 by that share.
+    """
+    logits, targets = logits.float(), targets.float()
+    if label_smoothing:
+        targets = targets * (1 - label_smoothing) + label_smoothing / 2
+    weight = positive_weights.to(logits.device, torch.float32) if positive_weights is not None else None
+    per_sample = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=weight, reduction="none").sum(-1)
+    return per_sample.sum() / (count if count is not None else len(per_sample))
+
+
+def positive_class_weights(positives: torch.Tensor, images: int) -> torch.Tensor:
+    """Several labels per image: each class's positive term weighted by its negatives per positive in the training
+    set (n_neg / n_pos, BCEWithLogits' pos_weight), so that a rare label counts as much as its absence; a class
+    with no positive image gets 1."""
+    positives = positives.float()
+    return torch.where(positives > 0, (images - positives) / positives.clamp(min=1), torch.ones_like(positives))
+
+
 def balanced_class_weights(counts: torch.Tensor) -> torch.Tensor:
     """Weights inversely proportional to each class's share of the training set, averaging 1 over its
     samples (n / (classes present x count)); a class with no training sample gets 1."""
@@ -70,6 +96,7 @@ def distillation_loss(
     image_count=None,
     label_smoothing: float = 0.0,
     class_weights: torch.Tensor | None = None,
+    multi_label: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(1 - alpha) * CE(student, labels) + alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)).
 
@@ -80,7 +107,16 @@ def distillation_loss(
     constants; `label_smoothing` and `class_weights` apply to the cross-entropy only (the teacher's
     distribution is the KL's target as it is). Returns (loss, ce, kd) with ce and kd unweighted.
     `alpha` in [0, 1] and `temperature` > 0 are checked where they are set (`DistillationConfig`).
+
+    `multi_label`: several labels per image (independent sigmoids): the label term is `binary_cross_entropy`
+    (`class_weights` as positive-class weights) and the distillation term, per class, the KL divergence between
+    the teacher's and the student's Bernoulli distributions sigmoid(logit / T), summed over the classes.
     """
+    if multi_label:
+        ce = binary_cross_entropy(student_logits, labels, labelled_count, label_smoothing, class_weights)
+        kd = binary_kl(student_logits, teacher_logits, temperature).sum() / \
+            (image_count if image_count is not None else len(student_logits)) * temperature**2
+        return (1.0 - alpha) * ce + alpha * kd, ce.detach(), kd.detach()
     ce = cross_entropy(student_logits, labels, labelled_count, label_smoothing, class_weights)
     student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
     teacher_log_probs = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
@@ -88,3 +124,13 @@ def distillation_loss(
     kd = per_sample_kl.sum() / (image_count if image_count is not None else len(per_sample_kl)) * temperature**2
     loss = (1.0 - alpha) * ce + alpha * kd
     return loss, ce.detach(), kd.detach()
+
+
+def binary_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per sample (N,): KL(Bernoulli(sigmoid(teacher/T)) || Bernoulli(sigmoid(student/T))), summed over the classes
+    (as the softmax KL is)."""
+    s, t = student_logits.float() / temperature, teacher_logits.detach().float() / temperature
+    p = torch.sigmoid(t)
+    # log p - log q for both outcomes, with logsigmoid for stability: log sigmoid(x) and log(1 - sigmoid(x)) = logsigmoid(-x)
+    kl = p * (F.logsigmoid(t) - F.logsigmoid(s)) + (1 - p) * (F.logsigmoid(-t) - F.logsigmoid(-s))
+    return kl.sum(-1)

@@ -10,7 +10,12 @@ import json
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import classification_report, confusion_matrix, precision_recall_fscore_support
+from sklearn.metrics import (
+    average_precision_score,
+    classification_report,
+    confusion_matrix,
+    precision_recall_fscore_support,
+)
 
 
 def classification_metrics(logits: np.ndarray, labels: np.ndarray, num_labels: int) -> dict[str, float]:
@@ -32,16 +37,67 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, num_labels: i
     return metrics
 
 
-class ComputeMetrics:
-    """`compute_metrics` for the Trainer (a class, so it pickles and knows the number of classes)."""
+def multilabel_metrics(logits: np.ndarray, labels: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """Several labels per image (labels: multi-hot, N x C). Threshold-free: mAP, macro (the mean average precision
+    of the classes that have a positive image) and micro (over all image-label pairs). At `threshold` on the sigmoid
+    scores: F1, precision and recall micro-averaged (`f1`, ...) and macro-averaged (`f1_macro`), and `accuracy`, the
+    share of images whose predicted label set is exactly right."""
+    scores = 1 / (1 + np.exp(-np.asarray(logits, dtype=np.float64)))
+    labels = np.asarray(labels).astype(np.int64)
+    present = labels.sum(0) > 0
+    metrics = {
+        "map": float(average_precision_score(labels[:, present], scores[:, present], average="macro"))
+        if present.any() else 0.0,
+        "map_micro": float(average_precision_score(labels.ravel(), scores.ravel())) if labels.any() else 0.0,
+    }
+    predicted = (scores >= threshold).astype(np.int64)
+    for average, suffix in (("micro", ""), ("macro", "_macro")):
+        precision, recall, f1, _ = precision_recall_fscore_support(labels, predicted, average=average, zero_division=0)
+        metrics.update({f"precision{suffix}": float(precision), f"recall{suffix}": float(recall),
+                        f"f1{suffix}": float(f1)})
+    metrics["accuracy"] = float((predicted == labels).all(-1).mean())
+    metrics["threshold"] = float(threshold)
+    return metrics
 
-    def __init__(self, num_labels: int):
-        self.num_labels = num_labels
+
+def write_multilabel_report(output_dir: str | Path, logits: np.ndarray, labels: np.ndarray, label_names: list[str],
+                            threshold: float, rows: np.ndarray | None = None, prefix: str = "test",
+                            files: list[str | None] | None = None) -> None:
+    """Several labels per image: each class's average precision, and its precision, recall and F1 at `threshold`
+    (`<prefix>_per_class.json`), and each image's true and predicted label sets with its scores
+    (`<prefix>_predictions.json`)."""
+    output_dir = Path(output_dir)
+    scores = 1 / (1 + np.exp(-np.asarray(logits, dtype=np.float64)))
+    labels = np.asarray(labels).astype(np.int64)
+    predicted = (scores >= threshold).astype(np.int64)
+    precision, recall, f1, support = precision_recall_fscore_support(labels, predicted, average=None, zero_division=0)
+    report = {"threshold": threshold}
+    for c, name in enumerate(label_names):
+        ap = float(average_precision_score(labels[:, c], scores[:, c])) if labels[:, c].any() else None
+        report[name] = {"average_precision": ap, "precision": float(precision[c]), "recall": float(recall[c]),
+                        "f1-score": float(f1[c]), "support": int(support[c])}
+    (output_dir / f"{prefix}_per_class.json").write_text(json.dumps(report, indent=2))
+    rows = rows if rows is not None else np.arange(len(labels))
+    by_row = {"rows": np.asarray(rows).tolist(), "threshold": threshold,
+              "labels": [np.flatnonzero(r).tolist() for r in labels],
+              "predictions": [np.flatnonzero(r).tolist() for r in predicted],
+              "scores": np.round(scores, 4).tolist()}
+    if files is not None and any(files):
+        by_row["files"] = list(files)
+    (output_dir / f"{prefix}_predictions.json").write_text(json.dumps(by_row))
+
+
+class ComputeMetrics:
+    """`compute_metrics` for the Trainer: the run's task's metrics (a class, so it pickles; it holds the task,
+    whose multi-label threshold is chosen after training)."""
+
+    def __init__(self, task):
+        self.task = task
 
     def __call__(self, eval_prediction) -> dict[str, float]:
         logits = eval_prediction.predictions
         logits = logits[0] if isinstance(logits, tuple) else logits
-        return classification_metrics(logits, eval_prediction.label_ids, self.num_labels)
+        return self.task.metrics(logits, eval_prediction.label_ids)
 
 
 def write_test_report(output_dir: str | Path, logits: np.ndarray, labels: np.ndarray, label_names: list[str],

@@ -25,6 +25,11 @@ _TEMPLATE = """---
 
 _RESULT_KEYS = [("accuracy", "accuracy"), ("f1", "f1 (weighted)"), ("precision", "precision (weighted)"),
                 ("recall", "recall (weighted)"), ("f1_macro", "f1 (macro)"), ("top5_accuracy", "top-5 accuracy")]
+# Several labels per image (tasks.py): mAP needs no threshold; the rest is at the threshold chosen on validation.
+_MULTILABEL_KEYS = [("map", "mAP (macro)"), ("map_micro", "mAP (micro)"), ("f1", "f1 (micro)"),
+                    ("f1_macro", "f1 (macro)"), ("precision", "precision (micro)"), ("recall", "recall (micro)"),
+                    ("accuracy", "exact-match accuracy (every label right)"),
+                    ("threshold", "decision threshold (sigmoid score, chosen on validation)")]
 
 
 @dataclass
@@ -76,10 +81,12 @@ def render_model_card(info: CardInfo, test_metrics: dict | None, eval_metrics: d
                    dataset_name=info.dataset,
                    dataset_split="test", metric_type=key, metric_name=name,
                    metric_value=round(float(test_metrics[f"test_{key}"]), 4))
-        for key, name in _RESULT_KEYS if f"test_{key}" in test_metrics
+        for key, name in _result_keys(test_metrics) if f"test_{key}" in test_metrics and key != "threshold"
     ]
     tags = ["image-classification", "vision", "hf-vision-transfer",
             "knowledge-distillation" if info.teacher else "transfer-learning"]
+    if "test_map" in test_metrics:
+        tags.append("multi-label-classification")
     data = ModelCardData(
         license="apache-2.0",
         library_name="transformers",
@@ -91,6 +98,10 @@ def render_model_card(info: CardInfo, test_metrics: dict | None, eval_metrics: d
         eval_results=eval_results or None,
     )
     return ModelCard.from_template(data, template_str=_TEMPLATE, model_name=info.model_name, body=_body(info, test_metrics, eval_metrics))
+
+
+def _result_keys(test_metrics: dict) -> list[tuple[str, str]]:
+    return _MULTILABEL_KEYS if "test_map" in test_metrics else _RESULT_KEYS
 
 
 def _body(info: CardInfo, test_metrics: dict, eval_metrics: dict) -> str:
@@ -105,16 +116,26 @@ def _body(info: CardInfo, test_metrics: dict, eval_metrics: dict) -> str:
              "made with hf-vision-transfer and the transformers `Trainer`.", ""]
 
     lines += ["## Results", ""]
+    several = "test_map" in test_metrics or "eval_map" in eval_metrics  # several labels per image
+    if several:
+        lines += ["Several labels per image: each label has its own sigmoid score (`pipeline` returns them all); a "
+                  "label is predicted when its score reaches the decision threshold, saved in `config.json` as "
+                  "`multi_label_threshold`.", ""]
     if test_metrics:
-        lines += ["Test split, evaluated once after training with the checkpoint chosen on validation accuracy:", "",
+        chosen_on = "validation mAP" if several else "validation accuracy"
+        lines += [f"Test split, evaluated once after training with the checkpoint chosen on {chosen_on}:", "",
                   "| metric | value |", "|---|---|"]
-        lines += [f"| {name} | {test_metrics[f'test_{key}']:.4f} |" for key, name in _RESULT_KEYS if f"test_{key}" in test_metrics]
-        for key, name in (("test_teacher_accuracy", "teacher accuracy"), ("test_agreement", "student-teacher agreement")):
+        lines += [f"| {name} | {test_metrics[f'test_{key}']:.4f} |" for key, name in _result_keys(test_metrics)
+                  if f"test_{key}" in test_metrics]
+        for key, name in (("test_teacher_accuracy", "teacher accuracy"), ("test_teacher_map", "teacher mAP"),
+                          ("test_agreement", "student-teacher agreement")):
             if key in test_metrics:
                 lines.append(f"| {name} | {test_metrics[key]:.4f} |")
     else:
         lines.append("The data set has no test split; see the validation results below.")
-    if "eval_accuracy" in eval_metrics:
+    if "eval_map" in eval_metrics:
+        lines += ["", f"Validation mAP: {eval_metrics['eval_map']:.4f}."]
+    elif "eval_accuracy" in eval_metrics:
         lines += ["", f"Validation accuracy: {eval_metrics['eval_accuracy']:.4f}."]
 
     lines += ["", "## Training", "", "| setting | value |", "|---|---|"]

@@ -73,12 +73,17 @@ def fitted_fields(args, given: set[str]) -> set[str]:
         fitted.add("global_batch_size")  # through the batch size per device
     if not ({"num_train_epochs", "max_steps"} & given) and (args.min_train_steps > 0 or args.min_seen_images > 0):
         fitted.add("training.num_train_epochs")
+    if "metric_for_best_model" not in given:
+        fitted.add("training.metric_for_best_model")  # the task's: accuracy, or mAP for several labels per image
     return fitted
 
 
-def fit_to_data(args, num_train: int | None, given: set[str]) -> list[str]:
-    """Defaults that depend on the training set's size, for the flags nobody set; returns what changed
-    (nothing for a stream, whose size is unknown and whose length --max_steps gives).
+def fit_to_data(args, num_train: int | None, given: set[str], task=None) -> list[str]:
+    """Defaults that depend on the training set, for the flags nobody set; returns what changed (for a stream,
+    whose size is unknown and whose length --max_steps gives, only the task's metric).
+
+    - The metric that chooses the checkpoint: the task's (tasks.py): accuracy, or mAP when the
+      images have several labels each.
 
     - Batch size: at most a tenth of the training set (at least 8), so that an epoch has about
       ten optimizer steps or more; the default 128 is meant for CIFAR-sized data.
@@ -88,10 +93,14 @@ def fit_to_data(args, num_train: int | None, given: set[str]) -> list[str]:
       small data the number of updates, not of epochs, decides.
     """
     changes = []
+    fitted = fitted_fields(args, given)
+    if "training.metric_for_best_model" in fitted and task is not None and args.metric_for_best_model != task.best_metric:
+        args.metric_for_best_model = task.best_metric
+        changes.append(f"--metric_for_best_model {task.best_metric} (the checkpoint is chosen by "
+                       f"{'mAP: several labels per image' if task.multi_label else 'accuracy'})")
     if num_train is None:
         return changes
     processes = max(1, args.world_size)
-    fitted = fitted_fields(args, given)
     if "global_batch_size" in fitted:
         cap = max(8, num_train // 10)
         global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * processes

@@ -26,7 +26,10 @@ TRAINER_SHAPING = ("max_steps", "seed", "data_seed", "learning_rate", "optim", "
                    "warmup_steps", "max_grad_norm", "label_smoothing_factor", "bf16", "fp16", "eval_steps",
                    "average_tokens_across_devices")
 # What `arguments.fit_to_data` may set from the data: compared as fitted or as given (module docstring).
-FITTABLE = ("training.num_train_epochs", "global_batch_size")
+FITTABLE = ("training.num_train_epochs", "global_batch_size", "training.metric_for_best_model")
+# Keys fitted only since a later version: a run saved before holds the old default, which is what fitting gives for
+# the data such runs had (one class per image), so it is the same setting and that run continues.
+FITTED_SINCE = {"training.metric_for_best_model": "accuracy"}
 
 
 def shaping_fields(cls) -> list[str]:
@@ -58,7 +61,7 @@ def differences(saved: dict, current: dict, fitted: set[str] = frozenset()) -> l
     changed = []
     for key in sorted(set(record) | set(current)):
         if key in FITTABLE and not legacy and key in fitted:
-            if key not in saved_fitted:
+            if key not in saved_fitted and record.get(key) != FITTED_SINCE.get(key, object()):
                 changed.append(f"{key.split('.')[-1]} {_show(record.get(key))} -> fitted to the data")
         elif record.get(key) != current.get(key):
             changed.append(f"{key.split('.')[-1]} {_show(record.get(key))} -> {_show(current.get(key))}")

@@ -23,8 +23,7 @@ from .data.streaming import StreamingSplit, load_streaming_data
 from .errors import Preempted, UserError
 from .hub import check_push_possible
 from .launch import check_launch
-from .losses import balanced_class_weights
-from .metrics import ComputeMetrics, write_test_report
+from .metrics import ComputeMetrics
 from .model_card import CardInfo, write_model_card
 from .models.loading import LoadedModel, load_model
 from .models.structure import depth_groups
@@ -60,7 +59,7 @@ def load_data(data_args, seed: int, cache_dir: str | None = None) -> ImageData:
         image_column=data_args.image_column, label_column=data_args.label_column,
         validation_split=data_args.validation_split, max_train_samples=data_args.max_train_samples,
         max_eval_samples=data_args.max_eval_samples, seed=seed, skip_corrupt_images=data_args.skip_corrupt_images,
-        cache_dir=cache_dir,
+        cache_dir=cache_dir, multi_label=data_args.multi_label,
     )
 
 
@@ -69,7 +68,7 @@ def load_trained_model(model_args, source: str, data: ImageData) -> LoadedModel:
     return load_model(
         source, data.label_names, from_scratch=model_args.from_scratch, image_size=model_args.image_size,
         crop_pct=model_args.crop_pct, revision=model_args.model_revision, trust_remote_code=model_args.trust_remote_code,
-        cache_dir=model_args.cache_dir, drop_path_rate=model_args.drop_path_rate,
+        cache_dir=model_args.cache_dir, drop_path_rate=model_args.drop_path_rate, problem_type=data.task.problem_type,
     )
 
 
@@ -85,11 +84,11 @@ def fit_workers(args, data: ImageData) -> None:
 
 
 def trainer_kwargs(args, data: ImageData, loaded: LoadedModel, run_config: dict | None = None,
-                   tags: Sequence[str] = ()) -> dict:
+                   tags: Sequence[str] = (), callbacks: Sequence = ()) -> dict:
     """What every trainer of this project is built from (nothing is changed here: the arguments and the model are
-    as the caller left them)."""
+    as the caller left them); `callbacks`: the caller's, after the project's."""
     callbacks = [StopOnSignal(), EpochCallback(data.epoch), RunConfigCallback(run_config or {}, [*tags, loaded.family]),
-                 ThroughputCallback(), LastStepLog()]
+                 ThroughputCallback(), LastStepLog(), *callbacks]
     schedule = args.stage_schedule()
     if schedule is not None:
         for _, stage in schedule:
@@ -108,11 +107,12 @@ def trainer_kwargs(args, data: ImageData, loaded: LoadedModel, run_config: dict 
         eval_dataset=data.validation,
         data_collator=UInt8Collator(loaded.spec),
         processing_class=loaded.spec.to_image_processor(),
-        compute_metrics=ComputeMetrics(len(data.label_names)),
+        compute_metrics=ComputeMetrics(data.task),
         callbacks=callbacks,
         image_spec=loaded.spec,
         channels_last=channels_last,
         class_weights=class_weights(args, data),
+        task=data.task,
     )
 
 
@@ -126,10 +126,9 @@ def class_weights(args, data: ImageData) -> torch.Tensor | None:
             raise UserError(f"--class_weights has {len(explicit)} weights for {len(data.label_names)} classes "
                             f"({', '.join(data.label_names[:4])}{', ...' if len(data.label_names) > 4 else ''})")
         return torch.tensor(explicit)
-    labels = torch.tensor(data.train.with_format(None)[data.label_column])
-    labels = labels[labels >= 0]  # images without a label (data/unlabeled.py) count for no class
-    weights = balanced_class_weights(torch.bincount(labels, minlength=len(data.label_names)))
-    logger.info("class weights (auto): %s", ", ".join(f"{n} {w:.2f}" for n, w in zip(data.label_names, weights)))
+    weights = data.task.auto_class_weights(data.train.with_format(None)[data.label_column])
+    logger.info("%s weights (auto): %s", "positive-class" if data.task.multi_label else "class",
+                ", ".join(f"{n} {w:.2f}" for n, w in zip(data.label_names, weights)))
     return weights
 
 
@@ -164,6 +163,11 @@ def train_and_evaluate(trainer, data: ImageData, card: CardInfo, resume_from: st
     trainer.save_metrics("train", results)
     trainer.save_state()
 
+    if data.task.multi_label:  # the decision threshold, chosen on validation predictions (never on test)
+        output = trainer.predict(data.validation, metric_key_prefix="threshold")
+        threshold = data.task.choose_threshold(output.predictions, output.label_ids)
+        trainer.model.config.multi_label_threshold = threshold  # saved in config.json with the model
+        logger.info("decision threshold %.2f (best micro-F1 on the validation split)", threshold)
     eval_metrics, test_metrics = evaluate(trainer, data)
     results.update({**eval_metrics, **test_metrics})
     if trainer.is_world_process_zero():
@@ -200,8 +204,8 @@ def evaluate(trainer, data: ImageData) -> tuple[dict, dict]:
                 chunk = stored[start:start + 4096]
                 by_row.update(zip(chunk[ROW], (c.get("path") if isinstance(c, dict) else None
                                                for c in chunk[data.image_column])))
-            write_test_report(trainer.args.output_dir, output.predictions, output.label_ids, data.label_names, rows,
-                              files=[by_row[r] for r in rows.tolist()])
+            data.task.write_test_report(trainer.args.output_dir, output.predictions, output.label_ids,
+                                        data.label_names, rows, files=[by_row[r] for r in rows.tolist()])
     elif trainer.args.do_predict:
         logger.warning("the data set has no test split: the run reports validation results only")
     return eval_metrics, test_metrics

@@ -1,5 +1,5 @@
-"""run_finetune / run_distill as a subprocess would run them, with test instruments:
-`instrumented.py finetune|distill ARGS...`.
+"""run_finetune / run_distill / `python -m hf_transfer search` as a subprocess would run them, with test
+instruments: `instrumented.py finetune|distill|search ARGS...`.
 
 - Each rank records which training rows every step used (rows-rank<R>.json in $TEST_ROWS_DIR, when set).
 - TEST_STEP_SLEEP=<seconds> slows every training step, so a test can interrupt a run mid-epoch.
@@ -36,6 +36,11 @@ if __name__ == "__main__":
     script, argv = sys.argv[1], sys.argv[2:]
     if script == "finetune":
         from hf_transfer.commands.finetune import main
+    elif script == "search":
+        from hf_transfer.commands.tools import main as tools
+
+        def main(argv):
+            return tools(["search", *argv])
     else:
         from hf_transfer.commands.distill import main
     from hf_transfer.errors import run_cli

@@ -113,9 +113,14 @@ def test_a_rerun_is_compared_with_the_length_the_data_fitted(tiny_resnet, cifar_
     first = run_finetune.main(args)
     assert first["epoch"] == 4
     saved = json.loads((out / "run_args.json").read_text())
-    assert saved["shaping"]["training.num_train_epochs"] == 4 and saved["fitted_fields"] == ["training.num_train_epochs"]
+    assert saved["shaping"]["training.num_train_epochs"] == 4
+    assert saved["fitted_fields"] == ["training.metric_for_best_model", "training.num_train_epochs"]
     card = (out / "README.md").read_text()
     assert "| epochs | 4.0 |" in card
+    assert run_finetune.main(args) == first
+    # a run saved before the checkpoint metric was fitted (one class per image: accuracy) is the same run
+    older = {**saved, "fitted_fields": ["training.num_train_epochs"]}
+    (out / "run_args.json").write_text(json.dumps(older))
     assert run_finetune.main(args) == first
     assert run_finetune.main([*args, "--num_train_epochs", "4"]) == first
     with pytest.raises(UserError, match=r"holds a finished run with other settings \(num_train_epochs 4 -> 3\)"):

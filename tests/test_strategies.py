@@ -18,6 +18,7 @@ from hf_transfer.errors import UserError
 from hf_transfer.models.loading import load_model
 from hf_transfer.models.structure import depth_groups
 from hf_transfer.on_device.mixing import BatchMix
+from hf_transfer.tasks import SingleLabel
 from hf_transfer.trainers.freezing import apply_stage, parse_schedule, trainable_names
 from hf_transfer.trainers.optimizer import param_groups, step_schedule
 
@@ -190,7 +191,7 @@ def constant_images(n: int) -> tuple[torch.Tensor, torch.Tensor]:
 def test_mixup_draws_a_lambda_per_sample():
     torch.manual_seed(0)
     images, labels = constant_images(64)
-    mixed, targets, _ = BatchMix(64, mixup_alpha=0.4)(images, labels)
+    mixed, targets, _ = BatchMix(SingleLabel(64).targets, mixup_alpha=0.4)(images, labels)
     assert mixed.shape == images.shape and mixed.dtype == torch.float32
     assert torch.allclose(targets.sum(1), torch.ones(64))
     partner = targets.clone()
@@ -206,7 +207,7 @@ def test_mixup_draws_a_lambda_per_sample():
 def test_cutmix_pastes_a_box_per_sample_and_labels_follow_its_area():
     torch.manual_seed(0)
     images, labels = constant_images(64)
-    mixed, targets, _ = BatchMix(64, cutmix_alpha=1.0)(images, labels)
+    mixed, targets, _ = BatchMix(SingleLabel(64).targets, cutmix_alpha=1.0)(images, labels)
     own_value = images[:, :1].float()
     pasted = (mixed[:, :1] != own_value).flatten(1).float().mean(1)  # share of each image replaced
     own = targets[labels, labels]
@@ -222,14 +223,14 @@ def test_every_view_of_a_batch_is_mixed_with_the_same_draws(flags):
     torch.manual_seed(0)
     images, labels = constant_images(32)
     large = torch.nn.functional.interpolate(images.float(), scale_factor=2, mode="nearest").to(torch.uint8)
-    mixed, targets, views = BatchMix(32, **flags)(images, labels, {"copy": images.clone(), "large": large})
+    mixed, targets, views = BatchMix(SingleLabel(32).targets, **flags)(images, labels, {"copy": images.clone(), "large": large})
     assert torch.equal(views["copy"], mixed)
     shrunk = torch.nn.functional.avg_pool2d(views["large"], 2)
     assert (shrunk - mixed).abs().gt(0.5).float().mean() < 0.1  # box edges may round to the next pixel
     unlabeled = labels.clone()
     unlabeled[::2] = -1  # images without a label: their share of a mixture carries no target
     torch.manual_seed(0)
-    _, partial, _ = BatchMix(32, **flags)(images, unlabeled)
+    _, partial, _ = BatchMix(SingleLabel(32).targets, **flags)(images, unlabeled)
     own = torch.stack([partial[i, labels[i]] for i in range(32)])
     assert torch.all(own[::2] == 0) and torch.allclose(own[1::2], targets[1::2].gather(1, labels[1::2, None])[:, 0])
 
@@ -238,7 +239,8 @@ def test_mixup_and_cutmix_train_in_both_scripts(cifar_teacher, tiny_resnet, cifa
     """Both scripts train on the mixed soft targets, with label smoothing, every step."""
     import inspect
 
-    from hf_transfer.trainers import distillation_trainer, transfer_trainer
+    from hf_transfer import tasks
+    from hf_transfer.trainers import distillation_trainer
 
     seen = []
 
@@ -253,7 +255,7 @@ def test_mixup_and_cutmix_train_in_both_scripts(cifar_teacher, tiny_resnet, cifa
 
         monkeypatch.setattr(module, name, recorded)
 
-    spy(transfer_trainer, "cross_entropy")
+    spy(tasks, "cross_entropy")  # the fine-tuning loss of one class per image (tasks.SingleLabel.loss)
     spy(distillation_trainer, "distillation_loss")
     flags = ["--dataset_name", cifar_like, "--num_train_epochs", "1", "--mixup", "0.2", "--cutmix", "1.0",
              "--augmentation", "strong", "--label_smoothing_factor", "0.1", *quick_flags()]

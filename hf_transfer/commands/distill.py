@@ -62,13 +62,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     set_seed(args.seed)
     data = load_data(data_args, args.seed, student_args.cache_dir)
     if data_args.unlabeled_dir or data_args.unlabeled_dataset:
+        if data.task.multi_label:
+            raise UserError("images without labels are distilled into one-class-per-image students only; "
+                            "this data set has several labels per image: leave --unlabeled_dir/--unlabeled_dataset out")
         add_unlabeled_images(data, data_args.unlabeled_dir, data_args.unlabeled_dataset, data_args.unlabeled_split,
                              student_args.cache_dir)
     teacher = load_teacher(args.teacher_model_name_or_path, data.label_names, revision=args.teacher_revision,
-                           trust_remote_code=student_args.trust_remote_code, cache_dir=student_args.cache_dir)
+                           trust_remote_code=student_args.trust_remote_code, cache_dir=student_args.cache_dir,
+                           problem_type=data.task.problem_type)
     student = load_trained_model(student_args, source, data)
-    for change in fit_to_data(args, data.train_size, parsed.given):
-        logger.info("small data set: %s", change)
+    for change in fit_to_data(args, data.train_size, parsed.given, data.task):
+        logger.info("fitted to the data: %s", change)
     logger.info("teacher %s (input %s) -> student %s (input %s), augmentation %s", teacher.source, teacher.spec.size,
                 source, student.spec.size, data_args.augmentation)
 

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import asdict
 
-from transformers import set_seed
+from transformers import TrainerCallback, set_seed
 
 from .. import run_args
 from ..arguments import parse_arguments
@@ -22,6 +22,7 @@ from ..model_card import CardInfo, hyperparameters
 from ..models.presets import resolve_source
 from ..output_dir import prepare_output_dir, report_finished, save_run_args
 from ..recipes import fit_to_data, fitted_fields
+from ..tasks import threshold_of
 from ..trainers.transfer_trainer import TransferTrainer
 from ..workflow import (
     check_setup,
@@ -36,7 +37,8 @@ from ..workflow import (
 logger = logging.getLogger(__name__)
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
+def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback] = ()) -> dict:
+    """`callbacks`: more Trainer callbacks for the run (a hyperparameter search's trial reporter, search.py)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parsed = parse_arguments(argv)
     model_args, data_args, args = parsed.model, parsed.data, parsed.training
@@ -56,15 +58,15 @@ def main(argv: Sequence[str] | None = None) -> dict:
     loaded = load_trained_model(model_args, source, data)
     if not args.do_train:
         return evaluate_as_is(args, data, loaded, record, fitted, argv)
-    for change in fit_to_data(args, data.train_size, parsed.given):
-        logger.info("small data set: %s", change)
+    for change in fit_to_data(args, data.train_size, parsed.given, data.task):
+        logger.info("fitted to the data: %s", change)
     logger.info("model %s (%s), input %s, %d labels, augmentation %s", source, loaded.family, loaded.spec.size,
                 len(data.label_names), data_args.augmentation)
 
     attach_transforms(data, data_args.augmentation, args.seed, data_args.random_erasing)
     fit_workers(args, data)
     run_config = {**asdict(model_args), **asdict(data_args)}
-    trainer = TransferTrainer(**trainer_kwargs(args, data, loaded, run_config, tags=["fine-tuning"]))
+    trainer = TransferTrainer(**trainer_kwargs(args, data, loaded, run_config, tags=["fine-tuning"], callbacks=callbacks))
     card = CardInfo(
         model_name=args.output_dir, base_model=source, from_scratch=model_args.from_scratch,
         dataset=data.name, label_names=data.label_names,
@@ -81,6 +83,8 @@ def evaluate_as_is(args, data, loaded, record: dict, fitted: set[str], argv: lis
         raise UserError(f"--do_train false evaluates {loaded.source} as it is, but its classification head was made "
                         f"for other labels than this data set's ({len(data.label_names)}); evaluate a model "
                         "fine-tuned on these labels")
+    if threshold_of(loaded.model.config) is not None:  # several labels per image: the threshold it was saved with
+        data.task.threshold = threshold_of(loaded.model.config)
     attach_transforms(data, "none", args.seed)
     fit_workers(args, data)
     trainer = TransferTrainer(**trainer_kwargs(args, data, loaded, tags=["evaluation"]))

@@ -4,6 +4,7 @@
   report RUN_DIR... [--output DIR]           compare finished runs: a Markdown table and plots
   check-config FILE...                       check accelerate config files before launching
   export RUN_DIR --format onnx               export a saved model to ONNX, checked against PyTorch on the test images
+  search [run_finetune.py flags] --n_trials N  hyperparameter search (optuna); the best trial trained as a run
 """
 
 from __future__ import annotations
@@ -43,7 +44,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     export.add_argument("--images", default=None,
                         help="compare on the image files under this folder instead of the run's test split")
     export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
-    args = parser.parse_args(argv)
+    search = commands.add_parser("search", help="hyperparameter search: every run_finetune.py flag, plus these; the "
+                                 "study continues where it stopped when the command is run again", allow_abbrev=False)
+    search.add_argument("--n_trials", "--n-trials", type=int, required=True,
+                        help="trials the study should have in all (finished ones of an earlier call count)")
+    search.add_argument("--backend", choices=["optuna"], default="optuna", help="the search engine")
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "search":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
 
     if args.command == "push":
         from ..errors import UserError
@@ -69,6 +77,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         for path in args.files:
             print(json.dumps(check_config_file(path)))
+    elif args.command == "search":
+        from ..search import run_search
+
+        summary = run_search(rest, args.n_trials)
+        best = summary["best"]
+        print(f"best trial {best['trial']}: validation accuracy {best['validation_accuracy']:.4f} with "
+              f"{' '.join(best['flags'])}; trained as {best['folder']} (test accuracy {best['test_accuracy']:.4f})")
     elif args.command == "export":
         from ..export import export_onnx
 

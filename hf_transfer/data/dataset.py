@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, load_dataset, load_from_disk
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, List, load_dataset, load_from_disk
 from datasets.packaged_modules.imagefolder.imagefolder import IMAGE_EXTENSIONS as _EXTENSIONS
 
 from ..errors import UserError, check_local_path, wrap_load_error
 from ..hub import check_hub_reachable
+from ..tasks import MultiLabel, SingleLabel, is_list_feature, prepare_multilabel
 from .decoding import decode_rgb
 
 logger = logging.getLogger(__name__)
@@ -34,6 +36,9 @@ _SPLIT_ALIASES = {"train": ("train", "training"), "validation": ("validation", "
                   "test": ("test", "testing")}
 DIGITS = "digits"
 DIGITS_NAME = "sklearn digits"  # what the model card calls it
+DIGITS_MULTI = "digits-multilabel"  # several digits per image, composited from `digits` (several labels per image)
+DIGITS_MULTI_NAME = "sklearn digits, two or three per image"
+METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")  # an image folder's labels, datasets' names
 IMAGE_EXTENSIONS = tuple(_EXTENSIONS)  # the files an image folder's rows are made of (datasets' imagefolder list)
 
 
@@ -54,6 +59,11 @@ class ImageData:
     # Set by attach_transforms: every split is decoded in memory and no per-image CPU work is left
     # (crops and flips, if any, run on the device), so loading a batch is a gather of rows.
     in_memory: bool = False
+    task: SingleLabel | None = None  # one class per image (default) or several (tasks.py), from the label column
+
+    def __post_init__(self):
+        if self.task is None:
+            self.task = SingleLabel(len(self.label_names))
 
     @property
     def train_size(self) -> int | None:
@@ -75,8 +85,10 @@ def load_image_data(
     seed: int = 42,
     skip_corrupt_images: bool = False,
     cache_dir: str | None = None,
+    multi_label: bool = False,
 ) -> ImageData:
-    """Load, check and split a data set; images stay undecoded until a batch asks for them."""
+    """Load, check and split a data set; images stay undecoded until a batch asks for them. Several labels per
+    image when the label column holds lists, or with `multi_label` (tasks.py)."""
     if not 0 < validation_split < 1:
         raise UserError(f"--validation_split must be between 0 and 1 (exclusive), got {validation_split}")
     raw, name = _load_raw(dataset_name, dataset_config_name, train_dir, validation_dir, test_dir, cache_dir)
@@ -85,15 +97,22 @@ def load_image_data(
     features = splits["train"].features
     image_column = _pick_column(features, image_column, _IMAGE_NAMES, lambda f: isinstance(f, Image), "image")
     label_column = _pick_column(
-        features, label_column, _LABEL_NAMES, lambda f: isinstance(f, ClassLabel), "label"
+        features, label_column, _LABEL_NAMES,
+        lambda f: isinstance(f, ClassLabel) or isinstance(getattr(f, "feature", None), ClassLabel), "label"
     )
     if not isinstance(features[image_column], Image):
         raise UserError(f"column '{image_column}' holds {features[image_column]}, not images; pass --image_column")
-    splits, label_names = _as_class_labels(splits, label_column)
-    if len(label_names) < 2:
-        raise UserError(f"the data set has {len(label_names)} class(es) in column '{label_column}'; need at least 2")
-
-    _check_label_range(splits, label_column, len(label_names))
+    if multi_label or is_list_feature(features[label_column]):
+        splits, label_names = prepare_multilabel(splits, label_column)
+        task = MultiLabel(len(label_names))
+        if not label_names:
+            raise UserError(f"no training image has a label in column '{label_column}'")
+    else:
+        splits, label_names = _as_class_labels(splits, label_column)
+        task = SingleLabel(len(label_names))
+        if len(label_names) < 2:
+            raise UserError(f"the data set has {len(label_names)} class(es) in column '{label_column}'; need at least 2")
+        _check_label_range(splits, label_column, len(label_names))
 
     splits = {key: ds.add_column(ROW, np.arange(len(ds))) for key, ds in splits.items()}
     validation_from_train = "validation" not in splits
@@ -116,7 +135,7 @@ def load_image_data(
     return ImageData(
         train=splits["train"], validation=splits["validation"], test=splits.get("test"),
         label_names=label_names, image_column=image_column, label_column=label_column,
-        name=name, validation_from_train=validation_from_train, skipped_images=skipped,
+        name=name, validation_from_train=validation_from_train, skipped_images=skipped, task=task,
     )
 
 
@@ -135,7 +154,8 @@ def _load_raw(dataset_name, config_name, train_dir, validation_dir, test_dir,
                     raise UserError(f"--{split}_dir '{folder}' is not a directory")
                 files[split] = str(Path(folder) / "**")
         classes = sorted(p.name for p in Path(train_dir).iterdir() if p.is_dir() and any(p.iterdir()))
-        if len(classes) < 2:
+        metadata = any((Path(train_dir) / m).is_file() for m in METADATA_FILES)  # labels from a file, not folders
+        if len(classes) < 2 and not metadata:
             raise UserError(f"--train_dir '{train_dir}' has {len(classes)} class folder(s) "
                             f"({', '.join(classes) or 'none'}); an image folder needs one subfolder per class, "
                             "at least 2")
@@ -145,11 +165,17 @@ def _load_raw(dataset_name, config_name, train_dir, validation_dir, test_dir,
         try:  # another layout (nested folders, metadata files): datasets' imagefolder knows them all
             return load_dataset("imagefolder", data_files=files, cache_dir=cache_dir), str(train_dir)
         except (OSError, ValueError) as exc:
+            if re.search(r"changed from (array to|\w+ to array)", str(exc)):  # pyarrow reading metadata.jsonl
+                raise UserError(f"the metadata file of '{train_dir}' holds a list of labels in some rows and a single "
+                                f"value in others ({str(exc).strip().splitlines()[0]}); write every row's labels as a "
+                                "list (several labels per image) or every row's as one value") from exc
             raise wrap_load_error("image folder", train_dir, exc) from exc
 
     name = dataset_name or "uoft-cs/cifar10"
     if name == DIGITS:
         return digits_dataset(), DIGITS_NAME
+    if name == DIGITS_MULTI:
+        return digits_multilabel_dataset(), DIGITS_MULTI_NAME
     check_local_path("--dataset_name", name)
     path = Path(name)
     try:
@@ -323,3 +349,30 @@ def digits_dataset(test_fraction: float = 0.2) -> DatasetDict:
     )
     parts = ds.train_test_split(test_size=test_fraction, seed=0, stratify_by_column="label")
     return DatasetDict(train=parts["train"], test=parts["test"])
+
+
+def digits_multilabel_dataset(train: int = 2000, test: int = 500) -> DatasetDict:
+    """Real data with several labels per image, offline: two or three different digits of `digits_dataset` in the
+    cells of a 2 x 2 grid (16 x 16 px, the other cells blank); the labels are the set of digits shown. Train
+    images are made from the digits of its train split, test images from its test split (seed 0, fixed)."""
+    import PIL.Image
+
+    rng = np.random.default_rng(0)
+    names = [str(i) for i in range(10)]
+    features = Features({"image": Image(), "labels": List(ClassLabel(names=names))})
+    splits, digits = {}, digits_dataset()
+    for split, count in (("train", train), ("test", test)):
+        source = digits[split]
+        pixels = np.stack([np.asarray(image) for image in source["image"]])
+        by_class = [np.flatnonzero(np.asarray(source["label"]) == c) for c in range(10)]
+        images, labels = [], []
+        for _ in range(count):
+            shown = rng.choice(10, size=rng.integers(2, 4), replace=False)
+            canvas = np.zeros((16, 16), np.uint8)
+            for digit, cell in zip(shown, rng.permutation(4)):
+                row, col = divmod(int(cell), 2)
+                canvas[8 * row:8 * row + 8, 8 * col:8 * col + 8] = pixels[rng.choice(by_class[digit])]
+            images.append(PIL.Image.fromarray(canvas))
+            labels.append(sorted(int(d) for d in shown))
+        splits[split] = Dataset.from_dict({"image": images, "labels": labels}, features=features)
+    return DatasetDict(splits)

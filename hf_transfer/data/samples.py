@@ -67,7 +67,8 @@ def attach_transforms(data: ImageData, augmentation: str, seed: int = 42, random
             decoded = decode_split(ds, data.image_column, split, budget) if decode_once and not streamed else None
             if decoded is not None:
                 budget -= decoded.images.numel()
-            transform = SampleTransform(data.image_column, data.label_column, split, aug, seed, data.epoch, decoded)
+            transform = SampleTransform(data.image_column, data.label_column, split, aug, seed, data.epoch, decoded,
+                                        data.task)
             # Decoded pixels are read by row number: the stored image bytes need not leave Arrow again.
             columns = [data.label_column, ROW] if decoded is not None else [data.image_column, data.label_column, ROW]
             ds.set_transform(transform, columns=columns)
@@ -140,8 +141,9 @@ class SampleTransform:
     the device crops and flips, each image's parameters for it)."""
 
     def __init__(self, image_column: str, label_column: str, split: str, augmentation: Augmentation | None = None,
-                 seed: int = 42, epoch: torch.Tensor | None = None, decoded: DecodedSplit | None = None):
+                 seed: int = 42, epoch: torch.Tensor | None = None, decoded: DecodedSplit | None = None, task=None):
         self.image_column, self.label_column, self.split = image_column, label_column, split
+        self.sample_labels = task.sample_labels if task is not None else None  # a class id, or a multi-hot vector
         self.augmentation, self.seed, self.decoded = augmentation, seed, decoded
         self.epoch = epoch if epoch is not None else torch.zeros((), dtype=torch.int64)
         # Crops and flips of a decoded split (one image size) go to the device, batched.
@@ -156,7 +158,9 @@ class SampleTransform:
         epoch = int(self.epoch)  # read the shared counter once per batch
         cells = batch[self.image_column] if self.decoded is None else [None] * len(batch[ROW])
         images, parameters = zip(*(self.image(cell, int(row), epoch) for cell, row in zip(cells, batch[ROW])))
-        samples = {"pixel_values": list(images), "labels": list(batch[self.label_column]), "row_index": list(batch[ROW])}
+        labels = batch[self.label_column]
+        labels = [self.sample_labels(v) for v in labels] if self.sample_labels is not None else list(labels)
+        samples = {"pixel_values": list(images), "labels": labels, "row_index": list(batch[ROW])}
         if self.on_device:
             samples["augment"] = list(parameters)
         if self.squash:
@@ -198,8 +202,9 @@ class UInt8Collator:
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         images = [e["pixel_values"] for e in examples]
+        labels = [e["labels"] for e in examples]  # class ids, or multi-hot vectors (several labels per image)
         collated = {
-            "labels": torch.tensor([e["labels"] for e in examples], dtype=torch.long),
+            "labels": torch.stack(labels) if isinstance(labels[0], torch.Tensor) else torch.tensor(labels, dtype=torch.long),
             "row_index": torch.tensor([e["row_index"] for e in examples], dtype=torch.long),
         }
         squash = "squash" in examples[0]  # random-resized crops: each model resizes them whole (augmentation.py)

@@ -75,6 +75,8 @@ def check_streaming(data_args, args, given: set[str]) -> None:
                                                        "training image, which a stream never holds: leave it out"),
         ("max_train_samples" in given, "--max_train_samples picks images from the whole train split: with "
                                        "--streaming, --max_steps says how much is read"),
+        (data_args.multi_label, "--streaming reads one class label per image; several labels per image "
+                                "(--multi_label) need the data set in memory"),
     ]
     for refused, message in refusals:
         if refused:

@@ -47,8 +47,10 @@ def load_model(
     trust_remote_code: bool = False,
     cache_dir: str | None = None,
     drop_path_rate: float | None = None,
+    problem_type: str = "single_label_classification",
 ) -> LoadedModel:
-    """Load `source` with a classification head for `label_names` and the input spec it expects."""
+    """Load `source` with a classification head for `label_names` and the input spec it expects; `problem_type`:
+    the data set's task (tasks.py), which `pipeline` reads to return a softmax or per-label sigmoid scores."""
     hub_kwargs = {"revision": revision, "trust_remote_code": trust_remote_code, "cache_dir": cache_dir}
     config, spec = _config_and_spec(source, from_scratch, hub_kwargs, "--model_name_or_path")
     old_names = [config.id2label[i] for i in sorted(config.id2label)] if config.id2label else []
@@ -79,9 +81,9 @@ def load_model(
             logger.info("new classification head for %d labels (checkpoint had %d)", len(label_names), len(old_names))
 
     set_timm_label_names(model.config, label_names)
-    # The data set's labels are single classes. Said here, the Trainer's loss does not have to find it
-    # out and write it into the config at the first step, which would make torch.compile compile twice.
-    model.config.problem_type = "single_label_classification"
+    # Said here, the Trainer's loss does not have to find it out and write it into the config at the first
+    # step, which would make torch.compile compile twice.
+    model.config.problem_type = problem_type
     if image_size is not None and (image_size,) * 2 != spec.size:
         model = set_input_size(model, image_size)
         spec = spec.with_size(image_size)
@@ -106,11 +108,17 @@ def _drop_path(config, rate: float | None) -> dict:
 
 
 def load_teacher(source: str, label_names: list[str], *, revision: str | None = None,
-                 trust_remote_code: bool = False, cache_dir: str | None = None) -> LoadedModel:
+                 trust_remote_code: bool = False, cache_dir: str | None = None,
+                 problem_type: str = "single_label_classification") -> LoadedModel:
     """A fine-tuned classifier to distil from: frozen, in eval mode, with the data set's labels."""
     hub_kwargs = {"revision": revision, "trust_remote_code": trust_remote_code, "cache_dir": cache_dir}
     config, spec = _config_and_spec(source, False, hub_kwargs, "--teacher_model_name_or_path", what="teacher")
     names = [config.id2label[i] for i in sorted(config.id2label)]
+    several = getattr(config, "problem_type", None) == "multi_label_classification"
+    if several != (problem_type == "multi_label_classification"):
+        raise UserError(f"the teacher was trained for {'several labels' if several else 'one class'} per image and "
+                        f"the data set has {'one class' if several else 'several labels'} per image; use a teacher "
+                        "trained for the same task")
     if names != list(label_names):
         raise UserError(
             f"the teacher's labels do not match the data set's: teacher has {len(names)} ({_preview(names)}), "

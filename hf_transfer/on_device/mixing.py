@@ -21,8 +21,10 @@ class BatchMix:
     before resizing, so a teacher and a student see the very same mixed picture.
     """
 
-    def __init__(self, num_labels: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0):
-        self.num_labels, self.mixup_alpha, self.cutmix_alpha = num_labels, mixup_alpha, cutmix_alpha
+    def __init__(self, targets, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0):
+        """`targets`: a batch's labels -> the float (N, C) rows that are mixed (the task's: one-hot class ids, or
+        the multi-hot label sets of several labels per image, tasks.py)."""
+        self.targets, self.mixup_alpha, self.cutmix_alpha = targets, mixup_alpha, cutmix_alpha
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor,
                  views: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, dict]:
@@ -33,7 +35,7 @@ class BatchMix:
         # Nothing here is read back to the host (a GPU would stall for it): a permutation by sorting random
         # keys, one-hot targets by comparison (one_hot checks the labels' range on the host), and `_beta`.
         partner = torch.rand(n, device=device).argsort()
-        targets = (labels[:, None] == torch.arange(self.num_labels, device=device)).float()  # unlabeled: zeros
+        targets = self.targets(labels)
 
         if self.mixup_alpha > 0 and self.cutmix_alpha > 0:
             use_cutmix = torch.rand(n, device=device) < 0.5

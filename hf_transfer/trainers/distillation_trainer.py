@@ -94,6 +94,7 @@ class DistillationTrainer(TransferTrainer):
             outputs.logits, teacher_logits, inputs["labels"], self.args.alpha, self.args.temperature,
             labelled_count=counts.labelled if counts else None, image_count=counts.images if counts else None,
             label_smoothing=self.args.label_smoothing_factor, class_weights=self.class_weights,
+            multi_label=self.task.multi_label,
         )
         processes = counts.processes if counts else 1
         loss = self.guard_loss(loss * processes)
@@ -145,11 +146,15 @@ class DistillationTrainer(TransferTrainer):
         return torch.cat(all_rows).numpy(), torch.cat(all_logits).numpy()
 
     def extra_test_metrics(self, dataset, output) -> dict[str, float]:
+        """The teacher's test score, and the share of test images on which the student predicts what it does (the
+        same class; with several labels per image, the same label set at the student's threshold)."""
         _, teacher_logits = self.teacher_predict(dataset, "teacher on the test split")
-        teacher_predictions = teacher_logits.argmax(-1)
+        teacher = self.task.metrics(teacher_logits, output.label_ids)
+        same = self.task.predictions(teacher_logits) == self.task.predictions(output.predictions)
         return {
-            "test_teacher_accuracy": float((teacher_predictions == output.label_ids).mean()),
-            "test_agreement": float((teacher_predictions == output.predictions.argmax(-1)).mean()),
+            "test_teacher_accuracy": teacher["accuracy"],
+            **({"test_teacher_map": teacher["map"]} if "map" in teacher else {}),
+            "test_agreement": float(same.reshape(len(same), -1).all(-1).mean()),
         }
 
     def use_cached_teacher_logits(self, dataset, path: Path) -> None:

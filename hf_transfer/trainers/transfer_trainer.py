@@ -45,10 +45,10 @@ from transformers.utils import PushInProgress
 from ..compat import deepspeed_dtype, load_checkpoint_weights
 from ..data.streaming import StreamingSplit
 from ..hub import push_at_end, push_checkpoint
-from ..losses import cross_entropy, label_mass
 from ..on_device.geometry import crop_and_flip
 from ..on_device.mixing import BatchMix
 from ..on_device.preprocessing import ImageSpec, ToModelInput
+from ..tasks import SingleLabel
 from ..tracking import forward_flops
 from .batchnorm import recompute_statistics, trainable_batchnorm_layers
 from .ema import EmaCallback, WeightEma, swapped_weights
@@ -76,16 +76,18 @@ class TransferTrainer(Trainer):
     loss_is_scaled_for_ga = True
 
     def __init__(self, *args, image_spec: ImageSpec, channels_last: bool = False,
-                 class_weights: torch.Tensor | None = None, **kwargs):
+                 class_weights: torch.Tensor | None = None, task: SingleLabel | None = None, **kwargs):
         if channels_last:  # the weights too, so convolutions need no layout conversion
             kwargs["model"].to(memory_format=torch.channels_last)
         super().__init__(*args, **kwargs)
         self.model_accepts_loss_kwargs = False  # the model computes no loss here (compute_loss does)
         self.class_weights = class_weights  # (classes,), from --class_weights and the training labels
+        # One class or several labels per image (tasks.py): the loss, the labelled count, mixup's targets.
+        self.task = task if task is not None else SingleLabel(self.model.config.num_labels)
         self.to_model_input = ToModelInput(image_spec, channels_last=channels_last)
         self._forward_flops: int | None = None  # of one image, measured at the first training step
         mixup, cutmix = self.args.mixup, self.args.cutmix
-        self.batch_mix = BatchMix(self.model.config.num_labels, mixup, cutmix) if mixup or cutmix else None
+        self.batch_mix = BatchMix(self.task.targets, mixup, cutmix) if mixup or cutmix else None
         self.ema = WeightEma(self.model, self.args.ema_decay) if self.args.ema_decay else None
         self._raw_weights: dict | None = None  # once the EMA weights are the model's, the raw ones (for eval_raw_*)
         self._statistics_step: int | None = None  # the step whose weights the BatchNorm statistics belong to
@@ -184,7 +186,7 @@ class TransferTrainer(Trainer):
             for batch in batches:
                 self.stream.consumed(batch.pop("stream"))
         labels = [batch["labels"] for batch in batches]
-        counts = torch.stack([sum(label_mass(lab).sum() for lab in labels),
+        counts = torch.stack([sum(self.task.label_mass(lab).sum() for lab in labels),
                               torch.tensor(float(sum(len(lab) for lab in labels)), device=labels[0].device)])
         processes = 1
         if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
@@ -198,8 +200,8 @@ class TransferTrainer(Trainer):
         outputs = model(pixel_values=inputs["pixel_values"])
         counts = num_items_in_batch if model.training and isinstance(num_items_in_batch, BatchCounts) else None
         weights = self.class_weights if model.training else None  # evaluation losses stay comparable across runs
-        loss = cross_entropy(outputs.logits, inputs["labels"], counts.labelled if counts else None,
-                             self.args.label_smoothing_factor, weights)
+        loss = self.task.loss(outputs.logits, inputs["labels"], counts.labelled if counts else None,
+                              self.args.label_smoothing_factor, weights)
         if counts is not None:
             loss = loss * counts.processes
         if model.training:
@@ -318,7 +320,7 @@ class TransferTrainer(Trainer):
             with swapped_weights(self.model, self._raw_weights):
                 raw = super().evaluate(eval_dataset, ignore_keys, f"{metric_key_prefix}_raw")
             averaged = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        return {**averaged, **{k: v for k, v in raw.items() if "accuracy" in k or k.endswith("_loss")}}
+        return {**averaged, **{k: v for k, v in raw.items() if "accuracy" in k or k.endswith(("_loss", "_map"))}}
 
     def _save_checkpoint(self, model, trial) -> None:
         """The EMA and each process's stream position first, then the Trainer's checkpoint (whose

@@ -1,0 +1,193 @@
+"""Hyperparameter search: `python -m hf_transfer search <run_finetune.py flags> --n_trials N`.
+
+optuna proposes the values (TPE sampler, seeded by --seed); each trial is an ordinary fine-tuning
+run of those flags, through the same `commands/finetune.py` main as `run_finetune.py`, in
+`OUT/trial-NNN` (OUT: --output_dir, default `runs/<model>-<data set>-search`). So a trial is
+exactly the run its flags describe: the data-fitted defaults, the EMA, the BatchNorm statistics,
+the checkpoints and their resume all behave as in any run. (The Trainer's own
+`hyperparameter_search` runs every trial through one Trainer whose `model_init` swaps the model:
+what `TransferTrainer` builds around its model would stay the first trial's, and a killed trial
+could not resume.)
+
+- The test split is never used to choose: trials run with `--do_predict false`, and the objective
+  is the validation score of the trial's best checkpoint (the metric that chose it: accuracy, or
+  mAP for several labels per image). The first trial of a new study is the recipe itself. Each
+  evaluation from a quarter of a trial's steps on is reported to optuna, whose percentile pruner
+  stops a trial in the bottom quarter of the finished ones at the same step.
+- The study is stored in `OUT/study.db` (SQLite). The same command again continues it: finished
+  trials are kept and counted, a trial that was killed runs again with the same values and resumes
+  from its newest checkpoint; --n_trials is the total the study should reach.
+- Then the best trial's flags train `OUT/best`, an ordinary run folder (arguments file, model card,
+  validation and test results); `OUT/search_results.json` lists every trial.
+
+The search space (`space`) surrounds the family's recipe; a searched flag that the command sets
+itself is not searched, the command's value holds for every trial.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from .errors import UserError
+
+logger = logging.getLogger(__name__)
+
+STUDY = "search"  # the study's name in study.db
+PRUNE_FROM = 0.25  # share of a trial's steps before which its evaluations are not reported (too early to judge)
+PRUNE_BELOW = 25.0  # a trial is stopped when its validation accuracy is below this percentile of the earlier ones
+
+
+def space(trial, training, augmentation: str, given: set[str]) -> list[str]:
+    """The flags of one trial: around the recipe's learning rate and weight decay (a decade each way, log-uniform:
+    the transfer benchmark's largest effects came from the learning rate), label smoothing, augmentation on or off
+    ('on' is the data set's default augmentation, or crops where that is none)."""
+    flags = []
+    if "learning_rate" not in given:
+        lr = training.learning_rate
+        flags += ["--learning_rate", _number(trial.suggest_float("learning_rate", lr / 10, lr * 10, log=True))]
+    if "weight_decay" not in given:
+        wd = training.weight_decay or 1e-4
+        flags += ["--weight_decay", _number(trial.suggest_float("weight_decay", wd / 10, wd * 10, log=True))]
+    if "label_smoothing_factor" not in given:
+        flags += ["--label_smoothing_factor", _number(trial.suggest_float("label_smoothing_factor", 0.0, 0.2))]
+    if "augmentation" not in given:
+        on = augmentation if augmentation != "none" else "crop"
+        flags += ["--augmentation", trial.suggest_categorical("augmentation", ["none", on])]
+    return flags
+
+
+def recipe_values(training, augmentation: str, given: set[str]) -> dict:
+    """The point of `space` that is the run's own defaults (as `_number` writes them)."""
+    values = {"learning_rate": training.learning_rate, "weight_decay": training.weight_decay or 1e-4,
+              "label_smoothing_factor": training.label_smoothing_factor, "augmentation": augmentation}
+    return {k: (float(_number(v)) if k != "augmentation" else v) for k, v in values.items() if k not in given}
+
+
+def _number(value: float) -> str:
+    return f"{value:.4g}"
+
+
+class ReportToTrial(TrainerCallback):
+    """Reports each evaluation during training to the optuna trial and stops the run when optuna prunes it. The
+    value is the metric that chooses the run's checkpoint (accuracy; mAP for several labels per image)."""
+
+    def __init__(self, trial):
+        self.trial = trial
+        self.pruned = False
+        self.training = True
+        self.metric = "eval_accuracy"
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        self.metric = f"eval_{args.metric_for_best_model}"
+        value = (metrics or {}).get(self.metric)
+        if not self.training or value is None or state.global_step < PRUNE_FROM * state.max_steps:
+            return
+        self.trial.report(value, state.global_step)
+        if self.trial.should_prune():
+            logger.info("trial %d pruned at step %d (%s %.4f)", self.trial.number, state.global_step, self.metric,
+                        value)
+            self.pruned = control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.training = False  # the final evaluation of the best checkpoint is the objective, not a report
+
+
+def run_search(argv: Sequence[str], n_trials: int) -> dict:
+    try:
+        import optuna
+    except ImportError as exc:
+        raise UserError("the search needs optuna: pip install 'hf-vision-transfer[search]'") from exc
+    from optuna.trial import TrialState
+
+    from .arguments import parse_arguments
+    from .commands import finetune
+    from .data.augmentation import resolve_augmentation
+    from .trainers.nonfinite import NonFiniteLossError
+
+    argv = list(argv)
+    if n_trials < 1:
+        raise UserError(f"--n_trials must be >= 1, got {n_trials}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("search runs its trials one at a time in one process: start it with python, not a launcher "
+                        "of several processes")
+    parsed = parse_arguments(argv)  # every flag checked before the first trial
+    if not parsed.training.do_train:
+        raise UserError("search trains: not with --do_train false")
+    given = parsed.passed
+    out = Path(parsed.training.output_dir if "output_dir" in given else parsed.training.output_dir + "-search")
+    augmentation = resolve_augmentation(parsed.data.augmentation, parsed.data.train_dir or parsed.data.dataset_name)
+    out.mkdir(parents=True, exist_ok=True)
+
+    study = optuna.create_study(study_name=STUDY, storage=f"sqlite:///{out / 'study.db'}", direction="maximize",
+                                load_if_exists=True, sampler=optuna.samplers.TPESampler(seed=parsed.training.seed),
+                                pruner=optuna.pruners.PercentilePruner(PRUNE_BELOW, n_startup_trials=3))
+    if not study.trials:  # the first trial is the recipe itself: the search can only find better on validation
+        study.enqueue_trial(recipe_values(parsed.training, augmentation, given))
+    _requeue_interrupted(study)
+    resumed = {t.user_attrs["resumes"] for t in study.get_trials(deepcopy=False) if "resumes" in t.user_attrs}
+    done = [t for t in study.get_trials(deepcopy=False) if _counts(t, resumed)]
+    remaining = max(0, n_trials - len(done))
+    logger.info("study %s: %d trial(s) done, %d to run", out / "study.db", len(done), remaining)
+
+    def objective(trial) -> float:
+        folder = trial.user_attrs.get("folder") or f"trial-{trial.number:03d}"
+        trial.set_user_attr("folder", folder)
+        flags = space(trial, parsed.training, augmentation, given)
+        trial.set_user_attr("flags", flags)
+        report = ReportToTrial(trial)
+        started = time.perf_counter()
+        results = finetune.main([*argv, *flags, "--output_dir", str(out / folder), "--do_predict", "false",
+                                 "--push_to_hub", "false"], callbacks=[report])
+        trial.set_user_attr("seconds", round(time.perf_counter() - started, 1))
+        if report.pruned:
+            raise optuna.TrialPruned()
+        return results[report.metric]
+
+    started = time.perf_counter()
+    if remaining:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study.optimize(objective, n_trials=remaining, catch=(NonFiniteLossError,))
+    if not any(t.state == TrialState.COMPLETE for t in study.trials):
+        raise UserError(f"no trial of {out / 'study.db'} finished (all pruned or failed); see the trial folders")
+    best = study.best_trial
+    logger.info("best trial %d: validation accuracy %.4f with %s", best.number, best.value,
+                " ".join(best.user_attrs["flags"]))
+    results = finetune.main([*argv, *best.user_attrs["flags"], "--output_dir", str(out / "best")])
+    summary = {
+        "n_trials": n_trials, "seconds_this_call": round(time.perf_counter() - started, 1),
+        "best": {"trial": best.number, "validation_accuracy": best.value, "flags": best.user_attrs["flags"],
+                 "folder": str(out / "best"), "test_accuracy": results.get("test_accuracy")},
+        "trials": [{"number": t.number, "state": t.state.name, "validation_accuracy": t.value, "params": t.params,
+                    "folder": t.user_attrs.get("folder"), "seconds": t.user_attrs.get("seconds"),
+                    "resumes": t.user_attrs.get("resumes")} for t in study.trials],
+    }
+    (out / "search_results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def _counts(trial, resumed: set[int]) -> bool:
+    """Whether a stored trial counts towards --n_trials: finished, and not one that a kill interrupted (`resumed`:
+    the trials another one runs again)."""
+    from optuna.trial import TrialState
+
+    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return True
+    return trial.state == TrialState.FAIL and trial.number not in resumed
+
+
+def _requeue_interrupted(study) -> None:
+    """A trial still marked running was killed with the previous search process (one search per folder): it is
+    marked failed, and its values queued again for a trial in the same folder, which resumes from its checkpoint."""
+    from optuna.trial import TrialState
+
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        logger.info("trial %d was interrupted: it runs again with the same values", trial.number)
+        study.tell(trial.number, state=TrialState.FAIL)
+        study.enqueue_trial(trial.params, user_attrs={"folder": trial.user_attrs.get("folder"), "resumes": trial.number})

@@ -1,0 +1,179 @@
+"""The task: one class per image (softmax over the classes) or several labels per image (a sigmoid per class).
+
+The data set decides (`task_for`): a label column of lists (`Sequence`/`List` of `ClassLabel`, of
+ints or of strings, or an image folder's metadata file whose label column holds lists) is
+multi-label; `--multi_label` makes any label column so (a single-label data set then trains
+independent sigmoid scores). Everything else that differs between the two lives here, and the
+rest of the project asks the run's task: how the label column becomes class ids (`prepare`),
+how a sample's labels become a tensor (`sample_labels`) and the targets mixup blends (`targets`),
+the loss, the class weights from the data, the metrics and the checkpoint-selection metric, the
+test report, and the `problem_type` the saved config carries (so that `pipeline` returns a
+softmax over the classes, or each label's own sigmoid score).
+
+Several labels per image also need a decision threshold: `MultiLabel.threshold`, chosen on the
+validation split after training (the one that maximises micro-averaged F1), saved in the model's
+config as `multi_label_threshold` and in the card, and used for the test's F1 and exact-match
+accuracy. mAP (macro: the mean of each class's average precision; micro: over all image-label
+pairs) needs no threshold and chooses the checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from datasets import ClassLabel, Dataset, Features, List, Sequence
+
+from .errors import UserError
+from .losses import (
+    balanced_class_weights,
+    binary_cross_entropy,
+    cross_entropy,
+    label_mass,
+    positive_class_weights,
+)
+from .metrics import classification_metrics, multilabel_metrics, write_multilabel_report, write_test_report
+
+THRESHOLDS = np.round(np.arange(0.05, 0.96, 0.05), 2)  # the candidates `MultiLabel.choose_threshold` tries
+
+
+@dataclass
+class SingleLabel:
+    """One class per image: softmax cross-entropy, accuracy (chooses the checkpoint)."""
+
+    num_labels: int = 0
+    problem_type = "single_label_classification"
+    best_metric = "accuracy"
+    multi_label = False
+
+    def sample_labels(self, value) -> int:
+        return value
+
+    def label_mass(self, labels: torch.Tensor) -> torch.Tensor:
+        """How much of each sample is labelled (what the label term divides by): losses.label_mass."""
+        return label_mass(labels)
+
+    def targets(self, labels: torch.Tensor) -> torch.Tensor:
+        """One-hot rows (an unlabeled image, class < 0: zeros), the soft targets mixup blends."""
+        return (labels[:, None] == torch.arange(self.num_labels, device=labels.device)).float()
+
+    def loss(self, logits, labels, count=None, label_smoothing: float = 0.0, class_weights=None) -> torch.Tensor:
+        return cross_entropy(logits, labels, count, label_smoothing, class_weights)
+
+    def auto_class_weights(self, labels: list) -> torch.Tensor:
+        labels = torch.tensor(labels)
+        labels = labels[labels >= 0]  # images without a label (data/unlabeled.py) count for no class
+        return balanced_class_weights(torch.bincount(labels, minlength=self.num_labels))
+
+    def metrics(self, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        return classification_metrics(logits, labels, self.num_labels)
+
+    def predictions(self, logits: np.ndarray) -> np.ndarray:
+        return np.asarray(logits).argmax(-1)
+
+    def write_test_report(self, *args, **kwargs) -> None:
+        write_test_report(*args, **kwargs)
+
+
+@dataclass
+class MultiLabel(SingleLabel):
+    """Several labels per image (any number, none included): a sigmoid and a binary cross-entropy per class,
+    mAP (chooses the checkpoint), and F1 and exact-match accuracy at `threshold`."""
+
+    threshold: float = 0.5
+    problem_type = "multi_label_classification"
+    best_metric = "map"
+    multi_label = True
+
+    def sample_labels(self, value) -> torch.Tensor:
+        """A sample's class ids -> its multi-hot float vector."""
+        vector = torch.zeros(self.num_labels)
+        vector[list(value)] = 1.0
+        return vector
+
+    def label_mass(self, labels: torch.Tensor) -> torch.Tensor:
+        return torch.ones(len(labels), device=labels.device)  # every image is labelled (an empty set too)
+
+    def targets(self, labels: torch.Tensor) -> torch.Tensor:
+        return labels.float()
+
+    def loss(self, logits, labels, count=None, label_smoothing: float = 0.0, class_weights=None) -> torch.Tensor:
+        return binary_cross_entropy(logits, labels, count, label_smoothing, class_weights)
+
+    def auto_class_weights(self, labels: list) -> torch.Tensor:
+        positives = torch.zeros(self.num_labels)
+        for ids in labels:
+            positives[list(ids)] += 1
+        return positive_class_weights(positives, len(labels))
+
+    def metrics(self, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        return multilabel_metrics(logits, labels, self.threshold)
+
+    def predictions(self, logits: np.ndarray) -> np.ndarray:
+        return (_sigmoid(logits) >= self.threshold).astype(np.int64)
+
+    def choose_threshold(self, logits: np.ndarray, labels: np.ndarray) -> float:
+        """The threshold of `THRESHOLDS` with the best micro-averaged F1 on these (validation) predictions; the
+        middle one of a tie."""
+        scores = [multilabel_metrics(logits, labels, t)["f1"] for t in THRESHOLDS]
+        best = [t for t, s in zip(THRESHOLDS, scores) if s == max(scores)]
+        self.threshold = float(best[len(best) // 2])
+        return self.threshold
+
+    def write_test_report(self, output_dir, logits, labels, label_names, rows=None, prefix="test", files=None):
+        write_multilabel_report(output_dir, logits, labels, label_names, self.threshold, rows, prefix, files)
+
+
+def _sigmoid(logits: np.ndarray) -> np.ndarray:
+    return 1 / (1 + np.exp(-np.asarray(logits, dtype=np.float64)))
+
+
+# ---------------------------------------------------------------- the data's side: which task, and its label ids
+
+
+def is_list_feature(feature) -> bool:
+    return isinstance(feature, (Sequence, List))
+
+
+def prepare_multilabel(splits: dict[str, Dataset], column: str) -> tuple[dict[str, Dataset], list[str]]:
+    """A label column of lists as `List(ClassLabel)` on every split, and its class names: a list of class labels
+    keeps its names; lists of ints name the classes 0..max; lists of strings are named by the training split's
+    (sorted). An empty list is an image with no positive label. A label another split has that the training split
+    lacks, or a row that holds one value where the others hold lists, is refused."""
+    feature = splits["train"].features[column]
+    inner = getattr(feature, "feature", None)
+    if isinstance(inner, ClassLabel):
+        return splits, list(inner.names)
+    if not is_list_feature(feature):  # --multi_label on a column of single labels: each a list of one
+        if not isinstance(feature, ClassLabel):
+            raise UserError(f"--multi_label: column '{column}' holds {feature}, neither class labels nor lists of them")
+        names = list(feature.names)
+        label = List(ClassLabel(names=names))
+        return {k: ds.map(lambda b: {column: [[v] if v >= 0 else [] for v in b[column]]}, batched=True,
+                          features=Features({**ds.features, column: label})) for k, ds in splits.items()}, names
+    values = {split: {v for row in ds[column] for v in (row or [])} for split, ds in splits.items()}
+    train = values["train"]
+    if all(isinstance(v, (int, np.integer)) for vs in values.values() for v in vs):
+        if any(v < 0 for vs in values.values() for v in vs):
+            raise UserError(f"column '{column}' has negative labels")
+        names = [str(i) for i in range(max(train) + 1)] if train else []
+        index = {i: i for i in range(len(names))}
+    elif all(isinstance(v, str) for vs in values.values() for v in vs):
+        names = sorted(train)
+        index = {n: i for i, n in enumerate(names)}
+    else:
+        raise UserError(f"column '{column}' holds {feature}: lists of class names or class ids are needed")
+    for split, vs in values.items():
+        unknown = sorted(str(v) for v in vs if v not in index)
+        if unknown:
+            raise UserError(f"the {split} split has labels no training image has: {', '.join(unknown[:5])}"
+                            f"{', ...' if len(unknown) > 5 else ''}; every label needs training images")
+    label = List(ClassLabel(names=names))
+    return {k: ds.map(lambda b: {column: [[index[v] for v in (row or [])] for row in b[column]]}, batched=True,
+                      features=Features({**ds.features, column: label})) for k, ds in splits.items()}, names
+
+
+def threshold_of(config) -> float | None:
+    """The decision threshold a saved multi-label model carries (None for other models)."""
+    return getattr(config, "multi_label_threshold", None)

@@ -1,0 +1,217 @@
+"""Several labels per image: detected from the data, trained with a sigmoid per class, scored by mAP and by F1 at a
+threshold chosen on validation, saved so that `pipeline` returns each label's own score, and distilled."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import quick_flags
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, List, Value
+from helpers import make_checkpoint, png_bytes, random_images
+from transformers import pipeline
+
+import run_distill
+import run_finetune
+from hf_transfer.data.dataset import digits_multilabel_dataset, load_image_data
+from hf_transfer.errors import UserError
+from hf_transfer.losses import binary_cross_entropy, binary_kl, distillation_loss, positive_class_weights
+from hf_transfer.metrics import multilabel_metrics
+from hf_transfer.on_device.mixing import BatchMix
+from hf_transfer.tasks import MultiLabel, SingleLabel
+
+# ---------------------------------------------------------------- the loss, the metrics, the threshold
+
+
+def test_binary_cross_entropy_sums_the_classes_averages_the_images_and_weights_positives():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(6, 4), (torch.rand(6, 4) > 0.5).float()
+    expected = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / 6
+    assert torch.allclose(binary_cross_entropy(logits, targets), expected)
+    weights = torch.tensor([1.0, 3.0, 1.0, 0.5])
+    expected = F.binary_cross_entropy_with_logits(logits, targets, pos_weight=weights, reduction="sum") / 6
+    assert torch.allclose(binary_cross_entropy(logits, targets, positive_weights=weights), expected)
+    # negatives per positive: 3 of 4 images negative for class 0 -> 3; a class with no positive -> 1
+    assert positive_class_weights(torch.tensor([1.0, 2.0, 0.0]), 4).tolist() == [3.0, 1.0, 1.0]
+
+
+def test_binary_kl_is_zero_only_for_the_same_scores_and_scales_with_t_squared():
+    torch.manual_seed(1)
+    student, teacher, labels = torch.randn(5, 3), torch.randn(5, 3), (torch.rand(5, 3) > 0.5).float()
+    assert binary_kl(student, student.clone(), 2.0).abs().max() < 1e-6
+    assert (binary_kl(student, teacher, 1.0) > 0).all()
+    p, q = torch.sigmoid(teacher / 2), torch.sigmoid(student / 2)
+    by_definition = (p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()).sum(-1)
+    assert torch.allclose(binary_kl(student, teacher, 2.0), by_definition, atol=1e-6)
+    loss, ce, kd = distillation_loss(student, teacher, labels, alpha=0.3, temperature=2.0, multi_label=True)
+    assert torch.allclose(kd, by_definition.mean() * 4) and torch.allclose(ce, binary_cross_entropy(student, labels))
+    assert torch.allclose(loss, 0.7 * ce + 0.3 * kd)
+
+
+def test_metrics_reward_only_right_scores_and_the_threshold_is_chosen_by_f1():
+    labels = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 0]])
+    perfect = np.where(labels == 1, 3.0, -3.0)
+    metrics = multilabel_metrics(perfect, labels)
+    assert metrics["map"] == metrics["map_micro"] == metrics["f1"] == metrics["accuracy"] == 1.0
+    inverted = multilabel_metrics(-perfect, labels)
+    assert inverted["map"] < 0.7 and inverted["f1"] == 0.0 and inverted["accuracy"] == 0.0
+    # Scores that are right only above 0.2 (sigmoid): the chosen threshold is between them, F1 then 1
+    scores = np.where(labels == 1, 0.3, 0.1)
+    task = MultiLabel(3)
+    threshold = task.choose_threshold(np.log(scores / (1 - scores)), labels)
+    assert 0.1 < threshold <= 0.3 and task.metrics(np.log(scores / (1 - scores)), labels)["f1"] == 1.0
+
+
+def test_mixup_blends_label_sets_as_it_blends_images():
+    torch.manual_seed(0)
+    images = torch.rand(6, 3, 8, 8) * 255
+    labels = torch.tensor([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 0], [1, 0, 0], [0, 0, 1]]).float()
+    mixed, targets, _ = BatchMix(MultiLabel(3).targets, mixup_alpha=1.0)(images, labels)
+    # each target row is lam * own + (1 - lam) * partner's: recover lam from a pixel, check the labels follow
+    for i in range(6):
+        for j in range(6):
+            lam = ((mixed[i] - images[j]) / (images[i] - images[j])).flatten()
+            if torch.allclose(lam, lam[0].expand_as(lam), atol=1e-3):
+                assert torch.allclose(targets[i], lam[0] * labels[i] + (1 - lam[0]) * labels[j], atol=1e-3)
+                break
+        else:
+            assert torch.allclose(mixed[i], images[i]) and torch.equal(targets[i], labels[i])  # its own partner
+    assert SingleLabel(3).targets(torch.tensor([2, -1])).tolist() == [[0, 0, 1], [0, 0, 0]]
+
+
+# ---------------------------------------------------------------- the data: detected, checked
+
+
+def save(splits: dict, root: Path, features: Features | None = None) -> str:
+    DatasetDict({k: Dataset.from_dict(v, features=features) for k, v in splits.items()}).save_to_disk(str(root))
+    return str(root)
+
+
+def images(n):
+    return [{"bytes": png_bytes(im), "path": None} for im in random_images(n, size=12)]
+
+
+@pytest.mark.parametrize("labels,dtype,names", [
+    ([["cat", "dog"], [], ["dog"], ["cat"]], "string", ["cat", "dog"]),  # names, and an image with no label
+    ([[0, 2], [1], [], [2]], "int64", ["0", "1", "2"]),  # class ids
+])
+def test_list_columns_are_several_labels_per_image(tmp_path, labels, dtype, names):
+    path = save({"train": {"image": images(4), "labels": labels}, "test": {"image": images(2), "labels": labels[:2]}},
+                tmp_path / "d", Features({"image": Image(), "labels": List(Value(dtype))}))
+    data = load_image_data(path, validation_split=0.5, seed=0)
+    assert data.task.multi_label and data.label_names == names
+    assert all(isinstance(v, list) for v in data.train.with_format(None)["labels"])
+    assert data.task.sample_labels([]).tolist() == [0.0] * len(names)  # no positive label: allowed
+
+
+def test_a_sequence_of_class_labels_keeps_its_names_and_an_image_folder_reads_metadata_lists(tmp_path):
+    feature = List(ClassLabel(names=["sky", "sea", "sand"]))
+    path = save({"train": {"image": images(4), "labels": [[0], [1, 2], [], [0, 2]]}}, tmp_path / "d",
+                Features({"image": Image(), "labels": feature}))
+    data = load_image_data(path, validation_split=0.5, seed=0)
+    assert data.task.multi_label and data.label_names == ["sky", "sea", "sand"]
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    lines = []
+    for i, image in enumerate(random_images(6, size=12)):
+        image.save(folder / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "labels": [["a"], ["a", "b"], []][i % 3]}))
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    data = load_image_data(train_dir=str(folder), validation_split=0.5, seed=0)
+    assert data.task.multi_label and data.label_names == ["a", "b"]
+
+
+def test_multi_label_flag_turns_single_labels_into_sets_of_one(cifar_like):
+    data = load_image_data(cifar_like, multi_label=True, seed=0)
+    assert data.task.multi_label and data.label_names == ["red", "green", "blue"]  # the ClassLabel's own names
+    first = data.train.with_format(None)[0]
+    assert first["label"] == [first["label"][0]] and len(first["label"]) == 1
+
+
+def test_bad_label_lists_are_refused_in_one_line(tmp_path):
+    features = Features({"image": Image(), "labels": List(Value("string"))})
+    path = save({"train": {"image": images(2), "labels": [["cat"], ["dog"]]},
+                 "test": {"image": images(1), "labels": [["zebra"]]}}, tmp_path / "unknown", features)
+    with pytest.raises(UserError, match="the test split has labels no training image has: zebra"):
+        load_image_data(path, validation_split=0.5)
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for i, image in enumerate(random_images(4, size=12)):
+        image.save(folder / f"{i}.png")
+    (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "labels": v}) + "\n"
+                                                   for i, v in enumerate([["a"], "b", ["a"], ["b"]])))
+    with pytest.raises(UserError, match="holds a list of labels in some rows and a single value in others"):
+        load_image_data(train_dir=str(folder), validation_split=0.5)
+
+
+# ---------------------------------------------------------------- trained, saved, served, distilled
+
+
+def multilabel_flags(checkpoint, out, *extra):
+    return ["--model_name_or_path", checkpoint, "--from_scratch", "--dataset_name", "digits-multilabel",
+            "--output_dir", str(out), "--num_train_epochs", "6", "--per_device_train_batch_size", "64", "--dataloader_num_workers", "0", "--disable_tqdm", "true",
+            "--seed", "0", "--report_to", "none", *extra]
+
+
+@pytest.fixture(scope="module")
+def multilabel_run(tmp_path_factory):
+    checkpoint = make_checkpoint("resnet", tmp_path_factory.mktemp("arch"), image_size=32)
+    out = tmp_path_factory.mktemp("multilabel-run")
+    return out, run_finetune.main(multilabel_flags(checkpoint, out))
+
+
+@pytest.mark.slow
+def test_composited_digits_are_learned_and_the_model_serves_each_labels_score(multilabel_run):
+    out, results = multilabel_run
+    # Two or three of ten digits per image: a model that ranks at random has mAP about 0.25
+    assert results["test_map"] >= 0.85 and results["test_f1"] >= 0.75
+    config = json.loads((out / "config.json").read_text())
+    assert config["problem_type"] == "multi_label_classification"
+    assert config["multi_label_threshold"] == results["test_threshold"] == results["eval_threshold"]
+    per_class = json.loads((out / "test_per_class.json").read_text())
+    assert set(per_class) == {"threshold", *map(str, range(10))} and per_class["3"]["average_precision"] > 0.5
+
+    test = digits_multilabel_dataset()["test"]
+    classifier = pipeline("image-classification", model=str(out), top_k=10)
+    scores = classifier(test[0]["image"])
+    assert len(scores) == 10 and sum(s["score"] for s in scores) > 1.2  # sigmoids, not a softmax
+    shown = {s["label"] for s in scores if s["score"] >= config["multi_label_threshold"]}
+    assert shown == {str(d) for d in test[0]["labels"]}  # the first test image, read right
+    card = (out / "README.md").read_text()
+    assert "mAP (macro)" in card and "multi_label_threshold" in card and "multi-label-classification" in card
+
+
+@pytest.mark.slow
+def test_a_saved_multilabel_model_is_evaluated_with_its_own_threshold(multilabel_run, tmp_path):
+    out, results = multilabel_run
+    again = run_finetune.main(["--model_name_or_path", str(out), "--dataset_name", "digits-multilabel",
+                               "--do_train", "false", "--output_dir", str(tmp_path / "eval"), *quick_flags()])
+    assert again["test_threshold"] == results["test_threshold"]
+    for key in ("test_map", "test_f1", "test_accuracy"):
+        assert again[key] == pytest.approx(results[key], abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_a_multilabel_teacher_teaches_through_per_class_sigmoid_targets_alone(multilabel_run, tmp_path):
+    teacher, teacher_results = multilabel_run
+    student = make_checkpoint("resnet", tmp_path / "arch", image_size=16, mean=(0.5,) * 3, std=(0.5,) * 3)
+    # alpha 1: the labels play no part in training; what the student learns comes from the teacher's scores
+    results = run_distill.main([
+        "--teacher_model_name_or_path", str(teacher), "--student_model_name_or_path", student, "--from_scratch",
+        "--dataset_name", "digits-multilabel", "--output_dir", str(tmp_path / "out"), "--num_train_epochs", "6",
+        "--per_device_train_batch_size", "64", "--dataloader_num_workers", "0", "--disable_tqdm", "true",
+        "--seed", "0", "--report_to", "none", "--alpha", "1"])
+    assert results["test_teacher_map"] == pytest.approx(teacher_results["test_map"])
+    assert results["test_map"] >= 0.7  # a student ranking at random: about 0.25
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "teacher mAP" in card and "student-teacher agreement" in card
+    with pytest.raises(UserError, match="the teacher was trained for several labels per image"):
+        run_distill.main(["--teacher_model_name_or_path", str(teacher), "--student_model_name_or_path", student,
+                          "--from_scratch", "--dataset_name", "digits", "--output_dir", str(tmp_path / "o2"),
+                          *quick_flags()])
