@@ -61,7 +61,7 @@ def main() -> None:
                "defaults_validation_accuracy": round(defaults["eval_accuracy"], 4),
                "defaults_seconds": round(defaults_seconds, 1),
                "search_test_accuracy": round(summary["best"]["test_accuracy"], 4),
-               "search_validation_accuracy": round(summary["best"]["validation_accuracy"], 4),
+               "search_validation_accuracy": round(summary["best"]["validation"], 4),
                "search_seconds": round(search_seconds, 1), "best_flags": summary["best"]["flags"],
                "trials_complete": states.count("COMPLETE"), "trials_pruned": states.count("PRUNED"),
                "trials_failed": states.count("FAIL")}

@@ -16,6 +16,7 @@ import logging
 import re
 import signal
 import struct
+import threading
 import zipfile
 from pathlib import Path
 
@@ -89,6 +90,10 @@ class StopOnSignal(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         # Installed before the DataLoader workers fork, so they inherit it and live until the checkpoint is saved.
+        # Python installs handlers from the main thread only: a run in another thread (a Ray Tune trial, whose
+        # process Ray itself stops) keeps the process's own.
+        if threading.current_thread() is not threading.main_thread():
+            return
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handle)
 

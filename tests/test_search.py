@@ -91,7 +91,7 @@ def test_a_killed_search_continues_without_repeating_finished_trials(architectur
     assert rerun.params == stored[1].params and rerun.user_attrs["folder"] == "trial-001"
     assert f"resuming from checkpoint {out / 'trial-001' / 'checkpoint-'}" in again.stderr
     summary = json.loads((out / "search_results.json").read_text())
-    assert summary["best"]["validation_accuracy"] == max(t.value for t in stored if t.value is not None)
+    assert summary["best"]["validation"] == max(t.value for t in stored if t.value is not None)
     assert (out / "best" / "test_results.json").is_file()
 
 
@@ -111,3 +111,23 @@ def test_search_refusals_are_one_line(architecture, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and message in err[-1], (argv, err)
     assert not (tmp_path / "s").exists()  # nothing written for a refused search
+
+
+@pytest.mark.slow
+def test_ray_tune_runs_the_same_trials_in_parallel_and_trains_the_best(architecture, tmp_path):
+    pytest.importorskip("ray.tune")
+    out = tmp_path / "search"
+    argv = [*search_flags(architecture, out)[:-2], "--max_steps", "12"]
+    tools(["search", *argv, "--n_trials", "2", "--backend", "ray"])
+    summary = json.loads((out / "search_results.json").read_text())
+    assert summary["backend"] == "ray" and len(summary["trials"]) == 2
+    finished = [t for t in summary["trials"] if t["state"] == "COMPLETE"]
+    assert finished and summary["best"]["validation"] == max(t["validation"] for t in finished) >= 0.5
+    assert any(t["params"]["learning_rate"] == 0.01 for t in summary["trials"])  # the recipe is one of them
+    for t in finished:  # each trial an ordinary run folder, never tested
+        assert (out / t["folder"] / "eval_results.json").is_file() and not (out / t["folder"] / "test_results.json").exists()
+    assert (out / "best" / "test_results.json").is_file() and (out / "ray").is_dir()
+    # the same command again restores the finished experiment: nothing is trained again
+    before = {p: p.stat().st_mtime_ns for p in out.glob("trial-*/all_results.json")}
+    tools(["search", *argv, "--n_trials", "2", "--backend", "ray"])
+    assert {p: p.stat().st_mtime_ns for p in out.glob("trial-*/all_results.json")} == before

@@ -48,7 +48,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                                  "study continues where it stopped when the command is run again", allow_abbrev=False)
     search.add_argument("--n_trials", "--n-trials", type=int, required=True,
                         help="trials the study should have in all (finished ones of an earlier call count)")
-    search.add_argument("--backend", choices=["optuna"], default="optuna", help="the search engine")
+    search.add_argument("--backend", choices=["optuna", "ray"], default="optuna",
+                        help="optuna: trials one after another here; ray: trials in parallel on a Ray cluster "
+                             "(RAY_ADDRESS; docs/search.md)")
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "search":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
@@ -80,9 +82,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.command == "search":
         from ..search import run_search
 
-        summary = run_search(rest, args.n_trials)
+        summary = run_search(rest, args.n_trials, args.backend)
         best = summary["best"]
-        print(f"best trial {best['trial']}: validation accuracy {best['validation_accuracy']:.4f} with "
+        print(f"best trial {best['trial']}: validation {best['validation']:.4f} with "
               f"{' '.join(best['flags'])}; trained as {best['folder']} (test accuracy {best['test_accuracy']:.4f})")
     elif args.command == "export":
         from ..export import export_onnx
