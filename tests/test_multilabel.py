@@ -22,6 +22,7 @@ from hf_transfer.errors import UserError
 from hf_transfer.losses import binary_cross_entropy, binary_kl, distillation_loss, positive_class_weights
 from hf_transfer.metrics import multilabel_metrics
 from hf_transfer.on_device.mixing import BatchMix
+from hf_transfer.report import build_report
 from hf_transfer.tasks import MultiLabel, SingleLabel
 
 # ---------------------------------------------------------------- the loss, the metrics, the threshold
@@ -167,7 +168,7 @@ def multilabel_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_composited_digits_are_learned_and_the_model_serves_each_labels_score(multilabel_run):
+def test_composited_digits_are_learned_and_the_model_serves_each_labels_score(multilabel_run, tmp_path):
     out, results = multilabel_run
     # Two or three of ten digits per image: a model that ranks at random has mAP about 0.25
     assert results["test_map"] >= 0.85 and results["test_f1"] >= 0.75
@@ -185,6 +186,8 @@ def test_composited_digits_are_learned_and_the_model_serves_each_labels_score(mu
     assert shown == {str(d) for d in test[0]["labels"]}  # the first test image, read right
     card = (out / "README.md").read_text()
     assert "mAP (macro)" in card and "multi_label_threshold" in card and "multi-label-classification" in card
+    table = build_report([out], tmp_path / "report")
+    assert "test mAP" in table and f"{results['test_map']:.4f}" in table
 
 
 @pytest.mark.slow
