@@ -45,10 +45,13 @@ def run_flags(model, data, out, *extra):
             "0.25", "--class_weights", "auto", "--ema_decay", "0.9", *extra, *quick_flags()]
 
 
-def start(flags, sleep=0.0, script="finetune"):
+def start(flags, sleep=0.0, script="finetune", log: Path | None = None):
+    """The instrumented script in a subprocess; `log`: its output goes to that file (a process left running beside
+    another must not block on a full pipe nobody reads), else to pipes for `communicate`."""
     env = {**os.environ, "TEST_STEP_SLEEP": str(sleep), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    output = open(log, "w") if log is not None else subprocess.PIPE  # (the child holds the file open)
     return subprocess.Popen([sys.executable, str(ROOT / "tests" / "instrumented.py"), script, *flags], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=output, stderr=subprocess.STDOUT if log is not None else subprocess.PIPE, text=True)
 
 
 def wait_for(path: Path, process, timeout=240):
@@ -515,14 +518,14 @@ def test_sigkill_with_the_transfer_strategies_resumes_bit_identical(tiny_resnet,
     Stochastic depth and mixing draw from the RNG every step: the resumed run must restore it exactly; crops and
     flips are drawn from each image's (seed, epoch, row) and applied batched on the device."""
     reference = tmp_path / "reference"
-    done = start(run_flags(tiny_resnet, cifar_like, reference, *extra))
-    assert done.communicate(timeout=300) and done.returncode == 0
+    done = start(run_flags(tiny_resnet, cifar_like, reference, *extra), log=tmp_path / "reference.log")  # alongside
     out = tmp_path / "run"
     flags = run_flags(tiny_resnet, cifar_like, out, *extra)
     process = start(flags, sleep=0.3)
     wait_for(out / "checkpoint-4", process)
     process.kill()
     process.wait()
+    assert done.wait(timeout=300) == 0, (tmp_path / "reference.log").read_text()[-3000:]
     again = start(flags)
     _, err = again.communicate(timeout=300)
     assert again.returncode == 0, err[-3000:]

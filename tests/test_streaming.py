@@ -129,8 +129,7 @@ def test_sigkill_mid_stream_then_the_same_command_goes_on_where_it_stopped(tiny_
     data = colour_dataset(n_per_class=16, splits=("train", "validation", "test"))
     data_dir = write_shards(tmp_path / "data", data, 4)
     monkeypatch.setenv("TEST_ROWS_DIR", str(tmp_path / "rows-reference"))
-    reference = start(resume_flags(tiny_resnet, data_dir, tmp_path / "reference"))
-    assert reference.communicate(timeout=300) and reference.returncode == 0
+    reference = start(resume_flags(tiny_resnet, data_dir, tmp_path / "reference"), log=tmp_path / "reference.log")
 
     out = tmp_path / "run"
     monkeypatch.setenv("TEST_ROWS_DIR", str(tmp_path / "rows-killed"))
@@ -138,6 +137,7 @@ def test_sigkill_mid_stream_then_the_same_command_goes_on_where_it_stopped(tiny_
     wait_for(out / "checkpoint-4", process)
     process.kill()
     process.wait()
+    assert reference.wait(timeout=300) == 0, (tmp_path / "reference.log").read_text()[-3000:]
     monkeypatch.setenv("TEST_ROWS_DIR", str(tmp_path / "rows-resumed"))
     again = start(resume_flags(tiny_resnet, data_dir, out))
     _, err = again.communicate(timeout=300)

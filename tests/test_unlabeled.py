@@ -153,13 +153,13 @@ def test_sigkill_with_unlabeled_images_resumes_bit_identical(cifar_teacher, tiny
                 "steps", "--eval_steps", "2", "--save_total_limit", "20", "--seed", "7", "--augmentation",
                 "crop+randaugment", "--mixup", "0.4", *quick_flags()]
 
-    reference = start(flags(tmp_path / "reference"), script="distill")
-    assert reference.communicate(timeout=300) and reference.returncode == 0
+    reference = start(flags(tmp_path / "reference"), script="distill", log=tmp_path / "reference.log")  # alongside
     out = tmp_path / "run"
     process = start(flags(out), sleep=0.3, script="distill")
     wait_for(out / "checkpoint-4", process)  # 7 steps an epoch: mid-epoch
     process.kill()
     process.wait()
+    assert reference.wait(timeout=300) == 0, (tmp_path / "reference.log").read_text()[-3000:]
     again = start(flags(out), script="distill")
     _, err = again.communicate(timeout=300)
     assert again.returncode == 0, err[-3000:]
