@@ -45,7 +45,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="compare on the image files under this folder instead of the run's test split")
     export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
     search = commands.add_parser("search", help="hyperparameter search: every run_finetune.py flag, plus these; the "
-                                 "study continues where it stopped when the command is run again", allow_abbrev=False)
+                                 "study continues where it stopped when the command is run again", allow_abbrev=False,
+                                 description="Takes every run_finetune.py flag (python run_finetune.py --help) and "
+                                             "these; docs/search.md.")
     search.add_argument("--n_trials", "--n-trials", type=int, required=True,
                         help="trials the study should have in all (finished ones of an earlier call count)")
     search.add_argument("--backend", choices=["optuna", "ray"], default="optuna",
