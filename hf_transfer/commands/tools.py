@@ -86,8 +86,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         summary = run_search(rest, args.n_trials, args.backend)
         best = summary["best"]
-        print(f"best trial {best['trial']}: validation {best['validation']:.4f} with "
-              f"{' '.join(best['flags'])}; trained as {best['folder']} (test accuracy {best['test_accuracy']:.4f})")
+        tested = "" if best["test_accuracy"] is None else f" (test accuracy {best['test_accuracy']:.4f})"
+        print(f"best trial {best['trial']}: validation {best['validation']:.4f} with {' '.join(best['flags'])}; "
+              f"trained as {best['folder']}{tested}")
     elif args.command == "export":
         from ..export import export_onnx
 
