@@ -37,12 +37,17 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, num_labels: i
     return metrics
 
 
+def sigmoid(logits: np.ndarray) -> np.ndarray:
+    """Each label's score (several labels per image), as `pipeline` computes it, in float64."""
+    return 1 / (1 + np.exp(-np.asarray(logits, dtype=np.float64)))
+
+
 def multilabel_metrics(logits: np.ndarray, labels: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
     """Several labels per image (labels: multi-hot, N x C). Threshold-free: mAP, macro (the mean average precision
     of the classes that have a positive image) and micro (over all image-label pairs). At `threshold` on the sigmoid
     scores: F1, precision and recall micro-averaged (`f1`, ...) and macro-averaged (`f1_macro`), and `accuracy`, the
     share of images whose predicted label set is exactly right."""
-    scores = 1 / (1 + np.exp(-np.asarray(logits, dtype=np.float64)))
+    scores = sigmoid(logits)
     labels = np.asarray(labels).astype(np.int64)
     present = labels.sum(0) > 0
     metrics = {
@@ -67,7 +72,7 @@ def write_multilabel_report(output_dir: str | Path, logits: np.ndarray, labels: 
     (`<prefix>_per_class.json`), and each image's true and predicted label sets with its scores
     (`<prefix>_predictions.json`)."""
     output_dir = Path(output_dir)
-    scores = 1 / (1 + np.exp(-np.asarray(logits, dtype=np.float64)))
+    scores = sigmoid(logits)
     labels = np.asarray(labels).astype(np.int64)
     predicted = (scores >= threshold).astype(np.int64)
     precision, recall, f1, support = precision_recall_fscore_support(labels, predicted, average=None, zero_division=0)

@@ -80,30 +80,50 @@ def _number(value: float) -> str:
     return f"{value:.4g}"
 
 
-class ReportToTrial(TrainerCallback):
-    """Reports each evaluation during training to the optuna trial and stops the run when optuna prunes it. The
-    value is the metric that chooses the run's checkpoint (accuracy; mAP for several labels per image)."""
+class _Reporter(TrainerCallback):
+    """Hands each evaluation during training, from a quarter of the trial's steps on, to `report`. The value is
+    the metric that chooses the run's checkpoint (accuracy; mAP for several labels per image)."""
 
-    def __init__(self, trial):
-        self.trial = trial
-        self.pruned = False
+    def __init__(self):
         self.training = True
         self.metric = "eval_accuracy"
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         self.metric = f"eval_{args.metric_for_best_model}"
         value = (metrics or {}).get(self.metric)
-        if not self.training or value is None or state.global_step < PRUNE_FROM * state.max_steps:
-            return
+        if self.training and value is not None and state.global_step >= PRUNE_FROM * state.max_steps:
+            self.report(value, state, control)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.training = False  # the final evaluation of the best checkpoint is the objective, not a report
+
+    def report(self, value: float, state, control) -> None:
+        raise NotImplementedError
+
+
+class ReportToTrial(_Reporter):
+    """To the optuna trial; the run stops when optuna prunes it."""
+
+    def __init__(self, trial):
+        super().__init__()
+        self.trial = trial
+        self.pruned = False
+
+    def report(self, value, state, control):
         self.trial.report(value, state.global_step)
         if self.trial.should_prune():
             logger.info("trial %d pruned at step %d (%s %.4f)", self.trial.number, state.global_step, self.metric,
                         value)
             self.pruned = control.should_training_stop = True
 
-    def on_train_end(self, args, state, control, **kwargs):
-        self.training = False  # the final evaluation of the best checkpoint is the objective, not a report
 
+class ReportToRay(_Reporter):
+    """To Ray Tune, whose scheduler may stop the trial there."""
+
+    def report(self, value, state, control):
+        from ray import tune
+
+        tune.report({"objective": value, "step": state.global_step})
 
 @dataclass
 class Search:
@@ -208,22 +228,6 @@ def _with_optuna(search: Search, n_trials: int) -> tuple[dict, list[dict]]:
                "folder": t.user_attrs.get("folder"), "seconds": t.user_attrs.get("seconds"),
                "resumes": t.user_attrs.get("resumes")} for t in study.trials]
     return {"trial": best.number, "validation": best.value, "flags": best.user_attrs["flags"]}, trials
-
-
-class ReportToRay(TrainerCallback):
-    """Reports each evaluation during training, from a quarter of the trial's steps on, to Ray Tune (whose
-    scheduler may stop the trial there), as ReportToTrial does to optuna."""
-
-    def __init__(self):
-        self.metric = "eval_accuracy"
-
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        from ray import tune
-
-        self.metric = f"eval_{args.metric_for_best_model}"
-        value = (metrics or {}).get(self.metric)
-        if value is not None and state.global_step >= PRUNE_FROM * state.max_steps and state.global_step < state.max_steps:
-            tune.report({"objective": value, "step": state.global_step})
 
 
 def _with_ray(search: Search, n_trials: int) -> tuple[dict, list[dict]]:

@@ -33,7 +33,13 @@ from .losses import (
     label_mass,
     positive_class_weights,
 )
-from .metrics import classification_metrics, multilabel_metrics, write_multilabel_report, write_test_report
+from .metrics import (
+    classification_metrics,
+    multilabel_metrics,
+    sigmoid,
+    write_multilabel_report,
+    write_test_report,
+)
 
 THRESHOLDS = np.round(np.arange(0.05, 0.96, 0.05), 2)  # the candidates `MultiLabel.choose_threshold` tries
 
@@ -111,7 +117,7 @@ class MultiLabel(SingleLabel):
         return multilabel_metrics(logits, labels, self.threshold)
 
     def predictions(self, logits: np.ndarray) -> np.ndarray:
-        return (_sigmoid(logits) >= self.threshold).astype(np.int64)
+        return (sigmoid(logits) >= self.threshold).astype(np.int64)
 
     def choose_threshold(self, logits: np.ndarray, labels: np.ndarray) -> float:
         """The threshold of `THRESHOLDS` with the best micro-averaged F1 on these (validation) predictions; the
@@ -123,10 +129,6 @@ class MultiLabel(SingleLabel):
 
     def write_test_report(self, output_dir, logits, labels, label_names, rows=None, prefix="test", files=None):
         write_multilabel_report(output_dir, logits, labels, label_names, self.threshold, rows, prefix, files)
-
-
-def _sigmoid(logits: np.ndarray) -> np.ndarray:
-    return 1 / (1 + np.exp(-np.asarray(logits, dtype=np.float64)))
 
 
 # ---------------------------------------------------------------- the data's side: which task, and its label ids
