@@ -45,13 +45,18 @@ def _safetensors_whole(path: Path) -> bool:
 
 
 def is_complete(checkpoint: Path) -> bool:
-    """Whether every file of a Trainer checkpoint was written to its end."""
+    """Whether every file of a Trainer checkpoint was written to its end: its weights (safetensors, or the sharded
+    folders of FSDP's SHARDED_STATE_DICT and DeepSpeed), the torch files in it and in those folders."""
     try:
         json.loads((checkpoint / "trainer_state.json").read_text())
         weights = list(checkpoint.glob("*.safetensors"))
-        if not weights or not all(_safetensors_whole(p) for p in weights):
+        sharded = [p for p in checkpoint.iterdir() if p.is_dir() and p.name.startswith(("pytorch_model_fsdp", "global_step"))]
+        if not (weights or sharded) or not all(_safetensors_whole(p) for p in weights):
             return False
-        for path in [*checkpoint.glob("*.pt"), *checkpoint.glob("*.pth"), *checkpoint.glob("*.bin")]:
+        for folder in {p.parent for p in checkpoint.rglob("*.distcp")}:
+            if not (folder / ".metadata").is_file():  # torch.distributed.checkpoint writes it once every shard is
+                return False
+        for path in [*checkpoint.rglob("*.pt"), *checkpoint.rglob("*.pth"), *checkpoint.rglob("*.bin")]:
             with zipfile.ZipFile(path):  # torch.save's format; a cut file has no central directory
                 pass
     except (OSError, ValueError, zipfile.BadZipFile, KeyError, struct.error):

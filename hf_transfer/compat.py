@@ -77,20 +77,28 @@ def set_timm_label_names(config, label_names: list[str]) -> None:
         config.label_names = list(label_names)
 
 
-# The units FSDP shards one by one: ViT blocks and ResNet residual stages (transformers) or blocks (timm).
-FSDP_UNITS = ("ViTLayer", "ViTEmbeddings", "Block", "ResNetStage", "BasicBlock", "Bottleneck")
+# The units FSDP shards one by one: ViT blocks and ResNet residual stages (transformers) or blocks (timm). Not the
+# ViT's embeddings: accelerate 1.15 gives the input embeddings (the patch projection inside them) a unit of their own,
+# and `fully_shard` fails on parameters another unit has already sharded.
+FSDP_UNITS = ("ViTLayer", "Block", "ResNetStage", "BasicBlock", "Bottleneck")
 
 
 def set_fsdp_units(model: PreTrainedModel) -> None:
-    """Tell accelerate's FSDP auto-wrap which blocks to shard, through the model's `_no_split_modules`.
+    """Prepare a model for accelerate's FSDP2 auto-wrap: which blocks to shard, and its input embeddings.
 
     accelerate 1.x reads the private `_no_split_modules`; TimmWrapper (transformers 5.x) names a
     class its timm model does not contain, and transformers' ResNet names single convolutions, so
-    FSDP would fail or shard too finely. Set on the instance, for this model only.
+    FSDP would fail or shard too finely. accelerate 1.15 also calls `get_input_embeddings()`, which
+    transformers 5.x refuses (NotImplementedError) for models without token embeddings, ResNet among
+    them: none. Both set on the instance, for this model only.
     """
     present = sorted({type(m).__name__ for m in model.modules()} & set(FSDP_UNITS))
     if present:
         model._no_split_modules = present
+    try:
+        model.get_input_embeddings()
+    except NotImplementedError:
+        model.get_input_embeddings = lambda: None
 
 
 def is_batch_norm(module: nn.Module) -> bool:

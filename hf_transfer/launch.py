@@ -36,6 +36,8 @@ def check_launch(args, environ=os.environ, cuda_devices: int | None = None,
         raise UserError(f"{local} processes were started on this machine but it has {cuda_devices} GPU(s); "
                         f"set num_processes to at most {cuda_devices} per machine")
     if started > 1 and args.world_size == 1:
+        if asked_sharding(args, environ) == "FSDP":
+            raise sharding_on_cpu("FSDP", f"{started} unrelated processes")
         raise UserError(
             f"{started} processes were started but they do not form one distributed run (no GPU, and CPU "
             f"processes were not requested), so each would train alone; on a machine without a GPU add "
@@ -44,6 +46,32 @@ def check_launch(args, environ=os.environ, cuda_devices: int | None = None,
     mixed = environ.get("ACCELERATE_MIXED_PRECISION", "no")
     if (args.fp16 or mixed == "fp16") and (on_cpu or not cuda_devices):
         raise UserError("fp16 mixed precision needs a GPU; on the CPU use --bf16 (or bf16.yaml), or no mixed precision")
+
+
+def asked_sharding(args, environ=os.environ) -> str | None:
+    """"FSDP" or "DeepSpeed" when the launch (accelerate's environment, or the Trainer's own flags) asks for it."""
+    if environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" or args.fsdp:
+        return "FSDP"
+    if environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" or args.deepspeed:
+        return "DeepSpeed"
+    return None
+
+
+def sharding_on_cpu(name: str, got: str) -> UserError:
+    return UserError(f"the launch asks for {name} but {got} would run instead: accelerate runs {name} on GPUs "
+                     f"only; run it where each process has a GPU, or for CPU processes use {CPU_COMMAND}")
+
+
+def check_sharding(args, fsdp: bool, deepspeed: bool, processes: int, environ=os.environ) -> None:
+    """Refuse a run whose accelerator did not set up the FSDP or DeepSpeed its launch asked for (`fsdp`, `deepspeed`,
+    `processes`: what the Trainer's accelerator has). accelerate 1.x selects both for GPUs (and other accelerators)
+    only: on the CPU an FSDP launch would train as plain DDP, with nothing said."""
+    name = asked_sharding(args, environ)
+    if name is not None and not (fsdp if name == "FSDP" else deepspeed):
+        raise sharding_on_cpu(name, "plain DDP" if processes > 1 else "one process alone")
+    if fsdp and args.ema_decay:
+        raise UserError("--ema_decay does not work with FSDP (the average of sharded weights is not supported): "
+                        "drop --ema_decay, or use DDP or DeepSpeed ZeRO-2, whose processes hold the whole weights")
 
 
 def requested_processes(command: list[str]) -> int | None:

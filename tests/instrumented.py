@@ -3,6 +3,9 @@ instruments: `instrumented.py finetune|distill|search ARGS...`.
 
 - Each rank records which training rows every step used (rows-rank<R>.json in $TEST_ROWS_DIR, when set).
 - TEST_STEP_SLEEP=<seconds> slows every training step, so a test can interrupt a run mid-epoch.
+- TEST_FSDP_ON_CPU=1 lets accelerate's FSDP2 path run in CPU processes (gloo), so that the project's FSDP code
+  executes without a GPU: accelerate 1.15 selects FSDP for accelerator devices only, and an FSDP launch on the CPU
+  would be plain DDP (the scripts refuse that). torch's `fully_shard` works over gloo; the patch only chooses it.
 """
 
 import json
@@ -28,6 +31,27 @@ def _instrumented(self, inputs):
 
 
 TransferTrainer._prepare_inputs = _instrumented
+
+
+def _fsdp_on_cpu() -> None:
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    init_state = AcceleratorState.__init__
+
+    def state(self, *args, fsdp_plugin=None, **kwargs):
+        init_state(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        plugin = fsdp_plugin or getattr(self, "fsdp_plugin", None)  # (each new state object re-reads the CPU type)
+        if self.distributed_type == DistributedType.MULTI_CPU and plugin is not None:
+            if getattr(self, "fsdp_plugin", None) is None and self.mixed_precision != "no":  # as accelerate does on GPUs
+                plugin.set_mixed_precision(self._mixed_precision)
+            self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, plugin
+
+    AcceleratorState.__init__ = state
+
+
+if os.environ.get("TEST_FSDP_ON_CPU") == "1":
+    _fsdp_on_cpu()
 
 if __name__ == "__main__":
     import logging

@@ -97,6 +97,18 @@ def test_no_split_modules_still_do_not_name_the_blocks(tiny_resnet, tiny_hf_resn
         assert set(model._no_split_modules) == blocks
 
 
+def test_resnet_still_refuses_get_input_embeddings_and_accelerate_still_asks(tiny_hf_resnet):
+    """-> compat.set_fsdp_units: accelerate's FSDP2 preparation asks every model for its input embeddings."""
+    from accelerate.utils import fsdp_utils
+
+    model = AutoModelForImageClassification.from_pretrained(tiny_hf_resnet)
+    with pytest.raises(NotImplementedError):
+        model.get_input_embeddings()
+    assert "get_input_embeddings" in inspect.getsource(fsdp_utils.fsdp2_prepare_model), "accelerate no longer asks"
+    compat.set_fsdp_units(model)
+    assert model.get_input_embeddings() is None
+
+
 def test_batch_norm_classes_still_share_the_private_base():
     """-> compat.is_batch_norm (freezing keeps frozen BatchNorm statistics)."""
     for cls in (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d, torch.nn.BatchNorm3d, torch.nn.SyncBatchNorm):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from importlib.util import find_spec
 
 import torch
 from transformers import TrainingArguments
@@ -161,6 +162,14 @@ class TransferConfig(TrainingArguments):
     )
 
     def __post_init__(self):
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+            if find_spec("deepspeed") is None:
+                raise ValueError("the accelerate config asks for DeepSpeed, which is not installed: "
+                                 "pip install 'hf-vision-transfer[deepspeed]'")
+            if not (self.bf16 or self.fp16):
+                # DeepSpeed takes its precision from the accelerate config; the Trainer refuses arguments that differ.
+                launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+                self.bf16, self.fp16 = launched == "bf16", launched == "fp16"
         self._check()
         if self.ddp_find_unused_parameters is None:
             # Frozen parameters get no gradient (trainers/freezing.py); otherwise every parameter has one, and the

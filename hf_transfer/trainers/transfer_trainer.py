@@ -45,6 +45,7 @@ from transformers.utils import PushInProgress
 from ..compat import deepspeed_dtype, load_checkpoint_weights
 from ..data.streaming import StreamingSplit
 from ..hub import push_at_end, push_checkpoint
+from ..launch import check_sharding
 from ..on_device.geometry import crop_and_flip
 from ..on_device.mixing import BatchMix
 from ..on_device.preprocessing import ImageSpec, ToModelInput
@@ -80,6 +81,7 @@ class TransferTrainer(Trainer):
         if channels_last:  # the weights too, so convolutions need no layout conversion
             kwargs["model"].to(memory_format=torch.channels_last)
         super().__init__(*args, **kwargs)
+        check_sharding(self.args, self.is_fsdp_enabled, self.is_deepspeed_enabled, self.accelerator.num_processes)
         self.model_accepts_loss_kwargs = False  # the model computes no loss here (compute_loss does)
         self.class_weights = class_weights  # (classes,), from --class_weights and the training labels
         # One class or several labels per image (tasks.py): the loss, the labelled count, mixup's targets.
@@ -273,10 +275,9 @@ class TransferTrainer(Trainer):
     def recompute_batchnorm_statistics(self) -> None:
         """Precise BatchNorm statistics (`batchnorm.py`) for the weights the model holds now, from
         --precise_bn_images training images (a fixed, seeded choice), in the training view without mixing.
-        Sharded models (FSDP, DeepSpeed) keep their running statistics."""
+        Under FSDP the forward gathers the sharded weights as in training; BatchNorm buffers are whole everywhere."""
         model = self.accelerator.unwrap_model(self.model)
-        if (not self.args.precise_bn_images or self.is_fsdp_enabled or self.is_deepspeed_enabled
-                or not trainable_batchnorm_layers(model)):
+        if not self.args.precise_bn_images or not trainable_batchnorm_layers(model):
             return
         if self._statistics_loader is None:
             if self.stream is not None:
@@ -332,6 +333,19 @@ class TransferTrainer(Trainer):
             folder.mkdir(parents=True, exist_ok=True)
             self.stream.save(folder)
         super()._save_checkpoint(model, trial)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The run's model whole (safetensors and config, for `from_pretrained`, `pipeline` and the Hub), also when
+        FSDP writes its checkpoints sharded (SHARDED_STATE_DICT), where the Trainer would save no weights at all."""
+        plugin = self.accelerator.state.fsdp_plugin if self.is_fsdp_enabled else None
+        if _internal_call or plugin is None or "FULL_STATE_DICT" in str(plugin.state_dict_type):
+            return super().save_model(output_dir, _internal_call)
+        sharded = plugin.state_dict_type
+        plugin.set_state_dict_type("FULL_STATE_DICT")
+        try:
+            super().save_model(output_dir, _internal_call)
+        finally:
+            plugin.set_state_dict_type(sharded)
 
     # ---------------------------------------------------------------- loading checkpoints
 
