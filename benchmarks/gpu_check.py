@@ -1,27 +1,34 @@
 #!/usr/bin/env python
-"""GPU check: training throughput of ResNet-50, ViT-B/16 and their distillation through run_finetune.py
-and run_distill.py, on synthetic CIFAR-shaped data, with no network. Under 5 minutes on one H100.
+"""The GPU check: one command, under 8 minutes on one H100/H200, every figure into one JSON written as it goes.
 
-    python benchmarks/gpu_check.py                 # bf16, channels-last for the CNN
-    python benchmarks/gpu_check.py --compile       # plus torch.compile
-    python benchmarks/gpu_check.py --output benchmarks/gpu-h100.json   # also write the JSON (after each run)
-    python benchmarks/gpu_check.py --smoke         # tiny models on the CPU: checks the script itself
+    python benchmarks/gpu_check.py --output benchmarks/gpu-h200.json   # all stages
+    python benchmarks/gpu_check.py --stages speed                       # some of them
+    python benchmarks/gpu_check.py --smoke                              # tiny models on the CPU: checks the script
+
+Stages, in this order (a stage that fails or runs out of time is recorded and the next one runs):
+- speed: training throughput of ResNet-50, ViT-B/16 and their distillation through run_finetune.py and
+  run_distill.py, eager, bf16, on synthetic CIFAR-shaped data shown at 224 px, no network.
+- compile: ResNet-50 and ViT-B/16 again with torch.compile, in a child process cut at --compile_budget_s
+  seconds (compilation included; the figures of the runs that finished are kept).
+- gpu_tests: the GPU-marked tests (`pytest -m "gpu or multi_gpu"`): CUDA's sync-debug host-read checks, fp16,
+  and the shipped FSDP and DeepSpeed configs on one GPU, killed after a checkpoint and resumed (tests/test_scale_out.py).
 
 The models are the presets (--model resnet50, --model vit-base) with --from_scratch: their
-architectures and preprocessing, random weights, and no download (models/loading.py knows the
-presets' configs). Speed does not depend on the weights.
-
-For each run it prints train images/s (steady state, after warm-up), the share of step time spent
-waiting for data, peak memory and the achieved TFLOP/s (training = 3 x forward FLOPs: ResNet-50
-24.7 GFLOP and ViT-B/16 105.5 GFLOP per 224 px image; distillation = teacher forward 35.2 + student
-training 24.7), as one JSON object.
+architectures and preprocessing, random weights, no download (models/loading.py knows the presets'
+configs). Speed does not depend on the weights. For each run: train images/s (steady state, after
+warm-up), the share of step time spent waiting for data, peak memory and the achieved TFLOP/s
+(training = 3 x forward FLOPs: ResNet-50 24.7 GFLOP and ViT-B/16 105.5 GFLOP per 224 px image;
+distillation = teacher forward 35.2 + student training 24.7).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -33,32 +40,97 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 GFLOP_PER_IMAGE = {"resnet50": 24.7, "vit-base": 105.5, "distill": 35.2 + 24.7}  # training, 224 px
 GOALS = {"resnet50": 5000, "vit-base": 3000, "distill": 2000}  # train images/s on one H100
+STAGES = ("speed", "compile", "gpu_tests")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=300, help="training steps per model")
+    parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of: {', '.join(STAGES)}")
+    parser.add_argument("--runs", default="resnet50,vit-base,distill", help="the speed stage's runs")
+    parser.add_argument("--steps", type=int, default=200, help="training steps per speed run")
+    parser.add_argument("--compile_steps", type=int, default=150, help="training steps per compiled run")
+    parser.add_argument("--compile_budget_s", type=int, default=200, help="the compile stage's limit, compilation included")
+    parser.add_argument("--tests_budget_s", type=int, default=150, help="the gpu_tests stage's limit")
     parser.add_argument("--batch_size", type=int, default=256)
     parser.add_argument("--images", type=int, default=20_480,
                         help="size of the synthetic training set; a multiple of the batch size keeps every batch "
                              "full (with --compile, a smaller last batch would compile the model again)")
     parser.add_argument("--workers", type=int, default=min(12, (os.cpu_count() or 2) - 1))
-    parser.add_argument("--compile", action="store_true", help="torch.compile the models")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the speed stage's models")
     parser.add_argument("--smoke", action="store_true", help="tiny models, a few steps, CPU: test the script")
     parser.add_argument("--output", default=None, help="also write the JSON here, rewritten after every run")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    stages = [s for s in args.stages.split(",") if s]
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        sys.exit(f"--stages: unknown {', '.join(sorted(unknown))}; choose from {', '.join(STAGES)}")
 
+    import torch
+
+    if args.smoke:
+        args.steps = args.compile_steps = 8
+        args.batch_size, args.images, args.workers = 8, 128, 0
+    elif not torch.cuda.is_available():
+        sys.exit("no CUDA GPU: run with --smoke to check the script on the CPU")
+
+    report = {
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.smoke else "cpu (smoke)",
+        "date": datetime.date.today().isoformat(),
+        "versions": versions(),
+        "setup": {"steps": args.steps, "compile_steps": args.compile_steps, "batch_size": args.batch_size,
+                  "workers": args.workers, "bf16": not args.smoke, "channels_last_cnn": True},
+        "stages": {},
+    }
+
+    def save():
+        if args.output:
+            Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+
+    for stage in stages:
+        started = time.time()
+        if stage == "speed":
+            report["stages"]["speed"] = section = {"compile": args.compile, "runs": {}}
+            speed(args, args.runs.split(","), section, save)
+        elif stage == "compile":
+            report["stages"]["compile"] = compiled(args)
+        else:
+            report["stages"]["gpu_tests"] = gpu_tests(args.tests_budget_s)
+        report["stages"][stage]["wall_s"] = round(time.time() - started, 1)
+        save()
+    print(json.dumps(report, indent=2))
+    if any(failed(section) for section in report["stages"].values()):
+        sys.exit(1)
+
+
+def versions() -> dict:
+    import accelerate
+    import torch
+    import transformers
+
+    found = {"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
+             "accelerate": accelerate.__version__}
+    try:
+        import deepspeed
+
+        found["deepspeed"] = deepspeed.__version__
+    except ImportError:
+        found["deepspeed"] = None
+    return found
+
+
+def failed(section: dict) -> bool:
+    return ("error" in section or section.get("failed", 0) > 0
+            or any("error" in run for run in section.get("runs", {}).values()))
+
+
+def speed(args, names: list[str], section: dict, save) -> None:
+    """Train each run in this process; its figures (or its error) go into `section["runs"]` as it ends."""
     import torch
     from benchmark import make_checkpoints, make_dataset
 
     from hf_transfer.commands.distill import main as distill
     from hf_transfer.commands.finetune import main as finetune
-
-    if args.smoke:
-        args.steps, args.batch_size, args.images, args.workers = 8, 8, 128, 0
-    elif not torch.cuda.is_available():
-        sys.exit("no CUDA GPU: run with --smoke to check the script on the CPU")
 
     with tempfile.TemporaryDirectory(prefix="hf-transfer-gpu-check-") as tmp:
         tmp = Path(tmp)
@@ -69,8 +141,8 @@ def main() -> None:
                   "--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "false",
                   "--max_eval_samples", str(min(2048, args.images)), "--logging_steps", "50", "--disable_tqdm", "true",
                   "--report_to", "none", "--overwrite_output_dir"]
-        if args.compile:
-            common.append("--torch_compile")
+        if args.compile:  # on the CPU (--smoke) the eager backend: the script's path, without minutes of compiling
+            common += ["--torch_compile", *(["--torch_compile_backend", "eager"] if args.smoke else [])]
         if args.smoke:  # tiny stand-ins built from configs, on the CPU
             cnn, vit = tiny_resnet(tmp / "tiny-resnet"), make_checkpoints(tmp, image_size=32)["teacher"]
             common.append("--use_cpu")
@@ -79,45 +151,70 @@ def main() -> None:
             common.append("--bf16")
         model_flag, student_flag = ("--model_name_or_path", "--student_model_name_or_path") if args.smoke else \
             ("--model", "--student")
-        sources = {"resnet50": [model_flag, cnn], "vit-base": [model_flag, vit]}
         cnn_flags = ["--from_scratch", "--channels_last", "true"]
-
-        report = {
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() and not args.smoke else "cpu (smoke)",
-            "versions": {"torch": torch.__version__, "cuda": torch.version.cuda},
-            "setup": {"steps": args.steps, "batch_size": args.batch_size, "workers": args.workers,
-                      "bf16": not args.smoke, "channels_last_cnn": True, "compile": args.compile},
-            "runs": {},
-            "goals_met": None,
-        }
-
-        def save():
-            if args.output:
-                Path(args.output).write_text(json.dumps(report, indent=2) + "\n")
+        flags = {"resnet50": [model_flag, cnn, *cnn_flags], "vit-base": [model_flag, vit, "--from_scratch"]}
 
         def record(name, run):  # one run's figures, or its error, so a failure keeps the others' figures
             started = time.time()
             try:
                 metrics = run()
-            except Exception as error:  # noqa: BLE001 -- reported in the JSON, and the exit status below
-                report["runs"][name] = {"error": f"{type(error).__name__}: {error}"}
+            except Exception as error:  # noqa: BLE001 -- reported in the JSON, and the exit status
+                section["runs"][name] = {"error": f"{type(error).__name__}: {error}"}
             else:
-                gflop = None if args.smoke else GFLOP_PER_IMAGE[name]
-                report["runs"][name] = summary(metrics, gflop, time.time() - started)
+                summary_ = summary(metrics, None if args.smoke else GFLOP_PER_IMAGE[name], time.time() - started)
+                if not args.smoke:
+                    summary_["goal"] = GOALS[name]
+                    summary_["goal_met"] = summary_["train_images_per_second"] >= GOALS[name]
+                section["runs"][name] = summary_
             save()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
-        for name in ("resnet50", "vit-base"):
-            flags = [*sources[name], *(cnn_flags if name == "resnet50" else ["--from_scratch"])]
-            record(name, lambda flags=flags, name=name: finetune([*flags, *common, "--output_dir", str(tmp / f"run-{name}")]))
-        record("distill", lambda: distill(["--teacher_model_name_or_path", str(tmp / "run-vit-base"), student_flag, cnn,
-                                           *cnn_flags, *common, "--output_dir", str(tmp / "run-distill")]))
-        if not args.smoke:
-            report["goals_met"] = {name: report["runs"][name].get("train_images_per_second", 0) >= goal
-                                   for name, goal in GOALS.items()}
-        save()
-    print(json.dumps(report, indent=2))
-    if any("error" in run for run in report["runs"].values()):
-        sys.exit(1)
+        for name in names:
+            if name == "distill":  # the ViT-B/16 just trained teaches a ResNet-50 (trained from it if not yet there)
+                if not (tmp / "run-vit-base" / "config.json").is_file():
+                    finetune([*flags["vit-base"], *common, "--max_steps", "1", "--output_dir", str(tmp / "run-vit-base")])
+                record(name, lambda: distill(["--teacher_model_name_or_path", str(tmp / "run-vit-base"), student_flag,
+                                              cnn, *cnn_flags, *common, "--output_dir", str(tmp / "run-distill")]))
+            else:
+                record(name, lambda name=name: finetune([*flags[name], *common, "--output_dir", str(tmp / f"run-{name}")]))
+
+
+def compiled(args) -> dict:
+    """The speed stage with torch.compile for ResNet-50 and ViT-B/16, in a child process killed at the budget."""
+    with tempfile.TemporaryDirectory() as tmp:
+        partial = Path(tmp) / "compile.json"
+        command = [sys.executable, __file__, "--stages", "speed", "--compile", "--runs", "resnet50,vit-base",
+                   "--steps", str(args.compile_steps), "--batch_size", str(args.batch_size), "--images",
+                   str(args.images), "--workers", str(args.workers), "--output", str(partial),
+                   *(["--smoke"] if args.smoke else [])]
+        try:
+            child = subprocess.run(command, capture_output=True, text=True, timeout=args.compile_budget_s)
+            outcome = {} if child.returncode == 0 else {"error": f"exit {child.returncode}: {child.stderr[-1500:]}"}
+        except subprocess.TimeoutExpired:
+            outcome = {"error": f"cut at the budget of {args.compile_budget_s} s (compilation included)"}
+        runs = json.loads(partial.read_text())["stages"]["speed"]["runs"] if partial.is_file() else {}
+    return {"steps": args.compile_steps, "budget_s": args.compile_budget_s, "runs": runs, **outcome}
+
+
+def gpu_tests(budget_s: int) -> dict:
+    """`pytest -m "gpu or multi_gpu"`: each test's outcome, and the counts."""
+    command = [sys.executable, "-m", "pytest", "-m", "gpu or multi_gpu", "-q", "-rA", "-p", "no:cacheprovider",
+               str(ROOT / "tests")]
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=budget_s, cwd=ROOT)
+    except subprocess.TimeoutExpired as stopped:
+        return {"error": f"cut at the budget of {budget_s} s", "output_tail": (stopped.stdout or "")[-2000:]}
+    tests = {}
+    for line in proc.stdout.splitlines():
+        match = re.match(r"^(PASSED|FAILED|ERROR|SKIPPED)\s+(?:\[\d+\]\s+)?(\S+)", line)
+        if match:
+            tests[match.group(2)] = match.group(1).lower()
+    counts = {kind: sum(1 for v in tests.values() if v == kind) for kind in ("passed", "failed", "error", "skipped")}
+    result = {**counts, "failed": counts["failed"] + counts["error"], "tests": tests, "exit": proc.returncode}
+    if proc.returncode not in (0, 5):  # 5: no test collected
+        result["output_tail"] = proc.stdout[-3000:]
+    return result
 
 
 def tiny_resnet(path: Path) -> str:

@@ -117,7 +117,7 @@ def test_batch_norm_classes_still_share_the_private_base():
 
 
 def test_deepspeed_dtype_is_still_where_it_is_read():
-    """-> compat.deepspeed_dtype (DeepSpeed is not installed here: the attributes are checked, not run)."""
+    """-> compat.deepspeed_dtype (the attributes; tests/test_scale_out.py runs it in its DeepSpeed runs)."""
     from accelerate.utils import DeepSpeedPlugin
     from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
 
