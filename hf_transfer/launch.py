@@ -58,8 +58,11 @@ def asked_sharding(args, environ=os.environ) -> str | None:
 
 
 def sharding_on_cpu(name: str, got: str) -> UserError:
-    return UserError(f"the launch asks for {name} but {got} would run instead: accelerate runs {name} on GPUs "
-                     f"only; run it where each process has a GPU, or for CPU processes use {CPU_COMMAND}")
+    if name == "DeepSpeed":  # DeepSpeed has a CPU accelerator, which the processes use when told to
+        return UserError(f"the launch asks for DeepSpeed but {got} would run instead: on a machine without a GPU "
+                         f"add --use_cpu (DeepSpeed's CPU accelerator), or use {CPU_COMMAND}")
+    return UserError(f"the launch asks for FSDP but {got} would run instead: accelerate runs FSDP on GPUs only; "
+                     f"run it where each process has a GPU, or for CPU processes use {CPU_COMMAND}")
 
 
 def check_sharding(args, fsdp: bool, deepspeed: bool, processes: int, environ=os.environ) -> None:
