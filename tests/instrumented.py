@@ -3,6 +3,8 @@ instruments: `instrumented.py finetune|distill|search ARGS...`.
 
 - Each rank records which training rows every step used (rows-rank<R>.json in $TEST_ROWS_DIR, when set).
 - TEST_STEP_SLEEP=<seconds> slows every training step, so a test can interrupt a run mid-epoch.
+- TEST_FAKE_HUB=<path> replaces the Hub client (helpers.FakeHub) and writes what each rank uploaded to
+  <path>.rank<R>.json when the process ends.
 - TEST_FSDP_ON_CPU=1 lets accelerate's FSDP2 path run in CPU processes (gloo), so that the project's FSDP code
   executes without a GPU: accelerate 1.15 selects FSDP for accelerator devices only, and an FSDP launch on the CPU
   would be plain DDP (the scripts refuse that). torch's `fully_shard` works over gloo; the patch only chooses it.
@@ -52,6 +54,16 @@ def _fsdp_on_cpu() -> None:
 
 if os.environ.get("TEST_FSDP_ON_CPU") == "1":
     _fsdp_on_cpu()
+
+if os.environ.get("TEST_FAKE_HUB"):
+    import atexit
+
+    import pytest
+    from helpers import FakeHub
+
+    _hub = FakeHub(pytest.MonkeyPatch())
+    _record = Path(f"{os.environ['TEST_FAKE_HUB']}.rank{os.environ.get('RANK', '0')}.json")
+    atexit.register(lambda: _record.write_text(json.dumps(_hub.uploads)))
 
 if __name__ == "__main__":
     import logging

@@ -129,7 +129,7 @@ def ddp(tiny_vit, cifar_like, cifar_teacher, tmp_path_factory):
 
 def kill_and_resume(out: Path, log: Path, begin, *, kill_one_of=None):
     """Start the run slowed down, SIGKILL it (or one of its machines) after checkpoint-4, then run it again."""
-    processes = begin(log, 0.5)
+    processes = begin(log, 1.0)  # 6 steps (6 s) left after checkpoint-4: time to kill it on a slow machine
     wait_for_checkpoint(out, processes)
     if kill_one_of is None:
         kill_machine(processes[0])
@@ -177,19 +177,28 @@ def serves_its_test_split(out: Path, data: str, slack: int = 0):
 
 @pytest.mark.slow
 @pytest.mark.scale_out
-def test_fsdp_sharded_checkpoints_survive_sigkill_and_the_run_ends_as_ddp(ddp, tiny_vit, cifar_like, tmp_path):
+def test_fsdp_sharded_checkpoints_survive_sigkill_and_the_run_ends_as_ddp_and_is_pushed_whole(ddp, tiny_vit, cifar_like, tmp_path):
     out = tmp_path / "run"
     sharded = ("--fsdp_state_dict_type", "SHARDED_STATE_DICT")  # each process writes its own shard of each checkpoint
 
-    def begin(log, sleep):
-        return [start("finetune", flags(tiny_vit, cifar_like, out), "fsdp.yaml", log, launch=sharded, sleep=sleep,
-                      env={"TEST_FSDP_ON_CPU": "1"})]
+    push = ("--push_to_hub", "--hub_model_id", "me/fsdp-vit", "--hub_strategy", "end")
+
+    def begin(log, sleep):  # pushed to a stand-in Hub (tests/instrumented.py TEST_FAKE_HUB)
+        return [start("finetune", flags(tiny_vit, cifar_like, out, *push), "fsdp.yaml", log, launch=sharded,
+                      sleep=sleep, env={"TEST_FSDP_ON_CPU": "1", "TEST_FAKE_HUB": str(tmp_path / "hub"),
+                                        "HF_HUB_OFFLINE": "0"})]
     again = kill_and_resume(out, tmp_path / "run.log", begin)
     assert resumed_from(again)[0] >= "checkpoint-4"
     checkpoint = out / "checkpoint-4"
     assert (checkpoint / "pytorch_model_fsdp_0" / ".metadata").is_file() and len(list(checkpoint.rglob("*.distcp"))) == 4
     assert_same_result(ddp["finetune"], out)  # and the run ends with its model whole, not sharded
     serves_its_test_split(out, cifar_like)
+    # what reached the Hub: the whole model, its processor and card, from the main process only; no sharded checkpoint
+    uploads = [json.loads((tmp_path / f"hub.rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert uploads[1] == [] and len(uploads[0]) == 1 and uploads[0][0]["repo_id"] == "me/fsdp-vit"
+    files = set(uploads[0][0]["files"])
+    assert {"model.safetensors", "config.json", "preprocessor_config.json", "README.md"} <= files
+    assert not any(name.startswith("checkpoint-") for name in files)
 
 
 @pytest.mark.slow
