@@ -143,7 +143,10 @@ def check_config_file(path: str | Path, cuda_devices: int | None = None) -> dict
                "num_machines": config.num_machines, "mixed_precision": config.mixed_precision}
     # GPU ids, FSDP and DeepSpeed mean GPUs; cpu.yaml is MULTI_GPU for torchrun's sake but names none.
     wants_gpu = distributed in ("FSDP", "DEEPSPEED") or getattr(config, "gpu_ids", None) not in (None, "")
-    if wants_gpu and not cuda_devices and not getattr(config, "use_cpu", False):
+    if distributed == "DEEPSPEED" and not cuda_devices:
+        summary["note"] = ("this machine has no GPU: add --use_cpu to the script's flags and DeepSpeed runs on its "
+                           "CPU accelerator (fp32 or bf16)")
+    elif wants_gpu and not cuda_devices and not getattr(config, "use_cpu", False):
         # Checking a cluster's config on a laptop is fine; launching it here is not.
         summary["note"] = (f"this machine has no GPU: the config runs where each process has one; here use "
                            f"{CPU_COMMAND.split(' run_finetune')[0]}")

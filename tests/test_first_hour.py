@@ -143,6 +143,9 @@ def test_only_the_main_process_logs_info():
 def test_check_config_says_when_the_machine_lacks_the_gpus_it_needs():
     assert "no GPU" in check_config_file(ROOT / "accelerate_configs" / "multi_gpu.yaml", cuda_devices=0)["note"]
     assert "note" not in check_config_file(ROOT / "accelerate_configs" / "cpu.yaml", cuda_devices=0)
+    # FSDP needs GPUs through accelerate; DeepSpeed also runs on the CPU (tests/test_scale_out.py), with --use_cpu
+    assert "cpu.yaml" in check_config_file(ROOT / "accelerate_configs" / "fsdp.yaml", cuda_devices=0)["note"]
+    assert "add --use_cpu" in check_config_file(ROOT / "accelerate_configs" / "deepspeed_zero2.yaml", cuda_devices=0)["note"]
     assert "note" not in check_config_file(ROOT / "accelerate_configs" / "multi_gpu.yaml", cuda_devices=8)
 
 
