@@ -185,6 +185,7 @@ def test_two_process_finetune_with_unfreezing_matches_one_process(tiny_vit, cifa
 
 
 @pytest.mark.slow
+@pytest.mark.scale_out
 def test_two_process_run_with_drop_path(tiny_resnet, cifar_like, tmp_path):
     """Stochastic depth draws differ per process (so no 1-process twin); the 2-process run must just work."""
     out = tmp_path / "two"
@@ -333,6 +334,7 @@ def test_fp16_on_a_gpu(script, cifar_teacher, tiny_resnet, cifar_like, tmp_path)
 
 
 @pytest.mark.slow
+@pytest.mark.scale_out
 def test_two_process_run_with_the_transfer_strategies_matches_one_process(tiny_vit, cifar_like, tmp_path):
     """docs/strategies.md: layer decay, step decay, a backbone learning-rate scale and label smoothing in 2 processes
     give the 1-process run. (Mixup and CutMix draw per process, so their 2-process runs have no 1-process twin: the
