@@ -191,11 +191,9 @@ def compiled(args) -> dict:
                    "--steps", str(args.compile_steps), "--batch_size", str(args.batch_size), "--images",
                    str(args.images), "--workers", str(args.workers), "--output", str(partial),
                    *(["--smoke"] if args.smoke else [])]
-        try:
-            child = subprocess.run(command, capture_output=True, text=True, timeout=args.compile_budget_s)
-            outcome = {} if child.returncode == 0 else {"error": f"exit {child.returncode}: {child.stderr[-1500:]}"}
-        except subprocess.TimeoutExpired:
-            outcome = {"error": f"cut at the budget of {args.compile_budget_s} s (compilation included)"}
+        code, _, err = run_within(command, args.compile_budget_s)
+        outcome = ({"error": f"cut at the budget of {args.compile_budget_s} s (compilation included)"} if code is None
+                   else {} if code == 0 else {"error": f"exit {code}: {err[-1500:]}"})
         runs = json.loads(partial.read_text())["stages"]["speed"]["runs"] if partial.is_file() else {}
     return {"steps": args.compile_steps, "budget_s": args.compile_budget_s, "runs": runs, **outcome}
 
@@ -204,12 +202,8 @@ def gpu_tests(budget_s: int) -> dict:
     """`pytest -m "gpu or multi_gpu"`: each test's outcome as it ends (kept when the budget cuts the stage), and counts."""
     command = [sys.executable, "-m", "pytest", "-m", "gpu or multi_gpu", "-v", "-p", "no:cacheprovider",
                str(ROOT / "tests")]
-    try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=budget_s, cwd=ROOT)
-        output, outcome = proc.stdout, {"exit": proc.returncode}
-    except subprocess.TimeoutExpired as stopped:
-        output = stopped.stdout.decode() if isinstance(stopped.stdout, bytes) else stopped.stdout or ""
-        outcome = {"error": f"cut at the budget of {budget_s} s"}
+    code, output, _ = run_within(command, budget_s)
+    outcome = {"error": f"cut at the budget of {budget_s} s"} if code is None else {"exit": code}
     tests = {}
     for line in output.splitlines():  # "tests/test_x.py::test_y[param] PASSED  [ 50%]"
         match = re.match(r"^(tests/\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)", line)
@@ -221,6 +215,22 @@ def gpu_tests(budget_s: int) -> dict:
     if outcome.get("exit", 1) not in (0, 5):  # 5: no test collected
         result["output_tail"] = output[-3000:]
     return result
+
+
+def run_within(command: list[str], budget_s: int) -> tuple[int | None, str, str]:
+    """Run `command` (in ROOT) for at most `budget_s` seconds: its exit code (None when cut) and its output so far.
+    Cut, the whole process group goes (DataLoader workers, the processes a test launched), freeing the GPU."""
+    import signal
+
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                               start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=budget_s)
+        return process.returncode, out, err
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        return None, out, err
 
 
 def tiny_resnet(path: Path) -> str:
