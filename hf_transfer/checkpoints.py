@@ -49,14 +49,15 @@ def is_complete(checkpoint: Path) -> bool:
     folders of FSDP's SHARDED_STATE_DICT and DeepSpeed), the torch files in it and in those folders."""
     try:
         json.loads((checkpoint / "trainer_state.json").read_text())
-        weights = list(checkpoint.glob("*.safetensors"))
+        files = [p for p in checkpoint.rglob("*") if p.is_file()]  # one walk of the checkpoint's tree
+        weights = [p for p in files if p.parent == checkpoint and p.suffix == ".safetensors"]
         sharded = [p for p in checkpoint.iterdir() if p.is_dir() and p.name.startswith(("pytorch_model_fsdp", "global_step"))]
         if not (weights or sharded) or not all(_safetensors_whole(p) for p in weights):
             return False
-        for folder in {p.parent for p in checkpoint.rglob("*.distcp")}:
+        for folder in {p.parent for p in files if p.suffix == ".distcp"}:
             if not (folder / ".metadata").is_file():  # torch.distributed.checkpoint writes it once every shard is
                 return False
-        for path in [*checkpoint.rglob("*.pt"), *checkpoint.rglob("*.pth"), *checkpoint.rglob("*.bin")]:
+        for path in (p for p in files if p.suffix in (".pt", ".pth", ".bin")):
             with zipfile.ZipFile(path):  # torch.save's format; a cut file has no central directory
                 pass
     except (OSError, ValueError, zipfile.BadZipFile, KeyError, struct.error):
