@@ -294,7 +294,7 @@ def closing_line(summary: dict) -> str:
         line += f" on {best['validation_images']} images"
     if best.get("tied_with"):
         line += (f", tied with trial{'s' if len(best['tied_with']) > 1 else ''} "
-                 f"{', '.join(map(str, best['tied_with']))} (chosen by its lower validation loss)")
+                 f"{', '.join(map(str, best['tied_with']))} (chosen by the lowest validation loss above its floor)")
     line += f", with {' '.join(best['flags'])}; trained as {best['folder']}"
     if best.get("test_accuracy") is not None:
         line += f" (test accuracy {best['test_accuracy']:.4f})"

@@ -65,6 +65,7 @@ def test_three_trials_choose_on_validation_in_the_metrics_direction_and_the_best
         run = out / t.user_attrs["folder"]
         evaluated = json.loads((run / "eval_results.json").read_text())
         assert evaluated["eval_loss"] == t.value and not (run / "test_results.json").exists()
+        assert t.user_attrs["loss_above_floor"] == pytest.approx(t.value)  # no label smoothing: the floor is 0
         # what the metric check accepts is what an evaluation reports
         assert {f"eval_{m}" for m in reported_metrics(SingleLabel(10))} <= set(evaluated)
     assert len({t.value for t in stored}) == 3
@@ -116,7 +117,8 @@ def test_a_continued_study_with_a_new_best_trains_it_as_best_and_says_when_trial
     assert summary["best"]["trial"] == 2 and summary["best"]["tied_with"] == [1]
     assert summary["best"]["validation_images"] == images and len(summary["trials"]) == 3
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert f"validation accuracy 1.0000 on {images} images, tied with trial 1 (chosen by its lower validation loss)" in line
+    assert (f"validation accuracy 1.0000 on {images} images, tied with trial 1 (chosen by the lowest validation loss "
+            "above its floor)") in line
     argv = json.loads((out / "best" / "run_args.json").read_text())["argv"]
     assert argv[argv.index("--learning_rate") + 1] == "0.03"
     assert summary["best"]["test_accuracy"] == json.loads((out / "best" / "test_results.json").read_text())["test_accuracy"]
@@ -175,6 +177,7 @@ def test_the_study_prunes_and_continues_in_the_direction_of_its_metric(tmp_path)
         open_study(tmp_path, Objective("accuracy", maximize=True), seed=0)
 
 
+@pytest.mark.slow
 def test_every_command_refuses_a_metric_its_evaluations_do_not_report_before_training(architecture, tmp_path, capsys):
     run = tmp_path / "run"
     flags = search_flags(architecture, run)[:-2]
