@@ -42,8 +42,8 @@ One module per concept:
   report.py                    comparison of finished runs
   export.py                    ONNX export, checked against PyTorch on the run's test images
   search.py                    hyperparameter search (optuna): each trial an ordinary run, the study resumable
-  tasks.py                     one class or several labels per image: label ids, loss, targets, metrics, threshold,
-                               test report, problem_type
+  tasks.py                     one class or several labels per image: label ids, loss, targets, metrics (and which
+                               can choose a checkpoint), threshold, test report, problem_type
   compat.py                    every workaround of a library internal, with its versions
   errors.py                    one-line user errors
 """

@@ -28,6 +28,7 @@ from .errors import UserError
 from .models.loading import checkpoint_family
 from .models.presets import find_preset, preset_help
 from .recipes import FAMILY_NAMES, RECIPES, recipe_defaults
+from .tasks import metric_name
 from .trainers.transfer_config import SUPPORTED_OPTIMIZERS, TransferConfig
 
 logger = logging.getLogger(__name__)
@@ -297,6 +298,8 @@ def parse_arguments(argv: Sequence[str], model_type: type = ModelArguments,
         raise UserError(" ".join(line.strip() for line in str(exc).strip().splitlines())) from exc
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if training.metric_for_best_model:  # one spelling of `eval_loss` and `loss` (the Trainer takes both): runs compare
+        training.metric_for_best_model = metric_name(training.metric_for_best_model)
     if data.train_dir and "dataset_name" not in given:
         data.dataset_name = None  # the image folders are the data: nothing else is recorded or compared
     if data.streaming:

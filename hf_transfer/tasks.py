@@ -19,6 +19,8 @@ pairs) needs no threshold and chooses the checkpoint.
 
 from __future__ import annotations
 
+import difflib
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,6 +69,13 @@ class SingleLabel:
     def loss(self, logits, labels, count=None, label_smoothing: float = 0.0, class_weights=None) -> torch.Tensor:
         return cross_entropy(logits, labels, count, label_smoothing, class_weights)
 
+    def loss_floor(self, label_smoothing: float = 0.0) -> float:
+        """The lowest `loss` there is per image: that of a prediction equal to the label-smoothed target, the
+        target's entropy (0 without smoothing). Smoothing raises the loss by this much by design; the loss above it
+        is how far predictions are from their targets, comparable between runs of different smoothing."""
+        k, eps = self.num_labels, label_smoothing
+        return _entropy([1 - eps + eps / k] + [eps / k] * (k - 1))
+
     def auto_class_weights(self, labels: list) -> torch.Tensor:
         labels = torch.tensor(labels)
         labels = labels[labels >= 0]  # images without a label (data/unlabeled.py) count for no class
@@ -107,6 +116,10 @@ class MultiLabel(SingleLabel):
     def loss(self, logits, labels, count=None, label_smoothing: float = 0.0, class_weights=None) -> torch.Tensor:
         return binary_cross_entropy(logits, labels, count, label_smoothing, class_weights)
 
+    def loss_floor(self, label_smoothing: float = 0.0) -> float:
+        """Each class's smoothed target is 1 - eps/2 or eps/2 (losses.binary_cross_entropy), summed over the classes."""
+        return self.num_labels * _entropy([1 - label_smoothing / 2, label_smoothing / 2])
+
     def auto_class_weights(self, labels: list) -> torch.Tensor:
         positives = torch.zeros(self.num_labels)
         for ids in labels:
@@ -129,6 +142,62 @@ class MultiLabel(SingleLabel):
 
     def write_test_report(self, output_dir, logits, labels, label_names, rows=None, prefix="test", files=None):
         write_multilabel_report(output_dir, logits, labels, label_names, self.threshold, rows, prefix, files)
+
+
+def _entropy(probabilities: list[float]) -> float:
+    return float(sum(-p * math.log(p) for p in probabilities if p > 0))
+
+
+def task_of(config) -> SingleLabel:
+    """The task a model was made for, from its config (`problem_type`, the number of labels)."""
+    kind = MultiLabel if getattr(config, "problem_type", None) == MultiLabel.problem_type else SingleLabel
+    return kind(config.num_labels)
+
+
+# ---------------------------------------------------------------- the metric that chooses the checkpoint
+
+
+def metric_name(name: str) -> str:
+    """`--metric_for_best_model` without the `eval_` the evaluations' keys carry (the Trainer takes it either way)."""
+    return name.removeprefix("eval_")
+
+
+def metric_key(name: str) -> str:
+    """The key the validation evaluations report `--metric_for_best_model` under (`loss`, `eval_loss` -> `eval_loss`)."""
+    return f"eval_{metric_name(name)}"
+
+
+def reported_metrics(task: SingleLabel, ema: bool = False) -> list[str]:
+    """The names (without `eval_`) an evaluation of this task reports that can choose a checkpoint: the task's
+    metrics, read from `task.metrics` itself, and the loss (the Trainer's); with --ema_decay also those of the raw
+    weights that TransferTrainer.evaluate keeps (accuracies, losses, mAP, as `raw_<name>`). The multi-label decision
+    threshold is a setting, not a score."""
+    labels = np.zeros((2, task.num_labels) if task.multi_label else 2, dtype=np.int64)
+    names = {*task.metrics(np.zeros((2, task.num_labels)), labels), "loss"} - {"threshold"}
+    if ema:
+        names |= {f"raw_{n}" for n in names if "accuracy" in n or f"raw_{n}".endswith(("_loss", "_map"))}
+    return sorted(names)
+
+
+def check_metric(name: str | None, task: SingleLabel | None = None, ema: bool = False) -> None:
+    """`--metric_for_best_model` against the metrics the run's evaluations will report (the Trainer would raise a
+    KeyError at the first evaluation, after training time was spent). `task` None: against those of any task
+    (one class per image with more than five classes, or several labels per image), as far as can be checked
+    before the data is loaded."""
+    if name is None:
+        return
+    tasks = [task] if task is not None else [SingleLabel(6), MultiLabel(2)]  # top-5 accuracy needs six classes
+    valid = sorted({n for t in tasks for n in reported_metrics(t, ema)})
+    wanted = metric_name(name)
+    if wanted in valid:
+        return
+    close = ([v for v in valid if v.startswith(wanted)] or sorted((v for v in valid if wanted.startswith(v)), key=len)[-1:]
+             or difflib.get_close_matches(wanted, valid, n=1, cutoff=0.5))
+    where = ("this run's evaluations report (" + ("several labels per image" if task.multi_label else
+                                                 f"one class per image, {task.num_labels} classes") + ")"
+             if task is not None else "any run reports")
+    raise UserError(f"--metric_for_best_model {name} is not a metric {where}: choose one of "
+                    f"{', '.join(valid)}{f'; did you mean {close[0]}?' if close else ''}")
 
 
 # ---------------------------------------------------------------- the data's side: which task, and its label ids

@@ -25,6 +25,7 @@ from ..models.loading import load_teacher
 from ..models.presets import resolve_source
 from ..output_dir import prepare_output_dir, report_finished, save_run_args
 from ..recipes import fit_to_data, fitted_fields
+from ..tasks import check_metric
 from ..trainers.distillation_config import DistillationConfig
 from ..trainers.distillation_trainer import DistillationTrainer, teacher_cache_path
 from ..workflow import (
@@ -61,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     set_seed(args.seed)
     data = load_data(data_args, args.seed, student_args.cache_dir)
+    check_metric(args.metric_for_best_model, data.task, args.ema_decay)  # the label column decided the task
     if data_args.unlabeled_dir or data_args.unlabeled_dataset:
         if data.task.multi_label:
             raise UserError("images without labels are distilled into one-class-per-image students only; "

@@ -22,7 +22,7 @@ from ..model_card import CardInfo, hyperparameters
 from ..models.presets import resolve_source
 from ..output_dir import prepare_output_dir, report_finished, save_run_args
 from ..recipes import fit_to_data, fitted_fields
-from ..tasks import threshold_of
+from ..tasks import check_metric, threshold_of
 from ..trainers.transfer_trainer import TransferTrainer
 from ..workflow import (
     check_setup,
@@ -55,6 +55,7 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
 
     set_seed(args.seed)
     data = load_data(data_args, args.seed, model_args.cache_dir)
+    check_metric(args.metric_for_best_model, data.task, args.ema_decay)  # the label column decided the task
     loaded = load_trained_model(model_args, source, data)
     if not args.do_train:
         return evaluate_as_is(args, data, loaded, record, fitted, argv)

@@ -82,13 +82,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         for path in args.files:
             print(json.dumps(check_config_file(path)))
     elif args.command == "search":
-        from ..search import run_search
+        from ..search import closing_line, run_search
 
-        summary = run_search(rest, args.n_trials, args.backend)
-        best = summary["best"]
-        tested = "" if best["test_accuracy"] is None else f" (test accuracy {best['test_accuracy']:.4f})"
-        print(f"best trial {best['trial']}: validation {best['validation']:.4f} with {' '.join(best['flags'])}; "
-              f"trained as {best['folder']}{tested}")
+        print(closing_line(run_search(rest, args.n_trials, args.backend)))
     elif args.command == "export":
         from ..export import export_onnx
 
