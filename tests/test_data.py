@@ -1,5 +1,6 @@
 """Loading, columns, splits and the uint8 sample path."""
 
+import logging
 from dataclasses import replace
 
 import numpy as np
@@ -375,3 +376,115 @@ def test_class_folders_are_listed_as_datasets_imagefolder_reads_them_and_other_l
     (tmp_path / "train" / "cat" / "kitten").rmdir()
     (tmp_path / "train" / "metadata.jsonl").write_text("{}")  # labels from a metadata file
     assert _class_folders(files) is None
+
+
+# ---------------------------------------------------------------- no training batch BatchNorm cannot normalise
+
+
+def digit_folders(root, classes: int = 4, images: int = 246) -> str:
+    """Class folders of real digits (the first `classes` digits, `images` in all): with the default validation
+    split, 221 training images, which a batch of 22 (a tenth: the data-fitted size) leaves one over."""
+    train = digits_dataset()["train"]
+    kept = [i for i, label in enumerate(train["label"]) if label < classes][:images]
+    for i in kept:
+        folder = root / "train" / str(train[i]["label"])
+        folder.mkdir(parents=True, exist_ok=True)
+        train[i]["image"].save(folder / f"{i}.png")
+    return str(root / "train")
+
+
+@pytest.fixture(scope="module")
+def resnet_16px(tmp_path_factory):
+    """A timm ResNet whose last stage is 1 x 1 at 16 px: a batch of one image cannot be normalised there."""
+    from helpers import make_checkpoint
+
+    return make_checkpoint("resnet", tmp_path_factory.mktemp("resnet-16px"), image_size=16, num_labels=4)
+
+
+def training_batch_sizes(monkeypatch) -> list[int]:
+    from hf_transfer.trainers.transfer_trainer import TransferTrainer
+
+    sizes, prepare = [], TransferTrainer._prepare_inputs
+
+    def recorded(self, inputs):
+        if self.model.training:
+            sizes.append(len(inputs["pixel_values"]))
+        return prepare(self, inputs)
+
+    monkeypatch.setattr(TransferTrainer, "_prepare_inputs", recorded)
+    return sizes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accumulation, batch", [(1, 22), (2, 11)])
+def test_a_last_training_batch_of_one_image_is_completed_and_the_epoch_keeps_its_steps(
+        resnet_16px, tmp_path, monkeypatch, caplog, accumulation, batch):
+    """The data-fitted batch (a tenth of 221 images: 22, or 11 per micro-batch with 2 accumulation steps) leaves one
+    image over; torch refuses to normalise it in training at the 1 x 1 last stage ("Expected more than 1 value per
+    channel"). The last batch is completed instead: every batch is whole, an epoch still has its 11 steps."""
+    import run_finetune
+
+    train_dir = digit_folders(tmp_path / "digits")
+    sizes = training_batch_sizes(monkeypatch)
+    with caplog.at_level(logging.INFO):
+        results = run_finetune.main([
+            "--model_name_or_path", resnet_16px, "--from_scratch", "--train_dir", train_dir, "--max_steps", "12",
+            "--gradient_accumulation_steps", str(accumulation), "--output_dir", str(tmp_path / "run"),
+            "--dataloader_num_workers", "0", "--disable_tqdm", "true", "--report_to", "none"])
+    # an epoch: ceil(221 / batch) batches, all whole (11 steps); then the first step of the next
+    per_epoch = -(-221 // batch)
+    assert results["train_samples"] == 221 and sizes == [batch] * (per_epoch + accumulation)
+    assert results["epoch"] == pytest.approx(1 + accumulation / per_epoch)
+    assert f"it is completed with {batch - 1} images drawn again" in caplog.text
+
+
+@pytest.mark.slow
+def test_the_batchnorm_statistics_never_run_a_batch_of_one_image(resnet_16px, tmp_path, monkeypatch):
+    """The statistics (trainers/batchnorm.py) run the model in training mode over the training images in
+    evaluation batches: 221 images in batches of 22 end on one image, which is joined to the batch before it."""
+    import run_finetune
+    from hf_transfer.trainers import transfer_trainer
+
+    seen, recompute = [], transfer_trainer.recompute_statistics
+
+    def recorded(model, batches, reduce=None):
+        batches = list(batches)
+        seen.append([len(b) for b in batches])
+        return recompute(model, batches, reduce)
+
+    monkeypatch.setattr(transfer_trainer, "recompute_statistics", recorded)
+    run_finetune.main([
+        "--model_name_or_path", resnet_16px, "--from_scratch", "--train_dir", digit_folders(tmp_path / "digits"),
+        "--max_steps", "2", "--eval_strategy", "steps", "--eval_steps", "2", "--per_device_train_batch_size", "16",
+        "--per_device_eval_batch_size", "22", "--output_dir", str(tmp_path / "run"), "--dataloader_num_workers", "0",
+        "--disable_tqdm", "true", "--report_to", "none"])
+    assert seen and all(sizes == [22] * 9 + [23] for sizes in seen)
+
+
+def test_batchnorm_batches_are_completed_or_joined_only_where_one_image_would_be_alone():
+    from hf_transfer.trainers.batchnorm import completion, normalisable
+
+    assert completion(221, 22) == 21 and completion(220, 22) == completion(222, 22) == 0
+    assert completion(221, 22, processes=2) == 0  # accelerate completes every process's last batch itself
+    assert completion(221, 22, processes=2, even_batches=False) == 21  # the last batch goes to one process whole
+    assert completion(5, 1) == 0  # a batch size of 1 is refused before training (TransferTrainer)
+
+    def sizes(*batches):
+        return [len(b) for b in normalisable(torch.zeros(n, 1) for n in batches)]
+
+    assert sizes(4, 4, 1) == [4, 5] and sizes(1, 4, 4) == [5, 4] and sizes(4, 4, 2) == [4, 4, 2]
+    assert sizes(1, 1, 1, 1, 1) == [2, 3]  # an evaluation batch size of 1: pairs, the last one joined
+    assert sum(sizes(*[1] * 7)) == 7
+
+
+def test_a_batch_of_one_image_per_device_is_refused_for_a_batchnorm_model(resnet_16px, tmp_path, capsys):
+    import run_finetune
+    from hf_transfer.errors import run_cli
+
+    code = run_cli(run_finetune.main, [
+        "--model_name_or_path", resnet_16px, "--dataset_name", "digits", "--max_train_samples", "40",
+        "--per_device_train_batch_size", "1", "--max_steps", "1", "--output_dir", str(tmp_path / "run"),
+        "--dataloader_num_workers", "0", "--report_to", "none"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: the batch size per device is 1"), err
+    assert not (tmp_path / "run" / "run_args.json").exists()  # refused before the run wrote anything
