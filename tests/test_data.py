@@ -7,7 +7,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, List, Value
 from helpers import colour_dataset, png_bytes, random_images
 
 from hf_transfer.data import samples
@@ -488,3 +488,81 @@ def test_a_batch_of_one_image_per_device_is_refused_for_a_batchnorm_model(resnet
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error: the batch size per device is 1"), err
     assert not (tmp_path / "run" / "run_args.json").exists()  # refused before the run wrote anything
+
+
+# ---------------------------------------------------------------- evaluation subsets and classes without training images
+
+
+def class_folders(root, splits: dict[str, dict[str, int]], size: int = 8) -> dict[str, str]:
+    """Image folders, one subfolder per class: split -> {class: images}; the folders each split has."""
+    seed = 0
+    for split, classes in splits.items():
+        for name, n in classes.items():
+            (root / split / name).mkdir(parents=True)
+            for i, image in enumerate(random_images(n, size=size, seed=seed)):
+                image.save(root / split / name / f"{i:03d}.png")
+            seed += 1
+    return {f"{split}_dir": str(root / split) for split in splits}
+
+
+def test_max_eval_samples_keeps_every_class_of_a_class_sorted_folder_in_proportion(tmp_path):
+    """Folder splits are listed class by class: the first 12 rows of validation or test are all 'a'. The subsets
+    are stratified (as --max_train_samples is), seeded, and keep the split's own order."""
+    counts = {"a": 20, "b": 10, "c": 10}
+    folders = class_folders(tmp_path, {"train": counts, "validation": counts, "test": counts})
+    subsets = {seed: load_image_data(**folders, max_eval_samples=12, seed=seed) for seed in (0, 0, 1)}
+    for data in subsets.values():
+        for split in (data.validation, data.test):
+            assert np.bincount(split["label"]).tolist() == [6, 3, 3]
+            assert split[ROW] == sorted(split[ROW])
+    assert subsets[0].test[ROW] != load_image_data(**folders, max_eval_samples=12, seed=1).test[ROW]
+    assert subsets[0].test[ROW] == load_image_data(**folders, max_eval_samples=12, seed=0).test[ROW]
+
+
+def test_max_eval_samples_of_a_validation_split_carved_out_of_train_is_stratified(tmp_path):
+    folders = class_folders(tmp_path, {"train": {"a": 50, "b": 50, "c": 50}})
+    for seed in range(5):  # a plain first 9 of the carved split holds 3 of each in only 1 draw out of 5
+        data = load_image_data(**folders, validation_split=0.2, max_eval_samples=9, seed=seed)
+        assert np.bincount(data.validation["label"]).tolist() == [3, 3, 3]
+
+
+def test_max_eval_samples_with_several_labels_per_image_keeps_every_label(tmp_path):
+    """Rows sorted by their labels (the first 20 hold only 'a'); each image stratified by its rarest label; a class
+    of one image and images without a label take part too."""
+    labels = [["a"]] * 20 + [["a", "b"]] * 10 + [["c"]] * 10 + [["d"]] + [[]] * 5
+    features = Features({"image": Image(), "labels": List(Value("string"))})
+    split = Dataset.from_dict({"image": random_images(len(labels), size=8), "labels": labels}, features=features)
+    data = load_image_data(save(DatasetDict(train=split, validation=split), tmp_path), max_eval_samples=20)
+    kept = [tuple(data.label_names[i] for i in row) for row in data.validation["labels"]]
+    assert len(kept) == 20 and {("a",), ("a", "b"), ("c",)} <= set(kept)
+    assert data.validation[ROW] == sorted(data.validation[ROW])
+
+
+@pytest.mark.parametrize("layout", ["train_dir", "dataset_name"])
+def test_a_class_folder_only_the_test_split_has_is_refused_naming_it(tmp_path, layout):
+    folders = class_folders(tmp_path, {"train": {"cat": 4, "dog": 4}, "test": {"cat": 2, "dog": 2, "Dog": 2}})
+    source = folders if layout == "train_dir" else {"dataset_name": str(tmp_path), "cache_dir": str(tmp_path / "c")}
+    with pytest.raises(UserError, match=r"^the test split has classes no training image has: Dog \(class folders "):
+        load_image_data(**source)
+
+
+def test_a_string_label_only_validation_has_is_refused_naming_it(tmp_path):
+    features = Features({"image": Image(), "label": Value("string")})
+    ds = DatasetDict(train=Dataset.from_dict({"image": random_images(6), "label": ["cat", "dog"] * 3}, features=features),
+                     validation=Dataset.from_dict({"image": random_images(2), "label": ["cat", "cta"]},
+                                                  features=features))
+    with pytest.raises(UserError, match=r"^the validation split has classes no training image has: cta \(labels "):
+        load_image_data(save(ds, tmp_path))
+
+
+def test_a_declared_class_without_training_images_is_named_in_a_warning(tmp_path, caplog):
+    """A ClassLabel names the data set's classes: one the training split lacks is a fact about the data, not a
+    mistake; the model cannot learn it, and the run says which."""
+    features = Features({"image": Image(), "label": ClassLabel(names=["cat", "dog", "eel"])})
+    ds = DatasetDict(train=Dataset.from_dict({"image": random_images(6), "label": [0, 1] * 3}, features=features),
+                     test=Dataset.from_dict({"image": random_images(3), "label": [0, 1, 2]}, features=features))
+    with caplog.at_level(logging.WARNING):
+        data = load_image_data(save(ds, tmp_path), validation_split=0.34)
+    assert data.label_names == ["cat", "dog", "eel"]
+    assert "1 class(es) have no training image: eel; the model cannot learn them (0 validation image(s) of them, " \
+           "1 test image(s) of them)" in caplog.text
