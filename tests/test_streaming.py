@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from conftest import quick_flags
-from datasets import DatasetDict, Value
+from datasets import ClassLabel, DatasetDict, Value
 from helpers import colour_dataset, make_checkpoint
 from test_reliability import assert_identical, start, wait_for
 
@@ -255,6 +255,18 @@ def test_a_bounded_validation_or_test_split_that_misses_classes_is_named_in_a_wa
     with caplog.at_level(logging.WARNING):
         load_streaming_data(data_dir, None, None, None, 20, 0, 5, False, str(tmp_path / "cache"))
     assert "classes" not in caplog.text  # 20 images of each: every class
+
+
+def test_the_cached_validation_split_follows_the_label_column_read(tmp_path):
+    """Validation is read once into the cache; another --label_column reads it again (it was a stale entry without
+    that column: `Column 'coarse' doesn't exist`)."""
+    data = colour_dataset(n_per_class=8, size=8, splits=("train", "validation"))
+    data = data.map(lambda b: {"coarse": [int(label > 0) for label in b["label"]]}, batched=True)
+    data = data.cast_column("coarse", ClassLabel(names=["red", "other"]))
+    data_dir = write_shards(tmp_path / "data", data, 2)
+    for column, names in (("label", ["red", "green", "blue"]), ("coarse", ["red", "other"])):
+        loaded = load_streaming_data(data_dir, None, None, column, 6, 0, 5, False, str(tmp_path / "cache"))
+        assert loaded.label_names == names and column in loaded.validation.column_names
 
 
 @pytest.mark.network

@@ -228,9 +228,9 @@ def _read_into_cache(source: IterableDataset, limit: int | None, cache_dir: str 
             taken[shard] = row + 1
             yield {**example, ROW: i}
 
-    fingerprint = hashlib.sha256(f"{key}|{limit}".encode()).hexdigest()[:16]
-    dataset = Dataset.from_generator(rows, features=_with_row_numbers(source.features), cache_dir=cache_dir,
-                                     fingerprint=fingerprint)
+    features = _with_row_numbers(source.features)  # the columns read (--image_column, --label_column) and labels
+    fingerprint = hashlib.sha256(f"{key}|{limit}|{features}".encode()).hexdigest()[:16]
+    dataset = Dataset.from_generator(rows, features=features, cache_dir=cache_dir, fingerprint=fingerprint)
     if held_out is not None:
         if not taken:  # read from the cache: which rows they were (nothing is decoded)
             for shard, row, _ in itertools.islice(_rows_in_file_order(source), len(dataset)):
