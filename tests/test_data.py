@@ -378,6 +378,23 @@ def test_class_folders_are_listed_as_datasets_imagefolder_reads_them_and_other_l
     assert _class_folders(files) is None
 
 
+def test_class_folders_given_relative_are_listed_with_paths_that_hold_from_any_folder(tmp_path, monkeypatch):
+    """`--train_dir data/train` from the data's parent: the rows hold absolute paths, as datasets' imagefolder
+    writes them, so the test report's files and anything read later do not depend on the folder a run started in."""
+    from datasets import load_dataset
+
+    from hf_transfer.data.dataset import _class_folders
+
+    class_folders(tmp_path / "data", {"train": {"a": 2, "b": 2}})
+    monkeypatch.chdir(tmp_path)
+    files = {"train": "data/train/**"}
+    mine = _class_folders(files)["train"].cast_column("image", Image(decode=False))
+    theirs = load_dataset("imagefolder", data_files=files, cache_dir=str(tmp_path / "cache"))["train"]
+    paths = [c["path"] for c in mine["image"]]
+    assert paths == [c["path"] for c in theirs.cast_column("image", Image(decode=False))["image"]]
+    assert paths[0] == str(tmp_path / "data" / "train" / "a" / "000.png")
+
+
 # ---------------------------------------------------------------- no training batch BatchNorm cannot normalise
 
 

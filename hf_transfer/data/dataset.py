@@ -223,7 +223,7 @@ def _class_folders(files: dict[str, str]) -> DatasetDict | None:
     """
     paths, labels = {}, set()
     for split, pattern in files.items():
-        root, found = Path(pattern).parent, []
+        root, found = Path(pattern).parent.absolute(), []  # as imagefolder: paths that hold from any folder
         for entry in os.scandir(root):
             if entry.name.startswith((".", "__")):
                 continue
