@@ -572,6 +572,17 @@ def test_a_string_label_only_validation_has_is_refused_naming_it(tmp_path):
         load_image_data(save(ds, tmp_path))
 
 
+def test_splits_that_name_their_classes_differently_are_refused(tmp_path):
+    """A save_to_disk folder keeps each split's own features: label 1 would be 'dog' in train and 'cat' in test."""
+    def split(names):
+        features = Features({"image": Image(), "label": ClassLabel(names=names)})
+        return Dataset.from_dict({"image": random_images(4), "label": [0, 1] * 2}, features=features)
+
+    ds = DatasetDict(train=split(["cat", "dog"]), test=split(["dog", "cat"]))
+    with pytest.raises(UserError, match=r"^the test split names its classes dog, cat, the train split cat, dog"):
+        load_image_data(save(ds, tmp_path))
+
+
 def test_a_declared_class_without_training_images_is_named_in_a_warning(tmp_path, caplog):
     """A ClassLabel names the data set's classes: one the training split lacks is a fact about the data, not a
     mistake; the model cannot learn it, and the run says which."""

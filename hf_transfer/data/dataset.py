@@ -279,6 +279,12 @@ def _as_class_labels(splits: dict[str, Dataset], label_column: str) -> tuple[dic
     """Labels as a ClassLabel on every split; its names become the model's id2label."""
     feature = splits["train"].features[label_column]
     if isinstance(feature, ClassLabel):
+        for split, ds in splits.items():  # class ids mean the training split's names in every split
+            other = ds.features.get(label_column)
+            if isinstance(other, ClassLabel) and other.names != feature.names:
+                raise UserError(f"the {split} split names its classes {_names(other.names)}, the train split "
+                                f"{_names(feature.names)}: the same class id would mean another class; store every "
+                                "split with the same ClassLabel")
         return splits, list(feature.names)
     values = {v for ds in splits.values() for v in ds.unique(label_column)}
     if None in values:
@@ -300,6 +306,10 @@ def _as_class_labels(splits: dict[str, Dataset], label_column: str) -> tuple[dic
     else:
         raise UserError(f"column '{label_column}' holds {feature}, which is not a class label")
     return splits, names
+
+
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f", ... ({len(names)})" if len(names) > 5 else "")
 
 
 def _check_label_range(splits: dict[str, Dataset], label_column: str, num_labels: int) -> None:
