@@ -343,7 +343,8 @@ def _refuse_untrained_classes(splits: dict[str, Dataset], label_column: str, nam
 
 
 def _warn_untrained_classes(splits: dict[str, Dataset], label_column: str, names: list[str], multi_label: bool) -> None:
-    """Classes the data set declares (a ClassLabel) that no training image has: the model cannot learn them."""
+    """Classes that no training image has, named: those a ClassLabel declares, or those --max_train_samples left
+    out (fewer images than classes); the model cannot learn them."""
     untrained = _class_counts(splits["train"], label_column, len(names), multi_label) == 0
     if not untrained.any():
         return
@@ -352,7 +353,7 @@ def _warn_untrained_classes(splits: dict[str, Dataset], label_column: str, names
     shown = [names[c] for c in np.flatnonzero(untrained)]
     logger.warning("%d class(es) have no training image: %s%s; the model cannot learn them (%s)", len(shown),
                    ", ".join(shown[:5]), ", ..." if len(shown) > 5 else "",
-                   ", ".join(f"{n} {split} image(s) of them" for split, n in held.items()) or "no test split")
+                   ", ".join(f"{n} {split} image(s) of them" for split, n in held.items()))
 
 
 def _decodes(value) -> bool:
@@ -407,8 +408,8 @@ def _representative(ds: Dataset, n: int, label_column: str, seed: int, multi_lab
     sizes = np.bincount(strata)
     rare = sizes[strata] < 2
     strata[rare] = sizes.size if rare.sum() > 1 else np.argmax(sizes)  # one image alone joins the largest stratum
-    index = Dataset.from_dict({"row": np.arange(len(ds)), "stratum": strata},
-                              features=Features({"row": Value("int64"), "stratum": ClassLabel(num_classes=int(strata.max()) + 1)}))
+    features = Features({"row": Value("int64"), "stratum": ClassLabel(num_classes=int(strata.max()) + 1)})
+    index = Dataset.from_dict({"row": np.arange(len(ds)), "stratum": strata}, features=features)
     try:
         rows = index.train_test_split(train_size=n, seed=seed, stratify_by_column="stratum")["train"]["row"]
     except ValueError:  # fewer rows than strata in the part kept or the part left

@@ -145,9 +145,9 @@ def load_streaming_data(dataset_name: str, config_name: str | None, image_column
 def _warn_missing_classes(part: Dataset, label_column: str, names: list[str], split: str, source: str) -> None:
     """A bounded split is the first images of `source` in file order, which in a class-sorted data set hold a few
     classes only: say so (reading all of a stream to draw a stratified subset would defeat streaming)."""
-    present = np.unique(np.asarray(part[label_column]))
+    present = set(np.unique(np.asarray(part[label_column])).tolist())
     if len(present) < len(names):
-        missing = [n for i, n in enumerate(names) if i not in set(present.tolist())]
+        missing = [n for i, n in enumerate(names) if i not in present]
         logger.warning("the %s images (the first %d of the %s split, in file order) hold %d of the %d classes "
                        "(none of %s%s): its metrics leave the others out; pass a larger --max_eval_samples, or "
                        "shuffle the data set's rows once before streaming it", split, len(part), source, len(present),
