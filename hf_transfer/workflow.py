@@ -144,8 +144,7 @@ def train_and_evaluate(trainer, data: ImageData, card: CardInfo, resume_from: st
     # total_flos from the state: with --disable_tqdm the Trainer's PrinterCallback pops it from the metrics it logs.
     results = dict(train_result.metrics, total_flos=trainer.state.total_flos)
     if isinstance(data.train, StreamingSplit):  # what the stream delivered and skipped, all processes together
-        images = trainer.state.global_step * trainer.args.train_batch_size * trainer.args.gradient_accumulation_steps
-        counts = torch.tensor([images, *data.train.skipped()], device=trainer.args.device)
+        counts = torch.tensor([data.train.images, *data.train.skipped()], device=trainer.args.device)
         counts = trainer.accelerator.reduce(counts, reduction="sum").tolist()
         results.update(train_streamed_images=counts[0], train_skipped_shards=counts[1], train_skipped_images=counts[2])
     else:

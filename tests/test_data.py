@@ -1,12 +1,13 @@
 """Loading, columns, splits and the uint8 sample path."""
 
+import logging
 from dataclasses import replace
 
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, List, Value
 from helpers import colour_dataset, png_bytes, random_images
 
 from hf_transfer.data import samples
@@ -375,3 +376,221 @@ def test_class_folders_are_listed_as_datasets_imagefolder_reads_them_and_other_l
     (tmp_path / "train" / "cat" / "kitten").rmdir()
     (tmp_path / "train" / "metadata.jsonl").write_text("{}")  # labels from a metadata file
     assert _class_folders(files) is None
+
+
+def test_class_folders_given_relative_are_listed_with_paths_that_hold_from_any_folder(tmp_path, monkeypatch):
+    """`--train_dir data/train` from the data's parent: the rows hold absolute paths, as datasets' imagefolder
+    writes them, so the test report's files and anything read later do not depend on the folder a run started in."""
+    from datasets import load_dataset
+
+    from hf_transfer.data.dataset import _class_folders
+
+    class_folders(tmp_path / "data", {"train": {"a": 2, "b": 2}})
+    monkeypatch.chdir(tmp_path)
+    files = {"train": "data/train/**"}
+    mine = _class_folders(files)["train"].cast_column("image", Image(decode=False))
+    theirs = load_dataset("imagefolder", data_files=files, cache_dir=str(tmp_path / "cache"))["train"]
+    paths = [c["path"] for c in mine["image"]]
+    assert paths == [c["path"] for c in theirs.cast_column("image", Image(decode=False))["image"]]
+    assert paths[0] == str(tmp_path / "data" / "train" / "a" / "000.png")
+
+
+# ---------------------------------------------------------------- no training batch BatchNorm cannot normalise
+
+
+def digit_folders(root, classes: int = 4, images: int = 246) -> str:
+    """Class folders of real digits (the first `classes` digits, `images` in all): with the default validation
+    split, 221 training images, which a batch of 22 (a tenth: the data-fitted size) leaves one over."""
+    train = digits_dataset()["train"]
+    kept = [i for i, label in enumerate(train["label"]) if label < classes][:images]
+    for i in kept:
+        folder = root / "train" / str(train[i]["label"])
+        folder.mkdir(parents=True, exist_ok=True)
+        train[i]["image"].save(folder / f"{i}.png")
+    return str(root / "train")
+
+
+@pytest.fixture(scope="module")
+def resnet_16px(tmp_path_factory):
+    """A timm ResNet whose last stage is 1 x 1 at 16 px: a batch of one image cannot be normalised there."""
+    from helpers import make_checkpoint
+
+    return make_checkpoint("resnet", tmp_path_factory.mktemp("resnet-16px"), image_size=16, num_labels=4)
+
+
+def training_batch_sizes(monkeypatch) -> list[int]:
+    from hf_transfer.trainers.transfer_trainer import TransferTrainer
+
+    sizes, prepare = [], TransferTrainer._prepare_inputs
+
+    def recorded(self, inputs):
+        if self.model.training:
+            sizes.append(len(inputs["pixel_values"]))
+        return prepare(self, inputs)
+
+    monkeypatch.setattr(TransferTrainer, "_prepare_inputs", recorded)
+    return sizes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("accumulation, batch", [(1, 22), (2, 11)])
+def test_a_last_training_batch_of_one_image_is_completed_and_the_epoch_keeps_its_steps(
+        resnet_16px, tmp_path, monkeypatch, caplog, accumulation, batch):
+    """The data-fitted batch (a tenth of 221 images: 22, or 11 per micro-batch with 2 accumulation steps) leaves one
+    image over; torch refuses to normalise it in training at the 1 x 1 last stage ("Expected more than 1 value per
+    channel"). The last batch is completed instead: every batch is whole, an epoch still has its 11 steps."""
+    import run_finetune
+
+    train_dir = digit_folders(tmp_path / "digits")
+    sizes = training_batch_sizes(monkeypatch)
+    with caplog.at_level(logging.INFO):
+        results = run_finetune.main([
+            "--model_name_or_path", resnet_16px, "--from_scratch", "--train_dir", train_dir, "--max_steps", "12",
+            "--gradient_accumulation_steps", str(accumulation), "--output_dir", str(tmp_path / "run"),
+            "--dataloader_num_workers", "0", "--disable_tqdm", "true", "--report_to", "none"])
+    # an epoch: ceil(221 / batch) batches, all whole (11 steps); then the first step of the next
+    per_epoch = -(-221 // batch)
+    assert results["train_samples"] == 221 and sizes == [batch] * (per_epoch + accumulation)
+    assert results["epoch"] == pytest.approx(1 + accumulation / per_epoch)
+    assert f"it is completed with {batch - 1} images drawn again" in caplog.text
+
+
+@pytest.mark.slow
+def test_the_batchnorm_statistics_never_run_a_batch_of_one_image(resnet_16px, tmp_path, monkeypatch):
+    """The statistics (trainers/batchnorm.py) run the model in training mode over the training images in
+    evaluation batches: 221 images in batches of 22 end on one image, which is joined to the batch before it."""
+    import run_finetune
+    from hf_transfer.trainers import transfer_trainer
+
+    seen, recompute = [], transfer_trainer.recompute_statistics
+
+    def recorded(model, batches, reduce=None):
+        batches = list(batches)
+        seen.append([len(b) for b in batches])
+        return recompute(model, batches, reduce)
+
+    monkeypatch.setattr(transfer_trainer, "recompute_statistics", recorded)
+    run_finetune.main([
+        "--model_name_or_path", resnet_16px, "--from_scratch", "--train_dir", digit_folders(tmp_path / "digits"),
+        "--max_steps", "2", "--eval_strategy", "steps", "--eval_steps", "2", "--per_device_train_batch_size", "16",
+        "--per_device_eval_batch_size", "22", "--output_dir", str(tmp_path / "run"), "--dataloader_num_workers", "0",
+        "--disable_tqdm", "true", "--report_to", "none"])
+    assert seen and all(sizes == [22] * 9 + [23] for sizes in seen)
+
+
+def test_batchnorm_batches_are_completed_or_joined_only_where_one_image_would_be_alone():
+    from hf_transfer.trainers.batchnorm import completion, normalisable
+
+    assert completion(221, 22) == 21 and completion(220, 22) == completion(222, 22) == 0
+    assert completion(221, 22, processes=2) == 0  # accelerate completes every process's last batch itself
+    assert completion(221, 22, processes=2, even_batches=False) == 21  # the last batch goes to one process whole
+    assert completion(5, 1) == 0  # a batch size of 1 is refused before training (TransferTrainer)
+
+    def sizes(*batches):
+        return [len(b) for b in normalisable(torch.zeros(n, 1) for n in batches)]
+
+    assert sizes(4, 4, 1) == [4, 5] and sizes(1, 4, 4) == [5, 4] and sizes(4, 4, 2) == [4, 4, 2]
+    assert sizes(1, 1, 1, 1, 1) == [2, 3]  # an evaluation batch size of 1: pairs, the last one joined
+    assert sum(sizes(*[1] * 7)) == 7
+
+
+def test_a_batch_of_one_image_per_device_is_refused_for_a_batchnorm_model(resnet_16px, tmp_path, capsys):
+    import run_finetune
+    from hf_transfer.errors import run_cli
+
+    code = run_cli(run_finetune.main, [
+        "--model_name_or_path", resnet_16px, "--dataset_name", "digits", "--max_train_samples", "40",
+        "--per_device_train_batch_size", "1", "--max_steps", "1", "--output_dir", str(tmp_path / "run"),
+        "--dataloader_num_workers", "0", "--report_to", "none"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1].startswith("error: the batch size per device is 1"), err
+    assert not (tmp_path / "run" / "run_args.json").exists()  # refused before the run wrote anything
+
+
+# ---------------------------------------------------------------- evaluation subsets and classes without training images
+
+
+def class_folders(root, splits: dict[str, dict[str, int]], size: int = 8) -> dict[str, str]:
+    """Image folders, one subfolder per class: split -> {class: images}; the folders each split has."""
+    seed = 0
+    for split, classes in splits.items():
+        for name, n in classes.items():
+            (root / split / name).mkdir(parents=True)
+            for i, image in enumerate(random_images(n, size=size, seed=seed)):
+                image.save(root / split / name / f"{i:03d}.png")
+            seed += 1
+    return {f"{split}_dir": str(root / split) for split in splits}
+
+
+def test_max_eval_samples_keeps_every_class_of_a_class_sorted_folder_in_proportion(tmp_path):
+    """Folder splits are listed class by class: the first 12 rows of validation or test are all 'a'. The subsets
+    are stratified (as --max_train_samples is), seeded, and keep the split's own order."""
+    counts = {"a": 20, "b": 10, "c": 10}
+    folders = class_folders(tmp_path, {"train": counts, "validation": counts, "test": counts})
+    subsets = {seed: load_image_data(**folders, max_eval_samples=12, seed=seed) for seed in (0, 0, 1)}
+    for data in subsets.values():
+        for split in (data.validation, data.test):
+            assert np.bincount(split["label"]).tolist() == [6, 3, 3]
+            assert split[ROW] == sorted(split[ROW])
+    assert subsets[0].test[ROW] != load_image_data(**folders, max_eval_samples=12, seed=1).test[ROW]
+    assert subsets[0].test[ROW] == load_image_data(**folders, max_eval_samples=12, seed=0).test[ROW]
+
+
+def test_max_eval_samples_of_a_validation_split_carved_out_of_train_is_stratified(tmp_path):
+    folders = class_folders(tmp_path, {"train": {"a": 50, "b": 50, "c": 50}})
+    for seed in range(5):  # a plain first 9 of the carved split holds 3 of each in only 1 draw out of 5
+        data = load_image_data(**folders, validation_split=0.2, max_eval_samples=9, seed=seed)
+        assert np.bincount(data.validation["label"]).tolist() == [3, 3, 3]
+
+
+def test_max_eval_samples_with_several_labels_per_image_keeps_every_label(tmp_path):
+    """Rows sorted by their labels (the first 20 hold only 'a'); each image stratified by its rarest label; a class
+    of one image and images without a label take part too."""
+    labels = [["a"]] * 20 + [["a", "b"]] * 10 + [["c"]] * 10 + [["d"]] + [[]] * 5
+    features = Features({"image": Image(), "labels": List(Value("string"))})
+    split = Dataset.from_dict({"image": random_images(len(labels), size=8), "labels": labels}, features=features)
+    data = load_image_data(save(DatasetDict(train=split, validation=split), tmp_path), max_eval_samples=20)
+    kept = [tuple(data.label_names[i] for i in row) for row in data.validation["labels"]]
+    assert len(kept) == 20 and {("a",), ("a", "b"), ("c",)} <= set(kept)
+    assert data.validation[ROW] == sorted(data.validation[ROW])
+
+
+@pytest.mark.parametrize("layout", ["train_dir", "dataset_name"])
+def test_a_class_folder_only_the_test_split_has_is_refused_naming_it(tmp_path, layout):
+    folders = class_folders(tmp_path, {"train": {"cat": 4, "dog": 4}, "test": {"cat": 2, "dog": 2, "Dog": 2}})
+    source = folders if layout == "train_dir" else {"dataset_name": str(tmp_path), "cache_dir": str(tmp_path / "c")}
+    with pytest.raises(UserError, match=r"^the test split has classes no training image has: Dog \(class folders "):
+        load_image_data(**source)
+
+
+def test_a_string_label_only_validation_has_is_refused_naming_it(tmp_path):
+    features = Features({"image": Image(), "label": Value("string")})
+    ds = DatasetDict(train=Dataset.from_dict({"image": random_images(6), "label": ["cat", "dog"] * 3}, features=features),
+                     validation=Dataset.from_dict({"image": random_images(2), "label": ["cat", "cta"]},
+                                                  features=features))
+    with pytest.raises(UserError, match=r"^the validation split has classes no training image has: cta \(labels "):
+        load_image_data(save(ds, tmp_path))
+
+
+def test_splits_that_name_their_classes_differently_are_refused(tmp_path):
+    """A save_to_disk folder keeps each split's own features: label 1 would be 'dog' in train and 'cat' in test."""
+    def split(names):
+        features = Features({"image": Image(), "label": ClassLabel(names=names)})
+        return Dataset.from_dict({"image": random_images(4), "label": [0, 1] * 2}, features=features)
+
+    ds = DatasetDict(train=split(["cat", "dog"]), test=split(["dog", "cat"]))
+    with pytest.raises(UserError, match=r"^the test split names its classes dog, cat, the train split cat, dog"):
+        load_image_data(save(ds, tmp_path))
+
+
+def test_a_declared_class_without_training_images_is_named_in_a_warning(tmp_path, caplog):
+    """A ClassLabel names the data set's classes: one the training split lacks is a fact about the data, not a
+    mistake; the model cannot learn it, and the run says which."""
+    features = Features({"image": Image(), "label": ClassLabel(names=["cat", "dog", "eel"])})
+    ds = DatasetDict(train=Dataset.from_dict({"image": random_images(6), "label": [0, 1] * 3}, features=features),
+                     test=Dataset.from_dict({"image": random_images(3), "label": [0, 1, 2]}, features=features))
+    with caplog.at_level(logging.WARNING):
+        data = load_image_data(save(ds, tmp_path), validation_split=0.34)
+    assert data.label_names == ["cat", "dog", "eel"]
+    assert "1 class(es) have no training image: eel; the model cannot learn them (0 validation image(s) of them, " \
+           "1 test image(s) of them)" in caplog.text

@@ -2,11 +2,12 @@
 processes, a killed run that resumes the stream exactly, bad shards and images skipped and counted, refusals."""
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
 from conftest import quick_flags
-from datasets import DatasetDict, Value
+from datasets import ClassLabel, DatasetDict, Value
 from helpers import colour_dataset, make_checkpoint
 from test_reliability import assert_identical, start, wait_for
 
@@ -41,6 +42,25 @@ def digits_resnet(tmp_path_factory):
     return make_checkpoint("resnet", tmp_path_factory.mktemp("digits-resnet"), num_labels=10)
 
 
+def trained_rows(monkeypatch, nan_at: int | None = None) -> list[int]:
+    """The rows of every training batch the model was given, counted where the trainer takes them (the stream's
+    own count is checked against these); with `nan_at`, that batch (1-based) becomes NaN."""
+    from hf_transfer.trainers.transfer_trainer import TransferTrainer
+
+    rows, prepare = [], TransferTrainer._prepare_inputs
+
+    def recorded(self, inputs):
+        prepared = prepare(self, inputs)
+        if self.model.training:
+            rows.extend(inputs["row_index"].tolist())
+            if nan_at is not None and len(rows) == nan_at * len(inputs["row_index"]):
+                prepared["pixel_values"] = prepared["pixel_values"] * float("nan")
+        return prepared
+
+    monkeypatch.setattr(TransferTrainer, "_prepare_inputs", recorded)
+    return rows
+
+
 def stream_flags(data, out, *extra):
     """A model from scratch (give its flag), --max_steps 60 of batch 32 from the stream."""
     return ["--from_scratch", "--dataset_name", data, "--streaming", "--max_steps", "60",
@@ -49,11 +69,12 @@ def stream_flags(data, out, *extra):
 
 
 @pytest.mark.slow
-def test_a_stream_of_real_digits_trains_and_counts_what_it_read(digits_shards, digits_resnet, tmp_path):
+def test_a_stream_of_real_digits_trains_and_counts_what_it_read(digits_shards, digits_resnet, tmp_path, monkeypatch):
     out = tmp_path / "run"
+    rows = trained_rows(monkeypatch)
     results = run_finetune.main(["--model_name_or_path", digits_resnet, *stream_flags(digits_shards, out)])
     assert results["test_accuracy"] >= 0.9  # chance is 0.1; only learning from the stream gets here
-    assert results["train_streamed_images"] == 60 * 32
+    assert results["train_streamed_images"] == len(rows) == 60 * 32
     assert results["train_skipped_shards"] == results["train_skipped_images"] == 0
     assert results["eval_samples"] == 100 and results["test_samples"] == 100  # bounded by --max_eval_samples
     position = json.loads((out / "checkpoint-60" / "stream-0.json").read_text())
@@ -62,10 +83,11 @@ def test_a_stream_of_real_digits_trains_and_counts_what_it_read(digits_shards, d
     assert position["positions"]["0"][1] == 1
 
     # The fine-tuned model teaches a student at half the resolution through the same stream.
+    rows.clear()
     student = run_distill.main(["--teacher_model_name_or_path", str(out), "--student_model_name_or_path", digits_resnet,
                                 *stream_flags(digits_shards, tmp_path / "student", "--image_size", "16")])
     assert student["test_accuracy"] >= 0.9 and student["test_agreement"] >= 0.9
-    assert student["train_streamed_images"] == 60 * 32
+    assert student["train_streamed_images"] == len(rows) == 60 * 32
 
 
 def epoch_rows(data_dir: str, rank: int, world: int, workers: int, batches: int, cache: Path) -> list[tuple]:
@@ -148,6 +170,10 @@ def test_sigkill_mid_stream_then_the_same_command_goes_on_where_it_stopped(tiny_
     resumed = json.loads((tmp_path / "rows-resumed" / "rows-rank0.json").read_text())
     assert 0 < len(resumed) < len(expected) and resumed == expected[-len(resumed):]  # not from the start: on
     assert_identical(tmp_path / "reference", out)
+    # The count of streamed images is the whole run's: those trained on before the kill come from the checkpoint.
+    streamed = [json.loads((run / "all_results.json").read_text())["train_streamed_images"]
+                for run in (tmp_path / "reference", out)]
+    assert streamed == [sum(len(step) for step in expected)] * 2
 
 
 def broken_stream(tmp_path) -> str:
@@ -162,17 +188,29 @@ def broken_stream(tmp_path) -> str:
     return root
 
 
-def test_bad_shards_and_images_in_a_stream_are_skipped_and_counted(tiny_resnet, tmp_path, capsys):
+def test_bad_shards_and_images_in_a_stream_are_skipped_and_counted(tiny_resnet, tmp_path, capsys, monkeypatch):
     data_dir = broken_stream(tmp_path)
     flags = ["--model_name_or_path", tiny_resnet, "--dataset_name", data_dir, "--streaming", "--max_steps", "6",
              *quick_flags()]
+    rows = trained_rows(monkeypatch)
     results = run_finetune.main([*flags, "--output_dir", str(tmp_path / "skip"), "--skip_corrupt_images"])
     assert results["train_skipped_shards"] >= 1 and results["train_skipped_images"] >= 1
-    assert results["train_streamed_images"] == 6 * 8
+    assert results["train_streamed_images"] == len(rows) == 6 * 8
 
     code = run_cli(run_finetune.main, [*flags, "--output_dir", str(tmp_path / "stop")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error: cannot decode the image in shard 1 of the train stream, row 3"), err
+
+
+def test_the_streamed_image_count_includes_a_step_skipped_for_a_nan_loss(tiny_resnet, tmp_path, monkeypatch):
+    """--max_nan_steps skips the third step as if it never happened (nonfinite.py), but the stream delivered its
+    images: 6 steps take 7 batches of 8, and the count is of images read, not of steps times the batch size."""
+    data_dir = write_shards(tmp_path / "data", colour_dataset(n_per_class=16, size=8, splits=("train", "validation")), 2)
+    rows = trained_rows(monkeypatch, nan_at=3)
+    results = run_finetune.main(["--model_name_or_path", tiny_resnet, "--dataset_name", data_dir, "--streaming",
+                                 "--max_steps", "6", "--max_nan_steps", "1", "--output_dir", str(tmp_path / "out"),
+                                 *quick_flags()])
+    assert results["train_streamed_images"] == len(rows) == 7 * 8
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -180,6 +218,8 @@ def test_bad_shards_and_images_in_a_stream_are_skipped_and_counted(tiny_resnet, 
     (["--max_steps", "5", "--eval_strategy", "epoch"], "--streaming has no epochs to evaluate or save at"),
     (["--max_steps", "5", "--class_weights", "auto"], "--class_weights auto counts the labels of the whole train"),
     (["--max_steps", "5", "--max_train_samples", "10"], "--max_train_samples picks images from the whole train"),
+    (["--max_steps", "5", "--validation_split", "0.2"], "--validation_split holds out a fraction of the whole train"),
+    (["--max_steps", "5", "--train_val_split=0.1"], "--validation_split holds out a fraction of the whole train"),
 ])
 def test_what_a_stream_cannot_do_is_refused_in_one_line(flags, message, tiny_resnet, tmp_path, capsys):
     code = run_cli(run_finetune.main, ["--model_name_or_path", tiny_resnet, "--dataset_name", str(tmp_path),
@@ -199,6 +239,34 @@ def test_a_stream_without_class_names_or_with_too_few_images_is_refused_before_t
                                            "--output_dir", str(tmp_path / folder / "out")])
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and err[-1].startswith(f"error: {message}"), err
+
+
+def test_a_bounded_validation_or_test_split_that_misses_classes_is_named_in_a_warning(tmp_path, caplog):
+    """Streamed, validation and test are the first --max_eval_samples images in file order (drawing a stratified
+    subset would read the whole stream): in a class-sorted data set the run says which classes they lack."""
+    data = colour_dataset(n_per_class=8, size=8, splits=("train", "validation", "test"))
+    data_dir = write_shards(tmp_path / "data", data, 2)
+    with caplog.at_level(logging.WARNING):
+        load_streaming_data(data_dir, None, None, None, 6, 0, 5, False, str(tmp_path / "cache"))
+    for split in ("validation", "test"):
+        assert (f"the {split} images (the first 6 of the {split} split, in file order) hold 1 of the 3 classes (none "
+                "of green, blue)") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        load_streaming_data(data_dir, None, None, None, 20, 0, 5, False, str(tmp_path / "cache"))
+    assert "classes" not in caplog.text  # 20 images of each: every class
+
+
+def test_the_cached_validation_split_follows_the_label_column_read(tmp_path):
+    """Validation is read once into the cache; another --label_column reads it again (it was a stale entry without
+    that column: `Column 'coarse' doesn't exist`)."""
+    data = colour_dataset(n_per_class=8, size=8, splits=("train", "validation"))
+    data = data.map(lambda b: {"coarse": [int(label > 0) for label in b["label"]]}, batched=True)
+    data = data.cast_column("coarse", ClassLabel(names=["red", "other"]))
+    data_dir = write_shards(tmp_path / "data", data, 2)
+    for column, names in (("label", ["red", "green", "blue"]), ("coarse", ["red", "other"])):
+        loaded = load_streaming_data(data_dir, None, None, column, 6, 0, 5, False, str(tmp_path / "cache"))
+        assert loaded.label_names == names and column in loaded.validation.column_names
 
 
 @pytest.mark.network

@@ -19,7 +19,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, List, load_dataset, load_from_disk
+from datasets import (
+    ClassLabel,
+    Dataset,
+    DatasetDict,
+    Features,
+    Image,
+    List,
+    Value,
+    load_dataset,
+    load_from_disk,
+)
 from datasets.packaged_modules.imagefolder.imagefolder import IMAGE_EXTENSIONS as _EXTENSIONS
 
 from ..errors import UserError, check_local_path, wrap_load_error
@@ -108,11 +118,17 @@ def load_image_data(
         if not label_names:
             raise UserError(f"no training image has a label in column '{label_column}'")
     else:
+        # Classes read from folder names or label values are those of every split together: one that only
+        # validation or test has is a mistake (a misspelt folder), not a class of the data set.
+        folders = bool(train_dir) or splits["train"].info.builder_name == "imagefolder"
+        from_data = folders or not isinstance(features[label_column], ClassLabel)
         splits, label_names = _as_class_labels(splits, label_column)
         task = SingleLabel(len(label_names))
         if len(label_names) < 2:
             raise UserError(f"the data set has {len(label_names)} class(es) in column '{label_column}'; need at least 2")
         _check_label_range(splits, label_column, len(label_names))
+        if from_data:
+            _refuse_untrained_classes(splits, label_column, label_names, folders)
 
     splits = {key: ds.add_column(ROW, np.arange(len(ds))) for key, ds in splits.items()}
     validation_from_train = "validation" not in splits
@@ -120,10 +136,11 @@ def load_image_data(
         splits["train"], splits["validation"] = _split_off(splits["train"], validation_split, label_column, seed)
     if max_train_samples is not None and max_train_samples < len(splits["train"]):
         splits["train"] = _subsample(splits["train"], max_train_samples, label_column, seed)
+    _warn_untrained_classes(splits, label_column, label_names, task.multi_label)
     if max_eval_samples is not None:
         for key in ("validation", "test"):
-            if key in splits:
-                splits[key] = splits[key].select(range(min(max_eval_samples, len(splits[key]))))
+            if key in splits and max_eval_samples < len(splits[key]):
+                splits[key] = _representative(splits[key], max_eval_samples, label_column, seed, task.multi_label)
 
     # Decode ourselves (decode=False) so a broken file raises an error that names its row.
     splits = {key: ds.cast_column(image_column, Image(decode=False)) for key, ds in splits.items()}
@@ -206,7 +223,7 @@ def _class_folders(files: dict[str, str]) -> DatasetDict | None:
     """
     paths, labels = {}, set()
     for split, pattern in files.items():
-        root, found = Path(pattern).parent, []
+        root, found = Path(pattern).parent.absolute(), []  # as imagefolder: paths that hold from any folder
         for entry in os.scandir(root):
             if entry.name.startswith((".", "__")):
                 continue
@@ -262,6 +279,12 @@ def _as_class_labels(splits: dict[str, Dataset], label_column: str) -> tuple[dic
     """Labels as a ClassLabel on every split; its names become the model's id2label."""
     feature = splits["train"].features[label_column]
     if isinstance(feature, ClassLabel):
+        for split, ds in splits.items():  # class ids mean the training split's names in every split
+            other = ds.features.get(label_column)
+            if isinstance(other, ClassLabel) and other.names != feature.names:
+                raise UserError(f"the {split} split names its classes {_names(other.names)}, the train split "
+                                f"{_names(feature.names)}: the same class id would mean another class; store every "
+                                "split with the same ClassLabel")
         return splits, list(feature.names)
     values = {v for ds in splits.values() for v in ds.unique(label_column)}
     if None in values:
@@ -285,6 +308,10 @@ def _as_class_labels(splits: dict[str, Dataset], label_column: str) -> tuple[dic
     return splits, names
 
 
+def _names(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f", ... ({len(names)})" if len(names) > 5 else "")
+
+
 def _check_label_range(splits: dict[str, Dataset], label_column: str, num_labels: int) -> None:
     for split, ds in splits.items():
         labels = np.asarray(ds[label_column])
@@ -292,6 +319,41 @@ def _check_label_range(splits: dict[str, Dataset], label_column: str, num_labels
         if bad.size:
             raise UserError(f"label {labels[bad[0]]} in split '{split}', row {bad[0]} is outside 0..{num_labels - 1} "
                             f"({bad.size} such rows); every row needs one of the {num_labels} classes")
+
+
+def _class_counts(ds: Dataset, label_column: str, num_labels: int, multi_label: bool = False) -> np.ndarray:
+    labels = ds[label_column]
+    if multi_label:
+        labels = [v for row in labels for v in row]
+    return np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_labels)
+
+
+def _refuse_untrained_classes(splits: dict[str, Dataset], label_column: str, names: list[str], folders: bool) -> None:
+    """A class that validation or test has and train lacks, refused (before any split is carved or subsampled)."""
+    trained = _class_counts(splits["train"], label_column, len(names)) > 0
+    for split in ("validation", "test"):
+        if split in splits:
+            unseen = [names[c] for c in np.flatnonzero((_class_counts(splits[split], label_column, len(names)) > 0)
+                                                       & ~trained)]
+            if unseen:
+                where = "class folders only that split has" if folders else "labels only that split has"
+                raise UserError(f"the {split} split has classes no training image has: {', '.join(unseen[:5])}"
+                                f"{', ...' if len(unseen) > 5 else ''} ({where}); every class needs training images: "
+                                "add them, or rename or remove those images")
+
+
+def _warn_untrained_classes(splits: dict[str, Dataset], label_column: str, names: list[str], multi_label: bool) -> None:
+    """Classes that no training image has, named: those a ClassLabel declares, or those --max_train_samples left
+    out (fewer images than classes); the model cannot learn them."""
+    untrained = _class_counts(splits["train"], label_column, len(names), multi_label) == 0
+    if not untrained.any():
+        return
+    held = {split: int(_class_counts(splits[split], label_column, len(names), multi_label)[untrained].sum())
+            for split in ("validation", "test") if split in splits}
+    shown = [names[c] for c in np.flatnonzero(untrained)]
+    logger.warning("%d class(es) have no training image: %s%s; the model cannot learn them (%s)", len(shown),
+                   ", ".join(shown[:5]), ", ..." if len(shown) > 5 else "",
+                   ", ".join(f"{n} {split} image(s) of them" for split, n in held.items()))
 
 
 def _decodes(value) -> bool:
@@ -330,6 +392,29 @@ def _subsample(train: Dataset, n: int, label_column: str, seed: int) -> Dataset:
         return train.train_test_split(train_size=n, seed=seed, stratify_by_column=label_column)["train"]
     except ValueError:  # fewer rows than classes
         return train.shuffle(seed=seed).select(range(n))
+
+
+def _representative(ds: Dataset, n: int, label_column: str, seed: int, multi_label: bool) -> Dataset:
+    """`n` rows of an evaluation split, seeded, stratified and in the split's own order: a class-sorted folder's
+    first rows would all be of one class. Strata: the class, or for several labels per image each image's rarest
+    label in the split; the classes too small to stratify (one image) share one. A seeded shuffle where there
+    are fewer rows than strata, either side."""
+    labels = ds[label_column]
+    if multi_label:
+        counts = np.bincount([v for row in labels for v in row], minlength=1)
+        strata = np.array([min(row, key=counts.__getitem__) if row else counts.size for row in labels])
+    else:
+        strata = np.asarray(labels)
+    sizes = np.bincount(strata)
+    rare = sizes[strata] < 2
+    strata[rare] = sizes.size if rare.sum() > 1 else np.argmax(sizes)  # one image alone joins the largest stratum
+    features = Features({"row": Value("int64"), "stratum": ClassLabel(num_classes=int(strata.max()) + 1)})
+    index = Dataset.from_dict({"row": np.arange(len(ds)), "stratum": strata}, features=features)
+    try:
+        rows = index.train_test_split(train_size=n, seed=seed, stratify_by_column="stratum")["train"]["row"]
+    except ValueError:  # fewer rows than strata in the part kept or the part left
+        rows = index.shuffle(seed=seed)["row"][:n]
+    return ds.select(np.sort(rows))
 
 
 def digits_dataset(test_fraction: float = 0.2) -> DatasetDict:

@@ -15,6 +15,7 @@ what the stopped one would have seen (datasets' shuffle buffer loses its content
 - Every sample carries its position (`_samples`). The trainer keeps the last one consumed per slot
   (`consumed`) and each checkpoint stores them (`save`): a resumed run re-reads at most one block
   per slot, skipping to it inside its shard, and goes on with the same samples in the same order.
+  The images consumed are counted the same way (`train_streamed_images` in the results).
 A shard that cannot be read is skipped and counted, and with --skip_corrupt_images so is an
 image that cannot be decoded; the counts travel with the positions.
 """
@@ -75,6 +76,9 @@ def check_streaming(data_args, args, given: set[str]) -> None:
                                                        "training image, which a stream never holds: leave it out"),
         ("max_train_samples" in given, "--max_train_samples picks images from the whole train split: with "
                                        "--streaming, --max_steps says how much is read"),
+        ("validation_split" in given, "--validation_split holds out a fraction of the whole train split, which a "
+                                      "stream never holds: with --streaming, validation is the data set's validation "
+                                      "split, or else the first --max_eval_samples (default 10,000) images of train"),
         (data_args.multi_label, "--streaming reads one class label per image; several labels per image "
                                 "(--multi_label) need the data set in memory"),
     ]
@@ -119,6 +123,10 @@ def load_streaming_data(dataset_name: str, config_name: str | None, image_column
                             "validation: none are left to train on; pass a smaller --max_eval_samples, or leave "
                             "--streaming out for a data set this small")
     test = _read_into_cache(splits["test"], max_eval_samples, cache_dir, f"{key}|test") if "test" in splits else None
+    for name, part, bound in (("validation", validation, max_eval_samples or EVAL_BOUND), ("test", test, max_eval_samples)):
+        if part is not None and len(part) == bound:
+            _warn_missing_classes(part, label_column, label_names, name,
+                                  "train" if held_out and name == "validation" else name)
     skipped = {}
     if skip_corrupt_images:  # the bounded splits as in memory; train's images are skipped as they come
         kept, skipped = _drop_corrupt_images({"validation": validation, "test": test} if test is not None else
@@ -132,6 +140,18 @@ def load_streaming_data(dataset_name: str, config_name: str | None, image_column
     return ImageData(train=train, validation=validation, test=test, label_names=label_names,
                      image_column=image_column, label_column=label_column, name=dataset_name,
                      validation_from_train=bool(held_out), skipped_images=skipped)
+
+
+def _warn_missing_classes(part: Dataset, label_column: str, names: list[str], split: str, source: str) -> None:
+    """A bounded split is the first images of `source` in file order, which in a class-sorted data set hold a few
+    classes only: say so (reading all of a stream to draw a stratified subset would defeat streaming)."""
+    present = set(np.unique(np.asarray(part[label_column])).tolist())
+    if len(present) < len(names):
+        missing = [n for i, n in enumerate(names) if i not in present]
+        logger.warning("the %s images (the first %d of the %s split, in file order) hold %d of the %d classes "
+                       "(none of %s%s): its metrics leave the others out; pass a larger --max_eval_samples, or "
+                       "shuffle the data set's rows once before streaming it", split, len(part), source, len(present),
+                       len(names), ", ".join(missing[:5]), ", ..." if len(missing) > 5 else "")
 
 
 def _open(name: str, config_name: str | None, cache_dir: str | None):
@@ -208,9 +228,9 @@ def _read_into_cache(source: IterableDataset, limit: int | None, cache_dir: str 
             taken[shard] = row + 1
             yield {**example, ROW: i}
 
-    fingerprint = hashlib.sha256(f"{key}|{limit}".encode()).hexdigest()[:16]
-    dataset = Dataset.from_generator(rows, features=_with_row_numbers(source.features), cache_dir=cache_dir,
-                                     fingerprint=fingerprint)
+    features = _with_row_numbers(source.features)  # the columns read (--image_column, --label_column) and labels
+    fingerprint = hashlib.sha256(f"{key}|{limit}|{features}".encode()).hexdigest()[:16]
+    dataset = Dataset.from_generator(rows, features=features, cache_dir=cache_dir, fingerprint=fingerprint)
     if held_out is not None:
         if not taken:  # read from the cache: which rows they were (nothing is decoded)
             for shard, row, _ in itertools.islice(_rows_in_file_order(source), len(dataset)):
@@ -233,6 +253,7 @@ class StreamingSplit(torch.utils.data.IterableDataset):
         self.start: dict[int, list[int]] = {}  # slot -> the position to go on after (a resumed run)
         self.last: dict[int, list[int]] = {}  # slot -> the last position the trainer consumed
         self.batches = 0  # batches this process consumed: which worker's turn the next one is
+        self.images: int | None = 0  # images this process consumed (None: from a checkpoint that kept batches only)
 
     def set_transform(self, transform, columns=None) -> None:
         self.transform = transform
@@ -243,6 +264,8 @@ class StreamingSplit(torch.utils.data.IterableDataset):
         self.rank, self.world = args.process_index, args.world_size
         self.workers = max(1, args.dataloader_num_workers)
         workers = args.dataloader_num_workers
+        if self.images is None:  # resumed from a checkpoint that counted batches, all whole (the stream never ends)
+            self.images = self.batches * batch_size
         # One iterator for the whole run (the stream never ends): persistent workers would add nothing but a
         # slower shutdown.
         return DataLoader(self, batch_size=batch_size, collate_fn=collate_fn, num_workers=workers,
@@ -333,13 +356,14 @@ class StreamingSplit(torch.utils.data.IterableDataset):
         """The trainer took a batch (`positions`: the batch's "stream", one row per sample)."""
         self.last[int(positions[-1, 0])] = positions[-1].tolist()
         self.batches += 1
+        self.images += len(positions)
 
     def skipped(self) -> tuple[int, int]:
         """Shards and images this process's slots skipped so far (as far as the trainer consumed)."""
         return (sum(p[7] for p in self.last.values()), sum(p[6] for p in self.last.values()))
 
     def save(self, folder: str | Path) -> None:
-        state = {"processes": self.world, "workers": self.workers, "batches": self.batches,
+        state = {"processes": self.world, "workers": self.workers, "batches": self.batches, "images": self.images,
                  "positions": {str(slot): p for slot, p in self.last.items()}}
         (Path(folder) / STATE_FILE.format(rank=self.rank)).write_text(json.dumps(state))
 
@@ -356,7 +380,7 @@ class StreamingSplit(torch.utils.data.IterableDataset):
                             f"with {max(1, workers)}; resume with the same --dataloader_num_workers and processes")
         self.start = {int(slot): p for slot, p in state["positions"].items()}
         self.last = dict(self.start)
-        self.batches = state["batches"]
+        self.batches, self.images = state["batches"], state.get("images")
 
     def head(self, n: int) -> Dataset:
         """The first `n` training images in file order (held-out ones excluded), as a Dataset with this split's

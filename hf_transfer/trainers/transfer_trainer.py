@@ -22,6 +22,7 @@ The other overrides exist because the Trainer has no option for them:
   also restore the average.
 - `train`, `evaluate`, `_save_checkpoint`: the weight EMA (`--ema_decay`, `ema.py`); `train` and
   `evaluate` also recompute BatchNorm statistics for the weights evaluated (`--precise_bn_images`, `batchnorm.py`).
+- `_get_train_sampler`: no training batch of a single image for a model with BatchNorm (`batchnorm.py`).
 - `get_train_dataloader`, and the stream's position in `get_batch_samples`, `_save_checkpoint` and
   `_load_from_checkpoint`: a `--streaming` train split reads its own shards in each process and
   resumes where it stopped (`data/streaming.py`).
@@ -44,6 +45,7 @@ from transformers.utils import PushInProgress
 
 from ..compat import deepspeed_dtype, load_checkpoint_weights
 from ..data.streaming import StreamingSplit
+from ..errors import UserError
 from ..hub import push_at_end, push_checkpoint
 from ..launch import check_sharding
 from ..on_device.geometry import crop_and_flip
@@ -51,7 +53,13 @@ from ..on_device.mixing import BatchMix
 from ..on_device.preprocessing import ImageSpec, ToModelInput
 from ..tasks import SingleLabel
 from ..tracking import forward_flops
-from .batchnorm import recompute_statistics, trainable_batchnorm_layers
+from .batchnorm import (
+    completion,
+    has_batchnorm,
+    normalisable,
+    recompute_statistics,
+    trainable_batchnorm_layers,
+)
 from .ema import EmaCallback, WeightEma, swapped_weights
 from .nonfinite import LossGuard, LossWatch, NonFiniteLossError, StepSkipper
 from .optimizer import param_groups, step_schedule, updates_per_epoch
@@ -111,6 +119,15 @@ class TransferTrainer(Trainer):
         if self.ema is not None:
             self.add_callback(EmaCallback(self.ema, skipped=lambda: self.skipper is not None and self.skipper.skipping))
         self.stream = self.train_dataset if isinstance(self.train_dataset, StreamingSplit) else None
+        self._batchnorm = has_batchnorm(self.model)
+        if self._batchnorm and self.args.do_train and self._train_batch_size < 2 and not self.args.freeze_backbone:
+            raise UserError("the batch size per device is 1 (--per_device_train_batch_size, or fitted to a tenth of the "
+                            "training set across processes and --gradient_accumulation_steps): the model's BatchNorm "
+                            "layers normalise each training batch by its own statistics, which one image gives only "
+                            "within itself, and not at all at a 1 x 1 feature map (training stops there); pass "
+                            "--per_device_train_batch_size 2 or more (with fewer --gradient_accumulation_steps for the "
+                            "same step)")
+        self._completion_logged = False
         if self.stream is not None:
             # A resumed stream goes on from the position its checkpoint holds (`_load_from_checkpoint`); the
             # Trainer's own resume would read and drop every batch already trained on.
@@ -120,6 +137,21 @@ class TransferTrainer(Trainer):
         if self.stream is not None:  # each process reads its own shards (data/streaming.py)
             return self.stream.loader(self._train_batch_size, self.data_collator, self.args)
         return super().get_train_dataloader()
+
+    def _get_train_sampler(self, train_dataset=None):
+        """The Trainer's sampler, drawing a few images again at the end of an epoch whose last batch would hold
+        one image, which BatchNorm cannot normalise (`batchnorm.completion`); the epoch keeps its steps."""
+        sampler = super()._get_train_sampler(train_dataset)
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if type(sampler) is not torch.utils.data.RandomSampler or not self._batchnorm:
+            return sampler
+        extra = completion(len(dataset), self._train_batch_size, self.accelerator.num_processes,
+                           self.accelerator.even_batches)
+        if extra and not self._completion_logged:
+            logger.info("the last training batch of each epoch would hold 1 of the %d images, which BatchNorm cannot "
+                        "normalise: it is completed with %d images drawn again at random", len(dataset), extra)
+            self._completion_logged = True
+        return torch.utils.data.RandomSampler(dataset, num_samples=len(dataset) + extra) if extra else sampler
 
     # ---------------------------------------------------------------- inputs
 
@@ -299,7 +331,7 @@ class TransferTrainer(Trainer):
         # Its own random state (dropout, drop path): training draws the same numbers with or without it.
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), \
                 self.compute_loss_context_manager():
-            recompute_statistics(model, batches(), reduce)
+            recompute_statistics(model, normalisable(batches()), reduce)
         self._statistics_step = self.state.global_step
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
