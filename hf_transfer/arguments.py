@@ -9,7 +9,6 @@ object whose `__post_init__` checked the numbers is the one that trains.
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import os
@@ -24,7 +23,7 @@ from transformers import HfArgumentParser
 from .compat import field_for_argparse
 from .data.augmentation import check_augmentation
 from .data.streaming import check_streaming
-from .errors import UserError
+from .errors import OneLineArgumentParser, UserError
 from .models.loading import checkpoint_family
 from .models.presets import find_preset, preset_help
 from .recipes import FAMILY_NAMES, RECIPES, recipe_defaults
@@ -236,9 +235,9 @@ class _HelpFormatter(ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-class ArgumentParser(HfArgumentParser):
-    """HfArgumentParser whose errors are one line (argparse would print the whole usage first), with a
-    "did you mean" for mistyped flags, and a --help that shows each recipe's defaults per model family.
+class ArgumentParser(OneLineArgumentParser, HfArgumentParser):
+    """HfArgumentParser whose errors are one line with a "did you mean" (`errors.OneLineArgumentParser`), and a
+    --help that shows each recipe's defaults per model family.
     Abbreviated flags are refused (argparse would take `--per_device_train_bat` for
     `--per_device_train_batch_size`): every flag is spelled out, so what was given is known exactly."""
 
@@ -255,16 +254,6 @@ class ArgumentParser(HfArgumentParser):
     @staticmethod
     def _parse_dataclass_field(parser, field):
         HfArgumentParser._parse_dataclass_field(parser, field_for_argparse(field))  # compat.py
-
-    def error(self, message: str):
-        unknown = [w for w in message.split() if w.startswith("--")] if message.startswith("unrecognized") else []
-        options = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
-        for word in unknown:
-            close = difflib.get_close_matches(word.split("=")[0], options, n=1, cutoff=0.75)
-            if close:
-                message += f"; did you mean {close[0]}?"
-                break
-        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def parse_arguments(argv: Sequence[str], model_type: type = ModelArguments,

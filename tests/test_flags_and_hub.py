@@ -240,6 +240,29 @@ def test_the_tools_take_dashes_and_refuse_abbreviations(tmp_path, capsys):
         tools(["push", str(tmp_path / "nothing"), "--hub-model-id", "me/model"])
 
 
+@pytest.mark.parametrize("argv, start, end", [
+    (["export", "run", "--format", "tflite"], "argument --format: invalid choice: 'tflite'", ""),
+    (["exprt", "run"], "argument command: invalid choice: 'exprt'", "; did you mean export?"),
+    (["search", "--n_trial", "3"], "unrecognized arguments: --n_trial 3; did you mean --n_trials?", ""),
+    (["search", "--n_trials", "3", "--backend", "optunaa"], "argument --backend: invalid choice: 'optunaa'",
+     "; did you mean optuna?"),
+    (["search", "--n_trials", "3", "--lr_scheduler_type", "cosin"],
+     "argument --lr_scheduler_type/--lr-scheduler-type: invalid choice: 'cosin'", "; did you mean cosine?"),
+    (["search", "--model", "resnet18"], "the following arguments are required: --n_trials/--n-trials", ""),
+    (["report", "run", "--ouput", "r"], "unrecognized arguments: --ouput r; did you mean --output?", ""),
+    (["push", "run"], "the following arguments are required: --hub_model_id/--hub-model-id", ""),
+    (["check-config"], "the following arguments are required: files", ""),
+    (["export", "run", "--max_images", "0"], "--max_images must be >= 1", ""),
+    ([], "the following arguments are required: command", ""),
+])
+def test_every_tool_refusal_is_one_line_with_the_closest_name(argv, start, end, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        tools(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: {start}") and err.endswith(f"{end} (see --help)\n"), err
+
+
 def test_long_steps_of_ours_show_a_progress_bar(cifar_teacher, cifar_like, tmp_path, capsys):
     run_distill.main(["--teacher_model_name_or_path", cifar_teacher, "--student_model_name_or_path", cifar_teacher,
                       "--dataset_name", cifar_like, "--output_dir", str(tmp_path / "o"), "--augmentation", "none",
