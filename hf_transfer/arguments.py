@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 from argparse import ArgumentDefaultsHelpFormatter
 from collections.abc import Sequence
@@ -272,7 +273,7 @@ def parse_arguments(argv: Sequence[str], model_type: type = ModelArguments,
     family = preset.family if preset else checkpoint_family(
         source, from_scratch=known.from_scratch, revision=known.model_revision,
         trust_remote_code=known.trust_remote_code, cache_dir=known.cache_dir)
-    name = known.model or (Path(source).name if known.model_name_or_path else model_type.default_model)
+    name = known.model or (checkpoint_name(source) if known.model_name_or_path else model_type.default_model)
     name = f"{name}-{data_label(known)}"  # one directory per model and data set: runs of other data never collide
     optimizer = str(getattr(known.optim, "value", known.optim)) if "optim" in given else None
     recipe, note = recipe_defaults(known.recipe, family, optimizer)
@@ -304,6 +305,15 @@ def data_arguments(argv: Sequence[str]) -> DistillationDataArguments:
     if data.train_dir and not any(a.split("=")[0] == "--dataset_name" for a in argv):
         data.dataset_name = None  # as parse_arguments: the image folders are the data
     return data
+
+
+def checkpoint_name(source: str) -> str:
+    """What the default output directory calls a checkpoint: its folder's name, and for a checkpoint-N folder the
+    run's too (`x-checkpoint-209` for runs/x/checkpoint-209: every run has a checkpoint-209)."""
+    folder = Path(source)
+    if re.fullmatch(r"checkpoint-\d+", folder.name) and folder.resolve().parent.name:
+        return f"{folder.resolve().parent.name}-{folder.name}"
+    return folder.name
 
 
 def data_label(known) -> str:

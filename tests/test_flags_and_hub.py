@@ -58,6 +58,25 @@ def test_evaluation_only_mode_defaults_to_its_own_directory_and_refuses_what_mak
                                  "(random weights) or --push_to_hub (nothing new to push)"]
 
 
+def test_evaluating_a_checkpoint_folder_writes_beside_its_run_by_default(tiny_resnet, tmp_path, monkeypatch):
+    """Every run has a checkpoint-209: the default output folder names the run it belongs to."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_resnet, tmp_path / "runs" / "photos")  # a finished run, and one of its checkpoints
+    shutil.copytree(tiny_resnet, tmp_path / "runs" / "photos" / "checkpoint-209")
+
+    def output_dir(model):
+        flags = ["--model_name_or_path", model, "--dataset_name", "digits", "--do_train", "false"]
+        return parse_arguments(flags).training.output_dir
+
+    assert output_dir("runs/photos/checkpoint-209") == "runs/photos-checkpoint-209-digits-eval"
+    assert output_dir(str(tmp_path / "runs" / "photos" / "checkpoint-209" / "")) == "runs/photos-checkpoint-209-digits-eval"
+    assert output_dir("runs/photos") == "runs/photos-digits-eval"  # a run folder is its own name
+    monkeypatch.chdir(tmp_path / "runs" / "photos")
+    assert output_dir("checkpoint-209") == "runs/photos-checkpoint-209-digits-eval"
+
+
 def test_evaluation_only_mode_needs_a_head_for_these_labels(tiny_resnet, cifar_like, tmp_path):
     with pytest.raises(UserError, match="head was made for other labels"):
         run_finetune.main(["--model_name_or_path", tiny_resnet, "--dataset_name", cifar_like, "--do_train", "false",
