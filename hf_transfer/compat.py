@@ -20,6 +20,10 @@ Overridden private method of `transformers.HfArgumentParser` (in `arguments.Argu
 Library behaviour worked around without touching internals (canaries in the same test file):
 - transformers 5.x `PrinterCallback` (used with --disable_tqdm) pops `total_flos` from the very
   metrics dict `train()` returns; `workflow.train_and_evaluate` reads it from the Trainer's state.
+- transformers 5.x logs a table of the weights that did not load for every new classification head
+  (`HeldLoadReport`, used by `models.loading.load_model`, which says it in one line).
+- accelerate 1.x imports deepspeed in every run where it is installed, and deepspeed warns on machines
+  without an accelerator (`tell_deepspeed_the_accelerator`).
 
 `WORKAROUNDS` lists every entry with the library it depends on and its canary; `TESTED` the
 versions they were checked with (the canaries passed). Each command (run_finetune.py, run_distill.py,
@@ -62,6 +66,35 @@ def load_checkpoint_weights(model: PreTrainedModel, checkpoint: str) -> bool:
     loaded = type(model).from_pretrained(checkpoint)
     model.load_state_dict(loaded.state_dict(), strict=True)
     return True
+
+
+class HeldLoadReport(logging.Filter):
+    """transformers 5.x logs a table of every weight `from_pretrained` did not load as it was saved ("<Model> LOAD
+    REPORT", one warning of the `transformers.modeling_utils` logger), a new head's too. Held back while attached
+    to that logger; `show()` logs what was held, for the caller that finds more than the head in it."""
+
+    LOGGER = "transformers.modeling_utils"
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            self.records.append(record)
+            return False
+        return True
+
+    def __enter__(self) -> HeldLoadReport:
+        logging.getLogger(self.LOGGER).addFilter(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger(self.LOGGER).removeFilter(self)
+
+    def show(self) -> None:
+        for record in self.records:
+            logging.getLogger(record.name).handle(record)
 
 
 def drop_timm_pretrained_cfg(config) -> None:
@@ -206,6 +239,7 @@ WORKAROUNDS = {
                                               "test_trainer_still_pushes_during_training_through_push_from_checkpoint"),
     "TransferTrainer._save_checkpoint": ("transformers", "test_trainer_still_saves_checkpoints_through_save_checkpoint"),
     "TransferTrainer.get_batch_samples": ("transformers", "test_trainer_still_takes_the_loss_counts_we_give_it"),
+    "HeldLoadReport": ("transformers", "test_from_pretrained_still_logs_a_table_for_a_new_head"),
     "drop_timm_pretrained_cfg": ("transformers",
                                  "test_timm_local_config_with_pretrained_cfg_still_overrides_the_saved_processor"),
     "set_timm_label_names": ("transformers", "test_timm_config_still_prefers_its_saved_label_names"),

@@ -333,3 +333,25 @@ def test_accelerate_still_imports_deepspeed_which_still_warns_without_an_acceler
     finally:
         logging.getLogger("DeepSpeed").removeHandler(handler)
     assert [line for line in lines if "Setting accelerator to CPU" in line] == [lines[0]], lines
+
+
+def test_from_pretrained_still_logs_a_table_for_a_new_head(tiny_resnet):
+    """-> compat.HeldLoadReport: models.loading.load_model says a new head in one line, and shows the table only
+    for weights outside it (output_loading_info names them)."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        AutoModelForImageClassification.from_pretrained(tiny_resnet, num_labels=5, ignore_mismatched_sizes=True)
+        assert [r.name for r in records if "LOAD REPORT" in r.getMessage()] == [compat.HeldLoadReport.LOGGER]
+        records.clear()
+        with compat.HeldLoadReport() as held:
+            _, loading = AutoModelForImageClassification.from_pretrained(
+                tiny_resnet, num_labels=5, ignore_mismatched_sizes=True, output_loading_info=True)
+        assert not records and len(held.records) == 1
+        held.show()
+        assert records == held.records
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert {key for key, *_ in loading["mismatched_keys"]} == {"timm_model.fc.weight", "timm_model.fc.bias"}  # the head

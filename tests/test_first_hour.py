@@ -352,3 +352,52 @@ def test_a_command_says_once_which_library_versions_were_not_checked(tmp_path):
     assert "WARNING hf_transfer.compat: library versions the project's workarounds were not checked with: " in lines[0]
     assert "accelerate 99.0 (checked 1.2 to " in lines[0] and lines[0].endswith(
         "python -m pytest tests/test_compat.py says which workaround no longer holds")
+
+
+# ---------------------------------------------------------------- what a run prints
+
+
+def test_a_new_head_is_one_line_and_a_timm_checkpoint_loads_without_the_libraries_warnings(tiny_resnet, tmp_path,
+                                                                                          caplog):
+    """No weight table for the head a run replaces anyway (the project's line says it), no "torchvision backend is
+    not available" for a timm folder without a processor; a table for weights that really did not load."""
+    import logging
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from hf_transfer.models.loading import load_model
+
+    logging.Logger.warning_once.cache_clear()  # transformers says some things once per process
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="hf_transfer"):
+            load_model(tiny_resnet, ["a", "b", "c", "d", "e"])
+        assert said == [] and "new classification head for 5 labels (checkpoint had 3)" in caplog.text
+        broken = Path(shutil.copytree(tiny_resnet, tmp_path / "broken"))
+        weights = load_file(broken / "model.safetensors")
+        del weights[next(k for k in weights if "layer1" in k)]  # a backbone weight the checkpoint lacks
+        save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+        load_model(str(broken), ["a", "b", "c", "d", "e"])
+        assert len(said) == 1 and "LOAD REPORT" in said[0] and "MISSING" in said[0]
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+
+
+@pytest.mark.slow
+def test_a_run_from_a_timm_checkpoint_prints_none_of_the_libraries_noise(tiny_resnet, tmp_path):
+    """What a run on a machine without a GPU printed besides its own lines: DeepSpeed's accelerator guess (accelerate
+    imports deepspeed in every Trainer), transformers' backend fallback and its table of the replaced head."""
+    proc = subprocess.run([sys.executable, str(ROOT / "run_finetune.py"), "--model_name_or_path", tiny_resnet,
+                           "--dataset_name", "digits", "--max_train_samples", "40", "--max_eval_samples", "20",
+                           "--max_steps", "2", "--output_dir", str(tmp_path / "o"), *quick_flags()],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    printed = proc.stdout + proc.stderr
+    assert proc.returncode == 0, printed[-3000:]
+    assert "new classification head for 10 labels (checkpoint had 3)" in printed
+    for noise in ("Setting accelerator to CPU", "backend is not available", "LOAD REPORT", "Traceback"):
+        assert noise not in printed, noise
