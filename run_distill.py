@@ -8,9 +8,11 @@
 `--help` lists every flag (all TrainingArguments flags work); the logic lives in hf_transfer/.
 """
 
-from hf_transfer.commands.distill import cli, main
+if __name__ == "__main__":  # the flags are checked before torch and transformers are imported (commands.cli)
+    from hf_transfer.commands import cli
 
-__all__ = ["main"]
+    cli("distill")
+else:  # imported: `main(argv)` for callers in Python (the tests)
+    from hf_transfer.commands.distill import main
 
-if __name__ == "__main__":
-    cli()
+    __all__ = ["main"]

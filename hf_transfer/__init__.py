@@ -5,6 +5,8 @@ One module per concept:
   commands/distill.py          run_distill.py's main, top to bottom
   commands/tools.py            `python -m hf_transfer push|report|check-config|export|search`
   arguments.py                 model and data flags; parsing once, with the recipe as defaults
+  command_line.py              the flags checked before torch/transformers are imported (a typo refused at once), from
+                               command_line_flags.py, generated from the real parsers
   recipes.py                   optimiser and schedule defaults per model family and optimiser; defaults fitted to the data
   workflow.py                  the steps both commands share: setup checks, loading, the trainer's parts, train, test, save
   output_dir.py                what the output directory holds for a new command; the run's arguments written into it

@@ -9,10 +9,10 @@ object whose `__post_init__` checked the numbers is the one that trains.
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import os
+import re
 import sys
 from argparse import ArgumentDefaultsHelpFormatter
 from collections.abc import Sequence
@@ -24,7 +24,7 @@ from transformers import HfArgumentParser
 from .compat import field_for_argparse
 from .data.augmentation import check_augmentation
 from .data.streaming import check_streaming
-from .errors import UserError
+from .errors import OneLineArgumentParser, UserError
 from .models.loading import checkpoint_family
 from .models.presets import find_preset, preset_help
 from .recipes import FAMILY_NAMES, RECIPES, recipe_defaults
@@ -237,9 +237,9 @@ class _HelpFormatter(ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-class ArgumentParser(HfArgumentParser):
-    """HfArgumentParser whose errors are one line (argparse would print the whole usage first), with a
-    "did you mean" for mistyped flags, and a --help that shows each recipe's defaults per model family.
+class ArgumentParser(OneLineArgumentParser, HfArgumentParser):
+    """HfArgumentParser whose errors are one line with a "did you mean" (`errors.OneLineArgumentParser`), and a
+    --help that shows each recipe's defaults per model family.
     Abbreviated flags are refused (argparse would take `--per_device_train_bat` for
     `--per_device_train_batch_size`): every flag is spelled out, so what was given is known exactly."""
 
@@ -256,16 +256,6 @@ class ArgumentParser(HfArgumentParser):
     @staticmethod
     def _parse_dataclass_field(parser, field):
         HfArgumentParser._parse_dataclass_field(parser, field_for_argparse(field))  # compat.py
-
-    def error(self, message: str):
-        unknown = [w for w in message.split() if w.startswith("--")] if message.startswith("unrecognized") else []
-        options = [o for action in self._actions for o in action.option_strings if o.startswith("--")]
-        for word in unknown:
-            close = difflib.get_close_matches(word.split("=")[0], options, n=1, cutoff=0.75)
-            if close:
-                message += f"; did you mean {close[0]}?"
-                break
-        self.exit(2, f"error: {message} (see --help)\n")
 
 
 def parse_arguments(argv: Sequence[str], model_type: type = ModelArguments,
@@ -284,7 +274,7 @@ def parse_arguments(argv: Sequence[str], model_type: type = ModelArguments,
     family = preset.family if preset else checkpoint_family(
         source, from_scratch=known.from_scratch, revision=known.model_revision,
         trust_remote_code=known.trust_remote_code, cache_dir=known.cache_dir)
-    name = known.model or (Path(source).name if known.model_name_or_path else model_type.default_model)
+    name = known.model or (checkpoint_name(source) if known.model_name_or_path else model_type.default_model)
     name = f"{name}-{data_label(known)}"  # one directory per model and data set: runs of other data never collide
     optimizer = str(getattr(known.optim, "value", known.optim)) if "optim" in given else None
     recipe, note = recipe_defaults(known.recipe, family, optimizer)
@@ -318,6 +308,15 @@ def data_arguments(argv: Sequence[str]) -> DistillationDataArguments:
     if data.train_dir and not any(a.split("=")[0] == "--dataset_name" for a in argv):
         data.dataset_name = None  # as parse_arguments: the image folders are the data
     return data
+
+
+def checkpoint_name(source: str) -> str:
+    """What the default output directory calls a checkpoint: its folder's name, and for a checkpoint-N folder the
+    run's too (`x-checkpoint-209` for runs/x/checkpoint-209: every run has a checkpoint-209)."""
+    folder = Path(source)
+    if re.fullmatch(r"checkpoint-\d+", folder.name) and folder.resolve().parent.name:
+        return f"{folder.resolve().parent.name}-{folder.name}"
+    return folder.name
 
 
 def data_label(known) -> str:

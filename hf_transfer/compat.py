@@ -3,8 +3,7 @@
 Each entry says which versions it was written for, why it exists and, where there is one, the
 upstream issue. `tests/test_compat.py` has a canary per entry that fails when the library's
 behaviour changes: then the workaround may be obsolete (or broken) and this is the one place to
-look. Versions checked: transformers 5.24, accelerate 1.15, torch 2.14, datasets 5.2, timm 1.0.31,
-wandb 0.31.
+look. Versions checked: `TESTED` below.
 
 Overridden private methods of `transformers.Trainer` (they live in `TransferTrainer`, which
 cannot avoid them; their canaries are here too):
@@ -21,10 +20,19 @@ Overridden private method of `transformers.HfArgumentParser` (in `arguments.Argu
 Library behaviour worked around without touching internals (canaries in the same test file):
 - transformers 5.x `PrinterCallback` (used with --disable_tqdm) pops `total_flos` from the very
   metrics dict `train()` returns; `workflow.train_and_evaluate` reads it from the Trainer's state.
+- transformers 5.x logs a table of the weights that did not load for every new classification head
+  (`HeldLoadReport`, used by `models.loading.load_model`, which says it in one line).
+- accelerate 1.x imports deepspeed in every run where it is installed, and deepspeed warns on machines
+  without an accelerator (`tell_deepspeed_the_accelerator`).
 
 `WORKAROUNDS` lists every entry with the library it depends on and its canary; `TESTED` the
-versions they were checked with. `check_versions` (run when this module is imported) warns once
-per workaround whose library is outside that range, naming the canary to run.
+versions they were checked with (the canaries passed). Each command (run_finetune.py, run_distill.py,
+`python -m hf_transfer`) says in one line, from its main process, which installed libraries are outside
+that range and how to run the canaries (`warn_untested_versions`); the canaries, not the installed
+versions, decide whether a workaround still holds. This module imports torch and transformers only in
+the functions that need them, so that the commands can check the versions before importing them.
+When the canaries pass on newer releases, widen `TESTED` and regenerate the flag list the commands
+check before those imports (`python -m hf_transfer.command_line`).
 """
 
 from __future__ import annotations
@@ -35,10 +43,12 @@ import logging
 import os
 from importlib.metadata import PackageNotFoundError, version
 from types import MappingProxyType
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-from transformers import PreTrainedModel
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from transformers import PreTrainedModel
 
 
 def load_checkpoint_weights(model: PreTrainedModel, checkpoint: str) -> bool:
@@ -56,6 +66,35 @@ def load_checkpoint_weights(model: PreTrainedModel, checkpoint: str) -> bool:
     loaded = type(model).from_pretrained(checkpoint)
     model.load_state_dict(loaded.state_dict(), strict=True)
     return True
+
+
+class HeldLoadReport(logging.Filter):
+    """transformers 5.x logs a table of every weight `from_pretrained` did not load as it was saved ("<Model> LOAD
+    REPORT", one warning of the `transformers.modeling_utils` logger), a new head's too. Held back while attached
+    to that logger; `show()` logs what was held, for the caller that finds more than the head in it."""
+
+    LOGGER = "transformers.modeling_utils"
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            self.records.append(record)
+            return False
+        return True
+
+    def __enter__(self) -> HeldLoadReport:
+        logging.getLogger(self.LOGGER).addFilter(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        logging.getLogger(self.LOGGER).removeFilter(self)
+
+    def show(self) -> None:
+        for record in self.records:
+            logging.getLogger(record.name).handle(record)
 
 
 def drop_timm_pretrained_cfg(config) -> None:
@@ -103,7 +142,9 @@ def set_fsdp_units(model: PreTrainedModel) -> None:
 
 def is_batch_norm(module: nn.Module) -> bool:
     """Every BatchNorm flavour (1d/2d/3d, SyncBatchNorm, lazy ones): torch's private common base."""
-    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    return isinstance(module, _BatchNorm)
 
 
 def deepspeed_dtype(accelerator) -> torch.dtype:
@@ -171,8 +212,23 @@ def go_offline() -> None:
     datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
 
 
-# The versions every workaround here was checked with (the canaries pass), oldest and newest.
-TESTED = {"transformers": ("5.0", "5.24"), "accelerate": ("1.2", "1.15"), "torch": ("2.4", "2.14"),
+def tell_deepspeed_the_accelerator(environ=os.environ) -> None:
+    """accelerate 1.x imports deepspeed, when it is installed, in every Trainer (`extract_model_from_parallel`),
+    runs without DeepSpeed included; deepspeed 0.16-0.19 then looks for an accelerator and, finding none, warns
+    "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it" in every process.
+    Where torch finds no accelerator, say so first (DS_ACCELERATOR=cpu, which deepspeed reads before it looks): the
+    same choice, without the line. A value already set stays."""
+    import torch
+
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, ROCm, MPS, XPU and others alike
+    found = accelerator.is_available() if hasattr(accelerator, "is_available") else torch.cuda.is_available()
+    if not found:
+        environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+# The versions every workaround here was checked with (the canaries pass), oldest and newest; a newest written as
+# major.minor covers its patch releases (5.24: 5.24.x), one written with three numbers only itself.
+TESTED = {"transformers": ("5.0", "5.24"), "accelerate": ("1.2", "1.16"), "torch": ("2.4", "2.14"),
           "datasets": ("3.0", "5.2"), "timm": ("1.0.12", "1.0.31"), "wandb": ("0.19", "0.31"),
           "huggingface_hub": ("1.0", "2.4")}
 # Each workaround: the library whose internals or behaviour it depends on, and its canary in tests/test_compat.py.
@@ -183,6 +239,7 @@ WORKAROUNDS = {
                                               "test_trainer_still_pushes_during_training_through_push_from_checkpoint"),
     "TransferTrainer._save_checkpoint": ("transformers", "test_trainer_still_saves_checkpoints_through_save_checkpoint"),
     "TransferTrainer.get_batch_samples": ("transformers", "test_trainer_still_takes_the_loss_counts_we_give_it"),
+    "HeldLoadReport": ("transformers", "test_from_pretrained_still_logs_a_table_for_a_new_head"),
     "drop_timm_pretrained_cfg": ("transformers",
                                  "test_timm_local_config_with_pretrained_cfg_still_overrides_the_saved_processor"),
     "set_timm_label_names": ("transformers", "test_timm_config_still_prefers_its_saved_label_names"),
@@ -190,6 +247,8 @@ WORKAROUNDS = {
     "set_fsdp_units": ("accelerate", "test_no_split_modules_still_do_not_name_the_blocks"),
     "deepspeed_dtype": ("accelerate", "test_deepspeed_dtype_is_still_where_it_is_read"),
     "accelerate_launch_keys": ("accelerate", "test_accelerate_launch_parser_still_lists_its_options"),
+    "tell_deepspeed_the_accelerator": ("accelerate",
+                                       "test_accelerate_still_imports_deepspeed_which_still_warns_without_an_accelerator"),
     "is_batch_norm": ("torch", "test_batch_norm_classes_still_share_the_private_base"),
     "dataset_fingerprint": ("datasets", "test_dataset_fingerprint_still_tracks_content_and_transforms"),
     "wandb_has_credentials": ("wandb", "test_wandb_still_finds_credentials_where_the_public_rules_say"),
@@ -198,26 +257,48 @@ WORKAROUNDS = {
 logger = logging.getLogger(__name__)
 
 
-def check_versions(installed=None) -> list[str]:
-    """One warning per workaround whose library's installed version is outside `TESTED` (transformers, accelerate,
-    torch, datasets, timm, wandb, huggingface_hub): it may be obsolete or broken there, and its canary says which.
-    `installed(name)` gives a version (default: the installed distribution's). Returns the warnings."""
-    from packaging.version import Version
+CANARIES = "python -m pytest tests/test_compat.py"  # the command that says whether the workarounds still hold
+
+
+def check_versions(installed=None) -> str | None:
+    """The one line to show when a library a workaround depends on is installed in a version outside `TESTED`
+    (newer than the newest checked, or older than the oldest): each such library with its version and the range
+    checked, and the command that runs the canaries; None when all were checked. `installed(name)` gives a
+    version (default: the installed distribution's); a library that is not installed is not judged. A pre-release
+    counts as its release (5.25.0rc1 is 5.25), a post-release or local build as the release it follows."""
+    from packaging.version import InvalidVersion, Version
 
     installed = installed or version
-    warnings = []
-    for workaround, (library, canary) in WORKAROUNDS.items():
+    outside = []
+    for library in dict.fromkeys(library for library, _ in WORKAROUNDS.values()):  # those a workaround relies on
+        oldest, newest = TESTED[library]
         try:
             found = Version(installed(library))
-        except PackageNotFoundError:
+        except (PackageNotFoundError, InvalidVersion):
             continue
-        oldest, newest = (Version(v) for v in TESTED[library])
-        if not oldest <= Version(found.base_version) < Version(f"{newest.major}.{newest.minor + 1}"):
-            warnings.append(f"{workaround} was checked with {library} {TESTED[library][0]} to {TESTED[library][1]}, "
-                            f"this is {found}: run pytest tests/test_compat.py::{canary}")
-    for warning in warnings:
-        logger.warning(warning)
-    return warnings
+        if not Version(oldest) <= Version(found.base_version) < _next_release(newest):
+            outside.append(f"{library} {found} (checked {oldest} to {newest})")
+    if not outside:
+        return None
+    return (f"library versions the project's workarounds were not checked with: {', '.join(outside)}; if "
+            f"something fails or looks wrong, {CANARIES} says which workaround no longer holds")
 
 
-check_versions()
+def _next_release(newest: str):
+    """The first release after `newest` at the precision it is written: 5.24 -> 5.25, 1.0.31 -> 1.0.32."""
+    from packaging.version import Version
+
+    *head, last = Version(newest).release
+    return Version(".".join(str(n) for n in (*head, last + 1)))
+
+
+def warn_untested_versions(environ=os.environ) -> str | None:
+    """Log `check_versions`' line once per command: from the main process only (every process of a launch runs
+    the command), and not with HF_TRANSFER_NO_VERSION_WARNING=1 (the test suite sets it: its canaries judge
+    the versions). Returns the line logged."""
+    if int(environ.get("RANK", "0")) != 0 or environ.get("HF_TRANSFER_NO_VERSION_WARNING") == "1":
+        return None
+    line = check_versions()
+    if line:
+        logger.warning(line)
+    return line

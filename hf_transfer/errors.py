@@ -7,6 +7,8 @@ run `main` through `run_cli`, which prints that message and exits with status 2.
 
 from __future__ import annotations
 
+import argparse
+import difflib
 import logging
 import os
 import re
@@ -68,6 +70,40 @@ def one_line(exc: BaseException) -> str:
     if len(lines) > 1 and "Original Traceback" in str(exc):
         return re.sub(r"^[\w.]+: ", "", lines[-1])  # "module.SomeError: message" -> "message"
     return " ".join(lines)
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose refusals are one line, `error: ... (see --help)` and exit 2 (argparse prints its whole usage
+    first), with a "did you mean" for a mistyped flag, choice or subcommand. The training scripts' parser
+    (arguments.py) and the tools' (commands/tools.py) are this one."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {did_you_mean(message, self._actions)} (see --help)\n")
+
+
+def did_you_mean(message: str, actions: Sequence[argparse.Action]) -> str:
+    """argparse's `message` with the closest name `actions` know for what it refuses: an unrecognized flag, or
+    the value of an invalid choice (a subcommand is one)."""
+    if message.startswith("unrecognized arguments"):
+        options = [o for action in actions for o in action.option_strings if o.startswith("--")]
+        for word in message.split():
+            close = difflib.get_close_matches(word.split("=")[0], options, n=1, cutoff=0.75) if word[:2] == "--" else []
+            if close:
+                return f"{message}; did you mean {close[0]}?"
+    # "argument --backend: invalid choice: 'optunaa' (choose from ...)": the value is repr()'d by argparse
+    choice = re.match(r"argument (\S+): invalid choice: (['\"])(.*?)\2", message)
+    if choice:
+        name, value = choice.group(1), choice.group(3)
+        choices = [str(c) for action in actions if action.choices and name in _names(action) for c in action.choices]
+        close = difflib.get_close_matches(value, choices, n=1, cutoff=0.75)
+        if close:
+            return f"{message}; did you mean {close[0]}?"
+    return message
+
+
+def _names(action: argparse.Action) -> set[str]:
+    """The names argparse gives an action in its messages: its flags joined by '/', its metavar or its dest."""
+    return {"/".join(action.option_strings), str(action.metavar), str(action.dest)}
 
 
 def setup_logging() -> None:

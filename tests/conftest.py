@@ -11,6 +11,9 @@ os.environ.setdefault("HF_HOME", tempfile.mkdtemp(prefix="hf-home-"))
 os.environ.setdefault("WANDB_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("MPLBACKEND", "Agg")
+# The canaries (tests/test_compat.py) judge the installed versions; the line a command prints about them would only
+# change the output the tests read.
+os.environ["HF_TRANSFER_NO_VERSION_WARNING"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -7,6 +7,7 @@ or broken (fix it). The tests that the workarounds work live beside the features
 import dataclasses
 import inspect
 import json
+import logging
 
 import pytest
 import torch
@@ -144,23 +145,67 @@ def test_dataset_fingerprint_still_tracks_content_and_transforms():
 
 def test_every_workaround_names_its_library_versions_and_a_canary_that_exists():
     own = {n for n in dir(compat) if callable(getattr(compat, n)) and not n.startswith("_")
-           and getattr(getattr(compat, n), "__module__", "") == "hf_transfer.compat"} - {"check_versions"}
+           and getattr(getattr(compat, n), "__module__", "") == "hf_transfer.compat"} - {"check_versions",
+                                                                                 "warn_untested_versions"}
     assert own <= set(compat.WORKAROUNDS), own - set(compat.WORKAROUNDS)
     tests = {name for name in globals() if name.startswith("test_")}
     for workaround, (library, canary) in compat.WORKAROUNDS.items():
         assert library in compat.TESTED and canary in tests, workaround
 
 
-def test_a_library_outside_the_tested_versions_gets_one_warning_per_workaround(caplog):
-    from importlib.metadata import version
+def versions(**given):
+    """An `installed` for check_versions: the newest version checked of each library, or the one given (None: not
+    installed). It never reads the environment: what is installed is for the canaries above to judge."""
+    from importlib.metadata import PackageNotFoundError
 
-    assert compat.check_versions() == []  # the versions installed here are the ones checked
-    newer = compat.check_versions(lambda name: "5.30.0" if name == "transformers" else version(name))
-    on_transformers = [w for w, (library, _) in compat.WORKAROUNDS.items() if library == "transformers"]
-    assert len(newer) == len(on_transformers) and newer[0] == (
-        "load_checkpoint_weights was checked with transformers 5.0 to 5.24, this is 5.30.0: run pytest "
-        "tests/test_compat.py::test_trainer_checkpoint_loading_still_skips_renamed_vit_layers")
-    assert compat.check_versions(lambda name: "5.24.3" if name == "transformers" else version(name)) == []
+    def installed(name):
+        found = given.get(name, compat.TESTED[name][1])
+        if found is None:
+            raise PackageNotFoundError(name)
+        return found
+
+    return installed
+
+
+@pytest.mark.parametrize("given", [
+    {}, {"transformers": "5.24.3"}, {"transformers": "5.24.0.post1"}, {"torch": "2.14.1+cu130"},
+    {"transformers": "5.0.0"}, {"accelerate": "1.2.0"}, {"wandb": None}, {"timm": "1.9.0"},  # no workaround on timm
+])
+def test_versions_that_were_checked_give_no_line(given):
+    assert compat.check_versions(versions(**given)) is None
+
+
+@pytest.mark.parametrize("given, named", [
+    ({"transformers": "5.25.0"}, "transformers 5.25.0 (checked 5.0 to 5.24)"),
+    ({"transformers": "5.25.0rc1"}, "transformers 5.25.0rc1 (checked 5.0 to 5.24)"),  # a pre-release of a newer one
+    ({"transformers": "6.0.0.dev0"}, "transformers 6.0.0.dev0 (checked 5.0 to 5.24)"),
+    ({"torch": "2.3.1"}, "torch 2.3.1 (checked 2.4 to 2.14)"),  # older than the oldest
+    ({"accelerate": "1.17.0", "wandb": None}, "accelerate 1.17.0 (checked 1.2 to 1.16)"),
+])
+def test_a_version_outside_the_checked_range_is_named_with_its_range(given, named):
+    line = compat.check_versions(versions(**given))
+    assert line == (f"library versions the project's workarounds were not checked with: {named}; if something fails "
+                    "or looks wrong, python -m pytest tests/test_compat.py says which workaround no longer holds")
+
+
+def test_several_libraries_outside_their_range_are_one_line_not_one_per_workaround(monkeypatch):
+    line = compat.check_versions(versions(transformers="5.30.0", accelerate="1.17.0", huggingface_hub="3.0"))
+    assert "\n" not in line and line.count("python -m pytest") == 1
+    assert ": transformers 5.30.0 (checked 5.0 to 5.24), accelerate 1.17.0 (checked 1.2 to 1.16), huggingface_hub " \
+           "3.0 (checked 1.0 to 2.4); " in line
+    monkeypatch.setitem(compat.TESTED, "wandb", ("0.19", "0.31.2"))  # a newest with three numbers covers only itself
+    assert compat.check_versions(versions(wandb="0.31.2")) is None
+    assert "wandb 0.31.3 (checked 0.19 to 0.31.2)" in compat.check_versions(versions(wandb="0.31.3"))
+
+
+def test_the_line_is_logged_by_the_main_process_only_and_can_be_turned_off(monkeypatch, caplog):
+    monkeypatch.setattr(compat, "version", versions(accelerate="1.17.0"))
+    with caplog.at_level(logging.WARNING, logger="hf_transfer.compat"):
+        assert compat.warn_untested_versions({"RANK": "1"}) is None
+        assert compat.warn_untested_versions({"HF_TRANSFER_NO_VERSION_WARNING": "1"}) is None
+        assert caplog.records == []
+        line = compat.warn_untested_versions({"RANK": "0"})
+    assert "accelerate 1.17.0" in line and [r.getMessage() for r in caplog.records] == [line]
 
 
 def test_printer_callback_still_pops_total_flos_from_the_logs_it_is_given():
@@ -258,3 +303,55 @@ def test_going_offline_after_import_still_stops_every_request(monkeypatch, tmp_p
     assert is_offline_mode() and datasets.config.HF_HUB_OFFLINE
     with pytest.raises(OSError, match="cached files|offline"):
         AutoConfig.from_pretrained("someone/not-cached-anywhere", cache_dir=str(tmp_path))
+
+
+def test_accelerate_still_imports_deepspeed_which_still_warns_without_an_accelerator(monkeypatch):
+    """-> compat.tell_deepspeed_the_accelerator: every Trainer imports deepspeed (when installed), and deepspeed's
+    accelerator detection warns on a machine without one unless DS_ACCELERATOR says which."""
+    from accelerate.utils import other
+
+    assert "from deepspeed import" in inspect.getsource(other.extract_model_from_parallel), "accelerate no longer does"
+    pytest.importorskip("deepspeed")
+    from deepspeed.accelerator import real_accelerator
+
+    if torch.accelerator.is_available():
+        pytest.skip("deepspeed finds this machine's accelerator: it has nothing to warn about")
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("DeepSpeed").addHandler(handler)
+    try:
+        for tell in (False, True):
+            monkeypatch.setattr(real_accelerator, "ds_accelerator", None)  # detect again
+            monkeypatch.setenv("DS_ACCELERATOR", "unset")
+            monkeypatch.delenv("DS_ACCELERATOR")
+            if tell:
+                told = {}
+                compat.tell_deepspeed_the_accelerator(told)
+                monkeypatch.setenv("DS_ACCELERATOR", told["DS_ACCELERATOR"])
+            assert real_accelerator.get_accelerator()._name == "cpu"
+    finally:
+        logging.getLogger("DeepSpeed").removeHandler(handler)
+    assert [line for line in lines if "Setting accelerator to CPU" in line] == [lines[0]], lines
+
+
+def test_from_pretrained_still_logs_a_table_for_a_new_head(tiny_resnet):
+    """-> compat.HeldLoadReport: models.loading.load_model says a new head in one line, and shows the table only
+    for weights outside it (output_loading_info names them)."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        AutoModelForImageClassification.from_pretrained(tiny_resnet, num_labels=5, ignore_mismatched_sizes=True)
+        assert [r.name for r in records if "LOAD REPORT" in r.getMessage()] == [compat.HeldLoadReport.LOGGER]
+        records.clear()
+        with compat.HeldLoadReport() as held:
+            _, loading = AutoModelForImageClassification.from_pretrained(
+                tiny_resnet, num_labels=5, ignore_mismatched_sizes=True, output_loading_info=True)
+        assert not records and len(held.records) == 1
+        held.show()
+        assert records == held.records
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert {key for key, *_ in loading["mismatched_keys"]} == {"timm_model.fc.weight", "timm_model.fc.bias"}  # the head

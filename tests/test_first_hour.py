@@ -15,7 +15,13 @@ from conftest import quick_flags
 
 import run_distill
 import run_finetune
-from hf_transfer.arguments import ArgumentParser, DataArguments, ModelArguments, StudentArguments
+from hf_transfer.arguments import (
+    ArgumentParser,
+    DataArguments,
+    DistillationDataArguments,
+    ModelArguments,
+    StudentArguments,
+)
 from hf_transfer.commands.tools import main as tools
 from hf_transfer.errors import UserError, run_cli
 from hf_transfer.launch import check_config_file
@@ -216,3 +222,182 @@ def test_a_two_process_launch_that_starts_one_is_refused_and_accelerate_q_adds_n
         "error: accelerate launch was asked for 2 processes but started one; on a machine without a GPU use "
         "accelerate launch --config_file accelerate_configs/cpu.yaml run_finetune.py --use_cpu ...")
     assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- the command line, checked before the heavy imports
+
+HEAVY = {"torch", "transformers", "datasets", "timm", "accelerate"}
+DISTILL_TYPES = (StudentArguments, DistillationConfig, DistillationDataArguments)  # parse_arguments' order
+
+
+def own_flags(command: str) -> set[str]:
+    """The flags the project's dataclasses define (the rest are transformers' TrainingArguments)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    types = (ModelArguments, DataArguments, TransferConfig) if command == "finetune" else DISTILL_TYPES
+    theirs = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return {f"--{f.name}" for kind in types for f in dataclasses.fields(kind) if f.name not in theirs}
+
+
+def test_the_flags_checked_before_the_imports_are_the_parsers_own():
+    """command_line_flags.py is generated from the real parsers: stale, it would refuse a flag they take."""
+    from hf_transfer import command_line
+    from hf_transfer import command_line_flags as stored
+
+    if stored.TRANSFORMERS == command_line._installed("transformers"):
+        assert (ROOT / "hf_transfer" / "command_line_flags.py").read_text() == command_line.generate(), (
+            "stale: run python -m hf_transfer.command_line")
+    for command in command_line.COMMANDS:  # with any transformers: the project's own flags
+        own = own_flags(command)
+        listed = [repr(f) for f in [*stored.COMMON, *stored.ONLY[command]] if f[0][0] in own]
+        real = [repr(f) for f in command_line.spec_of(command_line.real_parser(command)) if f[0][0] in own]
+        assert sorted(listed) == sorted(real) and len(real) > 30, command
+
+
+@pytest.mark.parametrize("command, argv", [
+    ("finetune", ["--lerning_rate", "0.1"]),
+    ("finetune", ["--dataset_name", "digits", "--per_device_train_bat", "8"]),
+    ("finetune", ["--optim", "sgdd"]),
+    ("finetune", ["--lr_scheduler_type=cosin"]),
+    ("finetune", ["--max_steps", "ten"]),
+    ("finetune", ["--learning_rate"]),
+    ("distill", ["--teacher_model_name_or_path", "t", "--alpah", "0.5"]),
+    ("distill", ["--student", "resnet18"]),
+])
+def test_the_early_check_refuses_exactly_what_the_parser_refuses(command, argv, capsys):
+    from hf_transfer.arguments import parse_arguments
+    from hf_transfer.command_line import check_command_line
+
+    with pytest.raises(SystemExit) as early:
+        check_command_line(command, argv)
+    early_err = capsys.readouterr().err
+    with pytest.raises(SystemExit) as late:
+        parse_arguments(argv, *(() if command == "finetune" else DISTILL_TYPES))
+    assert early.value.code == late.value.code == 2
+    assert early_err == capsys.readouterr().err and early_err.count("\n") == 1 and early_err.startswith("error: ")
+
+
+def test_the_early_check_lets_every_documented_command_through():
+    from test_readme import REAL_WEIGHTS, walkthrough
+
+    from hf_transfer.arguments import parse_arguments
+    from hf_transfer.command_line import check_command_line
+
+    commands = [argv for argv in walkthrough() + walkthrough(REAL_WEIGHTS) if argv[1].startswith("run_")]
+    assert len(commands) >= 4
+    for argv in commands:
+        check_command_line(argv[1].removeprefix("run_").removesuffix(".py"), argv[2:])
+    more = [("finetune", ["--dataset_name", "digits", *quick_flags(), "--do_train=false", "--no_load_best_model_at_end",
+                          "--report_to", "none", "--lr_scheduler_kwargs", '{"min_lr": 0.1}', "--max_steps", "-1"]),
+            ("distill", ["--teacher_model_name_or_path", "t", "--student", "resnet18", "--alpha", "0.9"])]
+    for command, argv in more:
+        check_command_line(command, argv)
+        parse_arguments(argv, *(() if command == "finetune" else DISTILL_TYPES))  # which the parser takes too
+
+
+def fast_root(tmp_path: Path) -> Path:
+    """The project, with its flag list for the transformers installed (a copy, regenerated, when it was read from
+    another one: then the commands read the flags from the parser, after the imports, by design)."""
+    import shutil
+
+    from hf_transfer import command_line
+    from hf_transfer import command_line_flags as stored
+
+    if stored.TRANSFORMERS == command_line._installed("transformers"):
+        return ROOT
+    shutil.copytree(ROOT / "hf_transfer", tmp_path / "hf_transfer")
+    (tmp_path / "hf_transfer" / "command_line_flags.py").write_text(command_line.generate())
+    for script in ("run_finetune.py", "run_distill.py"):
+        shutil.copy(ROOT / script, tmp_path / script)
+    return tmp_path
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["run_finetune.py", "--learning_rat", "0.1"], "did you mean --learning_rate?"),
+    (["run_finetune.py", "--lr_scheduler_type", "cosin"], "did you mean cosine?"),
+    (["run_distill.py", "--teacher_model_name_or_path", "t", "--alpah", "0.5"], "did you mean --alpha?"),
+    (["-m", "hf_transfer", "search", "--n_trial", "3"], "did you mean --n_trials?"),
+])
+def test_a_typo_is_refused_before_torch_is_imported(argv, message, tmp_path):
+    root = fast_root(tmp_path)
+    proc = subprocess.run([sys.executable, "-X", "importtime", *argv], cwd=root, capture_output=True, text=True,
+                          timeout=120, env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    imported = {line.split("|")[-1].strip().split(".")[0] for line in proc.stderr.splitlines()
+                if line.startswith("import time:")}
+    said = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+    assert proc.returncode == 2 and len(said) == 1 and said[0].startswith("error: ") and message in said[0], said
+    assert not HEAVY & imported, HEAVY & imported
+
+
+@pytest.mark.slow
+def test_a_command_says_once_which_library_versions_were_not_checked(tmp_path):
+    """The line comes once, after the flags were checked (a typo alone gives only its error), never per import."""
+    code = ("import runpy, sys; from importlib.metadata import version; from hf_transfer import compat; "
+            "compat.version = lambda name: '99.0' if name == 'accelerate' else version(name); "
+            "sys.argv = ['run_finetune.py', *sys.argv[1:]]; runpy.run_path('run_finetune.py', run_name='__main__')")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "HF_TRANSFER_NO_VERSION_WARNING"}
+
+    def stderr(*flags):
+        proc = subprocess.run([sys.executable, "-c", code, *flags], cwd=ROOT, capture_output=True, text=True,
+                              timeout=300, env={**env, "PYTHONPATH": str(ROOT)})
+        assert proc.returncode == 2
+        return proc.stderr.strip().splitlines()
+
+    assert stderr("--learning_rat", "0.1") == [
+        "error: unrecognized arguments: --learning_rat 0.1; did you mean --learning_rate? (see --help)"]
+    lines = stderr("--dataset_name", "digits", "--model_name_or_path", "./missing", "--output_dir", str(tmp_path))
+    assert len(lines) == 2 and lines[1] == "error: --model_name_or_path './missing' is not a directory", lines
+    assert "WARNING hf_transfer.compat: library versions the project's workarounds were not checked with: " in lines[0]
+    assert "accelerate 99.0 (checked 1.2 to " in lines[0] and lines[0].endswith(
+        "python -m pytest tests/test_compat.py says which workaround no longer holds")
+
+
+# ---------------------------------------------------------------- what a run prints
+
+
+def test_a_new_head_is_one_line_and_a_timm_checkpoint_loads_without_the_libraries_warnings(tiny_resnet, tmp_path,
+                                                                                          caplog):
+    """No weight table for the head a run replaces anyway (the project's line says it), no "torchvision backend is
+    not available" for a timm folder without a processor; a table for weights that really did not load."""
+    import logging
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from hf_transfer.models.loading import load_model
+
+    logging.Logger.warning_once.cache_clear()  # transformers says some things once per process
+    said = []
+    handler = logging.Handler()
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="hf_transfer"):
+            load_model(tiny_resnet, ["a", "b", "c", "d", "e"])
+        assert said == [] and "new classification head for 5 labels (checkpoint had 3)" in caplog.text
+        broken = Path(shutil.copytree(tiny_resnet, tmp_path / "broken"))
+        weights = load_file(broken / "model.safetensors")
+        del weights[next(k for k in weights if "layer1" in k)]  # a backbone weight the checkpoint lacks
+        save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+        load_model(str(broken), ["a", "b", "c", "d", "e"])
+        assert len(said) == 1 and "LOAD REPORT" in said[0] and "MISSING" in said[0]
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+
+
+@pytest.mark.slow
+def test_a_run_from_a_timm_checkpoint_prints_none_of_the_libraries_noise(tiny_resnet, tmp_path):
+    """What a run on a machine without a GPU printed besides its own lines: DeepSpeed's accelerator guess (accelerate
+    imports deepspeed in every Trainer), transformers' backend fallback and its table of the replaced head."""
+    proc = subprocess.run([sys.executable, str(ROOT / "run_finetune.py"), "--model_name_or_path", tiny_resnet,
+                           "--dataset_name", "digits", "--max_train_samples", "40", "--max_eval_samples", "20",
+                           "--max_steps", "2", "--output_dir", str(tmp_path / "o"), *quick_flags()],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})
+    printed = proc.stdout + proc.stderr
+    assert proc.returncode == 0, printed[-3000:]
+    assert "new classification head for 10 labels (checkpoint had 3)" in printed
+    for noise in ("Setting accelerator to CPU", "backend is not available", "LOAD REPORT", "Traceback"):
+        assert noise not in printed, noise

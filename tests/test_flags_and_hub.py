@@ -58,6 +58,25 @@ def test_evaluation_only_mode_defaults_to_its_own_directory_and_refuses_what_mak
                                  "(random weights) or --push_to_hub (nothing new to push)"]
 
 
+def test_evaluating_a_checkpoint_folder_writes_beside_its_run_by_default(tiny_resnet, tmp_path, monkeypatch):
+    """Every run has a checkpoint-209: the default output folder names the run it belongs to."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_resnet, tmp_path / "runs" / "photos")  # a finished run, and one of its checkpoints
+    shutil.copytree(tiny_resnet, tmp_path / "runs" / "photos" / "checkpoint-209")
+
+    def output_dir(model):
+        flags = ["--model_name_or_path", model, "--dataset_name", "digits", "--do_train", "false"]
+        return parse_arguments(flags).training.output_dir
+
+    assert output_dir("runs/photos/checkpoint-209") == "runs/photos-checkpoint-209-digits-eval"
+    assert output_dir(str(tmp_path / "runs" / "photos" / "checkpoint-209" / "")) == "runs/photos-checkpoint-209-digits-eval"
+    assert output_dir("runs/photos") == "runs/photos-digits-eval"  # a run folder is its own name
+    monkeypatch.chdir(tmp_path / "runs" / "photos")
+    assert output_dir("checkpoint-209") == "runs/photos-checkpoint-209-digits-eval"
+
+
 def test_evaluation_only_mode_needs_a_head_for_these_labels(tiny_resnet, cifar_like, tmp_path):
     with pytest.raises(UserError, match="head was made for other labels"):
         run_finetune.main(["--model_name_or_path", tiny_resnet, "--dataset_name", cifar_like, "--do_train", "false",
@@ -238,6 +257,29 @@ def test_the_tools_take_dashes_and_refuse_abbreviations(tmp_path, capsys):
     assert exit_info.value.code == 2 and "unrecognized arguments: --out" in capsys.readouterr().err
     with pytest.raises(UserError, match="is not a finished run"):  # parsed: the run itself is what is missing
         tools(["push", str(tmp_path / "nothing"), "--hub-model-id", "me/model"])
+
+
+@pytest.mark.parametrize("argv, start, end", [
+    (["export", "run", "--format", "tflite"], "argument --format: invalid choice: 'tflite'", ""),
+    (["exprt", "run"], "argument command: invalid choice: 'exprt'", "; did you mean export?"),
+    (["search", "--n_trial", "3"], "unrecognized arguments: --n_trial 3; did you mean --n_trials?", ""),
+    (["search", "--n_trials", "3", "--backend", "optunaa"], "argument --backend: invalid choice: 'optunaa'",
+     "; did you mean optuna?"),
+    (["search", "--n_trials", "3", "--lr_scheduler_type", "cosin"],
+     "argument --lr_scheduler_type/--lr-scheduler-type: invalid choice: 'cosin'", "; did you mean cosine?"),
+    (["search", "--model", "resnet18"], "the following arguments are required: --n_trials/--n-trials", ""),
+    (["report", "run", "--ouput", "r"], "unrecognized arguments: --ouput r; did you mean --output?", ""),
+    (["push", "run"], "the following arguments are required: --hub_model_id/--hub-model-id", ""),
+    (["check-config"], "the following arguments are required: files", ""),
+    (["export", "run", "--max_images", "0"], "--max_images must be >= 1", ""),
+    ([], "the following arguments are required: command", ""),
+])
+def test_every_tool_refusal_is_one_line_with_the_closest_name(argv, start, end, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        tools(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: {start}") and err.endswith(f"{end} (see --help)\n"), err
 
 
 def test_long_steps_of_ours_show_a_progress_bar(cifar_teacher, cifar_like, tmp_path, capsys):

@@ -250,7 +250,7 @@ def test_search_refusals_are_one_line(architecture, tmp_path, capsys):
         except SystemExit as exc:  # argparse's own
             code = exc.code
         err = capsys.readouterr().err.strip().splitlines()
-        assert code == 2 and message in err[-1], (argv, err)
+        assert code == 2 and len(err) == 1 and message in err[0], (argv, err)
     assert not (tmp_path / "s").exists()  # nothing written for a refused search
 
 

@@ -19,7 +19,7 @@ from ..arguments import DistillationDataArguments, StudentArguments, parse_argum
 from ..data.augmentation import resolve_augmentation
 from ..data.samples import attach_transforms
 from ..data.unlabeled import add_unlabeled_images
-from ..errors import UserError, check_local_path, run_cli, setup_logging
+from ..errors import UserError, check_local_path
 from ..model_card import CardInfo, hyperparameters
 from ..models.loading import load_teacher
 from ..models.presets import resolve_source
@@ -100,8 +100,3 @@ def main(argv: Sequence[str] | None = None) -> dict:
     )
     save_run_args(args, "distill", run_args.shaping(student_args, data_args, args), fitted, argv, card)  # as fitted
     return train_and_evaluate(trainer, data, card, output.resume_from)
-
-
-def cli() -> None:
-    setup_logging()
-    sys.exit(run_cli(main))

@@ -17,7 +17,7 @@ from .. import run_args
 from ..arguments import parse_arguments
 from ..data.augmentation import resolve_augmentation
 from ..data.samples import attach_transforms
-from ..errors import UserError, run_cli, setup_logging
+from ..errors import UserError
 from ..model_card import CardInfo, hyperparameters
 from ..models.presets import resolve_source
 from ..output_dir import prepare_output_dir, report_finished, save_run_args
@@ -92,8 +92,3 @@ def evaluate_as_is(args, data, loaded, record: dict, fitted: set[str], argv: lis
     save_run_args(args, "evaluate", record, fitted, argv)
     eval_metrics, test_metrics = evaluate(trainer, data)
     return {**eval_metrics, **test_metrics}
-
-
-def cli() -> None:
-    setup_logging()
-    sys.exit(run_cli(main))

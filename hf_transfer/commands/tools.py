@@ -14,48 +14,24 @@ import json
 import sys
 from collections.abc import Sequence
 
-from ..errors import run_cli
+from ..errors import OneLineArgumentParser, run_cli
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    # As in the training scripts: flags spelled out (no abbreviations), with underscores or dashes.
-    parser = argparse.ArgumentParser(prog="python -m hf_transfer", description=__doc__, allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    commands = parser.add_subparsers(dest="command", required=True)
-    push = commands.add_parser("push", help="push a finished run (model, processor, card, results) to the Hub",
-                               allow_abbrev=False)
-    push.add_argument("output_dir")
-    push.add_argument("--hub_model_id", "--hub-model-id", required=True, help="USER/NAME of the model repository")
-    push.add_argument("--private", action="store_true", help="create the repository as private")
-    push.add_argument("--revision", default=None, help="branch to push to (created if needed; default main)")
-    report = commands.add_parser("report", help="compare finished runs", allow_abbrev=False)
-    report.add_argument("runs", nargs="+")
-    report.add_argument("--output", default="reports/comparison", help="folder for report.md and the plots")
-    check = commands.add_parser("check-config", help="check accelerate config files (keys, devices, precision)",
-                                allow_abbrev=False)
-    check.add_argument("files", nargs="+")
-    export = commands.add_parser("export", help="export a saved model (a run or a checkpoint-N folder) to ONNX and "
-                                 "check it against PyTorch on the run's test images", allow_abbrev=False)
-    export.add_argument("run_dir")
-    export.add_argument("--format", choices=["onnx"], default="onnx", help="the export format")
-    export.add_argument("--output", default=None, help="folder for model.onnx and its files (default RUN_DIR/onnx)")
-    export.add_argument("--max_images", "--max-images", type=int, default=None,
-                        help="compare on at most this many test images (default: all of them)")
-    export.add_argument("--images", default=None,
-                        help="compare on the image files under this folder instead of the run's test split")
-    export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
-    search = commands.add_parser("search", help="hyperparameter search: every run_finetune.py flag, plus these; the "
-                                 "study continues where it stopped when the command is run again", allow_abbrev=False,
-                                 description="Takes every run_finetune.py flag (python run_finetune.py --help) and "
-                                             "these; docs/search.md.")
-    search.add_argument("--n_trials", "--n-trials", type=int, required=True,
-                        help="trials the study should have in all (finished ones of an earlier call count)")
-    search.add_argument("--backend", choices=["optuna", "ray"], default="optuna",
-                        help="optuna: trials one after another here; ray: trials in parallel on a Ray cluster "
-                             "(RAY_ADDRESS; docs/search.md)")
+    from . import before_running
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, tools = tools_parser()
+    if argv[:1] == ["search"]:  # run_finetune.py's flags and search's: a typo in either before the libraries load
+        from ..command_line import check_command_line, spec_of
+
+        check_command_line("finetune", argv[1:], more=spec_of(tools["search"]))
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "search":
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        tools[args.command].error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "export" and args.max_images is not None and args.max_images < 1:
+        tools["export"].error("--max_images must be >= 1")
+    before_running(trains=args.command == "search")
 
     if args.command == "push":
         from ..errors import UserError
@@ -88,12 +64,50 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.command == "export":
         from ..export import export_onnx
 
-        if args.max_images is not None and args.max_images < 1:
-            parser.exit(2, "error: --max_images must be >= 1\n")
         results = export_onnx(args.run_dir, args.output, args.max_images, args.images, args.opset)
         print(json.dumps(results, indent=2))
         print(f"\n{results['model']}: onnxruntime matches PyTorch on {results['image_source']} (largest logit "
               f"difference {results['max_abs_logit_diff']:.1e}, same top-1 on all)")
+
+
+def tools_parser() -> tuple[OneLineArgumentParser, dict[str, OneLineArgumentParser]]:
+    """The tools' parser and each tool's; their refusals are one line with a "did you mean" (flags, choices, the
+    tool's name). As in the training scripts: flags spelled out (no abbreviations), with underscores or dashes."""
+    parser = OneLineArgumentParser(prog="python -m hf_transfer", description=__doc__, allow_abbrev=False,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    push = commands.add_parser("push", help="push a finished run (model, processor, card, results) to the Hub",
+                               allow_abbrev=False)
+    push.add_argument("output_dir")
+    push.add_argument("--hub_model_id", "--hub-model-id", required=True, help="USER/NAME of the model repository")
+    push.add_argument("--private", action="store_true", help="create the repository as private")
+    push.add_argument("--revision", default=None, help="branch to push to (created if needed; default main)")
+    report = commands.add_parser("report", help="compare finished runs", allow_abbrev=False)
+    report.add_argument("runs", nargs="+")
+    report.add_argument("--output", default="reports/comparison", help="folder for report.md and the plots")
+    check = commands.add_parser("check-config", help="check accelerate config files (keys, devices, precision)",
+                                allow_abbrev=False)
+    check.add_argument("files", nargs="+")
+    export = commands.add_parser("export", help="export a saved model (a run or a checkpoint-N folder) to ONNX and "
+                                 "check it against PyTorch on the run's test images", allow_abbrev=False)
+    export.add_argument("run_dir")
+    export.add_argument("--format", choices=["onnx"], default="onnx", help="the export format")
+    export.add_argument("--output", default=None, help="folder for model.onnx and its files (default RUN_DIR/onnx)")
+    export.add_argument("--max_images", "--max-images", type=int, default=None,
+                        help="compare on at most this many test images (default: all of them)")
+    export.add_argument("--images", default=None,
+                        help="compare on the image files under this folder instead of the run's test split")
+    export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    search = commands.add_parser("search", help="hyperparameter search: every run_finetune.py flag, plus these; the "
+                                 "study continues where it stopped when the command is run again", allow_abbrev=False,
+                                 description="Takes every run_finetune.py flag (python run_finetune.py --help) and "
+                                             "these; docs/search.md.")
+    search.add_argument("--n_trials", "--n-trials", type=int, required=True,
+                        help="trials the study should have in all (finished ones of an earlier call count)")
+    search.add_argument("--backend", choices=["optuna", "ray"], default="optuna",
+                        help="optuna: trials one after another here; ray: trials in parallel on a Ray cluster "
+                             "(RAY_ADDRESS; docs/search.md)")
+    return parser, commands.choices
 
 
 def render_card_for(output_dir: str, repo_id: str) -> None:

@@ -15,9 +15,15 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageClassification, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    ImageProcessingMixin,
+    PreTrainedModel,
+)
 
-from ..compat import drop_timm_pretrained_cfg, set_fsdp_units, set_timm_label_names
+from ..compat import HeldLoadReport, drop_timm_pretrained_cfg, set_fsdp_units, set_timm_label_names
 from ..errors import UserError, check_local_path, wrap_load_error
 from ..hub import check_hub_reachable
 from ..on_device.preprocessing import ImageSpec
@@ -69,7 +75,11 @@ def load_model(
     else:
         if config.model_type != "timm_wrapper":
             del labels["num_labels"]  # implied by id2label; TimmWrapperConfig alone needs it spelled out
-        model = _from_pretrained("model", source, ignore_mismatched_sizes=True, **labels, **hub_kwargs)
+        with HeldLoadReport() as report:
+            model, loading = _from_pretrained("model", source, ignore_mismatched_sizes=True, output_loading_info=True,
+                                              **labels, **hub_kwargs)
+        if _outside_the_head(model, loading):  # a new head alone is said in one line below, not in a table
+            report.show()
         head_reset = old_names != list(label_names)
         if head_reset and len(old_names) == len(label_names):
             # Same number of classes, other names: the weights load without a size mismatch,
@@ -92,6 +102,14 @@ def load_model(
     set_fsdp_units(model)
     drop_timm_pretrained_cfg(model.config)
     return LoadedModel(model=model, spec=spec, family=model_family(model), source=source, head_reset=head_reset)
+
+
+def _outside_the_head(model: PreTrainedModel, loading: dict) -> set[str]:
+    """The weights `from_pretrained` reported as missing, unexpected or of another size, but for the head's."""
+    head = {id(p) for p in classifier_head(model).parameters()}
+    head_names = {name for name, p in model.named_parameters() if id(p) in head}
+    reported = {*loading["missing_keys"], *loading["unexpected_keys"], *(key for key, *_ in loading["mismatched_keys"])}
+    return reported - head_names
 
 
 def _drop_path(config, rate: float | None) -> dict:
@@ -185,13 +203,15 @@ def _config_and_spec(source: str, from_scratch: bool, hub_kwargs: dict, flag: st
 
 def _timm_spec(source: str, config, hub_kwargs: dict) -> ImageSpec:
     # A checkpoint saved by this project carries a standard image processor with the exact
-    # preprocessing it was trained with; a timm Hub checkpoint carries only `pretrained_cfg`.
+    # preprocessing it was trained with; a timm Hub checkpoint carries only `pretrained_cfg`. Only a saved one is
+    # loaded: for the other, AutoImageProcessor would build TimmWrapperImageProcessor, which has no torchvision
+    # version, and warn "Requested torchvision backend is not available" although torchvision is installed.
     try:
-        processor = AutoImageProcessor.from_pretrained(source, **hub_kwargs)
+        saved, _ = ImageProcessingMixin.get_image_processor_dict(source, **hub_kwargs)
     except (OSError, ValueError):
-        processor = None
-    if processor is not None and type(processor).__name__ != "TimmWrapperImageProcessor":
-        return ImageSpec.from_image_processor(processor)
+        saved = {}
+    if saved.get("image_processor_type", "TimmWrapperImageProcessor") != "TimmWrapperImageProcessor":
+        return ImageSpec.from_image_processor(AutoImageProcessor.from_pretrained(source, **hub_kwargs))
     pretrained_cfg = getattr(config, "pretrained_cfg", None)
     if not pretrained_cfg:
         import timm
