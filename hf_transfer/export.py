@@ -135,8 +135,7 @@ def _run_split(saved: dict):
     from .arguments import data_arguments
     from .workflow import load_data
 
-    data_args = data_arguments(saved, instead="run export from that folder, or pass --images DIR with images to "
-                                          "compare on")
+    data_args = data_arguments(saved, instead="pass --images DIR with images to compare on")
     data = load_data(data_args, saved["shaping"].get("training.seed", 42))
     split, rows = ("test", data.test) if data.test is not None else ("validation", data.validation)
     return split, rows.with_format(None), data

@@ -20,7 +20,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from . import run_args
-from .checkpoints import is_complete, last_complete_checkpoint
+from .checkpoints import is_complete, last_complete_checkpoint, move_aside
 from .errors import UserError
 from .model_card import CardInfo
 
@@ -124,9 +124,8 @@ def _check_resumable_into(out: Path, checkpoint: Path, finished: bool, main: boo
     if main and checkpoint.resolve().parent == out.resolve():
         for step, path in own:
             if step > _step(checkpoint):
-                aside = path.with_name(f"superseded-{path.name}")
+                aside = move_aside(path, "superseded")
                 logger.warning("going on from %s: the newer %s is moved to %s", checkpoint.name, path.name, aside.name)
-                path.rename(aside)
 
 
 def _clear_earlier_run(out: Path, keep: Path | None) -> None:

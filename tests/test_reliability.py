@@ -167,6 +167,17 @@ def test_completeness_checks_each_file(tmp_path):
 # ---------------------------------------------------------------- non-finite losses
 
 
+def test_a_run_cut_short_twice_while_saving_the_same_step_resumes(tmp_path):
+    """The second incomplete checkpoint-N takes the place of the first one moved aside (a kill that comes at the
+    same save each time: memory, a time limit)."""
+    for attempt in range(2):
+        (tmp_path / "checkpoint-2").mkdir()
+        (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{")  # cut short while written
+        (tmp_path / "checkpoint-2" / "attempt").write_text(str(attempt))
+        assert last_complete_checkpoint(tmp_path) is None
+    assert (tmp_path / "incomplete-checkpoint-2" / "attempt").read_text() == "1"
+
+
 class NanAt:
     """Forward pre-hook: the n-th training forward pass gets NaN pixels (so its loss is NaN); with `every`, every
     later one too."""
@@ -538,6 +549,7 @@ class CutAt(TrainerCallback):
             raise Cut
 
 
+@pytest.mark.slow
 def test_a_run_over_an_overwritten_one_is_not_taken_for_it_when_cut_short(tiny_resnet, cifar_like, tmp_path, caplog):
     """--overwrite_output_dir with other settings, killed before its end: the same command then resumes it, and
     does not report the earlier run's results as its own."""
@@ -564,6 +576,7 @@ def class_folders(root: Path, seed: int) -> None:
             row["img"].save(folder / f"{i}.png")
 
 
+@pytest.mark.slow
 def test_a_run_records_its_folders_whole_and_is_the_same_run_from_any_working_folder(
         tiny_resnet, tmp_path, monkeypatch, caplog):
     first, second = tmp_path / "first", tmp_path / "second"
@@ -592,6 +605,7 @@ def test_a_run_records_its_folders_whole_and_is_the_same_run_from_any_working_fo
     assert "is complete" in caplog.text and results["test_accuracy"] is not None
 
 
+@pytest.mark.slow
 def test_a_run_recorded_before_folders_were_whole_is_compared_as_it_was(tiny_resnet, tmp_path, monkeypatch):
     """An older run_args.json (no working_dir, folders as typed, a setting of a later version missing) of a finished
     run: its own command, from its own folder, is still that run."""
@@ -613,6 +627,7 @@ def test_a_run_recorded_before_folders_were_whole_is_compared_as_it_was(tiny_res
         run_finetune.main(flags)
 
 
+@pytest.mark.slow
 def test_a_resumed_run_finds_its_best_checkpoint_from_another_working_folder(tiny_resnet, cifar_like, tmp_path,
                                                                              monkeypatch):
     """A run whose --output_dir was relative names its best checkpoint relative to where it was started; resumed
@@ -620,19 +635,21 @@ def test_a_resumed_run_finds_its_best_checkpoint_from_another_working_folder(tin
     from safetensors.torch import load_file
 
     monkeypatch.chdir(tmp_path)
-    run_finetune.main(short_run(tiny_resnet, cifar_like, "run"))
+    flags = ["--model_name_or_path", tiny_resnet, "--dataset_name", cifar_like, "--num_train_epochs", "1",
+             "--save_strategy", "steps", "--save_steps", "2", "--eval_strategy", "steps", "--eval_steps", "2",
+             "--save_total_limit", "5", *quick_flags()]
+    run_finetune.main([*flags, "--output_dir", "run"])
     for name in ("all_results.json", "model.safetensors"):
         (tmp_path / "run" / name).unlink()
-    state_file = tmp_path / "run" / "checkpoint-4" / "trainer_state.json"
-    state = json.loads(state_file.read_text())
-    assert state["best_model_checkpoint"] == "run/checkpoint-" + str(state["best_global_step"])  # relative
+    last = Path(last_complete_checkpoint(tmp_path / "run"))  # the end of the epoch: nothing is left to train
+    state = json.loads((last / "trainer_state.json").read_text())
+    assert state["best_model_checkpoint"] == f"run/checkpoint-{state['best_global_step']}"  # relative
     # the state of a run whose evaluation at step 2 was its best (which step is best depends on the numbers)
     state.update(best_global_step=2, best_model_checkpoint="run/checkpoint-2")
-    state_file.write_text(json.dumps(state))
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    monkeypatch.chdir(elsewhere)
-    run_finetune.main(short_run(tiny_resnet, cifar_like, tmp_path / "run"))
+    (last / "trainer_state.json").write_text(json.dumps(state))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    run_finetune.main([*flags, "--output_dir", str(tmp_path / "run")])
     final, best = (load_file(tmp_path / "run" / f) for f in ("model.safetensors", "checkpoint-2/model.safetensors"))
     assert all(torch.equal(final[k], best[k]) for k in best)
 
