@@ -77,6 +77,12 @@ def last_complete_checkpoint(output_dir: str | Path) -> str | None:
     return None
 
 
+def step_of(checkpoint: Path) -> int | None:
+    """N of a `checkpoint-N` folder; None for any other name."""
+    match = _CHECKPOINT.match(checkpoint.name)
+    return int(match.group(1)) if match else None
+
+
 def move_aside(checkpoint: Path, why: str) -> Path:
     """`checkpoint` renamed `<why>-checkpoint-N`, in place of an earlier one of that name (a run cut short twice
     while saving the same step leaves two)."""

@@ -4,7 +4,8 @@ the run's arguments written into it.
 Nothing is created or overwritten by accident: a finished run of the same settings is reported and
 left as it is, a partial one resumes from its newest complete checkpoint, other settings are refused
 with what differs (run_args.py compares them), and a directory holding anything else needs
---overwrite_output_dir.
+--overwrite_output_dir. A checkpoint named with --resume_from_checkpoint is compared in the same way,
+with the record every checkpoint carries (`RecordInCheckpoints`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from . import run_args
-from .checkpoints import is_complete, last_complete_checkpoint, move_aside
+from .checkpoints import is_complete, last_complete_checkpoint, move_aside, step_of
 from .errors import UserError
 from .model_card import CardInfo
 
@@ -87,7 +88,7 @@ def prepare_output_dir(args, record: dict, fitted: set[str] = frozenset()) -> Ou
 def explicit_checkpoint(path: str, record: dict, fitted: set[str] = frozenset()) -> Path:
     """`--resume_from_checkpoint PATH`: a complete checkpoint, written by a run of the same settings as this command,
     compared as an automatic resume compares them: with the checkpoint's own record (`RecordInCheckpoints`), else
-    its run folder's (a checkpoint saved before checkpoints held one, or a Hub repository's `last-checkpoint/`)."""
+    its run folder's (a checkpoint saved before checkpoints held one)."""
     checkpoint = Path(path)
     if not checkpoint.is_dir():
         raise UserError(f"--resume_from_checkpoint '{checkpoint}' is not a directory")
@@ -97,8 +98,9 @@ def explicit_checkpoint(path: str, record: dict, fitted: set[str] = frozenset())
                         "from the newest complete checkpoint of --output_dir")
     saved = run_args.read(checkpoint) or run_args.read(checkpoint.parent)
     if saved is None:
-        logger.warning("--resume_from_checkpoint %s: no %s in it or beside it (not a run of this project): its "
-                       "settings cannot be compared with this command's", checkpoint, run_args.FILE)
+        logger.warning("--resume_from_checkpoint %s: no %s in it or beside it (not written by this project, or "
+                       "taken from the Hub, where the record does not go): its settings cannot be compared with this "
+                       "command's", checkpoint, run_args.FILE)
         return checkpoint
     changed = run_args.differences(saved, record, fitted)
     if changed:
@@ -123,29 +125,32 @@ def _check_resumable_into(out: Path, checkpoint: Path, finished: bool, main: boo
                         "choose another --output_dir")
     if main and checkpoint.resolve().parent == out.resolve():
         for step, path in own:
-            if step > _step(checkpoint):
+            if step > _global_step(checkpoint):
                 aside = move_aside(path, "superseded")
                 logger.warning("going on from %s: the newer %s is moved to %s", checkpoint.name, path.name, aside.name)
 
 
 def _clear_earlier_run(out: Path, keep: Path | None) -> None:
     """--overwrite_output_dir: the earlier run's checkpoints (but the one this run resumes from, and those before
-    it in the same folder, which its state names as the best so far) and its mark of a finished run
-    (all_results.json), so that this run, cut short, is never taken for it. Other files are left alone."""
-    inside = keep is not None and keep.resolve().parent == out.resolve()
+    it in the same folder, which its state names as the best so far) and what marks it finished (all_results.json,
+    the model's weights), so that this run, cut short anywhere before its end, is never taken for it. Other files
+    are left alone."""
+    last = _global_step(keep) if keep is not None and keep.resolve().parent == out.resolve() else None
     for old in out.glob("*checkpoint-*"):
-        if not (inside and old.name.startswith("checkpoint-") and _step(old) <= _step(keep)):
+        step = step_of(old)
+        kept = last is not None and (old.resolve() == keep.resolve() or (step is not None and step <= last))
+        if not kept:
             shutil.rmtree(old, ignore_errors=True)
-    (out / "all_results.json").unlink(missing_ok=True)
+    for done in ["all_results.json", "model.safetensors", "model.safetensors.index.json", *out.glob("model-*.safetensors")]:
+        (out / done).unlink(missing_ok=True)
+
+
+def _global_step(checkpoint: Path) -> int:
+    return json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
 
 
 def _checkpoints(out: Path) -> list[tuple[int, Path]]:
-    return sorted((_step(p), p) for p in out.glob("checkpoint-*") if p.is_dir() and p.name[11:].isdigit())
-
-
-def _step(checkpoint: Path) -> int:
-    name = checkpoint.name
-    return int(name[11:]) if name.startswith("checkpoint-") and name[11:].isdigit() else -1
+    return sorted((step_of(p), p) for p in out.glob("checkpoint-*") if p.is_dir() and step_of(p) is not None)
 
 
 class RecordInCheckpoints(TrainerCallback):
@@ -165,13 +170,20 @@ class RecordInCheckpoints(TrainerCallback):
 class FindBestCheckpoint(TrainerCallback):
     """A resumed state names its best checkpoint by the path the run had then; where that is no longer valid (a
     relative --output_dir resumed from another working folder, or spelt otherwise), the Trainer forgets it and the
-    run would end with its last weights. The best checkpoint is found again in the output directory, by its step."""
+    run would end with its last weights. The best checkpoint is found again by its step: in the output directory,
+    else beside the checkpoint named with --resume_from_checkpoint (a run continued in another folder)."""
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if state.best_model_checkpoint is None and state.best_global_step:
-            best = Path(args.output_dir) / f"checkpoint-{state.best_global_step}"
+        if state.best_model_checkpoint is not None or not state.best_global_step:
+            return
+        folders = [Path(args.output_dir)]
+        if args.resume_from_checkpoint:
+            folders.append(Path(args.resume_from_checkpoint).parent)
+        for folder in folders:
+            best = folder / f"checkpoint-{state.best_global_step}"
             if best.is_dir() and is_complete(best):
                 state.best_model_checkpoint = str(best)
+                return
 
 
 def report_finished(out: str, results: dict) -> dict:

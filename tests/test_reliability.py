@@ -539,18 +539,28 @@ class Cut(Exception):
 
 
 class CutAt(TrainerCallback):
-    """Ends the run at a step as a kill would, right after the checkpoint of that step."""
+    """Ends the run as a kill would: right after the checkpoint of a step, or in the final evaluation (after the
+    training's results are written)."""
 
-    def __init__(self, step: int):
-        self.step = step
+    def __init__(self, step: int | None = None):
+        self.step, self.trained = step, False
 
     def on_save(self, args, state, control, **kwargs):
         if state.global_step == self.step:
             raise Cut
 
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trained = True
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self.step is None and self.trained:
+            raise Cut
+
 
 @pytest.mark.slow
-def test_a_run_over_an_overwritten_one_is_not_taken_for_it_when_cut_short(tiny_resnet, cifar_like, tmp_path, caplog):
+@pytest.mark.parametrize("step", [2, None], ids=["after-a-checkpoint", "in-the-final-evaluation"])
+def test_a_run_over_an_overwritten_one_is_not_taken_for_it_when_cut_short(tiny_resnet, cifar_like, tmp_path, caplog,
+                                                                          step):
     """--overwrite_output_dir with other settings, killed before its end: the same command then resumes it, and
     does not report the earlier run's results as its own."""
     out = tmp_path / "run"
@@ -558,11 +568,11 @@ def test_a_run_over_an_overwritten_one_is_not_taken_for_it_when_cut_short(tiny_r
     other = short_run(tiny_resnet, cifar_like, out, "--seed", "3")
     handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Cut):
-        run_finetune.main([*other, "--overwrite_output_dir"], callbacks=[CutAt(2)])
+        run_finetune.main([*other, "--overwrite_output_dir"], callbacks=[CutAt(step)])
     signal.signal(signal.SIGTERM, handler)  # (the run's own handler, left installed by the cut)
     with caplog.at_level(logging.WARNING):
         run_finetune.main(other)
-    assert f"resuming from checkpoint {out / 'checkpoint-2'}" in caplog.text and "is complete" not in caplog.text
+    assert "resuming from checkpoint" in caplog.text and "is complete" not in caplog.text
 
 
 def class_folders(root: Path, seed: int) -> None:
@@ -631,7 +641,8 @@ def test_a_run_recorded_before_folders_were_whole_is_compared_as_it_was(tiny_res
 def test_a_resumed_run_finds_its_best_checkpoint_from_another_working_folder(tiny_resnet, cifar_like, tmp_path,
                                                                              monkeypatch):
     """A run whose --output_dir was relative names its best checkpoint relative to where it was started; resumed
-    from elsewhere at its last checkpoint (cut short after it), it still ends with its best weights."""
+    from elsewhere at its last checkpoint (cut short after it), in its own folder or continued in another one, it
+    still ends with its best weights."""
     from safetensors.torch import load_file
 
     monkeypatch.chdir(tmp_path)
@@ -649,9 +660,12 @@ def test_a_resumed_run_finds_its_best_checkpoint_from_another_working_folder(tin
     (last / "trainer_state.json").write_text(json.dumps(state))
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
+    best = load_file(tmp_path / "run" / "checkpoint-2" / "model.safetensors")
+    run_finetune.main([*flags, "--output_dir", str(tmp_path / "continued"), "--resume_from_checkpoint", str(last)])
     run_finetune.main([*flags, "--output_dir", str(tmp_path / "run")])
-    final, best = (load_file(tmp_path / "run" / f) for f in ("model.safetensors", "checkpoint-2/model.safetensors"))
-    assert all(torch.equal(final[k], best[k]) for k in best)
+    for folder in ("continued", "run"):
+        final = load_file(tmp_path / folder / "model.safetensors")
+        assert all(torch.equal(final[k], best[k]) for k in best), folder
 
 
 # ---------------------------------------------------------------- soak
