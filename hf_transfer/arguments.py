@@ -16,7 +16,7 @@ import re
 import sys
 from argparse import ArgumentDefaultsHelpFormatter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from transformers import HfArgumentParser
@@ -299,14 +299,38 @@ def parse_arguments(argv: Sequence[str], model_type: type = ModelArguments,
                      passed=given)
 
 
-def data_arguments(argv: Sequence[str]) -> DistillationDataArguments:
-    """The data flags of a saved command line (run_args.json's `argv`), as the run parsed them: the model and
-    training flags are left aside, so neither the checkpoint nor the recipe is needed."""
-    argv = [*arguments_file_flags(argv[0]), *argv[1:]] if argv and _is_arguments_file(argv[0]) else list(argv)
-    parser = ArgumentParser((DistillationDataArguments,))
-    data, _ = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    if data.train_dir and not any(a.split("=")[0] == "--dataset_name" for a in argv):
-        data.dataset_name = None  # as parse_arguments: the image folders are the data
+def data_arguments(saved: dict, instead: str) -> DistillationDataArguments:
+    """The data flags a saved run used (its run_args.json), whatever the working folder: as the run recorded them
+    (local folders whole, run_args.py). A run recorded before it kept them whole (no `working_dir`) has its
+    command line parsed again: its relative folders are relative to the folder it was started in, which it did not
+    record. A folder of the run's data that is not there is refused in one line, with what to do `instead`."""
+    whole = "working_dir" in saved
+    if whole:
+        names = {f.name for f in fields(DistillationDataArguments)}
+        recorded = {key.split(".", 1)[1]: value for key, value in saved["shaping"].items() if key.startswith("data.")}
+        data = DistillationDataArguments(**{key: value for key, value in recorded.items() if key in names})
+    else:
+        argv = list(saved["argv"])
+        if argv and _is_arguments_file(argv[0]):
+            if not Path(argv[0]).is_file():
+                raise UserError(f"the run's arguments file '{argv[0]}' is relative to the folder the run was started "
+                                f"in, which a run saved by an earlier version does not record; run the command from "
+                                f"that folder, or {instead}")
+            argv = [*arguments_file_flags(argv[0]), *argv[1:]]
+        data, _ = ArgumentParser((DistillationDataArguments,)).parse_args_into_dataclasses(
+            args=argv, return_remaining_strings=True)
+        if data.train_dir and not any(a.split("=")[0] == "--dataset_name" for a in argv):
+            data.dataset_name = None  # as parse_arguments: the image folders are the data
+    for flag in ("dataset_name", "train_dir", "validation_dir", "test_dir"):  # (what loading the data reads)
+        folder = getattr(data, flag)
+        local = folder and (flag.endswith("_dir") or folder.startswith((".", "/", "~")))  # (else maybe a Hub id)
+        if not local or Path(folder).expanduser().is_dir():
+            continue
+        if whole or Path(folder).expanduser().is_absolute():
+            raise UserError(f"the run's --{flag} '{folder}' is not a folder any more; {instead}")
+        raise UserError(f"the run's --{flag} '{folder}' is relative to the folder the run was started in, which a "
+                        f"run saved by an earlier version does not record; run the command from that folder, or "
+                        f"{instead}")
     return data
 
 

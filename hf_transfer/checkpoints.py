@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 import signal
 import struct
 import threading
@@ -71,10 +72,25 @@ def last_complete_checkpoint(output_dir: str | Path) -> str | None:
     for _, path in sorted(found, reverse=True):
         if is_complete(path):
             return str(path)
-        aside = path.with_name(f"incomplete-{path.name}")
+        aside = move_aside(path, "incomplete")
         logger.warning("checkpoint %s is incomplete (interrupted while saving); moved to %s", path, aside)
-        path.rename(aside)
     return None
+
+
+def step_of(checkpoint: Path) -> int | None:
+    """N of a `checkpoint-N` folder; None for any other name."""
+    match = _CHECKPOINT.match(checkpoint.name)
+    return int(match.group(1)) if match else None
+
+
+def move_aside(checkpoint: Path, why: str) -> Path:
+    """`checkpoint` renamed `<why>-checkpoint-N`, in place of an earlier one of that name (a run cut short twice
+    while saving the same step leaves two)."""
+    aside = checkpoint.with_name(f"{why}-{checkpoint.name}")
+    if aside.exists():
+        shutil.rmtree(aside)
+    checkpoint.rename(aside)
+    return aside
 
 
 class StopOnSignal(TrainerCallback):

@@ -130,11 +130,12 @@ def _verification_images(run: Path, folder: str | None, max_images: int | None) 
 
 
 def _run_split(saved: dict):
-    """(split name, its rows, the data set) of the run's own data: the same flags, the same seed, the same split."""
+    """(split name, its rows, the data set) of the run's own data: the data flags as the run recorded them (its
+    folders whole: from any working folder), the same seed, the same split."""
     from .arguments import data_arguments
     from .workflow import load_data
 
-    data_args = data_arguments(saved["argv"])
+    data_args = data_arguments(saved, instead="pass --images DIR with images to compare on")
     data = load_data(data_args, saved["shaping"].get("training.seed", 42))
     split, rows = ("test", data.test) if data.test is not None else ("validation", data.validation)
     return split, rows.with_format(None), data

@@ -1,10 +1,23 @@
 """Pushing an output directory to the Hugging Face Hub, at the end of a run or later.
 
-The run saves everything locally first; the push uploads the model (safetensors, config with
-the label names), the image processor, the model card and the result files, never the
-checkpoints' optimizer state, the teacher-logit cache or the pickled training arguments.
-A push that cannot work (offline, no token, token refused) is refused before training; one
-that fails at the end says so in one line with the command that pushes the saved directory.
+What goes up (docs/hub-tracking-report.md has it as a table, which the tests check):
+
+- The final push (`push_output_dir`: the end of every run with --push_to_hub, whatever its
+  --hub_strategy, and `python -m hf_transfer push`): the output directory as the run left it, the
+  model (safetensors, config with the label names), the image processor, the model card, the
+  result files and the TensorBoard logs; never the checkpoint folders, the teacher-logit cache,
+  any torch or pickle file, or run_args.json (the command line and the machine's folders; the card
+  says what shaped the model) (`IGNORE`).
+- The pushes during training (`push_checkpoint`, at every save): with --hub_strategy
+  every_save, checkpoint and all_checkpoints the checkpoint's model files to the repository's
+  root; with checkpoint and all_checkpoints also the checkpoint itself, to resume from, under
+  `last-checkpoint/` or `checkpoint-N/`: its optimizer, schedule and random-number states
+  (optimizer.pt, scheduler.pt, rng_state*.pth) and trainer_state.json with the model, never
+  the pickled training arguments (training_args.bin) or the checkpoint's copy of run_args.json.
+
+The run saves everything locally first. A push that cannot work (offline, no token, token
+refused) is refused before training; one that fails at the end says so in one line with the
+command that pushes the saved directory.
 """
 
 from __future__ import annotations
@@ -21,11 +34,14 @@ from .errors import UserError
 logger = logging.getLogger(__name__)
 _reachability_known = False
 
-# Checkpoints (optimizer state), files private to the run ("_*": the teacher-logit cache) and pickles
-# (training_args.bin) stay local. TensorBoard logs (runs/) go up: the Hub shows them in its metrics tab.
-IGNORE = ["checkpoint-*", "incomplete-checkpoint-*", "_*", "*.bin", "*.pt", "*.pth", ".write-test-*"]
+# The final push: checkpoints (and those moved aside: incomplete-, superseded-checkpoint-N), files private to the
+# run ("_*": the teacher-logit cache; run_args.json: the command line and this machine's folders), torch files and
+# pickles stay local. TensorBoard logs (runs/) go up: the Hub shows them in its metrics tab.
+IGNORE = ["*checkpoint-*", "_*", "run_args.json*", "*.bin", "*.pt", "*.pth", ".write-test-*"]
 MODEL_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors",
                "preprocessor_config.json"]
+# A checkpoint pushed to resume from: all of it but the pickled arguments and its copy of the run's record.
+CHECKPOINT_IGNORE = ["*.bin", "run_args.json*"]
 
 
 def check_hub_reachable(timeout: float = 3.0) -> None:
@@ -124,8 +140,8 @@ def push_checkpoint(checkpoint_folder: str | Path, repo_id: str, strategy: str, 
     schedule and random-number states (optimizer.pt, scheduler.pt, rng_state*.pth: torch files, which
     the Trainer reads back with `weights_only=True`: tensors, numbers and plain containers, nothing
     that runs code). Not the pickled training arguments (training_args.bin, which only a full unpickle
-    reads) and no card of the Trainer's: the run's own card comes with the final push. Returns the
-    upload futures.
+    reads; `CHECKPOINT_IGNORE`) and no card of the Trainer's: the run's own card comes with the final
+    push. Returns the upload futures.
     """
     api, folder = HfApi(), Path(checkpoint_folder)
     jobs = [api.upload_folder(repo_id=repo_id, folder_path=str(folder), allow_patterns=MODEL_FILES,
@@ -133,6 +149,6 @@ def push_checkpoint(checkpoint_folder: str | Path, repo_id: str, strategy: str, 
     if strategy in ("checkpoint", "all_checkpoints"):
         path_in_repo = "last-checkpoint" if strategy == "checkpoint" else folder.name
         jobs.append(api.upload_folder(repo_id=repo_id, folder_path=str(folder), path_in_repo=path_in_repo,
-                                      ignore_patterns=["*.bin"], commit_message=f"{message}, checkpoint",
+                                      ignore_patterns=CHECKPOINT_IGNORE, commit_message=f"{message}, checkpoint",
                                       revision=revision, run_as_future=True))
     return jobs

@@ -4,7 +4,8 @@ the run's arguments written into it.
 Nothing is created or overwritten by accident: a finished run of the same settings is reported and
 left as it is, a partial one resumes from its newest complete checkpoint, other settings are refused
 with what differs (run_args.py compares them), and a directory holding anything else needs
---overwrite_output_dir.
+--overwrite_output_dir. A checkpoint named with --resume_from_checkpoint is compared in the same way,
+with the record every checkpoint carries (`RecordInCheckpoints`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 from . import run_args
-from .checkpoints import is_complete, last_complete_checkpoint
+from .checkpoints import is_complete, last_complete_checkpoint, move_aside, step_of
 from .errors import UserError
 from .model_card import CardInfo
 
@@ -36,36 +39,30 @@ class OutputDir:
 def prepare_output_dir(args, record: dict, fitted: set[str] = frozenset()) -> OutputDir:
     """Check the output directory before any download (creating nothing); say what it holds for this run.
 
-    - `--resume_from_checkpoint PATH` resumes from PATH, if it is a complete checkpoint.
     - A finished run of the same settings (`record`, whose `fitted` keys the data will set;
       run_args.py) is left as it is: the command reports it and returns its results. A partial one
       resumes from its newest complete checkpoint (checkpoints.py). Either, with other settings, is
       refused with what differs.
+    - `--resume_from_checkpoint PATH` resumes from PATH, a complete checkpoint written with the same
+      settings (`explicit_checkpoint`), into an empty directory, the partial run it belongs to, or
+      a partial run of the same settings; a finished run's results are not replaced without
+      `--overwrite_output_dir`.
     - A directory holding anything else is refused unless `--overwrite_output_dir`, so no
       earlier result is lost by accident.
     """
     out = Path(args.output_dir)
-    if args.resume_from_checkpoint:
-        checkpoint = Path(args.resume_from_checkpoint)
-        if not checkpoint.is_dir():
-            raise UserError(f"--resume_from_checkpoint '{checkpoint}' is not a directory")
-        if not is_complete(checkpoint):
-            raise UserError(f"--resume_from_checkpoint '{checkpoint}' is not a complete checkpoint (cut short while it "
-                            "was written, or not a checkpoint); pass an earlier one, or leave the flag out to resume "
-                            "from the newest complete checkpoint of --output_dir")
-        return OutputDir(resume_from=str(checkpoint))
+    checkpoint = explicit_checkpoint(args.resume_from_checkpoint, record, fitted) if args.resume_from_checkpoint else None
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir '{out}' exists and is not a directory")
     _check_writable(out)
-    state = OutputDir()
+    state = OutputDir(resume_from=str(checkpoint) if checkpoint else None)
     # The main process looks first (and moves incomplete checkpoints aside); the others then agree with it.
     with args.main_process_first(local=False, desc="checking the output directory"):
         # Files a run writes before its first checkpoint (the teacher-logit cache, its arguments) are its own.
         if out.is_dir() and any(not p.name.startswith(("_teacher_logits-", run_args.FILE)) for p in out.iterdir()):
             if args.overwrite_output_dir:
                 if args.process_index == 0:
-                    for old in out.glob("*checkpoint-*"):
-                        shutil.rmtree(old, ignore_errors=True)
+                    _clear_earlier_run(out, keep=checkpoint)
                 return state
             finished = (out / "all_results.json").is_file() and (not args.do_train or (out / "model.safetensors").is_file())
             saved = run_args.read(out)
@@ -74,6 +71,9 @@ def prepare_output_dir(args, record: dict, fitted: set[str] = frozenset()) -> Ou
                 raise UserError(f"--output_dir '{out}' holds a {'finished' if finished else 'partial'} run with "
                                 f"other settings ({'; '.join(changed)}); pass --overwrite_output_dir to start "
                                 "afresh, or choose another --output_dir")
+            if checkpoint is not None:
+                _check_resumable_into(out, checkpoint, finished, args.process_index == 0)
+                return state
             if finished:
                 return OutputDir(finished=json.loads((out / "all_results.json").read_text()))
             state.resume_from = last_complete_checkpoint(out)
@@ -83,6 +83,107 @@ def prepare_output_dir(args, record: dict, fitted: set[str] = frozenset()) -> Ou
     if state.resume_from is not None:
         logger.warning("resuming from checkpoint %s", state.resume_from)
     return state
+
+
+def explicit_checkpoint(path: str, record: dict, fitted: set[str] = frozenset()) -> Path:
+    """`--resume_from_checkpoint PATH`: a complete checkpoint, written by a run of the same settings as this command,
+    compared as an automatic resume compares them: with the checkpoint's own record (`RecordInCheckpoints`), else
+    its run folder's (a checkpoint saved before checkpoints held one)."""
+    checkpoint = Path(path)
+    if not checkpoint.is_dir():
+        raise UserError(f"--resume_from_checkpoint '{checkpoint}' is not a directory")
+    if not is_complete(checkpoint):
+        raise UserError(f"--resume_from_checkpoint '{checkpoint}' is not a complete checkpoint (cut short while it "
+                        "was written, or not a checkpoint); pass an earlier one, or leave the flag out to resume "
+                        "from the newest complete checkpoint of --output_dir")
+    saved = run_args.read(checkpoint) or run_args.read(checkpoint.parent)
+    if saved is None:
+        logger.warning("--resume_from_checkpoint %s: no %s in it or beside it (not written by this project, or "
+                       "taken from the Hub, where the record does not go): its settings cannot be compared with this "
+                       "command's", checkpoint, run_args.FILE)
+        return checkpoint
+    changed = run_args.differences(saved, record, fitted)
+    if changed:
+        raise UserError(f"--resume_from_checkpoint '{checkpoint}' was written by a run with other settings "
+                        f"({'; '.join(changed)}): resume it with that run's settings, or train a new run from its "
+                        f"weights with --model_name_or_path {checkpoint}")
+    return checkpoint
+
+
+def _check_resumable_into(out: Path, checkpoint: Path, finished: bool, main: bool) -> None:
+    """An explicit checkpoint goes on in `out`, which holds a run of the same settings: not over a finished run's
+    results, and not into a directory that holds files but no run. Going on from one of the run's own checkpoints,
+    its newer ones are moved aside (`superseded-checkpoint-N`): they are not this continuation's, and a resume
+    after a kill must not take them for it."""
+    if finished:
+        raise UserError(f"--output_dir '{out}' holds a finished run: going on from --resume_from_checkpoint "
+                        f"'{checkpoint}' there would replace its results; choose another --output_dir for the "
+                        "continued run, or pass --overwrite_output_dir to replace them")
+    own = _checkpoints(out)
+    if not own and run_args.read(out) is None:
+        raise UserError(f"--output_dir '{out}' already holds files but no run; pass --overwrite_output_dir or "
+                        "choose another --output_dir")
+    if main and checkpoint.resolve().parent == out.resolve():
+        for step, path in own:
+            if step > _global_step(checkpoint):
+                aside = move_aside(path, "superseded")
+                logger.warning("going on from %s: the newer %s is moved to %s", checkpoint.name, path.name, aside.name)
+
+
+def _clear_earlier_run(out: Path, keep: Path | None) -> None:
+    """--overwrite_output_dir: the earlier run's checkpoints (but the one this run resumes from, and those before
+    it in the same folder, which its state names as the best so far) and what marks it finished (all_results.json,
+    the model's weights), so that this run, cut short anywhere before its end, is never taken for it. Other files
+    are left alone."""
+    last = _global_step(keep) if keep is not None and keep.resolve().parent == out.resolve() else None
+    for old in out.glob("*checkpoint-*"):
+        step = step_of(old)
+        kept = last is not None and (old.resolve() == keep.resolve() or (step is not None and step <= last))
+        if not kept:
+            shutil.rmtree(old, ignore_errors=True)
+    for done in ["all_results.json", "model.safetensors", "model.safetensors.index.json", *out.glob("model-*.safetensors")]:
+        (out / done).unlink(missing_ok=True)
+
+
+def _global_step(checkpoint: Path) -> int:
+    return json.loads((checkpoint / "trainer_state.json").read_text())["global_step"]
+
+
+def _checkpoints(out: Path) -> list[tuple[int, Path]]:
+    return sorted((step_of(p), p) for p in out.glob("checkpoint-*") if p.is_dir() and step_of(p) is not None)
+
+
+class RecordInCheckpoints(TrainerCallback):
+    """Every checkpoint holds a copy of the run's record (run_args.json), so that one taken to another folder still
+    says which settings wrote it (`explicit_checkpoint`). Copied whole or not at all: a kill mid-copy leaves no
+    half record."""
+
+    def on_save(self, args, state, control, **kwargs):
+        record = Path(args.output_dir) / run_args.FILE
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if args.should_save and record.is_file() and folder.is_dir():
+            partial = folder / f"{run_args.FILE}.partial"
+            shutil.copyfile(record, partial)
+            os.replace(partial, folder / run_args.FILE)
+
+
+class FindBestCheckpoint(TrainerCallback):
+    """A resumed state names its best checkpoint by the path the run had then; where that is no longer valid (a
+    relative --output_dir resumed from another working folder, or spelt otherwise), the Trainer forgets it and the
+    run would end with its last weights. The best checkpoint is found again by its step: in the output directory,
+    else beside the checkpoint named with --resume_from_checkpoint (a run continued in another folder)."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.best_model_checkpoint is not None or not state.best_global_step:
+            return
+        folders = [Path(args.output_dir)]
+        if args.resume_from_checkpoint:
+            folders.append(Path(args.resume_from_checkpoint).parent)
+        for folder in folders:
+            best = folder / f"checkpoint-{state.best_global_step}"
+            if best.is_dir() and is_complete(best):
+                state.best_model_checkpoint = str(best)
+                return
 
 
 def report_finished(out: str, results: dict) -> dict:

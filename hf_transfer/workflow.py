@@ -27,6 +27,7 @@ from .metrics import ComputeMetrics
 from .model_card import CardInfo, write_model_card
 from .models.loading import LoadedModel, load_model
 from .models.structure import depth_groups
+from .output_dir import FindBestCheckpoint, RecordInCheckpoints
 from .tracking import (
     LastStepLog,
     RunConfigCallback,
@@ -88,7 +89,7 @@ def trainer_kwargs(args, data: ImageData, loaded: LoadedModel, run_config: dict 
     """What every trainer of this project is built from (nothing is changed here: the arguments and the model are
     as the caller left them); `callbacks`: the caller's, after the project's."""
     callbacks = [StopOnSignal(), EpochCallback(data.epoch), RunConfigCallback(run_config or {}, [*tags, loaded.family]),
-                 ThroughputCallback(), LastStepLog(), *callbacks]
+                 ThroughputCallback(), LastStepLog(), RecordInCheckpoints(), FindBestCheckpoint(), *callbacks]
     schedule = args.stage_schedule()
     if schedule is not None:
         for _, stage in schedule:

@@ -11,9 +11,11 @@ import numpy as np
 import onnx
 import onnxruntime
 import pytest
-from helpers import make_checkpoint, random_images
+from conftest import quick_flags
+from helpers import colour_dataset, make_checkpoint, random_images
 from transformers import AutoConfig
 
+import run_finetune
 from hf_transfer import export
 from hf_transfer.commands.tools import main as tools
 from hf_transfer.errors import run_cli
@@ -57,6 +59,46 @@ def test_a_transformers_run_exports_and_so_does_its_checkpoint_folder(cifar_teac
     checkpoint = sorted(run_dir.glob("checkpoint-*"))[-1]  # its images are its run's (run_args.json one level up)
     results = exported(checkpoint, tmp_path / "ckpt", "--max_images", "7")
     assert results["images"] == 7 and results["top1_disagreements"] == 0
+
+
+@pytest.mark.slow
+def test_a_run_on_relative_folders_exports_from_any_working_folder(tiny_resnet, tmp_path, monkeypatch, capsys):
+    """Class folders named relative to where the run was started: export, started elsewhere, checks the run's own
+    test split (what the run recorded, not its command line read again from here). A run recorded before folders
+    were recorded whole is refused from elsewhere in one line that says what to do, and exports from its folder."""
+    started, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    for split, part in colour_dataset(n_per_class=6).items():
+        for i, row in enumerate(part):
+            folder = started / "data" / split / part.features["label"].names[row["label"]]
+            folder.mkdir(parents=True, exist_ok=True)
+            row["img"].save(folder / f"{i}.png")
+    elsewhere.mkdir()
+    monkeypatch.chdir(started)
+    run_finetune.main(["--model_name_or_path", tiny_resnet, "--train_dir", "data/train", "--test_dir", "data/test",
+                       "--output_dir", "runs/colours", "--max_steps", "3", *quick_flags()])
+    run_dir = started / "runs" / "colours"
+    monkeypatch.chdir(elsewhere)
+    results = exported(run_dir, tmp_path / "onnx")
+    assert results["images"] == len(list((started / "data" / "test").rglob("*.png"))) == 18
+    check_served_like_the_run(run_dir, tmp_path / "onnx", results)
+
+    saved = json.loads((run_dir / "run_args.json").read_text())
+    del saved["working_dir"]  # as an earlier version wrote it: the command line as typed, nothing else
+    (run_dir / "run_args.json").write_text(json.dumps(saved))
+    code = run_cli(tools, ["export", str(run_dir), "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err[-1] == ("error: the run's --train_dir 'data/train' is relative to the folder the run was "
+                                     "started in, which a run saved by an earlier version does not record; run the "
+                                     "command from that folder, or pass --images DIR with images to compare on")
+    monkeypatch.chdir(started)
+    assert exported(run_dir, tmp_path / "again", "--max_images", "4")["images"] == 4
+    # the data moved away since: said in one line too
+    (run_dir / "run_args.json").write_text(json.dumps({**saved, "working_dir": str(started)}))
+    (started / "data").rename(tmp_path / "moved")
+    assert run_cli(tools, ["export", str(run_dir), "--output", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: the run's --train_dir '{(started / 'data' / 'train').resolve()}' is not a folder any more; pass --images DIR with "
+        "images to compare on")
 
 
 def test_a_model_without_a_run_exports_against_a_folder_of_images(tmp_path):

@@ -2,6 +2,7 @@
 
 import fnmatch
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -194,6 +195,51 @@ def test_report_needs_finished_runs(tmp_path):
         build_report([tmp_path], tmp_path / "out")
 
 
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "hub-tracking-report.md"
+
+
+def documented(first_cell: str) -> list[str]:
+    """The backquoted names in the cells after `first_cell` of the docs' table row that starts with it."""
+    row = next(line for line in DOCS.read_text().splitlines() if line.startswith(f"| {first_cell} |"))
+    return [re.findall(r"`([^`]+)`", cell) for cell in row.strip("|").split("|")[1:]]
+
+
+def matches(path: str, pattern: str) -> bool:
+    """A documented name: a file name pattern (`*.pt`), or a folder (`runs/`) and everything in it."""
+    if pattern.endswith("/"):
+        return path.startswith(pattern)
+    return any(fnmatch.fnmatch(part, pattern) for part in path.split("/"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["end", "every_save", "checkpoint", "all_checkpoints"])
+def test_each_hub_strategy_uploads_what_the_docs_say(strategy, tiny_resnet, cifar_like, tmp_path, monkeypatch):
+    """docs/hub-tracking-report.md's two tables, against what a run with the Hub client replaced uploads: at each
+    save (the root's files, and the checkpoint's under its folder) and at the end (every file it holds that the
+    docs say goes up, none they say stays local, none they do not name)."""
+    hub = FakeHub(monkeypatch)
+    out = tmp_path / "run"
+    run_finetune.main(["--model_name_or_path", tiny_resnet, "--dataset_name", cifar_like, "--output_dir", str(out),
+                       "--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1", "--eval_strategy", "steps",
+                       "--eval_steps", "1", "--push_to_hub", "--hub_model_id", "me/run", "--hub_strategy", strategy,
+                       *quick_flags(), "--report_to", "tensorboard"])
+    *during, final = hub.uploads
+    root, checkpoint = documented(f"`{strategy}`" + (" (the default)" if strategy == "end" else ""))
+    folder, files = (checkpoint[0], checkpoint[1:]) if checkpoint else (None, [])
+    folders = [folder.replace("N", str(step)) for step in (1, 2)] if folder == "checkpoint-N/" else [folder]
+    expected = {*root, *(f"{f}{name}" for f in folders if f for name in files)}
+    assert {name for upload in during for name in upload["files"]} == expected
+    assert len(during) == 2 * (bool(root) + bool(files))  # at each of the two saves
+
+    goes_up, stays_local = documented("goes up")[0], documented("stays local")[0]
+    local = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()]
+    assert any(name.startswith("runs/") for name in local) and any(name.startswith("checkpoint-") for name in local)
+    assert set(final["files"]) == {name for name in local if not any(matches(name, p) for p in stays_local)}
+    assert all(any(matches(name, p) for p in goes_up) for name in final["files"]), final["files"]
+    assert final["card"] is not None and all(upload["card"] is None for upload in during)
+
+
 def test_ignore_patterns_cover_the_private_files():
-    for name in ("checkpoint-10", "_teacher_logits-abc.safetensors", "training_args.bin", "optimizer.pt"):
+    for name in ("checkpoint-10", "incomplete-checkpoint-12", "superseded-checkpoint-14", "run_args.json",
+                 "_teacher_logits-abc.safetensors", "training_args.bin", "optimizer.pt"):
         assert any(fnmatch.fnmatch(name, p) for p in IGNORE), name

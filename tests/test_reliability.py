@@ -2,6 +2,7 @@
 
 import gc
 import json
+import logging
 import os
 import shutil
 import signal
@@ -164,6 +165,17 @@ def test_completeness_checks_each_file(tmp_path):
 
 
 # ---------------------------------------------------------------- non-finite losses
+
+
+def test_a_run_cut_short_twice_while_saving_the_same_step_resumes(tmp_path):
+    """The second incomplete checkpoint-N takes the place of the first one moved aside (a kill that comes at the
+    same save each time: memory, a time limit)."""
+    for attempt in range(2):
+        (tmp_path / "checkpoint-2").mkdir()
+        (tmp_path / "checkpoint-2" / "trainer_state.json").write_text("{")  # cut short while written
+        (tmp_path / "checkpoint-2" / "attempt").write_text(str(attempt))
+        assert last_complete_checkpoint(tmp_path) is None
+    assert (tmp_path / "incomplete-checkpoint-2" / "attempt").read_text() == "1"
 
 
 class NanAt:
@@ -463,6 +475,197 @@ def test_the_hub_token_is_written_nowhere(tiny_resnet, cifar_like, tmp_path, mon
     assert [p for p in written if token.encode() in p.read_bytes()] == []
     captured = capfd.readouterr()
     assert token not in captured.out and token not in captured.err
+
+
+# ---------------------------------------------------------------- run folders: an explicit checkpoint, another working folder
+
+
+def short_run(model, data, out, *extra):
+    """4 steps, a checkpoint and an evaluation every 2: checkpoint-2 is an earlier checkpoint of a finished run."""
+    return ["--model_name_or_path", model, "--dataset_name", data, "--output_dir", str(out), "--max_steps", "4",
+            "--save_strategy", "steps", "--save_steps", "2", "--eval_strategy", "steps", "--eval_steps", "2",
+            "--learning_rate", "0.01", *extra, *quick_flags()]
+
+
+def files_of(folder: Path) -> dict:
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow
+def test_an_explicit_checkpoint_is_compared_like_an_automatic_resume(tiny_resnet, cifar_like, tmp_path):
+    out = tmp_path / "run"
+    run_finetune.main(short_run(tiny_resnet, cifar_like, out))
+    finished, earlier = files_of(out), out / "checkpoint-2"
+    # other settings from an earlier checkpoint of a finished run: refused, the finished run left as it was
+    with pytest.raises(UserError, match=r"'.*checkpoint-2' was written by a run with other settings \(learning_rate "
+                                        r"0.01 -> 0.5; max_steps 4 -> 6\): resume it with that run's settings, or "
+                                        r"train a new run from its weights with --model_name_or_path"):
+        run_finetune.main([*short_run(tiny_resnet, cifar_like, out, "--learning_rate", "0.5", "--max_steps", "6"),
+                           "--resume_from_checkpoint", str(earlier)])
+    # the same settings: still not over the finished run's results without --overwrite_output_dir
+    with pytest.raises(UserError, match="holds a finished run: going on from --resume_from_checkpoint .* would "
+                                        "replace its results"):
+        run_finetune.main([*short_run(tiny_resnet, cifar_like, out), "--resume_from_checkpoint", str(earlier)])
+    assert files_of(out) == finished
+
+    # a checkpoint taken out of its run folder carries the settings that wrote it
+    alone = tmp_path / "kept" / "step-2"
+    shutil.copytree(earlier, alone)
+    with pytest.raises(UserError, match=r"'.*step-2' was written by a run with other settings \(learning_rate "
+                                        r"0.01 -> 0.5\)"):
+        run_finetune.main([*short_run(tiny_resnet, cifar_like, tmp_path / "new", "--learning_rate", "0.5"),
+                           "--resume_from_checkpoint", str(alone)])
+    assert not (tmp_path / "new").exists()
+    # ... and with the same settings goes on in a new folder as the run went on in its own
+    elsewhere = tmp_path / "elsewhere"
+    run_finetune.main([*short_run(tiny_resnet, cifar_like, elsewhere), "--resume_from_checkpoint", str(alone)])
+    assert_identical(out, elsewhere)
+
+    # an interrupted run goes on from an earlier checkpoint of its own; its newer one is not this continuation's
+    for name in ("all_results.json", "model.safetensors"):
+        (out / name).unlink()
+    run_finetune.main([*short_run(tiny_resnet, cifar_like, out), "--resume_from_checkpoint", str(earlier)])
+    assert (out / "superseded-checkpoint-4").is_dir() and (out / "checkpoint-4").is_dir()
+    assert_identical(elsewhere, out)
+    # --overwrite_output_dir replaces a finished run's results from one of its checkpoints, keeping that one
+    run_finetune.main([*short_run(tiny_resnet, cifar_like, out), "--resume_from_checkpoint", str(earlier),
+                       "--overwrite_output_dir"])
+    assert not (out / "superseded-checkpoint-4").exists()
+    assert_identical(elsewhere, out)
+
+
+class Cut(Exception):
+    pass
+
+
+class CutAt(TrainerCallback):
+    """Ends the run as a kill would: right after the checkpoint of a step, or in the final evaluation (after the
+    training's results are written)."""
+
+    def __init__(self, step: int | None = None):
+        self.step, self.trained = step, False
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            raise Cut
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trained = True
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if self.step is None and self.trained:
+            raise Cut
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", [2, None], ids=["after-a-checkpoint", "in-the-final-evaluation"])
+def test_a_run_over_an_overwritten_one_is_not_taken_for_it_when_cut_short(tiny_resnet, cifar_like, tmp_path, caplog,
+                                                                          step):
+    """--overwrite_output_dir with other settings, killed before its end: the same command then resumes it, and
+    does not report the earlier run's results as its own."""
+    out = tmp_path / "run"
+    run_finetune.main(short_run(tiny_resnet, cifar_like, out))
+    other = short_run(tiny_resnet, cifar_like, out, "--seed", "3")
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Cut):
+        run_finetune.main([*other, "--overwrite_output_dir"], callbacks=[CutAt(step)])
+    signal.signal(signal.SIGTERM, handler)  # (the run's own handler, left installed by the cut)
+    with caplog.at_level(logging.WARNING):
+        run_finetune.main(other)
+    assert "resuming from checkpoint" in caplog.text and "is complete" not in caplog.text
+
+
+def class_folders(root: Path, seed: int) -> None:
+    """root/data/{train,test}/{red,green,blue}/*.png"""
+    from helpers import colour_dataset
+
+    for split, part in colour_dataset(n_per_class=6, seed=seed).items():
+        for i, row in enumerate(part):
+            folder = root / "data" / split / part.features["label"].names[row["label"]]
+            folder.mkdir(parents=True, exist_ok=True)
+            row["img"].save(folder / f"{i}.png")
+
+
+@pytest.mark.slow
+def test_a_run_records_its_folders_whole_and_is_the_same_run_from_any_working_folder(
+        tiny_resnet, tmp_path, monkeypatch, caplog):
+    first, second = tmp_path / "first", tmp_path / "second"
+    class_folders(first, seed=0)
+    class_folders(second, seed=1)  # the same relative paths, other images
+    flags = ["--model_name_or_path", tiny_resnet, "--train_dir", "data/train", "--test_dir", "data/test",
+             "--max_steps", "2", *quick_flags()]
+    monkeypatch.chdir(first)
+    results = run_finetune.main([*flags, "--output_dir", "runs/x"])
+    saved = json.loads((first / "runs" / "x" / "run_args.json").read_text())
+    assert saved["working_dir"] == str(first.resolve())
+    assert saved["shaping"]["data.train_dir"] == str((first / "data" / "train").resolve())
+    assert saved["shaping"]["model.model_name_or_path"] == str(Path(tiny_resnet).resolve())
+
+    monkeypatch.chdir(second)
+    run = str(first / "runs" / "x")
+    # the same words from another folder name other data: not this run
+    with pytest.raises(UserError, match=r"holds a finished run with other settings \(test_dir .*first/data/test -> "
+                                        r".*second/data/test; train_dir .*first/data/train -> .*second/data/train\)"):
+        run_finetune.main([*flags, "--output_dir", run])
+    # the run's own folders named from here: the same run, reported as it is
+    ours = [str(first / "data" / "train") if f == "data/train" else str(first / "data" / "test") if f == "data/test"
+            else f for f in flags]
+    with caplog.at_level(logging.WARNING):
+        assert run_finetune.main([*ours, "--output_dir", run]) == json.loads((Path(run) / "all_results.json").read_text())
+    assert "is complete" in caplog.text and results["test_accuracy"] is not None
+
+
+@pytest.mark.slow
+def test_a_run_recorded_before_folders_were_whole_is_compared_as_it_was(tiny_resnet, tmp_path, monkeypatch):
+    """An older run_args.json (no working_dir, folders as typed, a setting of a later version missing) of a finished
+    run: its own command, from its own folder, is still that run."""
+    class_folders(tmp_path, seed=0)
+    monkeypatch.chdir(tmp_path)
+    flags = ["--model_name_or_path", tiny_resnet, "--train_dir", "data/train", "--output_dir", "runs/x",
+             "--max_steps", "2", *quick_flags()]
+    first = run_finetune.main(flags)
+    path = tmp_path / "runs" / "x" / "run_args.json"
+    saved = json.loads(path.read_text())
+    saved.pop("working_dir")
+    saved["shaping"]["data.train_dir"] = "data/train"
+    saved["shaping"]["model.model_name_or_path"] = os.path.relpath(tiny_resnet, tmp_path)
+    path.write_text(json.dumps(saved))
+    assert run_finetune.main(flags) == first
+    del saved["shaping"]["training.seed"]  # a setting the version that wrote the run did not have
+    path.write_text(json.dumps(saved))
+    with pytest.raises(UserError, match=r"seed \(not recorded by the version that wrote the run\) -> 42"):
+        run_finetune.main(flags)
+
+
+@pytest.mark.slow
+def test_a_resumed_run_finds_its_best_checkpoint_from_another_working_folder(tiny_resnet, cifar_like, tmp_path,
+                                                                             monkeypatch):
+    """A run whose --output_dir was relative names its best checkpoint relative to where it was started; resumed
+    from elsewhere at its last checkpoint (cut short after it), in its own folder or continued in another one, it
+    still ends with its best weights."""
+    from safetensors.torch import load_file
+
+    monkeypatch.chdir(tmp_path)
+    flags = ["--model_name_or_path", tiny_resnet, "--dataset_name", cifar_like, "--num_train_epochs", "1",
+             "--save_strategy", "steps", "--save_steps", "2", "--eval_strategy", "steps", "--eval_steps", "2",
+             "--save_total_limit", "5", *quick_flags()]
+    run_finetune.main([*flags, "--output_dir", "run"])
+    for name in ("all_results.json", "model.safetensors"):
+        (tmp_path / "run" / name).unlink()
+    last = Path(last_complete_checkpoint(tmp_path / "run"))  # the end of the epoch: nothing is left to train
+    state = json.loads((last / "trainer_state.json").read_text())
+    assert state["best_model_checkpoint"] == f"run/checkpoint-{state['best_global_step']}"  # relative
+    # the state of a run whose evaluation at step 2 was its best (which step is best depends on the numbers)
+    state.update(best_global_step=2, best_model_checkpoint="run/checkpoint-2")
+    (last / "trainer_state.json").write_text(json.dumps(state))
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    best = load_file(tmp_path / "run" / "checkpoint-2" / "model.safetensors")
+    run_finetune.main([*flags, "--output_dir", str(tmp_path / "continued"), "--resume_from_checkpoint", str(last)])
+    run_finetune.main([*flags, "--output_dir", str(tmp_path / "run")])
+    for folder in ("continued", "run"):
+        final = load_file(tmp_path / folder / "model.safetensors")
+        assert all(torch.equal(final[k], best[k]) for k in best), folder
 
 
 # ---------------------------------------------------------------- soak
