@@ -11,7 +11,8 @@ What it adds to TransferTrainer, and why:
   a mixed-size batch once per model on the CPU (`samples.UInt8Collator`), never the teacher's
   input from the student's.
 - `log`: the two terms of the loss (`ce_loss`, `kd_loss`), averaged over each logging window.
-- `extra_test_metrics`: the teacher's test accuracy and the student-teacher agreement.
+- `extra_test_metrics`: the teacher's test accuracy and the student-teacher agreement, each model predicting as
+  it does on its own (with several labels per image, each at its own decision threshold).
 
 The teacher is frozen (eval mode, no gradients, not in the optimizer) and lives beside the
 model, not inside it, so it is never saved into the student's checkpoints or pushed.
@@ -47,6 +48,7 @@ class DistillationTrainer(TransferTrainer):
         kwargs["data_collator"] = kwargs["data_collator"].with_view(TEACHER_VIEW, teacher_spec)
         super().__init__(*args, **kwargs)
         self.teacher_input = ToModelInput(teacher_spec)
+        self.teacher_task = self.task.of_model(teacher.config)  # several labels per image: the teacher's threshold
         self.teacher = self._prepare_teacher(teacher)
         self.teacher_logits: torch.Tensor | None = None  # (rows, classes), set by `use_cached_teacher_logits`
         self._teacher_flops: int | None = None
@@ -146,14 +148,17 @@ class DistillationTrainer(TransferTrainer):
         return torch.cat(all_rows).numpy(), torch.cat(all_logits).numpy()
 
     def extra_test_metrics(self, dataset, output) -> dict[str, float]:
-        """The teacher's test score, and the share of test images on which the student predicts what it does (the
-        same class; with several labels per image, the same label set at the student's threshold)."""
+        """The teacher's test scores as its own evaluation gives them, and the share of test images on which the
+        student predicts what the teacher does: the same class; with several labels per image, the same label set,
+        each model's at its own decision threshold (the student's chosen on this run's validation split, the
+        teacher's the one it was saved with: `test_teacher_threshold`)."""
         _, teacher_logits = self.teacher_predict(dataset, "teacher on the test split")
-        teacher = self.task.metrics(teacher_logits, output.label_ids)
-        same = self.task.predictions(teacher_logits) == self.task.predictions(output.predictions)
+        teacher = self.teacher_task.metrics(teacher_logits, output.label_ids)
+        same = self.teacher_task.predictions(teacher_logits) == self.task.predictions(output.predictions)
         return {
             "test_teacher_accuracy": teacher["accuracy"],
-            **({"test_teacher_map": teacher["map"]} if "map" in teacher else {}),
+            **({"test_teacher_map": teacher["map"], "test_teacher_threshold": teacher["threshold"]}
+               if self.task.multi_label else {}),
             "test_agreement": float(same.reshape(len(same), -1).all(-1).mean()),
         }
 
