@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -38,6 +40,7 @@ from .transfer_trainer import BatchCounts, TransferTrainer
 
 logger = logging.getLogger(__name__)
 TEACHER_VIEW = "teacher"
+CACHE_PREFIX = "_teacher_logits-"  # the cache files in an output directory (output_dir.py keeps them)
 
 
 class DistillationTrainer(TransferTrainer):
@@ -165,8 +168,15 @@ class DistillationTrainer(TransferTrainer):
     def use_cached_teacher_logits(self, dataset, path: Path) -> None:
         """Compute the teacher's logits for every training image once (or load them), and train from them.
 
-        Only valid without augmentation: the cached logits are those of the unaugmented image.
+        Only valid without augmentation: the cached logits are those of the unaugmented image. The output
+        directory's other cache files (another teacher's, or older contents of the images: `teacher_cache_path`)
+        are deleted: nothing will read them again.
         """
+        if self.is_world_process_zero():
+            for stale in path.parent.glob(f"{CACHE_PREFIX}*"):
+                if stale.name != path.name:
+                    stale.unlink()
+                    logger.info("deleted the teacher-logit cache %s (another teacher or other images)", stale.name)
         if path.exists():
             stored = load_file(str(path))
             rows, logits = stored["rows"], stored["logits"]
@@ -182,12 +192,40 @@ class DistillationTrainer(TransferTrainer):
         self.teacher_logits = table.to(self.args.device)
 
 
-def teacher_cache_path(output_dir: str, teacher: torch.nn.Module, teacher_spec: ImageSpec, dataset) -> Path:
-    """Where the cached logits of this teacher on this data live; any change gives another file."""
-    digest = hashlib.sha256()
+def teacher_cache_path(output_dir: str, teacher: torch.nn.Module, teacher_spec: ImageSpec, dataset,
+                       image_column: str, precision: str = "fp32") -> Path:
+    """Where the cached logits of this teacher on these images live; any change gives another file: the teacher's
+    weights, its input (`teacher_spec`), the training rows (the data set's fingerprint: which rows, in which order,
+    and what its table holds), the contents of the image files those rows name (`image_files_digest`) and the
+    precision the teacher runs in (bf16 logits differ from fp32 ones)."""
+    digest = hashlib.sha256(precision.encode())
     for name, tensor in sorted(teacher.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     digest.update(repr(teacher_spec).encode())
     digest.update(dataset_fingerprint(dataset).encode())
-    return Path(output_dir) / f"_teacher_logits-{digest.hexdigest()[:16]}.safetensors"
+    digest.update(image_files_digest(dataset, image_column).encode())
+    return Path(output_dir) / f"{CACHE_PREFIX}{digest.hexdigest()[:16]}.safetensors"
+
+
+def image_files_digest(dataset, image_column: str) -> str:
+    """A hash of the bytes of every image file the rows name without holding its bytes, in row order ("" when every
+    row holds its bytes). An image folder's rows hold only paths (`data/dataset.py`, datasets' imagefolder, the
+    images of --unlabeled_dir), so a data set's fingerprint stays the same when a file is overwritten with other
+    pixels. The bytes, not the files' sizes and times: a copy that keeps the times (`cp -p`, `rsync -a`, an
+    archive unpacked) changes neither. Reading them costs a fraction of one epoch's decoding of the same files
+    (benchmarks/cache_key.py: 19 s for 180,000 small JPEGs on 2 cores, where decoding each once took 126 s)."""
+    cells = dataset.data.column(image_column)  # the whole table (any row the data set selects), not its bytes
+    if not pc.any(pc.is_null(pc.struct_field(cells, "bytes"))).as_py():
+        return ""
+    stored = dataset.with_format(None).select_columns([image_column])
+    paths = []
+    for start in range(0, len(stored), 4096):
+        paths += [c["path"] if c and c.get("bytes") is None else None for c in stored[start:start + 4096][image_column]]
+    with ThreadPoolExecutor(max_workers=8) as pool:  # reading files: threads overlap the I/O, hashlib drops the GIL
+        hashes = pool.map(_file_sha256, paths, chunksize=256)
+        return hashlib.sha256("".join(hashes).encode()).hexdigest()
+
+
+def _file_sha256(path: str | None) -> str:
+    return "-" if path is None else hashlib.sha256(Path(path).read_bytes()).hexdigest()
