@@ -46,10 +46,7 @@ def test_end_to_end(cifar_teacher, student_checkpoint, cifar_like, tmp_path, mon
     # the teacher scored as its own run scored it; agreement: the share of test images both predict alike
     teacher_test = json.loads((Path(cifar_teacher) / "test_results.json").read_text())
     assert test["test_teacher_accuracy"] == pytest.approx(teacher_test["test_accuracy"])
-    predicted = [json.loads((run / "test_predictions.json").read_text()) for run in (Path(cifar_teacher), out)]
-    by_row = [dict(zip(p["rows"], p["predictions"])) for p in predicted]
-    assert by_row[0].keys() == by_row[1].keys()
-    assert test["test_agreement"] == pytest.approx(np.mean([by_row[0][r] == by_row[1][r] for r in by_row[0]]))
+    assert_agreement(test["test_agreement"], Path(cifar_teacher), out)
 
     # both terms are logged at every training log
     train_logs = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
@@ -169,6 +166,36 @@ def test_on_mixed_sizes_the_teacher_is_scored_as_in_its_own_evaluation(textures,
                                   *quick_flags(), "--augmentation", augmentation])
     assert own["test_accuracy"] >= 0.6  # 4 classes: chance is 0.25, where a 16 px view leaves the teacher
     assert distilled["test_teacher_accuracy"] == pytest.approx(own["test_accuracy"])
+    assert_agreement(distilled["test_agreement"], tmp_path / "eval", tmp_path / "d")
+
+
+@pytest.mark.slow
+def test_teacher_accuracy_and_agreement_come_from_each_models_own_predictions(student_checkpoint, cifar_like,
+                                                                               tmp_path):
+    """A teacher of random weights (wrong on many test images, unlike the trained ones above, with which agreement
+    equals the student's accuracy): its accuracy is its own evaluation's, agreement the share of test images on
+    which its predictions and the student's are the same class."""
+    import run_finetune
+
+    teacher = load_model(make_checkpoint("vit", tmp_path / "random"), ["red", "green", "blue"])
+    teacher.model.save_pretrained(tmp_path / "teacher")
+    teacher.spec.to_image_processor().save_pretrained(tmp_path / "teacher")
+    own = run_finetune.main(["--model_name_or_path", str(tmp_path / "teacher"), "--dataset_name", cifar_like,
+                             "--do_train", "false", "--output_dir", str(tmp_path / "eval"), *quick_flags()])
+    distilled = run_distill.main(["--teacher_model_name_or_path", str(tmp_path / "teacher"),
+                                  "--student_model_name_or_path", student_checkpoint, "--dataset_name", cifar_like,
+                                  "--output_dir", str(tmp_path / "d"), "--max_steps", "3", *quick_flags()])
+    assert own["test_accuracy"] < 0.9 and distilled["test_teacher_accuracy"] == pytest.approx(own["test_accuracy"])
+    assert distilled["test_agreement"] != pytest.approx(distilled["test_accuracy"])  # the two can be told apart
+    assert_agreement(distilled["test_agreement"], tmp_path / "eval", tmp_path / "d")
+
+
+def assert_agreement(agreement: float, teacher_run: Path, student_run: Path) -> None:
+    """`agreement` is the share of test images on which the two runs' own test predictions are the same."""
+    predicted = [json.loads((run / "test_predictions.json").read_text()) for run in (teacher_run, student_run)]
+    by_row = [dict(zip(p["rows"], p["predictions"])) for p in predicted]
+    assert by_row[0].keys() == by_row[1].keys()
+    assert agreement == pytest.approx(np.mean([by_row[0][r] == by_row[1][r] for r in by_row[0]]))
 
 
 @pytest.mark.parametrize("mixup", ["0", "0.4"])
