@@ -63,6 +63,9 @@ def prepare_output_dir(args, record: dict, fitted: set[str] = frozenset()) -> Ou
             if args.overwrite_output_dir:
                 if args.process_index == 0:
                     _clear_earlier_run(out, keep=checkpoint)
+                    if not getattr(args, "cache_teacher_logits", False):  # a cached run keeps only its own (distill)
+                        for old in out.glob("_teacher_logits-*"):
+                            old.unlink()
                 return state
             finished = (out / "all_results.json").is_file() and (not args.do_train or (out / "model.safetensors").is_file())
             saved = run_args.read(out)

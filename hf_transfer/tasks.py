@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ from .metrics import (
 )
 
 THRESHOLDS = np.round(np.arange(0.05, 0.96, 0.05), 2)  # the candidates `MultiLabel.choose_threshold` tries
+DEFAULT_THRESHOLD = 0.5  # a multi-label model's before one is chosen, and a saved model's that carries none
 
 
 @dataclass
@@ -87,6 +88,10 @@ class SingleLabel:
     def predictions(self, logits: np.ndarray) -> np.ndarray:
         return np.asarray(logits).argmax(-1)
 
+    def of_model(self, config) -> SingleLabel:
+        """This task as another saved model of it predicts (a distillation teacher): one class per image, the same."""
+        return self
+
     def write_test_report(self, *args, **kwargs) -> None:
         write_test_report(*args, **kwargs)
 
@@ -96,7 +101,7 @@ class MultiLabel(SingleLabel):
     """Several labels per image (any number, none included): a sigmoid and a binary cross-entropy per class,
     mAP (chooses the checkpoint), and F1 and exact-match accuracy at `threshold`."""
 
-    threshold: float = 0.5
+    threshold: float = DEFAULT_THRESHOLD
     problem_type = "multi_label_classification"
     best_metric = "map"
     multi_label = True
@@ -131,6 +136,13 @@ class MultiLabel(SingleLabel):
 
     def predictions(self, logits: np.ndarray) -> np.ndarray:
         return (sigmoid(logits) >= self.threshold).astype(np.int64)
+
+    def of_model(self, config) -> MultiLabel:
+        """This task at the threshold another saved model carries (a distillation teacher: its own, chosen on
+        validation when it was trained), so that it is scored as its own evaluation scores it; without one, at
+        `DEFAULT_THRESHOLD`, as `run_finetune.py --do_train false` scores it."""
+        threshold = threshold_of(config)
+        return replace(self, threshold=DEFAULT_THRESHOLD if threshold is None else float(threshold))
 
     def choose_threshold(self, logits: np.ndarray, labels: np.ndarray) -> float:
         """The threshold of `THRESHOLDS` with the best micro-averaged F1 on these (validation) predictions; the

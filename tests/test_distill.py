@@ -1,19 +1,19 @@
 """run_distill end to end, the teacher's handling, its view of the images, and the logit cache."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import quick_flags
 from datasets import Image
-from helpers import make_checkpoint, texture_folders
+from helpers import colour_dataset, make_checkpoint, texture_folders
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
 import run_distill
 from hf_transfer.commands.tools import main as tools
-from hf_transfer.compat import dataset_fingerprint
 from hf_transfer.data.dataset import ROW, load_image_data
 from hf_transfer.data.samples import attach_transforms
 from hf_transfer.errors import UserError
@@ -42,8 +42,11 @@ def test_end_to_end(cifar_teacher, student_checkpoint, cifar_like, tmp_path, mon
                                 "--logging_steps", "2"])
 
     test = json.loads((out / "test_results.json").read_text())
-    assert {"test_accuracy", "test_teacher_accuracy", "test_agreement", "test_f1"} <= set(test)
-    assert 0 <= test["test_agreement"] <= 1 and test["test_accuracy"] == results["test_accuracy"]
+    assert test["test_accuracy"] == results["test_accuracy"] and "test_f1" in test
+    # the teacher scored as its own run scored it; agreement: the share of test images both predict alike
+    teacher_test = json.loads((Path(cifar_teacher) / "test_results.json").read_text())
+    assert test["test_teacher_accuracy"] == pytest.approx(teacher_test["test_accuracy"])
+    assert_agreement(test["test_agreement"], Path(cifar_teacher), out)
 
     # both terms are logged at every training log
     train_logs = [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
@@ -89,13 +92,13 @@ def build_trainer(teacher_dir, student_dir, data_path, output_dir, augmentation=
     data = load_image_data(data_path, seed=0)
     teacher = load_teacher(teacher_dir, data.label_names)
     student = load_model(student_dir, data.label_names)
-    fingerprint = dataset_fingerprint(data.train)
+    cache_path = teacher_cache_path(str(output_dir), teacher.model, teacher.spec, data.train, data.image_column)
     attach_transforms(data, augmentation)
     args = DistillationConfig(output_dir=str(output_dir), per_device_train_batch_size=6, dataloader_num_workers=0,
                               report_to="none", use_cpu=True, max_steps=2, alpha=0.5, temperature=2.0)
     trainer = DistillationTrainer(teacher=teacher.model, teacher_spec=teacher.spec,
                                   **trainer_kwargs(args, data, student))
-    return trainer, data, teacher, student, fingerprint
+    return trainer, data, teacher, student, cache_path
 
 
 def one_training_step(trainer, data) -> tuple[dict, dict, list]:
@@ -163,6 +166,36 @@ def test_on_mixed_sizes_the_teacher_is_scored_as_in_its_own_evaluation(textures,
                                   *quick_flags(), "--augmentation", augmentation])
     assert own["test_accuracy"] >= 0.6  # 4 classes: chance is 0.25, where a 16 px view leaves the teacher
     assert distilled["test_teacher_accuracy"] == pytest.approx(own["test_accuracy"])
+    assert_agreement(distilled["test_agreement"], tmp_path / "eval", tmp_path / "d")
+
+
+@pytest.mark.slow
+def test_teacher_accuracy_and_agreement_come_from_each_models_own_predictions(student_checkpoint, cifar_like,
+                                                                               tmp_path):
+    """A teacher of random weights (wrong on many test images, unlike the trained ones above, with which agreement
+    equals the student's accuracy): its accuracy is its own evaluation's, agreement the share of test images on
+    which its predictions and the student's are the same class."""
+    import run_finetune
+
+    teacher = load_model(make_checkpoint("vit", tmp_path / "random"), ["red", "green", "blue"])
+    teacher.model.save_pretrained(tmp_path / "teacher")
+    teacher.spec.to_image_processor().save_pretrained(tmp_path / "teacher")
+    own = run_finetune.main(["--model_name_or_path", str(tmp_path / "teacher"), "--dataset_name", cifar_like,
+                             "--do_train", "false", "--output_dir", str(tmp_path / "eval"), *quick_flags()])
+    distilled = run_distill.main(["--teacher_model_name_or_path", str(tmp_path / "teacher"),
+                                  "--student_model_name_or_path", student_checkpoint, "--dataset_name", cifar_like,
+                                  "--output_dir", str(tmp_path / "d"), "--max_steps", "3", *quick_flags()])
+    assert own["test_accuracy"] < 0.9 and distilled["test_teacher_accuracy"] == pytest.approx(own["test_accuracy"])
+    assert distilled["test_agreement"] != pytest.approx(distilled["test_accuracy"])  # the two can be told apart
+    assert_agreement(distilled["test_agreement"], tmp_path / "eval", tmp_path / "d")
+
+
+def assert_agreement(agreement: float, teacher_run: Path, student_run: Path) -> None:
+    """`agreement` is the share of test images on which the two runs' own test predictions are the same."""
+    predicted = [json.loads((run / "test_predictions.json").read_text()) for run in (teacher_run, student_run)]
+    by_row = [dict(zip(p["rows"], p["predictions"])) for p in predicted]
+    assert by_row[0].keys() == by_row[1].keys()
+    assert agreement == pytest.approx(np.mean([by_row[0][r] == by_row[1][r] for r in by_row[0]]))
 
 
 @pytest.mark.parametrize("mixup", ["0", "0.4"])
@@ -201,8 +234,7 @@ def test_teacher_is_frozen_and_outside_the_optimizer(cifar_teacher, student_chec
 
 
 def test_cached_teacher_logits(cifar_teacher, student_checkpoint, cifar_like, tmp_path):
-    trainer, data, teacher, _, fingerprint = build_trainer(cifar_teacher, student_checkpoint, cifar_like, tmp_path)
-    path = teacher_cache_path(str(tmp_path), teacher.model, teacher.spec, type("D", (), {"_fingerprint": fingerprint}))
+    trainer, data, teacher, _, path = build_trainer(cifar_teacher, student_checkpoint, cifar_like, tmp_path)
     trainer.use_cached_teacher_logits(data.train, path)
     assert path.exists()
     calls = []
@@ -227,12 +259,64 @@ def test_cached_teacher_logits(cifar_teacher, student_checkpoint, cifar_like, tm
 def test_cache_file_changes_with_teacher_and_data(cifar_teacher, cifar_like, tmp_path):
     data = load_image_data(cifar_like, seed=0)
     teacher = load_teacher(cifar_teacher, data.label_names)
-    base = teacher_cache_path("o", teacher.model, teacher.spec, data.train)
-    assert base == teacher_cache_path("o", teacher.model, teacher.spec, load_image_data(cifar_like, seed=0).train)
-    assert base != teacher_cache_path("o", teacher.model, teacher.spec, load_image_data(cifar_like, seed=1).train)
+
+    def key(images):
+        return teacher_cache_path("o", teacher.model, teacher.spec, images.train, images.image_column)
+
+    base = key(data)
+    assert base == key(load_image_data(cifar_like, seed=0))
+    assert base != key(load_image_data(cifar_like, seed=1))
+    assert base != teacher_cache_path("o", teacher.model, teacher.spec, data.train, data.image_column, "bf16")
     with torch.no_grad():
         next(teacher.model.parameters()).add_(1e-3)
-    assert base != teacher_cache_path("o", teacher.model, teacher.spec, data.train)
+    assert base != key(data)
+
+
+def test_cache_file_follows_the_contents_of_image_files(cifar_teacher, tmp_path):
+    """Class folders hold paths, not bytes: the key reads the files. Other pixels in one file give another key,
+    the same bytes written again (a new modification time) the same one."""
+    root = tmp_path / "folders"
+    images = colour_dataset(n_per_class=5, splits=("train",))["train"]
+    for i, (image, label) in enumerate(zip(images["img"], images["label"])):
+        (root / ["red", "green", "blue"][label]).mkdir(parents=True, exist_ok=True)
+        image.save(root / ["red", "green", "blue"][label] / f"{i}.png")
+    teacher = load_teacher(cifar_teacher, ["red", "green", "blue"])
+
+    def key():
+        data = load_image_data(train_dir=str(root), seed=0)  # each key a new run's
+        return teacher_cache_path("o", teacher.model, teacher.spec, data.train, data.image_column)
+
+    base = key()
+    trained = load_image_data(train_dir=str(root), seed=0).train.with_format(None)
+    first = Path(trained[0]["image"]["path"])  # a training image
+    original = first.read_bytes()
+    colour_dataset(n_per_class=1, seed=7, splits=("train",))["train"]["img"][0].save(first)
+    changed = key()
+    assert changed != base
+    first.write_bytes(original)  # the same pixels again, written later
+    assert key() == base
+    held_out = set(map(str, root.rglob("*.png"))) - set(c["path"] for c in trained["image"])
+    colour_dataset(n_per_class=1, seed=7, splits=("train",))["train"]["img"][0].save(sorted(held_out)[0])
+    assert key() == base  # a validation image is not in the training split's logits
+
+
+@pytest.mark.slow
+def test_overwrite_output_dir_keeps_only_the_cache_the_run_uses(cifar_teacher, student_checkpoint, cifar_like,
+                                                                tmp_path):
+    out = tmp_path / "cached"
+    flags = ["--teacher_model_name_or_path", cifar_teacher, "--student_model_name_or_path", student_checkpoint,
+             "--dataset_name", cifar_like, "--output_dir", str(out), "--augmentation", "none", "--max_steps", "2",
+             *quick_flags()]
+    run_distill.main([*flags, "--cache_teacher_logits"])
+    (first,) = out.glob("_teacher_logits-*")
+    first_time = first.stat().st_mtime_ns
+    run_distill.main([*flags, "--cache_teacher_logits", "--overwrite_output_dir"])  # the same images: reused
+    assert list(out.glob("_teacher_logits-*")) == [first] and first.stat().st_mtime_ns == first_time
+    run_distill.main([*flags, "--cache_teacher_logits", "--overwrite_output_dir", "--seed", "1"])  # other rows
+    (second,) = out.glob("_teacher_logits-*")
+    assert second != first
+    run_distill.main([*flags, "--overwrite_output_dir"])  # afresh, without a cache: none is left behind
+    assert not list(out.glob("_teacher_logits-*"))
 
 
 def test_cached_run_end_to_end(cifar_teacher, student_checkpoint, cifar_like, tmp_path):

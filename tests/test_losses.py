@@ -43,6 +43,21 @@ def test_kl_matches_definition_with_t_squared_scaling(logits):
         torch.testing.assert_close(kd, kl * t * t)
 
 
+def test_several_labels_distil_with_each_logits_gradient_of_the_label_terms_form(logits):
+    """Independent sigmoids: the distillation term scaled by T, so that each logit's gradient is
+    sigmoid(student / T) - sigmoid(teacher / T) (per image), bounded by 1 as the label term's sigmoid(student) - y."""
+    student, teacher, _ = logits
+    labels = (torch.rand(8, 5) > 0.5).float()
+    for t in (1.0, 2.0, 4.0):
+        z = student.clone().requires_grad_(True)
+        loss, _, _ = distillation_loss(z, teacher, labels, alpha=1.0, temperature=t, multi_label=True)
+        loss.backward()
+        torch.testing.assert_close(z.grad * len(z), torch.sigmoid(student / t) - torch.sigmoid(teacher / t))
+    z = student.clone().requires_grad_(True)
+    distillation_loss(z, teacher, labels, alpha=0.0, temperature=2.0, multi_label=True)[0].backward()
+    torch.testing.assert_close(z.grad * len(z), torch.sigmoid(student) - labels)  # the label term's
+
+
 def test_weighting(logits):
     student, teacher, labels = logits
     loss, ce, kd = distillation_loss(student, teacher, labels, alpha=0.3, temperature=2.0)

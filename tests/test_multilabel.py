@@ -13,17 +13,26 @@ import torch.nn.functional as F
 from conftest import quick_flags
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, List, Value
 from helpers import make_checkpoint, png_bytes, random_images
+from sklearn.metrics import f1_score
 from transformers import pipeline
+from transformers.trainer_utils import PredictionOutput
 
 import run_distill
 import run_finetune
 from hf_transfer.data.dataset import digits_multilabel_dataset, load_image_data
+from hf_transfer.data.samples import attach_transforms
 from hf_transfer.errors import UserError
 from hf_transfer.losses import binary_cross_entropy, binary_kl, distillation_loss, positive_class_weights
-from hf_transfer.metrics import multilabel_metrics
+from hf_transfer.metrics import multilabel_metrics, sigmoid
+from hf_transfer.models.loading import load_model
 from hf_transfer.on_device.mixing import BatchMix
 from hf_transfer.report import build_report
-from hf_transfer.tasks import MultiLabel, SingleLabel
+from hf_transfer.tasks import THRESHOLDS, MultiLabel, SingleLabel
+from hf_transfer.trainers.distillation_config import DistillationConfig
+from hf_transfer.trainers.distillation_trainer import DistillationTrainer
+from hf_transfer.trainers.transfer_config import TransferConfig
+from hf_transfer.trainers.transfer_trainer import TransferTrainer
+from hf_transfer.workflow import trainer_kwargs
 
 # ---------------------------------------------------------------- the loss, the metrics, the threshold
 
@@ -40,7 +49,7 @@ def test_binary_cross_entropy_sums_the_classes_averages_the_images_and_weights_p
     assert positive_class_weights(torch.tensor([1.0, 2.0, 0.0]), 4).tolist() == [3.0, 1.0, 1.0]
 
 
-def test_binary_kl_is_zero_only_for_the_same_scores_and_scales_with_t_squared():
+def test_binary_kl_is_zero_only_for_the_same_scores_and_the_term_is_scaled_by_t():
     torch.manual_seed(1)
     student, teacher, labels = torch.randn(5, 3), torch.randn(5, 3), (torch.rand(5, 3) > 0.5).float()
     assert binary_kl(student, student.clone(), 2.0).abs().max() < 1e-6
@@ -49,7 +58,7 @@ def test_binary_kl_is_zero_only_for_the_same_scores_and_scales_with_t_squared():
     by_definition = (p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()).sum(-1)
     assert torch.allclose(binary_kl(student, teacher, 2.0), by_definition, atol=1e-6)
     loss, ce, kd = distillation_loss(student, teacher, labels, alpha=0.3, temperature=2.0, multi_label=True)
-    assert torch.allclose(kd, by_definition.mean() * 4) and torch.allclose(ce, binary_cross_entropy(student, labels))
+    assert torch.allclose(kd, by_definition.mean() * 2) and torch.allclose(ce, binary_cross_entropy(student, labels))
     assert torch.allclose(loss, 0.7 * ce + 0.3 * kd)
 
 
@@ -151,6 +160,38 @@ def test_bad_label_lists_are_refused_in_one_line(tmp_path):
         load_image_data(train_dir=str(folder), validation_split=0.5)
 
 
+def test_a_distilled_student_scores_the_teacher_at_the_teachers_own_threshold(tmp_path, monkeypatch):
+    """The teacher's exact-match accuracy and the agreement take the teacher's label sets at the threshold it was
+    saved with, the student's at its own: scores right only above 0.3 (the teacher's) and above 0.5 (the
+    student's) give two perfect label sets; at the student's threshold the teacher would predict no label at all."""
+    labels = [[0, 2], [1], [0, 1], []]
+    features = Features({"image": Image(), "labels": List(ClassLabel(names=["a", "b", "c"]))})
+    path = save({"train": {"image": images(8), "labels": labels * 2}, "test": {"image": images(4), "labels": labels}},
+                tmp_path / "d", features)
+    data = load_image_data(path, validation_split=0.25, seed=0)
+    teacher = load_model(make_checkpoint("resnet", tmp_path / "t", image_size=12), data.label_names)
+    teacher.model.config.multi_label_threshold = 0.3
+    student = load_model(make_checkpoint("resnet", tmp_path / "s", image_size=12), data.label_names)
+    attach_transforms(data, "none")
+    args = DistillationConfig(output_dir=str(tmp_path / "o"), report_to="none", use_cpu=True,
+                              dataloader_num_workers=0)
+    trainer = DistillationTrainer(teacher=teacher.model, teacher_spec=teacher.spec,
+                                  **trainer_kwargs(args, data, student))
+    data.task.threshold = 0.5  # the student's, as chosen on validation
+    multi_hot = np.array([[1, 0, 1], [0, 1, 0], [1, 1, 0], [0, 0, 0]])
+
+    def logits(positive, negative):
+        scores = np.where(multi_hot == 1, positive, negative)
+        return np.log(scores / (1 - scores))
+
+    monkeypatch.setattr(trainer, "teacher_predict", lambda dataset, description="": (np.arange(4), logits(0.4, 0.1)))
+    metrics = trainer.extra_test_metrics(data.test, PredictionOutput(logits(0.6, 0.2), multi_hot, {}))
+    assert metrics["test_teacher_accuracy"] == 1.0 and metrics["test_agreement"] == 1.0
+    assert metrics["test_teacher_threshold"] == 0.3 and metrics["test_teacher_map"] == 1.0
+    del teacher.model.config.multi_label_threshold  # a model saved without one: 0.5, as its evaluation alone
+    assert MultiLabel(3).of_model(teacher.model.config).threshold == 0.5
+
+
 # ---------------------------------------------------------------- trained, saved, served, distilled
 
 
@@ -167,6 +208,16 @@ def multilabel_run(tmp_path_factory):
     return out, run_finetune.main(multilabel_flags(checkpoint, out))
 
 
+def validation_predictions(run: Path, work: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A saved digits-multilabel model's logits on the validation split its run held out (seed 0), and the labels."""
+    data = load_image_data("digits-multilabel", seed=0)
+    model = load_model(str(run), data.label_names, problem_type="multi_label_classification")
+    attach_transforms(data, "none")
+    args = TransferConfig(output_dir=str(work), report_to="none", use_cpu=True, dataloader_num_workers=0)
+    output = TransferTrainer(**trainer_kwargs(args, data, model)).predict(data.validation)
+    return output.predictions, output.label_ids
+
+
 @pytest.mark.slow
 def test_composited_digits_are_learned_and_the_model_serves_each_labels_score(multilabel_run, tmp_path):
     out, results = multilabel_run
@@ -175,6 +226,11 @@ def test_composited_digits_are_learned_and_the_model_serves_each_labels_score(mu
     config = json.loads((out / "config.json").read_text())
     assert config["problem_type"] == "multi_label_classification"
     assert config["multi_label_threshold"] == results["test_threshold"] == results["eval_threshold"]
+    # chosen on the validation split: of the candidates, the best micro-F1 of the model's validation predictions
+    logits, labels = validation_predictions(out, tmp_path / "predict")
+    f1 = [f1_score(labels, sigmoid(logits) >= t, average="micro") for t in THRESHOLDS]
+    best = [t for t, score in zip(THRESHOLDS, f1) if score == max(f1)]
+    assert config["multi_label_threshold"] == best[len(best) // 2]  # the middle of a tie
     per_class = json.loads((out / "test_per_class.json").read_text())
     assert set(per_class) == {"threshold", *map(str, range(10))} and per_class["3"]["average_precision"] > 0.5
 
@@ -210,7 +266,14 @@ def test_a_multilabel_teacher_teaches_through_per_class_sigmoid_targets_alone(mu
         "--dataset_name", "digits-multilabel", "--output_dir", str(tmp_path / "out"), "--num_train_epochs", "6",
         "--per_device_train_batch_size", "64", "--dataloader_num_workers", "0", "--disable_tqdm", "true",
         "--seed", "0", "--report_to", "none", "--alpha", "1"])
+    # the teacher scored as its own run scored it, at its own threshold; agreement between each model's label sets
+    # at its own threshold
     assert results["test_teacher_map"] == pytest.approx(teacher_results["test_map"])
+    assert results["test_teacher_threshold"] == teacher_results["test_threshold"]
+    assert results["test_teacher_accuracy"] == pytest.approx(teacher_results["test_accuracy"])
+    predicted = [json.loads((run / "test_predictions.json").read_text()) for run in (teacher, tmp_path / "out")]
+    by_row = [dict(zip(p["rows"], p["predictions"])) for p in predicted]
+    assert results["test_agreement"] == pytest.approx(np.mean([by_row[0][r] == by_row[1][r] for r in by_row[0]]))
     assert results["test_map"] >= 0.7  # a student ranking at random: about 0.25
     card = (tmp_path / "out" / "README.md").read_text()
     assert "teacher mAP" in card and "student-teacher agreement" in card

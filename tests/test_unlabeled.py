@@ -13,8 +13,11 @@ from safetensors.torch import load_file
 
 import run_distill
 import run_finetune
+from hf_transfer.data.dataset import load_image_data
+from hf_transfer.data.unlabeled import add_unlabeled_images
 from hf_transfer.errors import UserError
-from hf_transfer.trainers.distillation_trainer import DistillationTrainer
+from hf_transfer.models.loading import load_teacher
+from hf_transfer.trainers.distillation_trainer import DistillationTrainer, teacher_cache_path
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +125,23 @@ def test_cached_teacher_logits_cover_the_unlabeled_images(cifar_teacher, student
     # without the unlabeled images, another cache file (the training split differs)
     distill(cifar_teacher, student, cifar_like, out, "--augmentation", "none", "--cache_teacher_logits",
             "--max_steps", "3", "--overwrite_output_dir")
-    (other,) = set(out.glob("_teacher_logits-*.safetensors")) - {cache}
-    assert len(load_file(str(other))["rows"]) == 43
+    (other,) = out.glob("_teacher_logits-*.safetensors")  # the first, another split's, is gone
+    assert other != cache and len(load_file(str(other))["rows"]) == 43
+
+
+def test_the_logit_cache_key_reads_the_unlabeled_image_files(cifar_teacher, cifar_like, tmp_path):
+    """The unlabeled folder's rows hold paths: overwriting one of its images gives another cache file."""
+    folder = unlabeled_folder(tmp_path / "photos", n=6)
+    teacher = load_teacher(cifar_teacher, ["red", "green", "blue"])
+
+    def key():
+        data = load_image_data(cifar_like, seed=0)
+        add_unlabeled_images(data, str(folder))
+        return teacher_cache_path("o", teacher.model, teacher.spec, data.train, data.image_column)
+
+    base = key()
+    colour_dataset(n_per_class=1, seed=9, splits=("train",))["train"]["img"][2].save(folder / "a" / "img1.png")
+    assert key() != base
 
 
 @pytest.mark.slow

@@ -78,10 +78,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     logger.info("teacher %s (input %s) -> student %s (input %s), augmentation %s", teacher.source, teacher.spec.size,
                 source, student.spec.size, data_args.augmentation)
 
-    # Hashing the teacher's weights costs a second on a ViT-B: only when the cache is asked for. Before
-    # attach_transforms, which changes the data set's fingerprint.
-    cache_path = (teacher_cache_path(args.output_dir, teacher.model, teacher.spec, data.train)
-                  if args.cache_teacher_logits else None)
+    # Hashing the teacher's weights costs a second on a ViT-B, and image files are read: only when the cache is
+    # asked for. Before attach_transforms, which changes the data set's fingerprint.
+    precision = "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32"
+    cache_path = (teacher_cache_path(args.output_dir, teacher.model, teacher.spec, data.train, data.image_column,
+                                     precision) if args.cache_teacher_logits else None)
     attach_transforms(data, data_args.augmentation, args.seed, data_args.random_erasing)
     fit_workers(args, data)
     run_config = {**asdict(student_args), **asdict(data_args)}

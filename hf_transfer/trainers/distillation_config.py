@@ -27,7 +27,8 @@ class DistillationConfig(TransferConfig):
                           "0 is plain fine-tuning, 1 ignores the labels."},
     )
     temperature: float = field(
-        default=2.0, metadata={"shapes": True, "help": "Softmax temperature (> 0) of the distillation term; the term is scaled by T^2."}
+        default=2.0, metadata={"shapes": True, "help": "Temperature (> 0) of the distillation term: of the softmax, the term scaled by "
+                                                  "T^2; with several labels per image, of each class's sigmoid, the term scaled by T."}
     )
     # A patient teacher (Beyer et al. 2022) where the data are few: on 100 and 300 labelled digits, 3x (and 9x) the
     # 200 default steps gave the distilled student 3-4 points and the student alone at most one; on 1,293 images 3x

@@ -11,7 +11,8 @@ What it adds to TransferTrainer, and why:
   a mixed-size batch once per model on the CPU (`samples.UInt8Collator`), never the teacher's
   input from the student's.
 - `log`: the two terms of the loss (`ce_loss`, `kd_loss`), averaged over each logging window.
-- `extra_test_metrics`: the teacher's test accuracy and the student-teacher agreement.
+- `extra_test_metrics`: the teacher's test accuracy and the student-teacher agreement, each model predicting as
+  it does on its own (with several labels per image, each at its own decision threshold).
 
 The teacher is frozen (eval mode, no gradients, not in the optimizer) and lives beside the
 model, not inside it, so it is never saved into the student's checkpoints or pushed.
@@ -21,9 +22,11 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
@@ -37,6 +40,7 @@ from .transfer_trainer import BatchCounts, TransferTrainer
 
 logger = logging.getLogger(__name__)
 TEACHER_VIEW = "teacher"
+CACHE_PREFIX = "_teacher_logits-"  # the cache files in an output directory (output_dir.py keeps them)
 
 
 class DistillationTrainer(TransferTrainer):
@@ -47,6 +51,7 @@ class DistillationTrainer(TransferTrainer):
         kwargs["data_collator"] = kwargs["data_collator"].with_view(TEACHER_VIEW, teacher_spec)
         super().__init__(*args, **kwargs)
         self.teacher_input = ToModelInput(teacher_spec)
+        self.teacher_task = self.task.of_model(teacher.config)  # several labels per image: the teacher's threshold
         self.teacher = self._prepare_teacher(teacher)
         self.teacher_logits: torch.Tensor | None = None  # (rows, classes), set by `use_cached_teacher_logits`
         self._teacher_flops: int | None = None
@@ -146,22 +151,32 @@ class DistillationTrainer(TransferTrainer):
         return torch.cat(all_rows).numpy(), torch.cat(all_logits).numpy()
 
     def extra_test_metrics(self, dataset, output) -> dict[str, float]:
-        """The teacher's test score, and the share of test images on which the student predicts what it does (the
-        same class; with several labels per image, the same label set at the student's threshold)."""
+        """The teacher's test scores as its own evaluation gives them, and the share of test images on which the
+        student predicts what the teacher does: the same class; with several labels per image, the same label set,
+        each model's at its own decision threshold (the student's chosen on this run's validation split, the
+        teacher's the one it was saved with: `test_teacher_threshold`)."""
         _, teacher_logits = self.teacher_predict(dataset, "teacher on the test split")
-        teacher = self.task.metrics(teacher_logits, output.label_ids)
-        same = self.task.predictions(teacher_logits) == self.task.predictions(output.predictions)
+        teacher = self.teacher_task.metrics(teacher_logits, output.label_ids)
+        same = self.teacher_task.predictions(teacher_logits) == self.task.predictions(output.predictions)
         return {
             "test_teacher_accuracy": teacher["accuracy"],
-            **({"test_teacher_map": teacher["map"]} if "map" in teacher else {}),
+            **({"test_teacher_map": teacher["map"], "test_teacher_threshold": teacher["threshold"]}
+               if self.task.multi_label else {}),
             "test_agreement": float(same.reshape(len(same), -1).all(-1).mean()),
         }
 
     def use_cached_teacher_logits(self, dataset, path: Path) -> None:
         """Compute the teacher's logits for every training image once (or load them), and train from them.
 
-        Only valid without augmentation: the cached logits are those of the unaugmented image.
+        Only valid without augmentation: the cached logits are those of the unaugmented image. The output
+        directory's other cache files (another teacher's, or older contents of the images: `teacher_cache_path`)
+        are deleted: nothing will read them again.
         """
+        if self.is_world_process_zero():
+            for stale in path.parent.glob(f"{CACHE_PREFIX}*"):
+                if stale.name != path.name:
+                    stale.unlink()
+                    logger.info("deleted the teacher-logit cache %s (another teacher or other images)", stale.name)
         if path.exists():
             stored = load_file(str(path))
             rows, logits = stored["rows"], stored["logits"]
@@ -177,12 +192,40 @@ class DistillationTrainer(TransferTrainer):
         self.teacher_logits = table.to(self.args.device)
 
 
-def teacher_cache_path(output_dir: str, teacher: torch.nn.Module, teacher_spec: ImageSpec, dataset) -> Path:
-    """Where the cached logits of this teacher on this data live; any change gives another file."""
-    digest = hashlib.sha256()
+def teacher_cache_path(output_dir: str, teacher: torch.nn.Module, teacher_spec: ImageSpec, dataset,
+                       image_column: str, precision: str = "fp32") -> Path:
+    """Where the cached logits of this teacher on these images live; any change gives another file: the teacher's
+    weights, its input (`teacher_spec`), the training rows (the data set's fingerprint: which rows, in which order,
+    and what its table holds), the contents of the image files those rows name (`image_files_digest`) and the
+    precision the teacher runs in (bf16 logits differ from fp32 ones)."""
+    digest = hashlib.sha256(precision.encode())
     for name, tensor in sorted(teacher.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     digest.update(repr(teacher_spec).encode())
     digest.update(dataset_fingerprint(dataset).encode())
-    return Path(output_dir) / f"_teacher_logits-{digest.hexdigest()[:16]}.safetensors"
+    digest.update(image_files_digest(dataset, image_column).encode())
+    return Path(output_dir) / f"{CACHE_PREFIX}{digest.hexdigest()[:16]}.safetensors"
+
+
+def image_files_digest(dataset, image_column: str) -> str:
+    """A hash of the bytes of every image file the rows name without holding its bytes, in row order ("" when every
+    row holds its bytes). An image folder's rows hold only paths (`data/dataset.py`, datasets' imagefolder, the
+    images of --unlabeled_dir), so a data set's fingerprint stays the same when a file is overwritten with other
+    pixels. The bytes, not the files' sizes and times: a copy that keeps the times (`cp -p`, `rsync -a`, an
+    archive unpacked) changes neither. Reading them costs a fraction of one epoch's decoding of the same files
+    (benchmarks/cache_key.py: 19 s for 180,000 small JPEGs on 2 cores, where decoding each once took 126 s)."""
+    cells = dataset.data.column(image_column)  # the whole table (any row the data set selects), not its bytes
+    if not pc.any(pc.is_null(pc.struct_field(cells, "bytes"))).as_py():
+        return ""
+    stored = dataset.with_format(None).select_columns([image_column])
+    paths = []
+    for start in range(0, len(stored), 4096):
+        paths += [c["path"] if c and c.get("bytes") is None else None for c in stored[start:start + 4096][image_column]]
+    with ThreadPoolExecutor(max_workers=8) as pool:  # reading files: threads overlap the I/O, hashlib drops the GIL
+        hashes = pool.map(_file_sha256, paths, chunksize=256)
+        return hashlib.sha256("".join(hashes).encode()).hexdigest()
+
+
+def _file_sha256(path: str | None) -> str:
+    return "-" if path is None else hashlib.sha256(Path(path).read_bytes()).hexdigest()
