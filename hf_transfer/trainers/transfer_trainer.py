@@ -20,6 +20,8 @@ The other overrides exist because the Trainer has no option for them:
 - `push_to_hub`, `_push_from_checkpoint`: one push path, `hub.py` (no pickles, no card but the run's).
 - `_load_from_checkpoint`, `_load_best_model`: a transformers 5 bug (`compat.py`); with EMA, they
   also restore the average.
+- `_determine_best_metric`: a tie on the metric that chooses the checkpoint is broken (`selection.py`); the
+  Trainer keeps the first checkpoint that reached a value, so a saturated metric kept the earliest weights.
 - `train`, `evaluate`, `_save_checkpoint`: the weight EMA (`--ema_decay`, `ema.py`); `train` and
   `evaluate` also recompute BatchNorm statistics for the weights evaluated (`--precise_bn_images`, `batchnorm.py`).
 - `get_train_dataloader`, and the stream's position in `get_batch_samples`, `_save_checkpoint` and
@@ -55,6 +57,7 @@ from .batchnorm import recompute_statistics, trainable_batchnorm_layers
 from .ema import EmaCallback, WeightEma, swapped_weights
 from .nonfinite import LossGuard, LossWatch, NonFiniteLossError, StepSkipper
 from .optimizer import param_groups, step_schedule, updates_per_epoch
+from .selection import Choice, describe_choice, take_tie
 
 logger = logging.getLogger(__name__)
 
@@ -333,6 +336,18 @@ class TransferTrainer(Trainer):
             folder.mkdir(parents=True, exist_ok=True)
             self.stream.save(folder)
         super()._save_checkpoint(model, trial)
+
+    # ---------------------------------------------------------------- choosing the checkpoint (selection.py)
+
+    def _determine_best_metric(self, metrics: dict[str, float], trial) -> bool:
+        """The Trainer's choice (a strictly better metric), then a tie broken by --best_model_tie_break instead of
+        keeping the first checkpoint that reached the value."""
+        return super()._determine_best_metric(metrics, trial) or take_tie(metrics, self.state, self.args)
+
+    def checkpoint_choice(self) -> Choice:
+        """Which weights the run ended with, and why (after `train`)."""
+        images = len(self.eval_dataset) if hasattr(self.eval_dataset, "__len__") else None
+        return describe_choice(self.args, self.state, images)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """The run's model whole (safetensors and config, for `from_pretrained`, `pipeline` and the Hub), also when

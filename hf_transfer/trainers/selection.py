@@ -1,0 +1,152 @@
+"""Which checkpoint a run keeps, and what it says about the choice.
+
+The Trainer keeps the checkpoint of the best `--metric_for_best_model` on validation and replaces it only on a
+strictly better value, so a metric that saturates (accuracy 1.0 on a small validation split, from the first
+evaluation on) keeps the FIRST weights that reached it, however long the run trains after. Here a tie on the metric
+is broken (`--best_model_tie_break`): by the lower validation loss (the default; a distillation run that chooses by
+the teacher's judge uses its distillation loss), or by the later checkpoint. The metric keeps its meaning: a
+strictly better value wins as before. Early stopping counts an evaluation that wins a tie as an improvement
+(`EarlyStopping`), so the two never disagree.
+
+After training, `describe_choice` says which step was kept and why (best by what, how a tie was broken, or the last
+weights), for the results and the model card, and a one-line warning when the validation images were too few to
+choose: the metric saturated, or the kept checkpoint is ahead of the last one by at most one image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import EarlyStoppingCallback
+from transformers.trainer_utils import SaveStrategy
+
+TIE_BREAKS = ("loss", "last")
+# The loss that breaks a tie of a metric that has its own (default: the validation loss, `eval_loss`).
+TIE_LOSSES = {"teacher_agreement": "kd_loss"}
+
+
+def metric_key(args) -> str:
+    name = args.metric_for_best_model
+    return name if name.startswith("eval_") else f"eval_{name}"
+
+
+def tie_key(args) -> str | None:
+    """The metric that breaks a tie: the metric's own loss, or None to keep the later checkpoint."""
+    if args.best_model_tie_break == "last":
+        return None
+    return f"eval_{TIE_LOSSES.get(metric_key(args).removeprefix('eval_'), 'loss')}"
+
+
+def evaluation_at(state, step: int, key: str) -> dict | None:
+    """The logged evaluation of `step` that holds `key` (the Trainer's log history is saved with each checkpoint,
+    so this holds after a resume too; with EMA the averaged weights' entry, whose keys are the unprefixed ones)."""
+    return next((e for e in reversed(state.log_history) if e.get("step") == step and key in e), None)
+
+
+def wins_tie(metrics: dict, state, args) -> bool:
+    """Whether these evaluation metrics tie the best so far on the metric and win the tie-break."""
+    key = metric_key(args)
+    if state.best_metric is None or state.best_global_step is None or key not in metrics:
+        return False
+    if metrics[key] != state.best_metric:
+        return False
+    tie = tie_key(args)
+    if tie is None:
+        return True
+    best = evaluation_at(state, state.best_global_step, tie)
+    return tie in metrics and (best is None or metrics[tie] < best[tie])
+
+
+def take_tie(metrics: dict, state, args) -> bool:
+    """After the Trainer's own comparison found nothing strictly better: make this evaluation the best when it
+    wins the tie (the Trainer then saves it as the best checkpoint, and loads it at the end)."""
+    if not wins_tie(metrics, state, args):
+        return False
+    if args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST):
+        state.best_global_step = state.global_step
+    return True
+
+
+class EarlyStopping(EarlyStoppingCallback):
+    """transformers' early stopping, with an evaluation that wins a tie counted as an improvement, as the
+    checkpoint choice counts it (it runs before the choice, against the same best)."""
+
+    def on_evaluate(self, args, state, control, metrics, **kwargs):
+        if wins_tie(metrics, state, args):
+            self.early_stopping_patience_counter = 0
+            return
+        super().on_evaluate(args, state, control, metrics, **kwargs)
+
+
+# ---------------------------------------------------------------- what the run says about its choice
+
+
+@dataclass
+class Choice:
+    """The kept weights: `step` (of `last_step`), its epoch, and why (`reason`, a sentence for the card);
+    `warning`: one line when the validation images were too few to choose."""
+
+    step: int
+    last_step: int
+    epoch: float | None
+    reason: str
+    warning: str | None = None
+
+    def results(self) -> dict:
+        """For train_results.json, from which the model card says it (model_card.py)."""
+        epoch = {} if self.epoch is None else {"selected_epoch": self.epoch}
+        return {"selected_step": self.step, **epoch, "selected_by": self.reason, "train_steps": self.last_step}
+
+    def sentence(self) -> str:
+        epoch = f", epoch {self.epoch:g}" if self.epoch is not None else ""
+        which = "the last" if self.step == self.last_step else f"of {self.last_step}"
+        return f"step {self.step} ({which}{epoch}): {self.reason}"
+
+
+def _name(key: str) -> str:
+    return key.removeprefix("eval_").replace("_", " ")
+
+
+def describe_choice(args, state, images: int | None) -> Choice:
+    """Which weights the run ends with and why; `images`: how many validation images the metric was computed on
+    (None when unknown: a stream)."""
+    evaluations = [e for e in state.log_history if metric_key(args) in e and "step" in e]
+    last_epoch = round(state.epoch, 2) if state.epoch is not None else None
+    if not args.load_best_model_at_end or state.best_model_checkpoint is None or not evaluations:
+        why = ("--load_best_model_at_end is off" if not args.load_best_model_at_end
+               else "no checkpoint was evaluated and saved to choose from")
+        return Choice(state.global_step, state.global_step, last_epoch, f"the last weights ({why})")
+    key, tie = metric_key(args), tie_key(args)
+    step = state.best_global_step
+    kept = evaluation_at(state, step, key) or {}
+    value = kept.get(key, state.best_metric)
+    on = f" on {images} validation images" if images else ""
+    reason = f"the best validation {_name(key)} ({value:.4f}{on})"
+    tied = [e["step"] for e in evaluations if e[key] == value]
+    if len(tied) > 1:
+        broken = f"the lowest validation {_name(tie)} among them" if tie else "the latest of them"
+        reason += f", reached at {len(tied)} of {len(evaluations)} evaluations; {broken}"
+    epoch = kept.get("epoch")
+    return Choice(step, state.global_step, round(epoch, 2) if epoch is not None else None, reason,
+                  _warning(args, evaluations, value, step, tied, images))
+
+
+def _warning(args, evaluations: list[dict], value: float, step: int, tied: list[int], images: int | None) -> str | None:
+    """One line when the validation split could not tell the checkpoints apart: the metric saturated (several
+    evaluations at its ceiling), or, for a share of images (accuracy, agreement), the kept checkpoint is ahead of the
+    last evaluation by at most one image."""
+    key = metric_key(args)
+    size = f"{images} validation images" if images else "the validation images"
+    advice = "hold out more images for validation (--validation_split, --validation_dir)"
+    ceiling = 1.0 if args.greater_is_better else 0.0
+    if len(tied) > 1 and value == ceiling:
+        return (f"{size} could not choose: validation {_name(key)} was {value:g} at {len(tied)} of "
+                f"{len(evaluations)} evaluations (from step {tied[0]}); kept step {step} by the tie-break; {advice}")
+    last = evaluations[-1]
+    share = key.endswith(("accuracy", "agreement"))
+    ahead = abs(value - last[key])
+    if share and images and step != last["step"] and 0 < ahead <= 1 / images + 1e-9:
+        return (f"{size} could not choose: the kept step {step} is ahead of the last (step {last['step']}) by "
+                f"{ahead * images:.0f} image(s), validation {_name(key)} {value:.4f} against "
+                f"{last[key]:.4f}; {advice}")
+    return None

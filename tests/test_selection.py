@@ -1,0 +1,168 @@
+"""Which checkpoint a run keeps (trainers/selection.py): a tie on the selection metric is broken instead of keeping
+the first checkpoint that reached it, early stopping counts ties the same way, and the run says what it kept and
+warns when its validation images were too few to choose."""
+
+import json
+import logging
+
+import pytest
+import torch
+from conftest import quick_flags
+from safetensors.torch import load_file
+from transformers import TrainerControl, TrainerState
+from transformers.trainer_utils import SaveStrategy
+
+import run_finetune
+from hf_transfer.errors import UserError
+from hf_transfer.trainers.selection import EarlyStopping, describe_choice, take_tie, wins_tie
+
+
+class Args:
+    """The fields of the run's arguments the choice reads."""
+
+    def __init__(self, metric="accuracy", tie_break="loss", greater_is_better=True, load_best=True):
+        self.metric_for_best_model, self.best_model_tie_break = metric, tie_break
+        self.greater_is_better, self.load_best_model_at_end = greater_is_better, load_best
+        self.save_strategy = SaveStrategy.EPOCH
+
+
+def state_after(evaluations: list[dict], best_step: int, best_metric: float) -> TrainerState:
+    """A Trainer state whose log history holds these evaluations (each with its step)."""
+    state = TrainerState()
+    state.log_history = [dict(e) for e in evaluations]
+    state.best_global_step, state.best_metric = best_step, best_metric
+    state.best_model_checkpoint = f"checkpoint-{best_step}"
+    state.global_step = evaluations[-1]["step"] if evaluations else 0
+    state.epoch = float(len(evaluations))
+    return state
+
+
+# ---------------------------------------------------------------- a real run whose small validation split saturates
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def saturated_run(tiny_resnet, cifar_like, tmp_path_factory):
+    """An easy task (a colour per class) with 5 validation images (a tenth of 48): validation accuracy reaches 1.0
+    within the first evaluations and stays there while the weights keep changing."""
+    out = tmp_path_factory.mktemp("saturated")
+    records = Records()
+    logging.getLogger("hf_transfer").addHandler(records)
+    try:
+        results = run_finetune.main(["--model_name_or_path", tiny_resnet, "--dataset_name", cifar_like,
+                                     "--output_dir", str(out), "--num_train_epochs", "4", "--save_total_limit", "5",
+                                     *quick_flags()])
+    finally:
+        logging.getLogger("hf_transfer").removeHandler(records)
+    state = json.loads((out / "trainer_state.json").read_text())
+    evaluations = [e for e in state["log_history"] if "eval_accuracy" in e]
+    return out, results, state, evaluations, records.lines
+
+
+@pytest.mark.slow
+def test_a_saturated_metric_keeps_the_tied_checkpoint_of_lowest_validation_loss_not_the_first(saturated_run):
+    out, results, state, evaluations, _ = saturated_run
+    tied = [e for e in evaluations if e["eval_accuracy"] == 1.0]
+    lowest = min(tied, key=lambda e: e["eval_loss"])
+    assert results["eval_samples"] == 5
+    assert len(tied) >= 2 and lowest is not tied[0], "the run must tie at 1.0 with the lowest loss after the first"
+    assert state["best_global_step"] == lowest["step"]
+    # the run's model is the kept checkpoint (the Trainer loaded it at the end), not the first at 1.0
+    saved, kept = load_file(out / "model.safetensors"), load_file(out / f"checkpoint-{lowest['step']}" /
+                                                                   "model.safetensors")
+    assert all(torch.equal(saved[k], kept[k]) for k in kept)
+
+
+@pytest.mark.slow
+def test_the_results_and_the_card_say_which_step_was_kept_and_why(saturated_run):
+    out, results, state, evaluations, _ = saturated_run
+    step = state["best_global_step"]
+    tied = sum(e["eval_accuracy"] == 1.0 for e in evaluations)
+    train = json.loads((out / "train_results.json").read_text())
+    assert results["selected_step"] == train["selected_step"] == step
+    assert train["train_steps"] == state["global_step"]
+    assert f"reached at {tied} of {len(evaluations)} evaluations; the lowest validation loss" in train["selected_by"]
+    card = (out / "README.md").read_text()
+    assert f"Kept weights: step {step} (of {state['global_step']}, epoch " in card
+    assert "the best validation accuracy (1.0000 on 5 validation images)" in card
+
+
+@pytest.mark.slow
+def test_a_validation_split_too_small_to_choose_gets_one_warning(saturated_run):
+    *_, state, evaluations, warnings = saturated_run
+    tied = [e["step"] for e in evaluations if e["eval_accuracy"] == 1.0]
+    lines = [w for w in warnings if "could not choose" in w]
+    assert lines == [f"5 validation images could not choose: validation accuracy was 1 at {len(tied)} of "
+                     f"{len(evaluations)} evaluations (from step {tied[0]}); kept step {state['best_global_step']} "
+                     "by the tie-break; hold out more images for validation (--validation_split, --validation_dir)"]
+
+
+# ---------------------------------------------------------------- the rule itself
+
+
+EVALS = [{"step": 10, "epoch": 1.0, "eval_accuracy": 0.9, "eval_loss": 0.8},
+         {"step": 20, "epoch": 2.0, "eval_accuracy": 1.0, "eval_loss": 0.5}]
+
+
+@pytest.mark.parametrize("tie_break, new_loss, wins", [("loss", 0.4, True), ("loss", 0.5, False), ("loss", 0.6, False),
+                                                       ("last", 0.6, True)])
+def test_a_tie_goes_to_the_lower_loss_or_to_the_later_checkpoint(tie_break, new_loss, wins):
+    state = state_after([*EVALS, {"step": 30, "eval_accuracy": 1.0, "eval_loss": new_loss}], 20, 1.0)
+    assert take_tie({"eval_accuracy": 1.0, "eval_loss": new_loss}, state, Args(tie_break=tie_break)) is wins
+    assert state.best_global_step == (30 if wins else 20)
+    # a value that is not a tie is the Trainer's to judge (strictly better wins there; worse never)
+    assert not take_tie({"eval_accuracy": 0.9, "eval_loss": 0.01}, state, Args(tie_break=tie_break))
+
+
+def test_the_tie_break_reads_the_best_from_the_log_history_so_a_resumed_run_breaks_ties_alike():
+    """A resumed run has only its saved state: the best's loss comes from the log history, and with EMA from the
+    averaged weights' entry (eval_loss), never the raw weights' (eval_raw_loss) logged at the same step."""
+    history = [*EVALS, {"step": 20, "eval_raw_loss": 0.1, "eval_raw_accuracy": 1.0}]
+    state = state_after(history, 20, 1.0)
+    assert wins_tie({"eval_accuracy": 1.0, "eval_loss": 0.3, "eval_raw_loss": 0.9}, state, Args())
+    assert not wins_tie({"eval_accuracy": 1.0, "eval_loss": 0.6}, state, Args())
+
+
+def test_early_stopping_counts_a_won_tie_as_an_improvement():
+    """--early_stopping_patience 1: the Trainer's callback stopped at the first tie, so a saturated metric stopped the
+    run one evaluation after it saturated however much the loss still fell; a lost tie still counts."""
+    stopper, control = EarlyStopping(early_stopping_patience=1), TrainerControl()
+    state = state_after(EVALS, 20, 1.0)
+    stopper.on_evaluate(Args(), state, control, {"eval_accuracy": 1.0, "eval_loss": 0.4})
+    assert not control.should_training_stop and stopper.early_stopping_patience_counter == 0
+    stopper.on_evaluate(Args(), state, control, {"eval_accuracy": 1.0, "eval_loss": 0.7})
+    assert control.should_training_stop and stopper.early_stopping_patience_counter == 1
+
+
+def test_a_kept_checkpoint_one_image_ahead_of_the_last_gets_a_warning():
+    evaluations = [{"step": 10, "epoch": 1.0, "eval_accuracy": 0.8, "eval_loss": 0.8},
+                   {"step": 20, "epoch": 2.0, "eval_accuracy": 0.9, "eval_loss": 0.5},
+                   {"step": 30, "epoch": 3.0, "eval_accuracy": 0.85, "eval_loss": 0.4}]
+    choice = describe_choice(Args(), state_after(evaluations, 20, 0.9), images=20)
+    assert (choice.step, choice.last_step, choice.epoch) == (20, 30, 2.0)
+    assert choice.warning.startswith("20 validation images could not choose: the kept step 20 is ahead of the last "
+                                     "(step 30) by 1 image(s)")
+    assert describe_choice(Args(), state_after(evaluations, 20, 0.9), images=40).warning is None  # 2 images ahead
+    # level with the last (a tie the loss broke, below the ceiling): nothing to warn about
+    level = [*evaluations[:2], {**evaluations[2], "eval_accuracy": 0.9}]
+    assert describe_choice(Args(), state_after(level, 20, 0.9), images=20).warning is None
+
+
+def test_without_a_choice_the_run_says_it_kept_its_last_weights():
+    choice = describe_choice(Args(load_best=False), state_after(EVALS, 20, 1.0), images=5)
+    assert (choice.step, choice.warning) == (20, None)
+    assert choice.reason == "the last weights (--load_best_model_at_end is off)"
+
+
+def test_an_unknown_tie_break_is_refused_in_one_line(tmp_path):
+    with pytest.raises(UserError, match="--best_model_tie_break must be one of loss, last, got 'first'"):
+        run_finetune.main(["--dataset_name", "digits", "--best_model_tie_break", "first", "--output_dir",
+                           str(tmp_path)])
