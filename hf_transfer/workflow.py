@@ -35,7 +35,7 @@ from .tracking import (
     reset_peak_memory,
 )
 from .trainers.freezing import UnfreezeCallback, trainable_names
-from .trainers.selection import EarlyStopping
+from .trainers.selection import EarlyStopping, chooses
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +99,10 @@ def trainer_kwargs(args, data: ImageData, loaded: LoadedModel, run_config: dict 
     on_gpu = args.device.type == "cuda"
     channels_last = loaded.family == "cnn" and (args.channels_last if args.channels_last is not None else on_gpu)
     if args.early_stopping_patience is not None:  # a won tie counts as an improvement, as for the choice
+        if not chooses(args, len(data.validation) if hasattr(data.validation, "__len__") else None):
+            raise UserError(f"--early_stopping_patience needs a checkpoint choice, and {len(data.validation)} "
+                            f"validation images are fewer than --best_model_min_images {args.best_model_min_images}: "
+                            "hold out more validation images, or pass --best_model_min_images 0 to choose anyway")
         callbacks.append(EarlyStopping(early_stopping_patience=args.early_stopping_patience))
     return dict(
         model=loaded.model,

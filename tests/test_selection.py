@@ -12,18 +12,25 @@ from safetensors.torch import load_file
 from transformers import TrainerControl, TrainerState
 from transformers.trainer_utils import SaveStrategy
 
+import run_distill
 import run_finetune
+from hf_transfer.data.dataset import load_image_data
+from hf_transfer.data.samples import attach_transforms
 from hf_transfer.errors import UserError
+from hf_transfer.models.loading import load_model, load_teacher
+from hf_transfer.trainers.distillation_config import DistillationConfig
+from hf_transfer.trainers.distillation_trainer import DistillationTrainer
 from hf_transfer.trainers.selection import EarlyStopping, describe_choice, take_tie, wins_tie
+from hf_transfer.workflow import trainer_kwargs
 
 
 class Args:
     """The fields of the run's arguments the choice reads."""
 
-    def __init__(self, metric="accuracy", tie_break="loss", greater_is_better=True, load_best=True):
+    def __init__(self, metric="accuracy", tie_break="loss", greater_is_better=True, load_best=True, min_images=0):
         self.metric_for_best_model, self.best_model_tie_break = metric, tie_break
         self.greater_is_better, self.load_best_model_at_end = greater_is_better, load_best
-        self.save_strategy = SaveStrategy.EPOCH
+        self.best_model_min_images, self.save_strategy = min_images, SaveStrategy.EPOCH
 
 
 def state_after(evaluations: list[dict], best_step: int, best_metric: float) -> TrainerState:
@@ -68,17 +75,18 @@ def saturated_run(tiny_resnet, cifar_like, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_a_saturated_metric_keeps_the_tied_checkpoint_of_lowest_validation_loss_not_the_first(saturated_run):
+def test_a_saturated_metric_keeps_the_latest_tied_checkpoint_not_the_first(saturated_run):
     out, results, state, evaluations, _ = saturated_run
     tied = [e for e in evaluations if e["eval_accuracy"] == 1.0]
-    lowest = min(tied, key=lambda e: e["eval_loss"])
     assert results["eval_samples"] == 5
-    assert len(tied) >= 2 and lowest is not tied[0], "the run must tie at 1.0 with the lowest loss after the first"
-    assert state["best_global_step"] == lowest["step"]
+    assert len(tied) >= 2, "the run must reach validation accuracy 1.0 at two evaluations or more"
+    assert state["best_global_step"] == tied[-1]["step"]
     # the run's model is the kept checkpoint (the Trainer loaded it at the end), not the first at 1.0
-    saved, kept = load_file(out / "model.safetensors"), load_file(out / f"checkpoint-{lowest['step']}" /
+    saved, kept = load_file(out / "model.safetensors"), load_file(out / f"checkpoint-{tied[-1]['step']}" /
                                                                    "model.safetensors")
+    first = load_file(out / f"checkpoint-{tied[0]['step']}" / "model.safetensors")
     assert all(torch.equal(saved[k], kept[k]) for k in kept)
+    assert not all(torch.equal(saved[k], first[k]) for k in first)
 
 
 @pytest.mark.slow
@@ -89,9 +97,10 @@ def test_the_results_and_the_card_say_which_step_was_kept_and_why(saturated_run)
     train = json.loads((out / "train_results.json").read_text())
     assert results["selected_step"] == train["selected_step"] == step
     assert train["train_steps"] == state["global_step"]
-    assert f"reached at {tied} of {len(evaluations)} evaluations; the lowest validation loss" in train["selected_by"]
+    assert f"reached at {tied} of {len(evaluations)} evaluations; the latest of them" in train["selected_by"]
     card = (out / "README.md").read_text()
-    assert f"Kept weights: step {step} (of {state['global_step']}, epoch " in card
+    which = "the last" if step == state["global_step"] else f"of {state['global_step']}"
+    assert f"Kept weights: step {step} ({which}, epoch " in card
     assert "the best validation accuracy (1.0000 on 5 validation images)" in card
 
 
@@ -166,3 +175,78 @@ def test_an_unknown_tie_break_is_refused_in_one_line(tmp_path):
     with pytest.raises(UserError, match="--best_model_tie_break must be one of loss, last, got 'first'"):
         run_finetune.main(["--dataset_name", "digits", "--best_model_tie_break", "first", "--output_dir",
                            str(tmp_path)])
+
+
+# ---------------------------------------------------------------- the distillation judge
+
+
+def distillation_trainer(teacher_dir, student_dir, data_path, output_dir, temperature):
+    data = load_image_data(data_path, seed=0)
+    teacher = load_teacher(teacher_dir, data.label_names)
+    student = load_model(student_dir, data.label_names)
+    attach_transforms(data, "none")
+    args = DistillationConfig(output_dir=str(output_dir), dataloader_num_workers=0, report_to="none", use_cpu=True,
+                              max_steps=1, temperature=temperature)
+    return DistillationTrainer(teacher=teacher.model, teacher_spec=teacher.spec,
+                               **trainer_kwargs(args, data, student)), data
+
+
+@pytest.mark.slow
+def test_a_distillation_evaluation_scores_the_student_against_the_teacher_on_the_validation_images(
+        cifar_teacher, tiny_resnet, cifar_like, tmp_path):
+    """eval_kd_loss: the training's distillation term (T^2 KL(teacher_T || student_T), mean over the images) on the
+    validation images, labels unused; zero for a student that is the teacher."""
+    same, _ = distillation_trainer(cifar_teacher, cifar_teacher, cifar_like, tmp_path / "same", 2.0)
+    assert same.evaluate()["eval_kd_loss"] == pytest.approx(0.0, abs=1e-5)
+
+    trainer, data = distillation_trainer(cifar_teacher, tiny_resnet, cifar_like, tmp_path / "other", 3.0)
+    metrics = trainer.evaluate()
+    student = torch.as_tensor(trainer.predict(data.validation).predictions) / 3.0
+    teacher = torch.as_tensor(trainer.teacher_predict(data.validation)[1]) / 3.0
+    kl = (teacher.softmax(-1) * (teacher.log_softmax(-1) - student.log_softmax(-1))).sum(-1).mean() * 9.0
+    assert metrics["eval_kd_loss"] == pytest.approx(kl.item(), rel=1e-4) and kl > 0.01
+
+
+def distill(teacher, student, data, out, *flags) -> tuple[dict, dict, list[str]]:
+    records = Records()
+    logging.getLogger("hf_transfer").addHandler(records)
+    try:
+        results = run_distill.main(["--teacher_model_name_or_path", teacher, "--student_model_name_or_path", student,
+                                    "--dataset_name", data, "--output_dir", str(out), "--num_train_epochs", "3",
+                                    "--save_total_limit", "5", *quick_flags(), *flags])
+    finally:
+        logging.getLogger("hf_transfer").removeHandler(records)
+    return results, json.loads((out / "trainer_state.json").read_text()), records.lines
+
+
+@pytest.mark.slow
+def test_a_student_with_too_few_validation_images_keeps_its_last_weights(cifar_teacher, tiny_resnet, cifar_like,
+                                                                          tmp_path):
+    """run_distill's --best_model_min_images 100: 5 validation images choose nothing; the student is the last
+    weights, the results and the card say why, and one warning says so."""
+    results, state, warnings = distill(cifar_teacher, tiny_resnet, cifar_like, tmp_path / "o")
+    assert results["selected_step"] == results["train_steps"] == state["global_step"]
+    saved = load_file(tmp_path / "o" / "model.safetensors")
+    last = load_file(tmp_path / "o" / f"checkpoint-{state['global_step']}" / "model.safetensors")
+    assert all(torch.equal(saved[k], last[k]) for k in last)
+    reason = "the last weights (5 validation images are fewer than --best_model_min_images 100, too few to choose)"
+    assert results["selected_by"] == reason and reason in (tmp_path / "o" / "README.md").read_text()
+    assert [w for w in warnings if "too few" in w] == [
+        "5 validation images are too few to choose a checkpoint (--best_model_min_images 100): the run kept its last "
+        "weights"]
+    with pytest.raises(UserError, match="--early_stopping_patience needs a checkpoint choice, and 5 validation "
+                                        "images are fewer than --best_model_min_images 100"):
+        distill(cifar_teacher, tiny_resnet, cifar_like, tmp_path / "stop", "--early_stopping_patience", "1")
+
+
+@pytest.mark.slow
+def test_a_student_that_chooses_is_chosen_by_the_distillation_loss_on_validation(cifar_teacher, tiny_resnet,
+                                                                                cifar_like, tmp_path):
+    results, state, _ = distill(cifar_teacher, tiny_resnet, cifar_like, tmp_path / "o", "--best_model_min_images", "0")
+    evaluations = [e for e in state["log_history"] if "eval_kd_loss" in e]
+    lowest = min(e["eval_kd_loss"] for e in evaluations)
+    kept = [e for e in evaluations if e["eval_kd_loss"] == lowest][-1]
+    assert state["best_global_step"] == results["selected_step"] == kept["step"]
+    assert state["best_metric"] == lowest
+    assert results["selected_by"].startswith(f"the lowest validation distillation loss ({lowest:.4f} on 5 "
+                                             "validation images)")

@@ -38,6 +38,15 @@ class DistillationConfig(TransferConfig):
         metadata={"shapes": True, "help": "Unless --num_train_epochs or --max_steps is given: train until the student has seen this "
                           "many images, repeats counted, or --min_train_steps steps, whichever is longer; 0 turns it off."},
     )
+    # benchmarks/selection.py: choosing a distilled checkpoint on 5 to 50 validation images kept, on average, a student
+    # worse on test than the run's last weights, by every judge measured; the distillation loss on 100 or more
+    # validation images never did (docs/distillation.md, "Which checkpoint is kept").
+    best_model_min_images: int = field(
+        default=100,
+        metadata={"shapes": True, "card": "fewest validation images that choose a checkpoint",
+                  "help": "With fewer validation images than this, no checkpoint is chosen: the student keeps its last "
+                          "weights and says so (0: always choose)."},
+    )
     cache_teacher_logits: bool = field(
         default=False,
         metadata={"shapes": False, "help": "Compute the teacher's logits once per training image and reuse them every epoch "

@@ -21,8 +21,12 @@ from transformers import EarlyStoppingCallback
 from transformers.trainer_utils import SaveStrategy
 
 TIE_BREAKS = ("loss", "last")
-# The loss that breaks a tie of a metric that has its own (default: the validation loss, `eval_loss`).
-TIE_LOSSES = {"teacher_agreement": "kd_loss"}
+
+
+def chooses(args, images: int | None) -> bool:
+    """Whether the run chooses its checkpoint on validation: --load_best_model_at_end, and at least
+    --best_model_min_images validation images (a stream's held-out rows are counted; None: unknown, chosen)."""
+    return bool(args.load_best_model_at_end) and (images is None or images >= args.best_model_min_images)
 
 
 def metric_key(args) -> str:
@@ -31,10 +35,8 @@ def metric_key(args) -> str:
 
 
 def tie_key(args) -> str | None:
-    """The metric that breaks a tie: the metric's own loss, or None to keep the later checkpoint."""
-    if args.best_model_tie_break == "last":
-        return None
-    return f"eval_{TIE_LOSSES.get(metric_key(args).removeprefix('eval_'), 'loss')}"
+    """The metric that breaks a tie: the validation loss, or None to keep the later checkpoint."""
+    return None if args.best_model_tie_break == "last" else "eval_loss"
 
 
 def evaluation_at(state, step: int, key: str) -> dict | None:
@@ -62,9 +64,21 @@ def take_tie(metrics: dict, state, args) -> bool:
     wins the tie (the Trainer then saves it as the best checkpoint, and loads it at the end)."""
     if not wins_tie(metrics, state, args):
         return False
+    _make_best(state, args, state.best_metric)
+    return True
+
+
+def take_latest(metrics: dict, state, args) -> bool:
+    """A run that does not choose (`chooses`): each evaluation is the one kept, so that the Trainer's state and
+    its checkpoint rotation follow the weights the run ends with."""
+    _make_best(state, args, metrics.get(metric_key(args)))
+    return True
+
+
+def _make_best(state, args, value) -> None:
+    state.best_metric = value
     if args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST):
         state.best_global_step = state.global_step
-    return True
 
 
 class EarlyStopping(EarlyStoppingCallback):
@@ -103,8 +117,12 @@ class Choice:
         return f"step {self.step} ({which}{epoch}): {self.reason}"
 
 
+NAMES = {"kd_loss": "distillation loss", "map": "mAP"}
+
+
 def _name(key: str) -> str:
-    return key.removeprefix("eval_").replace("_", " ")
+    name = key.removeprefix("eval_")
+    return NAMES.get(name, name.replace("_", " "))
 
 
 def describe_choice(args, state, images: int | None) -> Choice:
@@ -112,16 +130,24 @@ def describe_choice(args, state, images: int | None) -> Choice:
     (None when unknown: a stream)."""
     evaluations = [e for e in state.log_history if metric_key(args) in e and "step" in e]
     last_epoch = round(state.epoch, 2) if state.epoch is not None else None
-    if not args.load_best_model_at_end or state.best_model_checkpoint is None or not evaluations:
-        why = ("--load_best_model_at_end is off" if not args.load_best_model_at_end
-               else "no checkpoint was evaluated and saved to choose from")
-        return Choice(state.global_step, state.global_step, last_epoch, f"the last weights ({why})")
+    if not args.load_best_model_at_end:
+        return Choice(state.global_step, state.global_step, last_epoch,
+                      "the last weights (--load_best_model_at_end is off)")
+    if not chooses(args, images):
+        return Choice(state.global_step, state.global_step, last_epoch,
+                      f"the last weights ({images} validation images are fewer than --best_model_min_images "
+                      f"{args.best_model_min_images}, too few to choose)",
+                      f"{images} validation images are too few to choose a checkpoint (--best_model_min_images "
+                      f"{args.best_model_min_images}): the run kept its last weights")
+    if state.best_model_checkpoint is None or not evaluations:
+        return Choice(state.global_step, state.global_step, last_epoch,
+                      "the last weights (no checkpoint was evaluated and saved to choose from)")
     key, tie = metric_key(args), tie_key(args)
     step = state.best_global_step
     kept = evaluation_at(state, step, key) or {}
     value = kept.get(key, state.best_metric)
     on = f" on {images} validation images" if images else ""
-    reason = f"the best validation {_name(key)} ({value:.4f}{on})"
+    reason = f"the {'best' if args.greater_is_better else 'lowest'} validation {_name(key)} ({value:.4f}{on})"
     tied = [e["step"] for e in evaluations if e[key] == value]
     if len(tied) > 1:
         broken = f"the lowest validation {_name(tie)} among them" if tie else "the latest of them"

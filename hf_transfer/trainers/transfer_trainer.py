@@ -57,7 +57,7 @@ from .batchnorm import recompute_statistics, trainable_batchnorm_layers
 from .ema import EmaCallback, WeightEma, swapped_weights
 from .nonfinite import LossGuard, LossWatch, NonFiniteLossError, StepSkipper
 from .optimizer import param_groups, step_schedule, updates_per_epoch
-from .selection import Choice, describe_choice, take_tie
+from .selection import Choice, chooses, describe_choice, take_latest, take_tie
 
 logger = logging.getLogger(__name__)
 
@@ -267,7 +267,7 @@ class TransferTrainer(Trainer):
         result = super().train(*args, **kwargs)
         # The best checkpoint was saved right after its evaluation, statistics included; other final weights
         # may not have been evaluated since their last step.
-        best_loaded = self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None
+        best_loaded = self.chooses() and self.state.best_model_checkpoint is not None
         if self.ema is not None:  # the run ends with the EMA weights (of the best checkpoint, when one was loaded)
             self._raw_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             self.model.load_state_dict(self.ema.state_dict())
@@ -341,13 +341,22 @@ class TransferTrainer(Trainer):
 
     def _determine_best_metric(self, metrics: dict[str, float], trial) -> bool:
         """The Trainer's choice (a strictly better metric), then a tie broken by --best_model_tie_break instead of
-        keeping the first checkpoint that reached the value."""
+        keeping the first checkpoint that reached the value; with too few validation images, the latest."""
+        if not self.chooses():
+            return take_latest(metrics, self.state, self.args)
         return super()._determine_best_metric(metrics, trial) or take_tie(metrics, self.state, self.args)
+
+    @property
+    def validation_images(self) -> int | None:
+        return len(self.eval_dataset) if hasattr(self.eval_dataset, "__len__") else None
+
+    def chooses(self) -> bool:
+        """Whether the run ends with its best checkpoint on validation (selection.chooses) or its last weights."""
+        return chooses(self.args, self.validation_images)
 
     def checkpoint_choice(self) -> Choice:
         """Which weights the run ended with, and why (after `train`)."""
-        images = len(self.eval_dataset) if hasattr(self.eval_dataset, "__len__") else None
-        return describe_choice(self.args, self.state, images)
+        return describe_choice(self.args, self.state, self.validation_images)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """The run's model whole (safetensors and config, for `from_pretrained`, `pipeline` and the Hub), also when
@@ -376,6 +385,8 @@ class TransferTrainer(Trainer):
             self.ema.restart(self.accelerator.unwrap_model(model if model is not None else self.model))
 
     def _load_best_model(self) -> None:
+        if not self.chooses():  # too few validation images to choose: the run keeps its last weights
+            return
         if not self._load_whole(self.state.best_model_checkpoint):
             super()._load_best_model()
         if self.ema is not None:
