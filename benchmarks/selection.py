@@ -14,7 +14,9 @@ every rule's choice can be computed afterwards from one run, on any subset of th
 a validation split of n images is simulated by drawing n of the 144 (300 draws per n, uniformly), and
 each rule's kept evaluation is scored by its test accuracy against the run's LAST evaluation (what
 the run ends with when nothing is chosen). Training never reads the validation split, so the draws
-are faithful to runs whose validation split had those n images.
+are faithful to runs whose validation split had those n images. (Recording draws from the global
+random state, as any DataLoader does, so a recorded run is another draw of its regime than the
+unrecorded run of the same seed.)
 
 Rules (S: the n validation images, with labels; J: S plus the other 144 - n validation images
 without their labels, standing for images held out of the unlabeled ones):
@@ -78,7 +80,7 @@ REGIMES = {  # (command, flags; "{lite0}" and "{teacher}" are filled in)
 # Evaluations are recorded in-process, so no checkpoint is needed: saving one per epoch (360 epochs on 50 images)
 # would only cost time. Without saves the run keeps its last weights; the rules are computed from the records.
 QUIET = ["--disable_tqdm", "true", "--dataloader_num_workers", "0", "--save_strategy", "no", "--overwrite_output_dir"]
-SIZES = (5, 10, 24, 50, 100, 144)  # validation images a rule chooses with (144: the whole validation split)
+SIZES = (5, 10, 24, 50, 100, 130, 144)  # validation images a rule chooses with (144: the whole validation split)
 DRAWS = 300
 GENERIC_RULES = ("first", "acc>loss", "acc>last", "loss", "margin", "last")
 TEACHER_RULES = ("agree>kd(S)", "kd(S)", "agree>kd(J)", "kd(J)")

@@ -17,7 +17,7 @@ cannot avoid them; their canaries are here too):
 - `_determine_best_metric(metrics, trial)`: called after each evaluation in training; it replaces the
   best checkpoint only on a strictly better metric, so a tie keeps the first checkpoint that reached the
   value (a saturated metric kept the earliest weights); the override breaks ties (`trainers/selection.py`,
-  transformers 4.47-5.x).
+  transformers 5.x).
 
 Overridden private method of `transformers.HfArgumentParser` (in `arguments.ArgumentParser`):
 - `_parse_dataclass_field(parser, field)`: see `field_for_argparse` below.

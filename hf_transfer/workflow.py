@@ -98,7 +98,7 @@ def trainer_kwargs(args, data: ImageData, loaded: LoadedModel, run_config: dict 
         depth_groups(loaded.model)  # the same check for per-layer learning rates
     on_gpu = args.device.type == "cuda"
     channels_last = loaded.family == "cnn" and (args.channels_last if args.channels_last is not None else on_gpu)
-    if args.early_stopping_patience is not None:  # a won tie counts as an improvement, as for the choice
+    if args.early_stopping_patience is not None:  # a tie won by a lower loss counts as an improvement, as for the choice
         if not chooses(args, len(data.validation) if hasattr(data.validation, "__len__") else None):
             raise UserError(f"--early_stopping_patience needs a checkpoint choice, and {len(data.validation)} "
                             f"validation images are fewer than --best_model_min_images {args.best_model_min_images}: "
@@ -169,7 +169,7 @@ def train_and_evaluate(trainer, data: ImageData, card: CardInfo, resume_from: st
     logger.info("kept %s", choice.sentence())
     if choice.warning:
         logger.warning(choice.warning)
-    trainer.log_metrics("train", results)
+    trainer.log_metrics("train", {k: v for k, v in results.items() if k != "selected_by"})  # said above, in a line
     trainer.save_metrics("train", results)
     trainer.save_state()
 

@@ -217,12 +217,10 @@ def test_rerun_keeps_a_finished_run_resumes_a_partial_one_and_refuses_other_sett
 def test_early_stopping(tiny_vit, cifar_like, tmp_path, quick_args):
     out = tmp_path / "run"
     run_finetune.main(["--model_name_or_path", tiny_vit, "--dataset_name", cifar_like, "--output_dir", str(out),
-                       "--num_train_epochs", "20", "--learning_rate", "1e-30", "--early_stopping_patience", "1",
+                       "--num_train_epochs", "20", "--learning_rate", "1e-9", "--early_stopping_patience", "1",
                        *quick_args])
     state = json.loads((out / "trainer_state.json").read_text())
-    # no improvement at the second evaluation stops the run: the same accuracy and, with weights that do not move,
-    # the same loss (a lower loss at the same accuracy would be one: tests/test_selection.py)
-    assert state["epoch"] == 2
+    assert state["epoch"] == 2  # no improvement at the second evaluation stops the run
 
 
 @pytest.mark.parametrize("flags, message", [

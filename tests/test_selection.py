@@ -4,6 +4,8 @@ warns when its validation images were too few to choose."""
 
 import json
 import logging
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,7 +113,8 @@ def test_a_validation_split_too_small_to_choose_gets_one_warning(saturated_run):
     lines = [w for w in warnings if "could not choose" in w]
     assert lines == [f"5 validation images could not choose: validation accuracy was 1 at {len(tied)} of "
                      f"{len(evaluations)} evaluations (from step {tied[0]}); kept step {state['best_global_step']} "
-                     "by the tie-break; hold out more images for validation (--validation_split, --validation_dir)"]
+                     "by the tie-break; hold out more images for validation (--validation_split, --validation_dir), or keep the "
+                     "last weights below N of them (--best_model_min_images N)"]
 
 
 # ---------------------------------------------------------------- the rule itself
@@ -140,15 +143,26 @@ def test_the_tie_break_reads_the_best_from_the_log_history_so_a_resumed_run_brea
     assert not wins_tie({"eval_accuracy": 1.0, "eval_loss": 0.6}, state, Args())
 
 
-def test_early_stopping_counts_a_won_tie_as_an_improvement():
-    """--early_stopping_patience 1: the Trainer's callback stopped at the first tie, so a saturated metric stopped the
-    run one evaluation after it saturated however much the loss still fell; a lost tie still counts."""
+def test_early_stopping_counts_a_tie_won_by_a_lower_loss_as_an_improvement():
+    """--early_stopping_patience 1: the Trainer's callback stopped at the first tie, so with --best_model_tie_break loss
+    a saturated metric stopped the run one evaluation after it saturated however much the loss still fell; a lost
+    tie still counts."""
     stopper, control = EarlyStopping(early_stopping_patience=1), TrainerControl()
     state = state_after(EVALS, 20, 1.0)
-    stopper.on_evaluate(Args(), state, control, {"eval_accuracy": 1.0, "eval_loss": 0.4})
+    stopper.on_evaluate(Args(tie_break="loss"), state, control, {"eval_accuracy": 1.0, "eval_loss": 0.4})
     assert not control.should_training_stop and stopper.early_stopping_patience_counter == 0
-    stopper.on_evaluate(Args(), state, control, {"eval_accuracy": 1.0, "eval_loss": 0.7})
+    stopper.on_evaluate(Args(tie_break="loss"), state, control, {"eval_accuracy": 1.0, "eval_loss": 0.7})
     assert control.should_training_stop and stopper.early_stopping_patience_counter == 1
+
+
+def test_a_plateau_stops_early_and_keeps_its_latest_weights():
+    """The default tie-break takes the later checkpoint, which is no improvement: a flat metric still stops the run,
+    and the checkpoint kept is the plateau's last (the Trainer kept its first)."""
+    stopper, control, args = EarlyStopping(early_stopping_patience=1), TrainerControl(), Args(tie_break="last")
+    state = state_after([*EVALS, {"step": 30, "eval_accuracy": 1.0, "eval_loss": 0.6}], 20, 1.0)
+    stopper.on_evaluate(args, state, control, {"eval_accuracy": 1.0, "eval_loss": 0.6})
+    assert control.should_training_stop
+    assert take_tie({"eval_accuracy": 1.0, "eval_loss": 0.6}, state, args) and state.best_global_step == 30
 
 
 def test_a_kept_checkpoint_one_image_ahead_of_the_last_gets_a_warning():
@@ -222,20 +236,20 @@ def distill(teacher, student, data, out, *flags) -> tuple[dict, dict, list[str]]
 @pytest.mark.slow
 def test_a_student_with_too_few_validation_images_keeps_its_last_weights(cifar_teacher, tiny_resnet, cifar_like,
                                                                           tmp_path):
-    """run_distill's --best_model_min_images 100: 5 validation images choose nothing; the student is the last
-    weights, the results and the card say why, and one warning says so."""
+    """run_distill's --best_model_min_images 144 (measured): 5 validation images choose nothing; the student is the
+    last weights, the results and the card say why, one warning says so, and early stopping is refused."""
     results, state, warnings = distill(cifar_teacher, tiny_resnet, cifar_like, tmp_path / "o")
     assert results["selected_step"] == results["train_steps"] == state["global_step"]
     saved = load_file(tmp_path / "o" / "model.safetensors")
     last = load_file(tmp_path / "o" / f"checkpoint-{state['global_step']}" / "model.safetensors")
     assert all(torch.equal(saved[k], last[k]) for k in last)
-    reason = "the last weights (5 validation images are fewer than --best_model_min_images 100, too few to choose)"
+    reason = "the last weights (5 validation images are fewer than --best_model_min_images 144, too few to choose)"
     assert results["selected_by"] == reason and reason in (tmp_path / "o" / "README.md").read_text()
     assert [w for w in warnings if "too few" in w] == [
-        "5 validation images are too few to choose a checkpoint (--best_model_min_images 100): the run kept its last "
+        "5 validation images are too few to choose a checkpoint (--best_model_min_images 144): the run kept its last "
         "weights"]
     with pytest.raises(UserError, match="--early_stopping_patience needs a checkpoint choice, and 5 validation "
-                                        "images are fewer than --best_model_min_images 100"):
+                                        "images are fewer than --best_model_min_images 144"):
         distill(cifar_teacher, tiny_resnet, cifar_like, tmp_path / "stop", "--early_stopping_patience", "1")
 
 
@@ -250,3 +264,22 @@ def test_a_student_that_chooses_is_chosen_by_the_distillation_loss_on_validation
     assert state["best_metric"] == lowest
     assert results["selected_by"].startswith(f"the lowest validation distillation loss ({lowest:.4f} on 5 "
                                              "validation images)")
+
+
+# ---------------------------------------------------------------- the benchmark's rules
+
+
+def test_the_benchmark_computes_each_rule_as_the_docs_describe_it():
+    """benchmarks/selection.py: 4 evaluations of 2 validation images; accuracy 0.5, 1, 1, 0.5 (a tie at 1.0)."""
+    import numpy as np
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import selection as bench
+
+    tables = {"right": np.array([[0, 1], [1, 1], [1, 1], [1, 0]], dtype=float),
+              "ce": np.array([[2.0, 0.2], [0.4, 0.6], [0.5, 0.6], [0.1, 3.0]]),
+              "agree": np.array([[1, 1], [1, 1], [0, 1], [1, 1]], dtype=float),
+              "kd": np.array([[0.3, 0.3], [0.2, 0.2], [0.4, 0.4], [0.2, 0.2]])}
+    kept = bench.choices(tables, np.arange(2), np.arange(2))
+    assert kept == {"first": 1, "acc>loss": 1, "acc>last": 2, "loss": 1, "last": 3, "margin": 3,
+                    "agree>kd(S)": 3, "kd(S)": 3, "agree>kd(J)": 3, "kd(J)": 3}

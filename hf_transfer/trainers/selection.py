@@ -2,15 +2,18 @@
 
 The Trainer keeps the checkpoint of the best `--metric_for_best_model` on validation and replaces it only on a
 strictly better value, so a metric that saturates (accuracy 1.0 on a small validation split, from the first
-evaluation on) keeps the FIRST weights that reached it, however long the run trains after. Here a tie on the metric
-is broken (`--best_model_tie_break`): by the lower validation loss (the default; a distillation run that chooses by
-the teacher's judge uses its distillation loss), or by the later checkpoint. The metric keeps its meaning: a
-strictly better value wins as before. Early stopping counts an evaluation that wins a tie as an improvement
-(`EarlyStopping`), so the two never disagree.
+evaluations on) kept the FIRST weights that reached it, however long the run trained after. Here a tie on the metric
+is broken (`--best_model_tie_break`): towards the later checkpoint (the default), or the lower validation loss. The
+metric keeps its meaning: a strictly better value wins as before. Early stopping counts a tie won by a lower loss as
+an improvement (`EarlyStopping`), as the choice does; a tie that only goes to the later checkpoint is a plateau for
+both. With fewer validation images than `--best_model_min_images` (run_distill.py: 144) nothing is chosen: the run
+keeps its last weights (`chooses`). benchmarks/selection.py measured each rule against the run's last weights
+(docs/guide.md, "Choosing the checkpoint").
 
 After training, `describe_choice` says which step was kept and why (best by what, how a tie was broken, or the last
 weights), for the results and the model card, and a one-line warning when the validation images were too few to
-choose: the metric saturated, or the kept checkpoint is ahead of the last one by at most one image.
+choose: the metric saturated, the kept checkpoint is ahead of the last one by at most one image, or there were fewer
+than `--best_model_min_images`.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ TIE_BREAKS = ("loss", "last")
 
 def chooses(args, images: int | None) -> bool:
     """Whether the run chooses its checkpoint on validation: --load_best_model_at_end, and at least
-    --best_model_min_images validation images (a stream's held-out rows are counted; None: unknown, chosen)."""
+    --best_model_min_images validation images (None: unknown, chosen)."""
     return bool(args.load_best_model_at_end) and (images is None or images >= args.best_model_min_images)
 
 
@@ -47,8 +50,10 @@ def evaluation_at(state, step: int, key: str) -> dict | None:
 
 def wins_tie(metrics: dict, state, args) -> bool:
     """Whether these evaluation metrics tie the best so far on the metric and win the tie-break."""
+    if args.metric_for_best_model is None or state.best_metric is None or state.best_global_step is None:
+        return False
     key = metric_key(args)
-    if state.best_metric is None or state.best_global_step is None or key not in metrics:
+    if key not in metrics:
         return False
     if metrics[key] != state.best_metric:
         return False
@@ -71,7 +76,7 @@ def take_tie(metrics: dict, state, args) -> bool:
 def take_latest(metrics: dict, state, args) -> bool:
     """A run that does not choose (`chooses`): each evaluation is the one kept, so that the Trainer's state and
     its checkpoint rotation follow the weights the run ends with."""
-    _make_best(state, args, metrics.get(metric_key(args)))
+    _make_best(state, args, metrics.get(metric_key(args)) if args.metric_for_best_model else None)
     return True
 
 
@@ -82,11 +87,13 @@ def _make_best(state, args, value) -> None:
 
 
 class EarlyStopping(EarlyStoppingCallback):
-    """transformers' early stopping, with an evaluation that wins a tie counted as an improvement, as the
-    checkpoint choice counts it (it runs before the choice, against the same best)."""
+    """transformers' early stopping, with a tie won by a lower validation loss (--best_model_tie_break loss) counted
+    as an improvement, as the checkpoint choice counts it (it runs before the choice, against the same best). A tie
+    broken towards the later checkpoint is no improvement: a plateau still stops the run, which then keeps the
+    plateau's latest weights."""
 
     def on_evaluate(self, args, state, control, metrics, **kwargs):
-        if wins_tie(metrics, state, args):
+        if tie_key(args) is not None and wins_tie(metrics, state, args):
             self.early_stopping_patience_counter = 0
             return
         super().on_evaluate(args, state, control, metrics, **kwargs)
@@ -128,9 +135,8 @@ def _name(key: str) -> str:
 def describe_choice(args, state, images: int | None) -> Choice:
     """Which weights the run ends with and why; `images`: how many validation images the metric was computed on
     (None when unknown: a stream)."""
-    evaluations = [e for e in state.log_history if metric_key(args) in e and "step" in e]
     last_epoch = round(state.epoch, 2) if state.epoch is not None else None
-    if not args.load_best_model_at_end:
+    if not args.load_best_model_at_end:  # (with it, TrainingArguments always sets a metric)
         return Choice(state.global_step, state.global_step, last_epoch,
                       "the last weights (--load_best_model_at_end is off)")
     if not chooses(args, images):
@@ -139,6 +145,7 @@ def describe_choice(args, state, images: int | None) -> Choice:
                       f"{args.best_model_min_images}, too few to choose)",
                       f"{images} validation images are too few to choose a checkpoint (--best_model_min_images "
                       f"{args.best_model_min_images}): the run kept its last weights")
+    evaluations = [e for e in state.log_history if metric_key(args) in e and "step" in e]
     if state.best_model_checkpoint is None or not evaluations:
         return Choice(state.global_step, state.global_step, last_epoch,
                       "the last weights (no checkpoint was evaluated and saved to choose from)")
@@ -159,17 +166,18 @@ def describe_choice(args, state, images: int | None) -> Choice:
 
 def _warning(args, evaluations: list[dict], value: float, step: int, tied: list[int], images: int | None) -> str | None:
     """One line when the validation split could not tell the checkpoints apart: the metric saturated (several
-    evaluations at its ceiling), or, for a share of images (accuracy, agreement), the kept checkpoint is ahead of the
-    last evaluation by at most one image."""
+    evaluations at its ceiling), or, for accuracy (a share of images), the kept checkpoint is ahead of the last
+    evaluation by at most one image."""
     key = metric_key(args)
     size = f"{images} validation images" if images else "the validation images"
-    advice = "hold out more images for validation (--validation_split, --validation_dir)"
+    advice = ("hold out more images for validation (--validation_split, --validation_dir), or keep the last weights "
+              "below N of them (--best_model_min_images N)")
     ceiling = 1.0 if args.greater_is_better else 0.0
     if len(tied) > 1 and value == ceiling:
         return (f"{size} could not choose: validation {_name(key)} was {value:g} at {len(tied)} of "
                 f"{len(evaluations)} evaluations (from step {tied[0]}); kept step {step} by the tie-break; {advice}")
     last = evaluations[-1]
-    share = key.endswith(("accuracy", "agreement"))
+    share = key.endswith("accuracy")
     ahead = abs(value - last[key])
     if share and images and step != last["step"] and 0 < ahead <= 1 / images + 1e-9:
         return (f"{size} could not choose: the kept step {step} is ahead of the last (step {last['step']}) by "

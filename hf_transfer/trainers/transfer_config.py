@@ -150,14 +150,14 @@ class TransferConfig(TrainingArguments):
         metadata={"shapes": True, "card": "tie on the selection metric broken by",
                   "help": "Which of two checkpoints with the same --metric_for_best_model to keep (a small validation split "
                           "saturates, e.g. accuracy 1.0 from the first epoch): 'last', the later one, or 'loss', the "
-                          "lower validation loss (the Trainer alone keeps the first). Early stopping counts a won tie "
-                          "as an improvement."},
+                          "lower validation loss (the Trainer alone keeps the first). Early stopping counts a tie won "
+                          "by a lower loss as an improvement; a plateau still stops the run."},
     )
     best_model_min_images: int = field(
         default=0,
         metadata={"shapes": True, "card": "fewest validation images that choose a checkpoint",
                   "help": "With fewer validation images than this, no checkpoint is chosen: the run keeps its last "
-                          "weights and says so (0: always choose; run_distill.py: 100, measured)."},
+                          "weights and says so (0: always choose; run_distill.py: 144, measured)."},
     )
     hub_strategy: str = field(
         default="end",
