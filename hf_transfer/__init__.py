@@ -30,6 +30,7 @@ One module per concept:
   trainers/ema.py              weight EMA (--ema_decay), kept beside the model and saved with checkpoints
   trainers/nonfinite.py        the NaN/inf loss and gradient guard (stop, or skip a step as if it never happened)
   trainers/batchnorm.py        precise BatchNorm statistics for the weights evaluated and saved
+  trainers/selection.py        which checkpoint a run keeps: ties on the metric broken, what the run says about it
   losses.py                    the distillation loss, soft-target cross-entropy, class weights (pure functions; images
                                without labels add to the distillation term only)
   metrics.py                   accuracy, precision, recall, F1, top-5, per-class report, confusion matrix; mAP and F1

@@ -13,6 +13,10 @@ cannot avoid them; their canaries are here too):
 - `_push_from_checkpoint(checkpoint_folder)`: called by `_save_checkpoint` to push during training
   (hub strategies other than end); replaced so that the Trainer's pickled arguments and card never
   reach the repository (transformers 5.x).
+- `_determine_best_metric(metrics, trial)`: called after each evaluation in training; it replaces the
+  best checkpoint only on a strictly better metric, so a tie keeps the first checkpoint that reached the
+  value (a saturated metric kept the earliest weights); the override breaks ties (`trainers/selection.py`,
+  transformers 5.x).
 
 Overridden private method of `transformers.HfArgumentParser` (in `arguments.ArgumentParser`):
 - `_parse_dataclass_field(parser, field)`: see `field_for_argparse` below.
@@ -238,6 +242,8 @@ WORKAROUNDS = {
     "TransferTrainer._push_from_checkpoint": ("transformers",
                                               "test_trainer_still_pushes_during_training_through_push_from_checkpoint"),
     "TransferTrainer._save_checkpoint": ("transformers", "test_trainer_still_saves_checkpoints_through_save_checkpoint"),
+    "TransferTrainer._determine_best_metric": ("transformers",
+                                               "test_trainer_still_keeps_the_first_of_a_tie_in_determine_best_metric"),
     "TransferTrainer.get_batch_samples": ("transformers", "test_trainer_still_takes_the_loss_counts_we_give_it"),
     "HeldLoadReport": ("transformers", "test_from_pretrained_still_logs_a_table_for_a_new_head"),
     "drop_timm_pretrained_cfg": ("transformers",

@@ -6,6 +6,7 @@ results); the body says what was trained, how, and how to use it.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -74,8 +75,9 @@ def _versions() -> list[str]:
     return lines
 
 
-def render_model_card(info: CardInfo, test_metrics: dict | None, eval_metrics: dict | None) -> ModelCard:
-    test_metrics, eval_metrics = test_metrics or {}, eval_metrics or {}
+def render_model_card(info: CardInfo, test_metrics: dict | None, eval_metrics: dict | None,
+                      train_metrics: dict | None = None) -> ModelCard:
+    test_metrics, eval_metrics, train_metrics = test_metrics or {}, eval_metrics or {}, train_metrics or {}
     eval_results = [
         EvalResult(task_type="image-classification", dataset_type=info.dataset if info.dataset_on_hub else "custom",
                    dataset_name=info.dataset,
@@ -97,14 +99,26 @@ def render_model_card(info: CardInfo, test_metrics: dict | None, eval_metrics: d
         datasets=[info.dataset] if info.dataset_on_hub else None,
         eval_results=eval_results or None,
     )
-    return ModelCard.from_template(data, template_str=_TEMPLATE, model_name=info.model_name, body=_body(info, test_metrics, eval_metrics))
+    return ModelCard.from_template(data, template_str=_TEMPLATE, model_name=info.model_name,
+                                   body=_body(info, test_metrics, eval_metrics, train_metrics))
 
 
 def _result_keys(test_metrics: dict) -> list[tuple[str, str]]:
     return _MULTILABEL_KEYS if "test_map" in test_metrics else _RESULT_KEYS
 
 
-def _body(info: CardInfo, test_metrics: dict, eval_metrics: dict) -> str:
+def _kept(train_metrics: dict) -> str | None:
+    """Which weights the model is and why (trainers/selection.py, recorded in train_results.json)."""
+    if "selected_step" not in train_metrics:  # a run from before the choice was recorded
+        return None
+    step, last = train_metrics["selected_step"], train_metrics.get("train_steps")
+    which = "the last" if step == last else f"of {last}" if last else ""
+    epoch = f"epoch {train_metrics['selected_epoch']:g}" if "selected_epoch" in train_metrics else ""
+    detail = ", ".join(part for part in (which, epoch) if part)
+    return f"Kept weights: step {step}{f' ({detail})' if detail else ''}, {train_metrics['selected_by']}."
+
+
+def _body(info: CardInfo, test_metrics: dict, eval_metrics: dict, train_metrics: dict) -> str:
     if info.teacher:  # the student: its architecture and where its weights started, then the teacher
         begun = ("from random weights (the architecture of " if info.from_scratch else "from the weights of ") + \
             f"`{info.base_model}`" + (")" if info.from_scratch else "")
@@ -121,9 +135,13 @@ def _body(info: CardInfo, test_metrics: dict, eval_metrics: dict) -> str:
         lines += ["Several labels per image: each label has its own sigmoid score (`pipeline` returns them all); a "
                   "label is predicted when its score reaches the decision threshold, saved in `config.json` as "
                   "`multi_label_threshold`.", ""]
+    kept = _kept(train_metrics)
+    if kept:
+        lines += [kept, ""]
     if test_metrics:
-        chosen_on = "validation mAP" if several else "validation accuracy"
-        lines += [f"Test split, evaluated once after training with the checkpoint chosen on {chosen_on}:", "",
+        chosen_on = "these weights" if kept else \
+            f"the checkpoint chosen on {'validation mAP' if several else 'validation accuracy'}"
+        lines += [f"Test split, evaluated once after training with {chosen_on}:", "",
                   "| metric | value |", "|---|---|"]
         lines += [f"| {name} | {test_metrics[f'test_{key}']:.4f} |" for key, name in _result_keys(test_metrics)
                   if f"test_{key}" in test_metrics]
@@ -133,10 +151,11 @@ def _body(info: CardInfo, test_metrics: dict, eval_metrics: dict) -> str:
                 lines.append(f"| {name} | {test_metrics[key]:.4f} |")
     else:
         lines.append("The data set has no test split; see the validation results below.")
+    images = f" ({eval_metrics['eval_samples']} images)" if "eval_samples" in eval_metrics else ""
     if "eval_map" in eval_metrics:
-        lines += ["", f"Validation mAP: {eval_metrics['eval_map']:.4f}."]
+        lines += ["", f"Validation mAP{images}: {eval_metrics['eval_map']:.4f}."]
     elif "eval_accuracy" in eval_metrics:
-        lines += ["", f"Validation accuracy: {eval_metrics['eval_accuracy']:.4f}."]
+        lines += ["", f"Validation accuracy{images}: {eval_metrics['eval_accuracy']:.4f}."]
 
     lines += ["", "## Training", "", "| setting | value |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in info.hyperparameters.items()]
@@ -152,8 +171,11 @@ def _body(info: CardInfo, test_metrics: dict, eval_metrics: dict) -> str:
 
 def write_model_card(output_dir: str | Path, info: CardInfo, test_metrics: dict | None,
                      eval_metrics: dict | None) -> Path:
+    """The card of a run, whose train_results.json (written before) says which weights were kept."""
     path = Path(output_dir) / "README.md"
-    render_model_card(info, test_metrics, eval_metrics).save(path)
+    train = path.with_name("train_results.json")
+    train_metrics = json.loads(train.read_text()) if train.is_file() else None
+    render_model_card(info, test_metrics, eval_metrics, train_metrics).save(path)
     return path
 
 

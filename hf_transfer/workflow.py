@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import EarlyStoppingCallback
 
 from .checkpoints import StopOnSignal
 from .data.dataset import ROW, ImageData, load_image_data
@@ -37,6 +36,7 @@ from .tracking import (
     reset_peak_memory,
 )
 from .trainers.freezing import UnfreezeCallback, trainable_names
+from .trainers.selection import EarlyStopping, chooses
 
 logger = logging.getLogger(__name__)
 
@@ -99,8 +99,12 @@ def trainer_kwargs(args, data: ImageData, loaded: LoadedModel, run_config: dict 
         depth_groups(loaded.model)  # the same check for per-layer learning rates
     on_gpu = args.device.type == "cuda"
     channels_last = loaded.family == "cnn" and (args.channels_last if args.channels_last is not None else on_gpu)
-    if args.early_stopping_patience is not None:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience))
+    if args.early_stopping_patience is not None:  # a tie won by a lower loss counts as an improvement, as for the choice
+        if not chooses(args, len(data.validation) if hasattr(data.validation, "__len__") else None):
+            raise UserError(f"--early_stopping_patience needs a checkpoint choice, and {len(data.validation)} "
+                            f"validation images are fewer than --best_model_min_images {args.best_model_min_images}: "
+                            "hold out more validation images, or pass --best_model_min_images 0 to choose anyway")
+        callbacks.append(EarlyStopping(early_stopping_patience=args.early_stopping_patience))
     return dict(
         model=loaded.model,
         args=args,
@@ -134,7 +138,8 @@ def class_weights(args, data: ImageData) -> torch.Tensor | None:
 
 
 def train_and_evaluate(trainer, data: ImageData, card: CardInfo, resume_from: str | None = None) -> dict:
-    """Train, keep the best checkpoint (by validation accuracy), test it once, write everything, save, push."""
+    """Train, keep the best checkpoint on validation (a tie broken, trainers/selection.py), test it once, write
+    everything, save, push."""
     reset_peak_memory()
     train_result = trainer.train(resume_from_checkpoint=resume_from)
     stopper = _callback(trainer, StopOnSignal)
@@ -159,7 +164,12 @@ def train_and_evaluate(trainer, data: ImageData, card: CardInfo, resume_from: st
     trainer.log({"train_peak_memory_mb": results["train_peak_memory_mb"]})  # the trackers get it too
     results.update({("train_unlabeled" if split == "unlabeled" else split) + "_skipped_images": n
                     for split, n in data.skipped_images.items()})
-    trainer.log_metrics("train", results)
+    choice = trainer.checkpoint_choice()  # which weights the run kept, and why: in the results and the card
+    results.update(choice.results())
+    logger.info("kept %s", choice.sentence())
+    if choice.warning:
+        logger.warning(choice.warning)
+    trainer.log_metrics("train", {k: v for k, v in results.items() if k != "selected_by"})  # said above, in a line
     trainer.save_metrics("train", results)
     trainer.save_state()
 

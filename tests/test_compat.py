@@ -280,6 +280,27 @@ def test_trainer_still_saves_checkpoints_through_save_checkpoint():
     assert "self._save_checkpoint(" in source
 
 
+def test_trainer_still_keeps_the_first_of_a_tie_in_determine_best_metric(tiny_vit, tmp_path):
+    """-> TransferTrainer._determine_best_metric, selection.EarlyStopping: the Trainer asks it after each evaluation
+    in training (and saves by its answer with save_strategy best); it and the early-stopping callback replace the
+    best only on a strictly better metric, so a tie keeps the first checkpoint."""
+    from transformers import EarlyStoppingCallback, TrainerControl
+
+    assert list(inspect.signature(Trainer._determine_best_metric).parameters) == ["self", "metrics", "trial"]
+    source = inspect.getsource(Trainer._maybe_log_save_evaluate)
+    assert "self._determine_best_metric(metrics=metrics, trial=trial)" in source
+    assert "self.control.should_save = is_new_best_metric" in source
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, eval_strategy="epoch",
+                             save_strategy="epoch", metric_for_best_model="accuracy")
+    trainer = Trainer(model=AutoModelForImageClassification.from_pretrained(tiny_vit), args=args, eval_dataset=[{}])
+    stopper = EarlyStoppingCallback(early_stopping_patience=1)
+    for step in (1, 2):
+        trainer.state.global_step = step
+        stopper.on_evaluate(args, trainer.state, TrainerControl(), {"eval_accuracy": 1.0})
+        assert trainer._determine_best_metric(metrics={"eval_accuracy": 1.0}, trial=None) is (step == 1)
+    assert trainer.state.best_global_step == 1 and stopper.early_stopping_patience_counter == 1
+
+
 def test_trainer_still_takes_the_loss_counts_we_give_it():
     """-> TransferTrainer.get_batch_samples / loss_is_scaled_for_ga: the Trainer passes what get_batch_samples
     returns to compute_loss untouched, and divides by the accumulation steps unless told the loss is scaled."""

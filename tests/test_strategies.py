@@ -250,7 +250,8 @@ def test_mixup_and_cutmix_train_in_both_scripts(cifar_teacher, tiny_resnet, cifa
         def recorded(*args, **kwargs):
             bound = inspect.signature(original).bind(*args, **kwargs)
             targets = bound.arguments["targets" if name == "cross_entropy" else "labels"]
-            seen.append((name, tuple(targets.shape), bound.arguments.get("label_smoothing")))
+            training = next(iter(bound.arguments.values())).requires_grad  # the logits: evaluation has no graph
+            seen.append((name, tuple(targets.shape), bound.arguments.get("label_smoothing"), training))
             return original(*args, **kwargs)
 
         monkeypatch.setattr(module, name, recorded)
@@ -262,13 +263,13 @@ def test_mixup_and_cutmix_train_in_both_scripts(cifar_teacher, tiny_resnet, cifa
     tuned = run_finetune.main(["--model_name_or_path", tiny_resnet, "--output_dir", str(tmp_path / "f"), *flags])
     distilled = run_distill.main(["--teacher_model_name_or_path", cifar_teacher, "--student_model_name_or_path",
                                   tiny_resnet, "--output_dir", str(tmp_path / "d"), *flags])
-    # cross_entropy also scores evaluation batches (class indices); training steps get the mixed soft targets
-    steps = {name: [s for s in seen if s[0] == name and len(s[1]) == 2] for name in ("cross_entropy",
-                                                                                     "distillation_loss")}
-    assert all(len(s[1]) == 2 for s in seen if s[0] == "distillation_loss")
+    # both also score evaluations (class indices; the distillation loss of the validation images, no labels);
+    # every training step gets the mixed soft targets
+    steps = {name: [s for s in seen if s[0] == name and s[3]] for name in ("cross_entropy", "distillation_loss")}
     for name, results in (("cross_entropy", tuned), ("distillation_loss", distilled)):
         assert len(steps[name]) >= 4, name  # one per training step (4-5 steps of 8 images)
-        assert all(len(shape) == 2 and shape[1] == 3 and smoothing == 0.1 for _, shape, smoothing in steps[name]), name
+        assert all(len(shape) == 2 and shape[1] == 3 and smoothing == 0.1 for _, shape, smoothing, _ in steps[name]), \
+            name
         assert np.isfinite(results["train_loss"])
 
 

@@ -13,6 +13,8 @@ What it adds to TransferTrainer, and why:
 - `log`: the two terms of the loss (`ce_loss`, `kd_loss`), averaged over each logging window.
 - `extra_test_metrics`: the teacher's test accuracy and the student-teacher agreement, each model predicting as
   it does on its own (with several labels per image, each at its own decision threshold).
+- `evaluation_loop`: the validation evaluation also gives `eval_kd_loss`, the distillation term on the
+  validation images, which chooses the checkpoint (trainers/selection.py).
 
 The teacher is frozen (eval mode, no gradients, not in the optimizer) and lives beside the
 model, not inside it, so it is never saved into the student's checkpoints or pushed.
@@ -32,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from ..compat import dataset_fingerprint, deepspeed_dtype
-from ..losses import distillation_loss
+from ..losses import UNLABELED, distillation_loss
 from ..models.loading import model_family
 from ..on_device.preprocessing import ImageSpec, ToModelInput
 from ..tracking import forward_flops
@@ -54,6 +56,7 @@ class DistillationTrainer(TransferTrainer):
         self.teacher_task = self.task.of_model(teacher.config)  # several labels per image: the teacher's threshold
         self.teacher = self._prepare_teacher(teacher)
         self.teacher_logits: torch.Tensor | None = None  # (rows, classes), set by `use_cached_teacher_logits`
+        self._teacher_validation: np.ndarray | None = None  # the teacher's validation logits (`judge`)
         self._teacher_flops: int | None = None
         self._terms = {"ce_loss": 0.0, "kd_loss": 0.0}  # sums since the last training log
         self._terms_since: int | None = None  # the step of that log (or of the start of training)
@@ -136,6 +139,31 @@ class DistillationTrainer(TransferTrainer):
     def train(self, *args, **kwargs):
         self._terms, self._terms_since = dict.fromkeys(self._terms, 0.0), None
         return super().train(*args, **kwargs)
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix: str = "eval"):
+        """The validation split's evaluation also gives `eval_kd_loss`: the distillation term of the training loss
+        (T^2 KL to the teacher's softened answers) on its images, their labels unused, for the weights being
+        scored (with EMA, the average's): the judge that chooses a distilled checkpoint (trainers/selection.py)."""
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if metric_key_prefix == "eval" and output.predictions is not None:
+            output.metrics[f"{metric_key_prefix}_kd_loss"] = self.judge(output.predictions)
+        return output
+
+    def judge(self, predictions) -> float:
+        """The distillation term of the student's validation logits (in the split's order) against the teacher's."""
+        student = predictions[0] if isinstance(predictions, tuple) else predictions
+        if self._teacher_validation is None:  # the teacher is frozen and validation is not augmented: once
+            # In its own random state: a DataLoader draws its seed from the global one, and a resumed run, which
+            # computes this at its first evaluation after the resume, must draw the same numbers as an uninterrupted one.
+            device = self.args.device
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                self._teacher_validation = self.teacher_predict(self.eval_dataset, "teacher on the validation split")[1]
+        student, teacher = torch.as_tensor(student).float(), torch.as_tensor(self._teacher_validation)
+        labels = torch.zeros_like(student) if self.task.multi_label else torch.full((len(student),), UNLABELED)
+        _, _, kd = distillation_loss(student, teacher, labels, 1.0, self.args.temperature,
+                                     multi_label=self.task.multi_label)
+        return round(kd.item(), 6)
 
     @torch.inference_mode()
     def teacher_predict(self, dataset, description: str = "teacher") -> tuple[np.ndarray, np.ndarray]:

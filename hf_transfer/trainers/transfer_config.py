@@ -11,6 +11,7 @@ from transformers import TrainingArguments
 from transformers.utils import is_torch_bf16_gpu_available
 
 from .freezing import parse_schedule
+from .selection import TIE_BREAKS
 
 # Optimizers `TransferTrainer.create_optimizer` can build from its parameter groups: torch-style classes that
 # take groups and per-group learning rates. The Trainer's others (GaLore, LOMO, APOLLO, bitsandbytes, schedule-free,
@@ -142,6 +143,22 @@ class TransferConfig(TrainingArguments):
         default=True, metadata={"shapes": True, "help": "Finish with the checkpoint of best validation accuracy."}
     )
     metric_for_best_model: str | None = field(default="accuracy", metadata={"shapes": True, "help": "Metric for model selection."})
+    # benchmarks/selection.py: on 5 to 50 validation images a tie to the later checkpoint kept weights closer to the
+    # last ones on test than a tie to the lower validation loss, in every regime measured (docs/guide.md).
+    best_model_tie_break: str = field(
+        default="last",
+        metadata={"shapes": True, "card": "tie on the selection metric broken by",
+                  "help": "Which of two checkpoints with the same --metric_for_best_model to keep (a small validation split "
+                          "saturates, e.g. accuracy 1.0 from the first epoch): 'last', the later one, or 'loss', the "
+                          "lower validation loss (the Trainer alone keeps the first). Early stopping counts a tie won "
+                          "by a lower loss as an improvement; a plateau still stops the run."},
+    )
+    best_model_min_images: int = field(
+        default=0,
+        metadata={"shapes": True, "card": "fewest validation images that choose a checkpoint",
+                  "help": "With fewer validation images than this, no checkpoint is chosen: the run keeps its last "
+                          "weights and says so (0: always choose; run_distill.py: 144, measured)."},
+    )
     hub_strategy: str = field(
         default="end",
         metadata={"shapes": False, "help": "With --push_to_hub: 'end' pushes the finished run once (model, processor, card, results); "
@@ -199,6 +216,9 @@ class TransferConfig(TrainingArguments):
              "--early_stopping_patience must be >= 1"),
             (self.early_stopping_patience is None or self.load_best_model_at_end,
              "--early_stopping_patience needs --load_best_model_at_end (the default)"),
+            (self.best_model_min_images >= 0, f"--best_model_min_images must be >= 0, got {self.best_model_min_images}"),
+            (self.best_model_tie_break in TIE_BREAKS,
+             f"--best_model_tie_break must be one of {', '.join(TIE_BREAKS)}, got {self.best_model_tie_break!r}"),
             (self.dataloader_num_workers >= 0, "--dataloader_num_workers must be >= 0"),
             (self.backbone_lr_scale >= 0, f"--backbone_lr_scale must be >= 0, got {self.backbone_lr_scale}"),
             (self.layer_decay is None or 0 < self.layer_decay <= 1,

@@ -20,6 +20,8 @@ The other overrides exist because the Trainer has no option for them:
 - `push_to_hub`, `_push_from_checkpoint`: one push path, `hub.py` (no pickles, no card but the run's).
 - `_load_from_checkpoint`, `_load_best_model`: a transformers 5 bug (`compat.py`); with EMA, they
   also restore the average.
+- `_determine_best_metric`: a tie on the metric that chooses the checkpoint is broken (`selection.py`); the
+  Trainer keeps the first checkpoint that reached a value, so a saturated metric kept the earliest weights.
 - `train`, `evaluate`, `_save_checkpoint`: the weight EMA (`--ema_decay`, `ema.py`); `train` and
   `evaluate` also recompute BatchNorm statistics for the weights evaluated (`--precise_bn_images`, `batchnorm.py`).
 - `_get_train_sampler`: no training batch of a single image for a model with BatchNorm (`batchnorm.py`).
@@ -63,6 +65,7 @@ from .batchnorm import (
 from .ema import EmaCallback, WeightEma, swapped_weights
 from .nonfinite import LossGuard, LossWatch, NonFiniteLossError, StepSkipper
 from .optimizer import param_groups, step_schedule, updates_per_epoch
+from .selection import Choice, chooses, describe_choice, take_latest, take_tie
 
 logger = logging.getLogger(__name__)
 
@@ -296,7 +299,7 @@ class TransferTrainer(Trainer):
         result = super().train(*args, **kwargs)
         # The best checkpoint was saved right after its evaluation, statistics included; other final weights
         # may not have been evaluated since their last step.
-        best_loaded = self.args.load_best_model_at_end and self.state.best_model_checkpoint is not None
+        best_loaded = self.chooses() and self.state.best_model_checkpoint is not None
         if self.ema is not None:  # the run ends with the EMA weights (of the best checkpoint, when one was loaded)
             self._raw_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
             self.model.load_state_dict(self.ema.state_dict())
@@ -366,6 +369,27 @@ class TransferTrainer(Trainer):
             self.stream.save(folder)
         super()._save_checkpoint(model, trial)
 
+    # ---------------------------------------------------------------- choosing the checkpoint (selection.py)
+
+    def _determine_best_metric(self, metrics: dict[str, float], trial) -> bool:
+        """The Trainer's choice (a strictly better metric), then a tie broken by --best_model_tie_break instead of
+        keeping the first checkpoint that reached the value; with too few validation images, the latest."""
+        if not self.chooses():
+            return take_latest(metrics, self.state, self.args)
+        return super()._determine_best_metric(metrics, trial) or take_tie(metrics, self.state, self.args)
+
+    @property
+    def validation_images(self) -> int | None:
+        return len(self.eval_dataset) if hasattr(self.eval_dataset, "__len__") else None
+
+    def chooses(self) -> bool:
+        """Whether the run ends with its best checkpoint on validation (selection.chooses) or its last weights."""
+        return chooses(self.args, self.validation_images)
+
+    def checkpoint_choice(self) -> Choice:
+        """Which weights the run ended with, and why (after `train`)."""
+        return describe_choice(self.args, self.state, self.validation_images)
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """The run's model whole (safetensors and config, for `from_pretrained`, `pipeline` and the Hub), also when
         FSDP writes its checkpoints sharded (SHARDED_STATE_DICT), where the Trainer would save no weights at all."""
@@ -393,6 +417,8 @@ class TransferTrainer(Trainer):
             self.ema.restart(self.accelerator.unwrap_model(model if model is not None else self.model))
 
     def _load_best_model(self) -> None:
+        if not self.chooses():  # too few validation images to choose: the run keeps its last weights
+            return
         if not self._load_whole(self.state.best_model_checkpoint):
             super()._load_best_model()
         if self.ema is not None:
