@@ -172,6 +172,8 @@ COMMON = [
     [['--min_seen_images', '--min-seen-images'], None, None, False, 'int'],
     [['--precise_bn_images', '--precise-bn-images'], None, None, False, 'int'],
     [['--channels_last', '--channels-last'], None, None, False, None],
+    [['--best_model_tie_break', '--best-model-tie-break'], None, None, False, None],
+    [['--best_model_min_images', '--best-model-min-images'], None, None, False, 'int'],
 ]
 ONLY = {
     'finetune': [
