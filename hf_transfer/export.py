@@ -47,8 +47,9 @@ def export_onnx(run_dir: str, output: str | None = None, max_images: int | None 
     """Export the model saved in `run_dir`, verify it on images, and return what was measured."""
     run, out = Path(run_dir), Path(output) if output else Path(run_dir) / "onnx"
     _check_installed()
+    _check_saved_model(run)
+    pictures, labels, source = _verification_images(run, images, max_images)  # before the model: a refusal is quick
     model, processor = _load(run)
-    pictures, labels, source = _verification_images(run, images, max_images)
     pixel_values = [processor(images=pictures[i:i + BATCH], return_tensors="pt")["pixel_values"]
                     for i in range(0, len(pictures), BATCH)]
 
@@ -83,16 +84,19 @@ def _check_installed() -> None:
         raise UserError(f"ONNX export needs {', '.join(missing)}: pip install 'hf-vision-transfer[export]'")
 
 
-def _load(run: Path):
-    from transformers import AutoImageProcessor
-
-    from .models.loading import _from_pretrained
-
+def _check_saved_model(run: Path) -> None:
     if not run.is_dir():
         raise UserError(f"'{run}' is not a directory; pass a run's output directory or one of its checkpoint-N folders")
     if not (run / "config.json").is_file() or not (run / "preprocessor_config.json").is_file():
         raise UserError(f"'{run}' holds no saved model (config.json and preprocessor_config.json); pass a finished "
                         "run's output directory or one of its checkpoint-N folders")
+
+
+def _load(run: Path):
+    from transformers import AutoImageProcessor
+
+    from .models.loading import _from_pretrained
+
     model = _from_pretrained("model", str(run)).eval().float()
     return model, AutoImageProcessor.from_pretrained(str(run))
 

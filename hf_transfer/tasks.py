@@ -191,15 +191,16 @@ def reported_metrics(task: SingleLabel, ema: bool = False) -> list[str]:
     return sorted(names)
 
 
-def check_metric(name: str | None, task: SingleLabel | None = None, ema: bool = False) -> None:
+def check_metric(name: str | None, task: SingleLabel | None = None, ema: bool = False,
+                 also: tuple[str, ...] = ()) -> None:
     """`--metric_for_best_model` against the metrics the run's evaluations will report (the Trainer would raise a
     KeyError at the first evaluation, after training time was spent). `task` None: against those of any task
     (one class per image with more than five classes, or several labels per image), as far as can be checked
-    before the data is loaded."""
+    before the data is loaded. `also`: what the command's evaluations add (distillation: `kd_loss`)."""
     if name is None:
         return
     tasks = [task] if task is not None else [SingleLabel(6), MultiLabel(2)]  # top-5 accuracy needs six classes
-    valid = sorted({n for t in tasks for n in reported_metrics(t, ema)})
+    valid = sorted({n for t in tasks for n in reported_metrics(t, ema)} | set(also))
     wanted = metric_name(name)
     if wanted in valid:
         return

@@ -64,6 +64,14 @@ def load_data(data_args, seed: int, cache_dir: str | None = None) -> ImageData:
     )
 
 
+def check_validation_split(data: ImageData, passed: set[str]) -> None:
+    """--validation_split carves validation out of train only when the data set has no validation split: one that has
+    one would train with the flag silently ignored."""
+    if "validation_split" in passed and not data.validation_from_train:
+        raise UserError(f"--validation_split: {data.name} has a validation split of its own "
+                        f"({len(data.validation)} images), which the run uses; leave --validation_split out")
+
+
 def load_trained_model(model_args, source: str, data: ImageData) -> LoadedModel:
     """The model to train, with a head for the data set's labels."""
     return load_model(

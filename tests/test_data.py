@@ -594,3 +594,19 @@ def test_a_declared_class_without_training_images_is_named_in_a_warning(tmp_path
     assert data.label_names == ["cat", "dog", "eel"]
     assert "1 class(es) have no training image: eel; the model cannot learn them (0 validation image(s) of them, " \
            "1 test image(s) of them)" in caplog.text
+
+
+@pytest.mark.parametrize("flag", ["--validation_split", "--train_val_split"])
+def test_validation_split_on_a_data_set_with_its_own_validation_split_is_refused(tiny_resnet, tmp_path, capsys, flag):
+    """The flag carves validation out of train only when there is none: it would be silently ignored."""
+    from hf_transfer.errors import run_cli
+    from run_finetune import main
+
+    data = save(colour_dataset(n_per_class=4, splits=("train", "validation")), tmp_path)
+    out = tmp_path / "run"
+    assert run_cli(main, ["--model_name_or_path", tiny_resnet, "--dataset_name", data, flag, "0.3", "--output_dir",
+                          str(out), "--max_steps", "2", "--report_to", "none"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --validation_split: ") and "has a validation split of its own (12 images)" in \
+        err[-1], err[-2:]
+    assert not out.exists()

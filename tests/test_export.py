@@ -137,4 +137,4 @@ def test_export_refusals_are_one_line(digits_run, tmp_path, capsys):
         except SystemExit as exc:  # argparse's own refusals
             code = exc.code
         err = capsys.readouterr().err.strip().splitlines()
-        assert code == 2 and message in err[-1], (argv, err)
+        assert code == 2 and len(err) == 1 and message in err[0], (argv, err)  # nothing before it: one line

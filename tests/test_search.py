@@ -188,6 +188,8 @@ def test_every_command_refuses_a_metric_its_evaluations_do_not_report_before_tra
          "recall, recall_macro, top5_accuracy; did you mean accuracy?"),
         (distill.main, [*flags, "--teacher_model_name_or_path", architecture, "--metric_for_best_model", "map"],
          "(one class per image, 10 classes)"),
+        (distill.main, [*flags, "--teacher_model_name_or_path", architecture, "--metric_for_best_model", "kd_los"],
+         "; did you mean kd_loss?"),  # the distillation term on validation chooses a student: it is a metric there
         (finetune.main, [*multi_label, "--metric_for_best_model", "eval_top5_accuracy"],
          "(several labels per image): choose one of accuracy, f1, f1_macro, loss, map, map_micro,"),
         (finetune.main, [*flags, "--metric_for_best_model", "raw_accuracy"], "; did you mean accuracy?"),
@@ -200,6 +202,10 @@ def test_every_command_refuses_a_metric_its_evaluations_do_not_report_before_tra
     # the weight EMA's raw weights are scored too: their metrics can choose
     check_metric("raw_accuracy", SingleLabel(10), ema=True)
     check_metric("eval_raw_map", MultiLabel(4), ema=True)
+    # a distilled student's evaluations also report the distillation term, which chooses it by default
+    check_metric("kd_loss", SingleLabel(10), also=("kd_loss",))
+    with pytest.raises(UserError, match="did you mean kd_loss"):
+        check_metric("kd_los", SingleLabel(10), also=("kd_loss",))
 
 
 @pytest.mark.slow

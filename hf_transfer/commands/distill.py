@@ -30,6 +30,7 @@ from ..trainers.distillation_config import DistillationConfig
 from ..trainers.distillation_trainer import DistillationTrainer, teacher_cache_path
 from ..workflow import (
     check_setup,
+    check_validation_split,
     fit_workers,
     load_data,
     load_trained_model,
@@ -62,7 +63,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     set_seed(args.seed)
     data = load_data(data_args, args.seed, student_args.cache_dir)
-    check_metric(args.metric_for_best_model, data.task, args.ema_decay)  # the label column decided the task
+    check_validation_split(data, parsed.passed)
+    # the label column decided the task; the validation evaluation adds the distillation term (it can choose)
+    check_metric(args.metric_for_best_model, data.task, args.ema_decay, also=("kd_loss",))
     if data_args.unlabeled_dir or data_args.unlabeled_dataset:
         if data.task.multi_label:
             raise UserError("images without labels are distilled into one-class-per-image students only; "

@@ -26,6 +26,7 @@ from ..tasks import check_metric, threshold_of
 from ..trainers.transfer_trainer import TransferTrainer
 from ..workflow import (
     check_setup,
+    check_validation_split,
     evaluate,
     fit_workers,
     load_data,
@@ -55,6 +56,7 @@ def main(argv: Sequence[str] | None = None, callbacks: Sequence[TrainerCallback]
 
     set_seed(args.seed)
     data = load_data(data_args, args.seed, model_args.cache_dir)
+    check_validation_split(data, parsed.passed)
     check_metric(args.metric_for_best_model, data.task, args.ema_decay)  # the label column decided the task
     loaded = load_trained_model(model_args, source, data)
     if not args.do_train:
