@@ -9,10 +9,10 @@
 """
 
 if __name__ == "__main__":  # the flags are checked before torch and transformers are imported (commands.cli)
-    from hf_transfer.commands import cli
+    from hf_transfer.cli import cli
 
     cli("distill")
 else:  # imported: `main(argv)` for callers in Python (the tests)
-    from hf_transfer.commands.distill import main
+    from hf_transfer.cli.distill import main
 
     __all__ = ["main"]

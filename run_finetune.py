@@ -9,10 +9,10 @@
 """
 
 if __name__ == "__main__":  # the flags are checked before torch and transformers are imported (commands.cli)
-    from hf_transfer.commands import cli
+    from hf_transfer.cli import cli
 
     cli("finetune")
 else:  # imported: `main(argv)` for callers in Python (the tests)
-    from hf_transfer.commands.finetune import main
+    from hf_transfer.cli.finetune import main
 
     __all__ = ["main"]

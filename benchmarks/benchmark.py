@@ -115,7 +115,7 @@ def run_reference(cfg: dict) -> dict:
     from torchvision import transforms
     from transformers import AutoModelForImageClassification, Trainer
 
-    from hf_transfer.tracking import ThroughputCallback
+    from hf_transfer.integrations.tracking import ThroughputCallback
 
     data = load_from_disk(cfg["data"])
     size = cfg["image_size"]
@@ -151,9 +151,9 @@ def project_trainer(cfg: dict, teacher: bool = False):
     from hf_transfer.data.dataset import load_image_data
     from hf_transfer.data.samples import attach_transforms
     from hf_transfer.models.loading import load_model, load_teacher
+    from hf_transfer.run.workflow import trainer_kwargs
     from hf_transfer.trainers.distillation_trainer import DistillationTrainer
     from hf_transfer.trainers.transfer_trainer import TransferTrainer
-    from hf_transfer.workflow import trainer_kwargs
 
     data = load_image_data(cfg["data"])
     attach_transforms(data, "basic")
@@ -166,7 +166,7 @@ def project_trainer(cfg: dict, teacher: bool = False):
 
 
 def timer_of(trainer):
-    from hf_transfer.tracking import ThroughputCallback
+    from hf_transfer.integrations.tracking import ThroughputCallback
 
     return next(c for c in trainer.callback_handler.callbacks if isinstance(c, ThroughputCallback))
 

@@ -132,8 +132,8 @@ def speed(args, names: list[str], section: dict, save) -> None:
     import torch
     from benchmark import make_checkpoints, make_dataset
 
-    from hf_transfer.commands.distill import main as distill
-    from hf_transfer.commands.finetune import main as finetune
+    from hf_transfer.cli.distill import main as distill
+    from hf_transfer.cli.finetune import main as finetune
 
     with tempfile.TemporaryDirectory(prefix="hf-transfer-gpu-check-") as tmp:
         tmp = Path(tmp)

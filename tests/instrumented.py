@@ -71,14 +71,14 @@ if __name__ == "__main__":
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO)
     script, argv = sys.argv[1], sys.argv[2:]
     if script == "finetune":
-        from hf_transfer.commands.finetune import main
+        from hf_transfer.cli.finetune import main
     elif script == "search":
-        from hf_transfer.commands.tools import main as tools
+        from hf_transfer.cli.tools import main as tools
 
         def main(argv):
             return tools(["search", *argv])
     else:
-        from hf_transfer.commands.distill import main
+        from hf_transfer.cli.distill import main
     from hf_transfer.errors import run_cli
 
     code = run_cli(main, argv)

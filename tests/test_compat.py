@@ -21,7 +21,7 @@ from transformers import (
     ViTImageProcessor,
 )
 
-from hf_transfer import compat
+from hf_transfer.integrations import compat
 
 
 def test_trainer_checkpoint_loading_still_skips_renamed_vit_layers(tiny_vit, tmp_path):
@@ -145,7 +145,7 @@ def test_dataset_fingerprint_still_tracks_content_and_transforms():
 
 def test_every_workaround_names_its_library_versions_and_a_canary_that_exists():
     own = {n for n in dir(compat) if callable(getattr(compat, n)) and not n.startswith("_")
-           and getattr(getattr(compat, n), "__module__", "") == "hf_transfer.compat"} - {"check_versions",
+           and getattr(getattr(compat, n), "__module__", "") == "hf_transfer.integrations.compat"} - {"check_versions",
                                                                                  "warn_untested_versions"}
     assert own <= set(compat.WORKAROUNDS), own - set(compat.WORKAROUNDS)
     tests = {name for name in globals() if name.startswith("test_")}
@@ -200,7 +200,7 @@ def test_several_libraries_outside_their_range_are_one_line_not_one_per_workarou
 
 def test_the_line_is_logged_by_the_main_process_only_and_can_be_turned_off(monkeypatch, caplog):
     monkeypatch.setattr(compat, "version", versions(accelerate="1.17.0"))
-    with caplog.at_level(logging.WARNING, logger="hf_transfer.compat"):
+    with caplog.at_level(logging.WARNING, logger="hf_transfer.integrations.compat"):
         assert compat.warn_untested_versions({"RANK": "1"}) is None
         assert compat.warn_untested_versions({"HF_TRANSFER_NO_VERSION_WARNING": "1"}) is None
         assert caplog.records == []
@@ -260,7 +260,7 @@ def test_hf_argument_parser_still_passes_unknown_metadata_to_argparse():
     """-> compat.field_for_argparse, arguments.ArgumentParser._parse_dataclass_field."""
     from transformers import HfArgumentParser
 
-    from hf_transfer.arguments import ArgumentParser
+    from hf_transfer.config.flags import ArgumentParser
 
     @dataclasses.dataclass
     class Flags:

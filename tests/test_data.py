@@ -265,8 +265,8 @@ def test_in_memory_means_decoded_and_no_per_image_cpu_work(cifar_like):
 @pytest.mark.parametrize("decode_once", [True, False])
 def test_without_a_gpu_workers_are_not_started_for_data_in_memory(tiny_resnet, cifar_like, tmp_path, caplog,
                                                                   decode_once):
+    from hf_transfer.run.workflow import fit_workers
     from hf_transfer.trainers.transfer_config import TransferConfig
-    from hf_transfer.workflow import fit_workers
 
     data = load_image_data(cifar_like)
     attach_transforms(data, "basic", decode_once=decode_once)

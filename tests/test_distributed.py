@@ -17,7 +17,7 @@ from transformers import AutoModelForImageClassification
 import run_distill
 import run_finetune
 from hf_transfer.errors import UserError
-from hf_transfer.launch import check_config_file, check_launch
+from hf_transfer.integrations.launch import check_config_file, check_launch
 from hf_transfer.trainers.transfer_config import TransferConfig
 from hf_transfer.trainers.transfer_trainer import TransferTrainer
 
@@ -86,7 +86,7 @@ def test_check_config_command_is_one_line():
 
 
 def test_what_an_accelerate_launch_command_asked_for(tmp_path):
-    from hf_transfer.launch import requested_processes
+    from hf_transfer.integrations.launch import requested_processes
 
     assert requested_processes(["/usr/bin/python3", "/usr/local/bin/accelerate", "launch", "--num_processes", "2",
                                 "run_finetune.py", "--num_processes", "7"]) == 2  # the script's flags are its own
@@ -238,9 +238,9 @@ def test_teacher_forward_runs_in_the_runs_autocast_dtype(cifar_teacher, tiny_res
     from hf_transfer.data.dataset import load_image_data
     from hf_transfer.data.samples import attach_transforms
     from hf_transfer.models.loading import load_model, load_teacher
+    from hf_transfer.run.workflow import trainer_kwargs
     from hf_transfer.trainers.distillation_config import DistillationConfig
     from hf_transfer.trainers.distillation_trainer import DistillationTrainer
-    from hf_transfer.workflow import trainer_kwargs
 
     data = load_image_data(cifar_like)
     attach_transforms(data, "none")
@@ -284,7 +284,7 @@ def test_two_gpus(tiny_vit, cifar_like, tmp_path):
 def test_channels_last_choice(flag, family_model, expected, request, cifar_like, tmp_path):
     from hf_transfer.data.dataset import load_image_data
     from hf_transfer.models.loading import load_model
-    from hf_transfer.workflow import trainer_kwargs
+    from hf_transfer.run.workflow import trainer_kwargs
 
     data = load_image_data(cifar_like)
     loaded = load_model(request.getfixturevalue(family_model), data.label_names)
@@ -300,9 +300,9 @@ def test_a_cnn_teacher_follows_the_students_channels_last_layout(tiny_resnet, ti
     """What a GPU run gets by default, asked for on the CPU: the CNN teacher's weights and its input go channels-last."""
     from hf_transfer.data.dataset import load_image_data
     from hf_transfer.models.loading import load_model
+    from hf_transfer.run.workflow import trainer_kwargs
     from hf_transfer.trainers.distillation_config import DistillationConfig
     from hf_transfer.trainers.distillation_trainer import DistillationTrainer
-    from hf_transfer.workflow import trainer_kwargs
 
     data = load_image_data(cifar_like)
     for teacher_checkpoint, expected in ((tiny_resnet, True), (tiny_vit, False)):

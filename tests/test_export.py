@@ -16,9 +16,9 @@ from helpers import colour_dataset, make_checkpoint, random_images
 from transformers import AutoConfig
 
 import run_finetune
-from hf_transfer import export
-from hf_transfer.commands.tools import main as tools
+from hf_transfer.cli.tools import main as tools
 from hf_transfer.errors import run_cli
+from hf_transfer.tools import export
 
 
 def exported(run_dir, out: Path, *flags) -> dict:

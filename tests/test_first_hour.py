@@ -15,16 +15,16 @@ from conftest import quick_flags
 
 import run_distill
 import run_finetune
-from hf_transfer.arguments import (
+from hf_transfer.cli.tools import main as tools
+from hf_transfer.config.flags import (
     ArgumentParser,
     DataArguments,
     DistillationDataArguments,
     ModelArguments,
     StudentArguments,
 )
-from hf_transfer.commands.tools import main as tools
 from hf_transfer.errors import UserError, run_cli
-from hf_transfer.launch import check_config_file
+from hf_transfer.integrations.launch import check_config_file
 from hf_transfer.trainers.distillation_config import DistillationConfig
 from hf_transfer.trainers.transfer_config import TransferConfig
 
@@ -83,7 +83,7 @@ def test_push_without_a_token_says_so(tmp_path, monkeypatch, capsys):
         (out / name).write_text("{}")
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    monkeypatch.setattr("hf_transfer.hub.get_token", lambda: None)
+    monkeypatch.setattr("hf_transfer.integrations.hub.get_token", lambda: None)
     code, err = cli(tools, ["push", str(out), "--hub_model_id", "me/run"], capsys)
     assert code == 2 and err == ["error: push needs a Hugging Face token with write access: set HF_TOKEN or run "
                                  "`hf auth login`"]
@@ -166,7 +166,7 @@ def unreachable_hub(monkeypatch):
     import huggingface_hub.utils
     from huggingface_hub import constants
 
-    from hf_transfer import hub
+    from hf_transfer.integrations import hub
 
     class NoRoute:
         def head(self, *args, **kwargs):
@@ -243,12 +243,12 @@ def own_flags(command: str) -> set[str]:
 
 def test_the_flags_checked_before_the_imports_are_the_parsers_own():
     """command_line_flags.py is generated from the real parsers: stale, it would refuse a flag they take."""
-    from hf_transfer import command_line
-    from hf_transfer import command_line_flags as stored
+    from hf_transfer.cli import command_line
+    from hf_transfer.cli import command_line_flags as stored
 
     if stored.TRANSFORMERS == command_line._installed("transformers"):
-        assert (ROOT / "hf_transfer" / "command_line_flags.py").read_text() == command_line.generate(), (
-            "stale: run python -m hf_transfer.command_line")
+        assert (ROOT / "hf_transfer" / "cli" / "command_line_flags.py").read_text() == command_line.generate(), (
+            "stale: run python -m hf_transfer.cli.command_line")
     for command in command_line.COMMANDS:  # with any transformers: the project's own flags
         own = own_flags(command)
         listed = [repr(f) for f in [*stored.COMMON, *stored.ONLY[command]] if f[0][0] in own]
@@ -267,8 +267,8 @@ def test_the_flags_checked_before_the_imports_are_the_parsers_own():
     ("distill", ["--student", "resnet18"]),
 ])
 def test_the_early_check_refuses_exactly_what_the_parser_refuses(command, argv, capsys):
-    from hf_transfer.arguments import parse_arguments
-    from hf_transfer.command_line import check_command_line
+    from hf_transfer.cli.command_line import check_command_line
+    from hf_transfer.config.flags import parse_arguments
 
     with pytest.raises(SystemExit) as early:
         check_command_line(command, argv)
@@ -282,8 +282,8 @@ def test_the_early_check_refuses_exactly_what_the_parser_refuses(command, argv, 
 def test_the_early_check_lets_every_documented_command_through():
     from test_readme import REAL_WEIGHTS, walkthrough
 
-    from hf_transfer.arguments import parse_arguments
-    from hf_transfer.command_line import check_command_line
+    from hf_transfer.cli.command_line import check_command_line
+    from hf_transfer.config.flags import parse_arguments
 
     commands = [argv for argv in walkthrough() + walkthrough(REAL_WEIGHTS) if argv[1].startswith("run_")]
     assert len(commands) >= 4
@@ -302,13 +302,13 @@ def fast_root(tmp_path: Path) -> Path:
     another one: then the commands read the flags from the parser, after the imports, by design)."""
     import shutil
 
-    from hf_transfer import command_line
-    from hf_transfer import command_line_flags as stored
+    from hf_transfer.cli import command_line
+    from hf_transfer.cli import command_line_flags as stored
 
     if stored.TRANSFORMERS == command_line._installed("transformers"):
         return ROOT
     shutil.copytree(ROOT / "hf_transfer", tmp_path / "hf_transfer")
-    (tmp_path / "hf_transfer" / "command_line_flags.py").write_text(command_line.generate())
+    (tmp_path / "hf_transfer" / "cli" / "command_line_flags.py").write_text(command_line.generate())
     for script in ("run_finetune.py", "run_distill.py"):
         shutil.copy(ROOT / script, tmp_path / script)
     return tmp_path
@@ -349,7 +349,7 @@ def test_a_command_says_once_which_library_versions_were_not_checked(tmp_path):
         "error: unrecognized arguments: --learning_rat 0.1; did you mean --learning_rate? (see --help)"]
     lines = stderr("--dataset_name", "digits", "--model_name_or_path", "./missing", "--output_dir", str(tmp_path))
     assert len(lines) == 2 and lines[1] == "error: --model_name_or_path './missing' is not a directory", lines
-    assert "WARNING hf_transfer.compat: library versions the project's workarounds were not checked with: " in lines[0]
+    assert "WARNING hf_transfer.integrations.compat: library versions the project's workarounds were not checked with: " in lines[0]
     assert "accelerate 99.0 (checked 1.2 to " in lines[0] and lines[0].endswith(
         "python -m pytest tests/test_compat.py says which workaround no longer holds")
 

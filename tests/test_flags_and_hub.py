@@ -11,12 +11,12 @@ from helpers import FakeHub
 
 import run_distill
 import run_finetune
-from hf_transfer.arguments import parse_arguments
-from hf_transfer.commands.tools import main as tools
+from hf_transfer.cli.tools import main as tools
+from hf_transfer.config.flags import parse_arguments
+from hf_transfer.config.recipes import fit_to_data
 from hf_transfer.errors import UserError, run_cli
+from hf_transfer.integrations.tracking import check_tracking, forward_flops
 from hf_transfer.models.loading import load_model
-from hf_transfer.recipes import fit_to_data
-from hf_transfer.tracking import check_tracking, forward_flops
 from hf_transfer.trainers.transfer_config import TransferConfig
 
 
@@ -308,13 +308,13 @@ def test_every_field_of_ours_says_whether_it_shapes_training_and_the_record_foll
 
     from transformers import TrainingArguments
 
-    from hf_transfer import run_args
-    from hf_transfer.arguments import (
+    from hf_transfer.config.flags import (
         DataArguments,
         DistillationDataArguments,
         ModelArguments,
         StudentArguments,
     )
+    from hf_transfer.run import record as run_args
     from hf_transfer.trainers.distillation_config import DistillationConfig
 
     for cls in (ModelArguments, StudentArguments, DataArguments, DistillationDataArguments, TransferConfig,

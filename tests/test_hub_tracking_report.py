@@ -12,10 +12,10 @@ from helpers import FakeHub
 
 import run_distill
 import run_finetune
-from hf_transfer.commands.tools import main as tools
+from hf_transfer.cli.tools import main as tools
 from hf_transfer.errors import UserError
-from hf_transfer.hub import IGNORE
-from hf_transfer.report import build_report, count_parameters
+from hf_transfer.integrations.hub import IGNORE
+from hf_transfer.tools.report import build_report, count_parameters
 
 
 def card_metadata(card: str) -> dict:
@@ -77,7 +77,7 @@ def test_a_push_that_cannot_work_is_refused_before_training(situation, message, 
     if situation == "offline":
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     if situation == "no token":
-        monkeypatch.setattr("hf_transfer.hub.get_token", lambda: None)
+        monkeypatch.setattr("hf_transfer.integrations.hub.get_token", lambda: None)
     out = tmp_path / "run"
     with pytest.raises(UserError, match=message):
         run_finetune.main(["--model_name_or_path", tiny_resnet, "--dataset_name", cifar_like, "--output_dir", str(out),

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_transfer.losses import cross_entropy, distillation_loss
+from hf_transfer.tasks.losses import cross_entropy, distillation_loss
 from hf_transfer.trainers.distillation_config import DistillationConfig
 
 

@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from hf_transfer.metrics import classification_metrics, write_test_report
+from hf_transfer.tasks.metrics import classification_metrics, write_test_report
 
 
 def one_hot_logits(predictions, num_labels):

@@ -22,17 +22,22 @@ import run_finetune
 from hf_transfer.data.dataset import digits_multilabel_dataset, load_image_data
 from hf_transfer.data.samples import attach_transforms
 from hf_transfer.errors import UserError
-from hf_transfer.losses import binary_cross_entropy, binary_kl, distillation_loss, positive_class_weights
-from hf_transfer.metrics import multilabel_metrics, sigmoid
 from hf_transfer.models.loading import load_model
 from hf_transfer.on_device.mixing import BatchMix
-from hf_transfer.report import build_report
-from hf_transfer.tasks import THRESHOLDS, MultiLabel, SingleLabel
+from hf_transfer.run.workflow import trainer_kwargs
+from hf_transfer.tasks.classification import THRESHOLDS, MultiLabel, SingleLabel
+from hf_transfer.tasks.losses import (
+    binary_cross_entropy,
+    binary_kl,
+    distillation_loss,
+    positive_class_weights,
+)
+from hf_transfer.tasks.metrics import multilabel_metrics, sigmoid
+from hf_transfer.tools.report import build_report
 from hf_transfer.trainers.distillation_config import DistillationConfig
 from hf_transfer.trainers.distillation_trainer import DistillationTrainer
 from hf_transfer.trainers.transfer_config import TransferConfig
 from hf_transfer.trainers.transfer_trainer import TransferTrainer
-from hf_transfer.workflow import trainer_kwargs
 
 # ---------------------------------------------------------------- the loss, the metrics, the threshold
 

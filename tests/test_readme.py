@@ -14,7 +14,7 @@ import pytest
 
 import run_distill
 import run_finetune
-from hf_transfer.commands.tools import main as tools_main
+from hf_transfer.cli.tools import main as tools_main
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"

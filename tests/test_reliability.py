@@ -25,14 +25,14 @@ from transformers import AutoModelForImageClassification, TrainerCallback
 
 import run_distill
 import run_finetune
-from hf_transfer.checkpoints import is_complete, last_complete_checkpoint
 from hf_transfer.data.dataset import load_image_data
 from hf_transfer.data.samples import attach_transforms
 from hf_transfer.errors import UserError
 from hf_transfer.models.loading import load_model
+from hf_transfer.run.checkpoints import is_complete, last_complete_checkpoint
+from hf_transfer.run.workflow import trainer_kwargs
 from hf_transfer.trainers.transfer_config import TransferConfig
 from hf_transfer.trainers.transfer_trainer import NonFiniteLossError, TransferTrainer
-from hf_transfer.workflow import trainer_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -23,9 +23,9 @@ import pytest
 from conftest import quick_flags
 from transformers import AutoModelForImageClassification, pipeline
 
-from hf_transfer.checkpoints import is_complete
 from hf_transfer.errors import UserError
-from hf_transfer.launch import check_launch, check_sharding
+from hf_transfer.integrations.launch import check_launch, check_sharding
+from hf_transfer.run.checkpoints import is_complete
 from hf_transfer.trainers.transfer_config import TransferConfig
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,11 +19,11 @@ import torch
 from helpers import make_checkpoint, random_images
 from transformers import pipeline
 
-from hf_transfer.commands import distill, finetune
-from hf_transfer.commands.tools import main as tools
+from hf_transfer.cli import distill, finetune
+from hf_transfer.cli.tools import main as tools
 from hf_transfer.errors import UserError, run_cli
-from hf_transfer.search import Finished, Objective, choose, flags_of, open_study
-from hf_transfer.tasks import MultiLabel, SingleLabel, check_metric, reported_metrics
+from hf_transfer.tasks.classification import MultiLabel, SingleLabel, check_metric, reported_metrics
+from hf_transfer.tools.search import Finished, Objective, choose, flags_of, open_study
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,7 +18,7 @@ from hf_transfer.errors import UserError
 from hf_transfer.models.loading import load_model
 from hf_transfer.models.structure import depth_groups
 from hf_transfer.on_device.mixing import BatchMix
-from hf_transfer.tasks import SingleLabel
+from hf_transfer.tasks.classification import SingleLabel
 from hf_transfer.trainers.freezing import apply_stage, parse_schedule, trainable_names
 from hf_transfer.trainers.optimizer import param_groups, step_schedule
 
@@ -239,7 +239,7 @@ def test_mixup_and_cutmix_train_in_both_scripts(cifar_teacher, tiny_resnet, cifa
     """Both scripts train on the mixed soft targets, with label smoothing, every step."""
     import inspect
 
-    from hf_transfer import tasks
+    from hf_transfer.tasks import classification as tasks
     from hf_transfer.trainers import distillation_trainer
 
     seen = []

@@ -18,8 +18,8 @@ import run_finetune
 from hf_transfer.data.augmentation import Augmentation
 from hf_transfer.data.dataset import digits_dataset
 from hf_transfer.errors import UserError
-from hf_transfer.losses import balanced_class_weights, cross_entropy, distillation_loss
 from hf_transfer.models.loading import load_model
+from hf_transfer.tasks.losses import balanced_class_weights, cross_entropy, distillation_loss
 from hf_transfer.trainers.transfer_config import TransferConfig
 
 NAMES = ["red", "green", "blue"]

@@ -21,10 +21,10 @@ from timm.data import ImageNetInfo
 from transformers import pipeline
 
 import run_finetune
-from hf_transfer.arguments import DistillationDataArguments, StudentArguments, parse_arguments
+from hf_transfer.config.flags import DistillationDataArguments, StudentArguments, parse_arguments
+from hf_transfer.config.recipes import fit_to_data
 from hf_transfer.data.augmentation import Augmentation, resolve_augmentation
 from hf_transfer.data.dataset import load_image_data
-from hf_transfer.recipes import fit_to_data
 from hf_transfer.trainers.distillation_config import DistillationConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

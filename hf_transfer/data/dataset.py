@@ -33,8 +33,8 @@ from datasets import (
 from datasets.packaged_modules.imagefolder.imagefolder import IMAGE_EXTENSIONS as _EXTENSIONS
 
 from ..errors import UserError, check_local_path, wrap_load_error
-from ..hub import check_hub_reachable
-from ..tasks import MultiLabel, SingleLabel, is_list_feature, prepare_multilabel
+from ..integrations.hub import check_hub_reachable
+from ..tasks.classification import MultiLabel, SingleLabel, is_list_feature, prepare_multilabel
 from .decoding import decode_rgb
 
 logger = logging.getLogger(__name__)

@@ -34,7 +34,7 @@ from datasets import ClassLabel, Dataset, Image, IterableDataset, Value, load_da
 from torch.utils.data import DataLoader, get_worker_info
 
 from ..errors import CorruptImageError, UserError, wrap_load_error
-from ..hub import check_hub_reachable
+from ..integrations.hub import check_hub_reachable
 from .dataset import (
     _IMAGE_NAMES,
     _LABEL_NAMES,

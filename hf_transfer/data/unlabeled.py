@@ -32,7 +32,7 @@ import numpy as np
 from datasets import Dataset, Features, Image, Value, concatenate_datasets, load_dataset
 
 from ..errors import UserError, check_local_path, wrap_load_error
-from ..losses import UNLABELED
+from ..tasks.losses import UNLABELED
 from .dataset import ROW, ImageData, _canonical_splits, _load_raw, _pick_column
 from .decoding import decode_rgb
 

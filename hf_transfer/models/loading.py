@@ -23,9 +23,14 @@ from transformers import (
     PreTrainedModel,
 )
 
-from ..compat import HeldLoadReport, drop_timm_pretrained_cfg, set_fsdp_units, set_timm_label_names
 from ..errors import UserError, check_local_path, wrap_load_error
-from ..hub import check_hub_reachable
+from ..integrations.compat import (
+    HeldLoadReport,
+    drop_timm_pretrained_cfg,
+    set_fsdp_units,
+    set_timm_label_names,
+)
+from ..integrations.hub import check_hub_reachable
 from ..on_device.preprocessing import ImageSpec
 from .presets import PRESETS
 from .structure import classifier_head

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from ..compat import is_batch_norm
+from ..integrations.compat import is_batch_norm
 
 
 def has_batchnorm(model: nn.Module) -> bool:

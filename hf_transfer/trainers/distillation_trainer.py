@@ -33,11 +33,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from ..compat import dataset_fingerprint, deepspeed_dtype
-from ..losses import UNLABELED, distillation_loss
+from ..integrations.compat import dataset_fingerprint, deepspeed_dtype
+from ..integrations.tracking import forward_flops
 from ..models.loading import model_family
 from ..on_device.preprocessing import ImageSpec, ToModelInput
-from ..tracking import forward_flops
+from ..tasks.losses import UNLABELED, distillation_loss
 from .transfer_trainer import BatchCounts, TransferTrainer
 
 logger = logging.getLogger(__name__)

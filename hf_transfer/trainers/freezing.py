@@ -27,8 +27,8 @@ import math
 from torch import nn
 from transformers import TrainerCallback
 
-from ..compat import is_batch_norm
 from ..errors import UserError
+from ..integrations.compat import is_batch_norm
 from ..models.structure import depth_groups
 
 logger = logging.getLogger(__name__)

@@ -45,16 +45,16 @@ from transformers import DefaultFlowCallback, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, get_last_checkpoint
 from transformers.utils import PushInProgress
 
-from ..compat import deepspeed_dtype, load_checkpoint_weights
 from ..data.streaming import StreamingSplit
 from ..errors import UserError
-from ..hub import push_at_end, push_checkpoint
-from ..launch import check_sharding
+from ..integrations.compat import deepspeed_dtype, load_checkpoint_weights
+from ..integrations.hub import push_at_end, push_checkpoint
+from ..integrations.launch import check_sharding
+from ..integrations.tracking import forward_flops
 from ..on_device.geometry import crop_and_flip
 from ..on_device.mixing import BatchMix
 from ..on_device.preprocessing import ImageSpec, ToModelInput
-from ..tasks import SingleLabel
-from ..tracking import forward_flops
+from ..tasks.classification import SingleLabel
 from .batchnorm import (
     completion,
     has_batchnorm,

@@ -46,8 +46,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from .errors import UserError
-from .tasks import check_metric, metric_key, metric_name, task_of
+from ..errors import UserError
+from ..tasks.classification import check_metric, metric_key, metric_name, task_of
 
 logger = logging.getLogger(__name__)
 
@@ -217,16 +217,16 @@ class Search:
 
     def run_trial(self, params: dict, folder: str, callbacks=()) -> dict:
         """One trial: an ordinary run of the command with the trial's flags, validated, never tested."""
-        from .commands import finetune
+        from ..cli import finetune
 
         return finetune.main([*self.argv, *flags_of(params), "--output_dir", str(self.out / folder),
                               "--do_predict", "false", "--push_to_hub", "false"], callbacks=callbacks)
 
 
 def run_search(argv: Sequence[str], n_trials: int, backend: str = "optuna") -> dict:
-    from .arguments import parse_arguments
-    from .commands import finetune
-    from .data.augmentation import resolve_augmentation
+    from ..cli import finetune
+    from ..config.flags import parse_arguments
+    from ..data.augmentation import resolve_augmentation
 
     argv = list(argv)
     if n_trials < 1:
@@ -367,7 +367,7 @@ def _with_optuna(search: Search, n_trials: int) -> tuple[list[Finished], list[di
     import optuna
     from optuna.trial import TrialState
 
-    from .trainers.nonfinite import NonFiniteLossError
+    from ..trainers.nonfinite import NonFiniteLossError
 
     study = open_study(search.out, search.objective, search.training.seed)
     if not study.trials:  # the first trial is the recipe itself: the search can only find better on validation

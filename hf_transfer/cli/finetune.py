@@ -13,18 +13,16 @@ from dataclasses import asdict
 
 from transformers import TrainerCallback, set_seed
 
-from .. import run_args
-from ..arguments import parse_arguments
+from ..config.flags import parse_arguments
+from ..config.recipes import fit_to_data, fitted_fields
 from ..data.augmentation import resolve_augmentation
 from ..data.samples import attach_transforms
 from ..errors import UserError
-from ..model_card import CardInfo, hyperparameters
 from ..models.presets import resolve_source
-from ..output_dir import prepare_output_dir, report_finished, save_run_args
-from ..recipes import fit_to_data, fitted_fields
-from ..tasks import check_metric, threshold_of
-from ..trainers.transfer_trainer import TransferTrainer
-from ..workflow import (
+from ..run import record as run_args
+from ..run.card import CardInfo, hyperparameters
+from ..run.output_dir import prepare_output_dir, report_finished, save_run_args
+from ..run.workflow import (
     check_setup,
     check_validation_split,
     evaluate,
@@ -34,6 +32,8 @@ from ..workflow import (
     train_and_evaluate,
     trainer_kwargs,
 )
+from ..tasks.classification import check_metric, threshold_of
+from ..trainers.transfer_trainer import TransferTrainer
 
 logger = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ from pathlib import Path
 
 from huggingface_hub import HfApi, constants, get_token, is_offline_mode
 
+from ..errors import UserError
 from .compat import go_offline
-from .errors import UserError
 
 logger = logging.getLogger(__name__)
 _reachability_known = False

@@ -13,8 +13,8 @@ import sys
 def cli(command: str) -> None:
     """run_finetune.py (`finetune`) and run_distill.py (`distill`): the flags checked, then the command's `main`,
     its errors one line (errors.run_cli)."""
-    from ..command_line import check_command_line
     from ..errors import run_cli, setup_logging
+    from .command_line import check_command_line
 
     check_command_line(command, sys.argv[1:])
     main = importlib.import_module(f"{__name__}.{command}").main
@@ -27,7 +27,7 @@ def before_running(trains: bool) -> None:
     """Once per command, after its flags were checked: the one line about library versions the workarounds were
     not checked with (main process only), and, for a command that `trains`, no DeepSpeed line in runs without
     DeepSpeed (compat.py)."""
-    from ..compat import tell_deepspeed_the_accelerator, warn_untested_versions
+    from ..integrations.compat import tell_deepspeed_the_accelerator, warn_untested_versions
 
     warn_untested_versions()
     if trains:

@@ -23,7 +23,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser, tools = tools_parser()
     if argv[:1] == ["search"]:  # run_finetune.py's flags and search's: a typo in either before the libraries load
-        from ..command_line import check_command_line, spec_of
+        from .command_line import check_command_line, spec_of
 
         check_command_line("finetune", argv[1:], more=spec_of(tools["search"]))
     args, rest = parser.parse_known_args(argv)
@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     if args.command == "push":
         from ..errors import UserError
-        from ..hub import check_hub_access, push_output_dir, require_finished_run
+        from ..integrations.hub import check_hub_access, push_output_dir, require_finished_run
 
         require_finished_run(args.output_dir)
         check_hub_access("push from a machine that can reach the Hub")
@@ -48,21 +48,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         except Exception as exc:  # network, permissions, ...: one line, not a traceback
             raise UserError(f"the push to {args.hub_model_id} failed: {str(exc).strip().splitlines()[0]}") from exc
     elif args.command == "report":
-        from ..report import build_report
+        from ..tools.report import build_report
 
         print(build_report(args.runs, args.output))
         print(f"\nwritten to {args.output}/ (report.md, summary.json, curves.png, confusion_matrices.png)")
     elif args.command == "check-config":
-        from ..launch import check_config_file
+        from ..integrations.launch import check_config_file
 
         for path in args.files:
             print(json.dumps(check_config_file(path)))
     elif args.command == "search":
-        from ..search import closing_line, run_search
+        from ..tools.search import closing_line, run_search
 
         print(closing_line(run_search(rest, args.n_trials, args.backend)))
     elif args.command == "export":
-        from ..export import export_onnx
+        from ..tools.export import export_onnx
 
         results = export_onnx(args.run_dir, args.output, args.max_images, args.images, args.opset)
         print(json.dumps(results, indent=2))
@@ -115,8 +115,8 @@ def render_card_for(output_dir: str, repo_id: str) -> None:
     again for `repo_id` from the facts the run saved and its results."""
     from pathlib import Path
 
-    from ..model_card import CardInfo, write_model_card
-    from ..run_args import read_card
+    from ..run.card import CardInfo, write_model_card
+    from ..run.record import read_card
 
     facts = read_card(output_dir)
     if facts is None:  # a run saved before run_args.json had the card: leave its card as it is

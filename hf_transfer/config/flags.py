@@ -21,15 +21,15 @@ from pathlib import Path
 
 from transformers import HfArgumentParser
 
-from .compat import field_for_argparse
-from .data.augmentation import check_augmentation
-from .data.streaming import check_streaming
-from .errors import OneLineArgumentParser, UserError
-from .models.loading import checkpoint_family
-from .models.presets import find_preset, preset_help
+from ..data.augmentation import check_augmentation
+from ..data.streaming import check_streaming
+from ..errors import OneLineArgumentParser, UserError
+from ..integrations.compat import field_for_argparse
+from ..models.loading import checkpoint_family
+from ..models.presets import find_preset, preset_help
+from ..tasks.classification import metric_name
+from ..trainers.transfer_config import SUPPORTED_OPTIMIZERS, TransferConfig
 from .recipes import FAMILY_NAMES, RECIPES, recipe_defaults
-from .tasks import metric_name
-from .trainers.transfer_config import SUPPORTED_OPTIMIZERS, TransferConfig
 
 logger = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ that range and how to run the canaries (`warn_untested_versions`); the canaries,
 versions, decide whether a workaround still holds. This module imports torch and transformers only in
 the functions that need them, so that the commands can check the versions before importing them.
 When the canaries pass on newer releases, widen `TESTED` and regenerate the flag list the commands
-check before those imports (`python -m hf_transfer.command_line`).
+check before those imports (`python -m hf_transfer.cli.command_line`).
 """
 
 from __future__ import annotations

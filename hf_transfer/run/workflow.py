@@ -15,19 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoints import StopOnSignal
-from .data.dataset import ROW, ImageData, load_image_data
-from .data.samples import EpochCallback, UInt8Collator
-from .data.streaming import StreamingSplit, load_streaming_data
-from .errors import Preempted, UserError
-from .hub import check_push_possible
-from .launch import check_launch
-from .metrics import ComputeMetrics
-from .model_card import CardInfo, write_model_card
-from .models.loading import LoadedModel, load_model
-from .models.structure import depth_groups
-from .output_dir import FindBestCheckpoint, RecordInCheckpoints
-from .tracking import (
+from ..data.dataset import ROW, ImageData, load_image_data
+from ..data.samples import EpochCallback, UInt8Collator
+from ..data.streaming import StreamingSplit, load_streaming_data
+from ..errors import Preempted, UserError
+from ..integrations.hub import check_push_possible
+from ..integrations.launch import check_launch
+from ..integrations.tracking import (
     LastStepLog,
     RunConfigCallback,
     ThroughputCallback,
@@ -35,8 +29,14 @@ from .tracking import (
     peak_memory,
     reset_peak_memory,
 )
-from .trainers.freezing import UnfreezeCallback, trainable_names
-from .trainers.selection import EarlyStopping, chooses
+from ..models.loading import LoadedModel, load_model
+from ..models.structure import depth_groups
+from ..tasks.metrics import ComputeMetrics
+from ..trainers.freezing import UnfreezeCallback, trainable_names
+from ..trainers.selection import EarlyStopping, chooses
+from .card import CardInfo, write_model_card
+from .checkpoints import StopOnSignal
+from .output_dir import FindBestCheckpoint, RecordInCheckpoints
 
 logger = logging.getLogger(__name__)
 

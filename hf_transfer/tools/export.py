@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import run_args
-from .errors import UserError
+from ..errors import UserError
+from ..run import record as run_args
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def _check_saved_model(run: Path) -> None:
 def _load(run: Path):
     from transformers import AutoImageProcessor
 
-    from .models.loading import _from_pretrained
+    from ..models.loading import _from_pretrained
 
     model = _from_pretrained("model", str(run)).eval().float()
     return model, AutoImageProcessor.from_pretrained(str(run))
@@ -107,8 +107,8 @@ def _verification_images(run: Path, folder: str | None, max_images: int | None) 
     checkpoint-N folder's is its run's)."""
     import PIL.Image
 
-    from .data.dataset import IMAGE_EXTENSIONS
-    from .data.decoding import decode_rgb
+    from ..data.dataset import IMAGE_EXTENSIONS
+    from ..data.decoding import decode_rgb
 
     if folder is not None:
         files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)[:max_images]
@@ -136,8 +136,8 @@ def _verification_images(run: Path, folder: str | None, max_images: int | None) 
 def _run_split(saved: dict):
     """(split name, its rows, the data set) of the run's own data: the data flags as the run recorded them (its
     folders whole: from any working folder), the same seed, the same split."""
-    from .arguments import data_arguments
-    from .workflow import load_data
+    from ..config.flags import data_arguments
+    from ..run.workflow import load_data
 
     data_args = data_arguments(saved, instead="pass --images DIR with images to compare on")
     data = load_data(data_args, saved["shaping"].get("training.seed", 42))

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from .compat import accelerate_launch_keys
-from .errors import UserError
 
 CPU_COMMAND = "accelerate launch --config_file accelerate_configs/cpu.yaml run_finetune.py --use_cpu ..."
 

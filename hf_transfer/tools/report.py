@@ -13,8 +13,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .errors import UserError
-from .metrics import draw_confusion_matrix
+from ..errors import UserError
+from ..tasks.metrics import draw_confusion_matrix
 
 COLUMNS = [
     ("run", "run", "{}"),

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from datasets import ClassLabel, Dataset, Features, List, Sequence
 
-from .errors import UserError
+from ..errors import UserError
 from .losses import (
     balanced_class_weights,
     binary_cross_entropy,

@@ -14,21 +14,18 @@ from dataclasses import asdict
 
 from transformers import set_seed
 
-from .. import run_args
-from ..arguments import DistillationDataArguments, StudentArguments, parse_arguments
+from ..config.flags import DistillationDataArguments, StudentArguments, parse_arguments
+from ..config.recipes import fit_to_data, fitted_fields
 from ..data.augmentation import resolve_augmentation
 from ..data.samples import attach_transforms
 from ..data.unlabeled import add_unlabeled_images
 from ..errors import UserError, check_local_path
-from ..model_card import CardInfo, hyperparameters
 from ..models.loading import load_teacher
 from ..models.presets import resolve_source
-from ..output_dir import prepare_output_dir, report_finished, save_run_args
-from ..recipes import fit_to_data, fitted_fields
-from ..tasks import check_metric
-from ..trainers.distillation_config import DistillationConfig
-from ..trainers.distillation_trainer import DistillationTrainer, teacher_cache_path
-from ..workflow import (
+from ..run import record as run_args
+from ..run.card import CardInfo, hyperparameters
+from ..run.output_dir import prepare_output_dir, report_finished, save_run_args
+from ..run.workflow import (
     check_setup,
     check_validation_split,
     fit_workers,
@@ -37,6 +34,9 @@ from ..workflow import (
     train_and_evaluate,
     trainer_kwargs,
 )
+from ..tasks.classification import check_metric
+from ..trainers.distillation_config import DistillationConfig
+from ..trainers.distillation_trainer import DistillationTrainer, teacher_cache_path
 
 logger = logging.getLogger(__name__)
 

@@ -20,10 +20,10 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from . import run_args
+from ..errors import UserError
+from . import record as run_args
+from .card import CardInfo
 from .checkpoints import is_complete, last_complete_checkpoint, move_aside, step_of
-from .errors import UserError
-from .model_card import CardInfo
 
 logger = logging.getLogger(__name__)
 

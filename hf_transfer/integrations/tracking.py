@@ -15,8 +15,8 @@ import time
 import torch
 from transformers import TrainerCallback
 
+from ..errors import UserError
 from .compat import wandb_has_credentials
-from .errors import UserError
 
 
 def check_tracking(args) -> None:
