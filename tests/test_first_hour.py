@@ -334,7 +334,7 @@ def test_a_typo_is_refused_before_torch_is_imported(argv, message, tmp_path):
 @pytest.mark.slow
 def test_a_command_says_once_which_library_versions_were_not_checked(tmp_path):
     """The line comes once, after the flags were checked (a typo alone gives only its error), never per import."""
-    code = ("import runpy, sys; from importlib.metadata import version; from hf_transfer import compat; "
+    code = ("import runpy, sys; from importlib.metadata import version; from hf_transfer.integrations import compat; "
             "compat.version = lambda name: '99.0' if name == 'accelerate' else version(name); "
             "sys.argv = ['run_finetune.py', *sys.argv[1:]]; runpy.run_path('run_finetune.py', run_name='__main__')")
     env = {k: v for k, v in __import__("os").environ.items() if k != "HF_TRANSFER_NO_VERSION_WARNING"}
