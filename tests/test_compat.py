@@ -1,4 +1,4 @@
-"""Canaries for `hf_transfer/compat.py`: each asserts the library behaviour a workaround exists for.
+"""Canaries for `hf_transfer/integrations/compat.py`: each asserts the library behaviour a workaround exists for.
 
 When one fails, the library changed: the workaround named in the test may be obsolete (delete it)
 or broken (fix it). The tests that the workarounds work live beside the features that need them.
