@@ -8,7 +8,7 @@
 `--help` lists every flag (all TrainingArguments flags work); the logic lives in hf_transfer/.
 """
 
-if __name__ == "__main__":  # the flags are checked before torch and transformers are imported (commands.cli)
+if __name__ == "__main__":  # the flags are checked before torch and transformers are imported (hf_transfer.cli)
     from hf_transfer.cli import cli
 
     cli("finetune")

@@ -151,7 +151,7 @@ def project_trainer(cfg: dict, teacher: bool = False):
     from hf_transfer.data.dataset import load_image_data
     from hf_transfer.data.samples import attach_transforms
     from hf_transfer.models.loading import load_model, load_teacher
-    from hf_transfer.run.workflow import trainer_kwargs
+    from hf_transfer.run.assembly import trainer_kwargs
     from hf_transfer.trainers.distillation_trainer import DistillationTrainer
     from hf_transfer.trainers.transfer_trainer import TransferTrainer
 

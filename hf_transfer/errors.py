@@ -75,7 +75,7 @@ def one_line(exc: BaseException) -> str:
 class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse whose refusals are one line, `error: ... (see --help)` and exit 2 (argparse prints its whole usage
     first), with a "did you mean" for a mistyped flag, choice or subcommand. The training scripts' parser
-    (arguments.py) and the tools' (commands/tools.py) are this one."""
+    (config/flags.py) and the tools' (cli/tools.py) are this one."""
 
     def error(self, message: str):
         self.exit(2, f"error: {did_you_mean(message, self._actions)} (see --help)\n")

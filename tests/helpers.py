@@ -191,3 +191,10 @@ def unlabeled_folder(root: Path, n: int = 24, seed: int = 1, size: int = 32) -> 
     (root / "notes.txt").write_text("not an image")
     (root / "c" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"truncated")
     return root
+
+
+def fitted(parsed, num_train: int, task=None):
+    """`parsed` (a RunConfig) with the defaults `fit_to_data` fits to `num_train` training images, as a run fits them."""
+    from hf_transfer.config.fitting import fit_to_data
+
+    return parsed.fitted_to({fit.flag: fit.value for fit in fit_to_data(parsed.training, num_train, parsed.given, task)})

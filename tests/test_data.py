@@ -265,19 +265,19 @@ def test_in_memory_means_decoded_and_no_per_image_cpu_work(cifar_like):
 @pytest.mark.parametrize("decode_once", [True, False])
 def test_without_a_gpu_workers_are_not_started_for_data_in_memory(tiny_resnet, cifar_like, tmp_path, caplog,
                                                                   decode_once):
-    from hf_transfer.run.workflow import fit_workers
+    from hf_transfer.config.fitting import fit_workers
     from hf_transfer.trainers.transfer_config import TransferConfig
 
     data = load_image_data(cifar_like)
     attach_transforms(data, "basic", decode_once=decode_once)
-    args = TransferConfig(output_dir=str(tmp_path), use_cpu=True, dataloader_num_workers=2, report_to="none")
-    with caplog.at_level("INFO"):
-        fit_workers(args, data)
+    inputs = dict(output_dir=str(tmp_path), use_cpu=True, dataloader_num_workers=2, report_to="none")
+    fits = {fit.flag: fit for fit in fit_workers(TransferConfig(**inputs), data.in_memory)}
+    args = TransferConfig(**{**inputs, **{flag: fit.value for flag, fit in fits.items()}})
     if decode_once:  # a batch is a gather of rows in memory: workers would only take cores from the model
         assert args.dataloader_num_workers == 0 and not args.dataloader_persistent_workers
-        assert "--dataloader_num_workers 2: 0 instead" in caplog.text
+        assert "not 2: the images are decoded in memory" in str(fits["dataloader_num_workers"])
     else:  # they decode images: kept
-        assert args.dataloader_num_workers == 2
+        assert not fits and args.dataloader_num_workers == 2
 
 
 def test_mixed_sizes_are_resized_once_per_model_and_shared_when_the_models_agree():

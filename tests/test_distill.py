@@ -18,7 +18,7 @@ from hf_transfer.data.dataset import ROW, load_image_data
 from hf_transfer.data.samples import attach_transforms
 from hf_transfer.errors import UserError
 from hf_transfer.models.loading import load_model, load_teacher
-from hf_transfer.run.workflow import trainer_kwargs
+from hf_transfer.run.assembly import trainer_kwargs
 from hf_transfer.trainers.distillation_config import DistillationConfig
 from hf_transfer.trainers.distillation_trainer import DistillationTrainer, teacher_cache_path
 

@@ -238,7 +238,7 @@ def test_teacher_forward_runs_in_the_runs_autocast_dtype(cifar_teacher, tiny_res
     from hf_transfer.data.dataset import load_image_data
     from hf_transfer.data.samples import attach_transforms
     from hf_transfer.models.loading import load_model, load_teacher
-    from hf_transfer.run.workflow import trainer_kwargs
+    from hf_transfer.run.assembly import trainer_kwargs
     from hf_transfer.trainers.distillation_config import DistillationConfig
     from hf_transfer.trainers.distillation_trainer import DistillationTrainer
 
@@ -284,7 +284,7 @@ def test_two_gpus(tiny_vit, cifar_like, tmp_path):
 def test_channels_last_choice(flag, family_model, expected, request, cifar_like, tmp_path):
     from hf_transfer.data.dataset import load_image_data
     from hf_transfer.models.loading import load_model
-    from hf_transfer.run.workflow import trainer_kwargs
+    from hf_transfer.run.assembly import trainer_kwargs
 
     data = load_image_data(cifar_like)
     loaded = load_model(request.getfixturevalue(family_model), data.label_names)
@@ -300,7 +300,7 @@ def test_a_cnn_teacher_follows_the_students_channels_last_layout(tiny_resnet, ti
     """What a GPU run gets by default, asked for on the CPU: the CNN teacher's weights and its input go channels-last."""
     from hf_transfer.data.dataset import load_image_data
     from hf_transfer.models.loading import load_model
-    from hf_transfer.run.workflow import trainer_kwargs
+    from hf_transfer.run.assembly import trainer_kwargs
     from hf_transfer.trainers.distillation_config import DistillationConfig
     from hf_transfer.trainers.distillation_trainer import DistillationTrainer
 

@@ -83,6 +83,10 @@ def test_a_run_on_relative_folders_exports_from_any_working_folder(tiny_resnet, 
     check_served_like_the_run(run_dir, tmp_path / "onnx", results)
 
     saved = json.loads((run_dir / "run_args.json").read_text())
+    assert saved["resolved"]["data"]["train_dir"] == str(started / "data" / "train")  # what export reads
+    del saved["resolved"]  # as the version before wrote it: the settings that shape training, folders whole
+    (run_dir / "run_args.json").write_text(json.dumps(saved))
+    assert exported(run_dir, tmp_path / "onnx-before", "--max_images", "4")["images"] == 4
     del saved["working_dir"]  # as an earlier version wrote it: the command line as typed, nothing else
     (run_dir / "run_args.json").write_text(json.dumps(saved))
     code = run_cli(tools, ["export", str(run_dir), "--output", str(tmp_path / "o")])

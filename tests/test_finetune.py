@@ -16,7 +16,7 @@ from helpers import make_checkpoint, texture_folders
 from transformers import AutoImageProcessor, AutoModelForImageClassification, pipeline
 
 import run_finetune
-from hf_transfer.config.flags import parse_arguments
+from hf_transfer.config.run_config import parse_arguments
 from hf_transfer.data.dataset import load_image_data
 from hf_transfer.errors import UserError
 

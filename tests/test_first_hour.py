@@ -268,7 +268,7 @@ def test_the_flags_checked_before_the_imports_are_the_parsers_own():
 ])
 def test_the_early_check_refuses_exactly_what_the_parser_refuses(command, argv, capsys):
     from hf_transfer.cli.command_line import check_command_line
-    from hf_transfer.config.flags import parse_arguments
+    from hf_transfer.config.run_config import parse_arguments
 
     with pytest.raises(SystemExit) as early:
         check_command_line(command, argv)
@@ -283,7 +283,7 @@ def test_the_early_check_lets_every_documented_command_through():
     from test_readme import REAL_WEIGHTS, walkthrough
 
     from hf_transfer.cli.command_line import check_command_line
-    from hf_transfer.config.flags import parse_arguments
+    from hf_transfer.config.run_config import parse_arguments
 
     commands = [argv for argv in walkthrough() + walkthrough(REAL_WEIGHTS) if argv[1].startswith("run_")]
     assert len(commands) >= 4

@@ -12,8 +12,8 @@ from helpers import FakeHub
 import run_distill
 import run_finetune
 from hf_transfer.cli.tools import main as tools
-from hf_transfer.config.flags import parse_arguments
-from hf_transfer.config.recipes import fit_to_data
+from hf_transfer.config.fitting import fit_to_data
+from hf_transfer.config.run_config import parse_arguments
 from hf_transfer.errors import UserError, run_cli
 from hf_transfer.integrations.tracking import check_tracking, forward_flops
 from hf_transfer.models.loading import load_model

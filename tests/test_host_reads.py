@@ -15,7 +15,7 @@ from transformers import TrainerCallback
 from hf_transfer.data.dataset import load_image_data
 from hf_transfer.data.samples import attach_transforms
 from hf_transfer.models.loading import load_model, load_teacher
-from hf_transfer.run.workflow import trainer_kwargs
+from hf_transfer.run.assembly import trainer_kwargs
 from hf_transfer.trainers.distillation_config import DistillationConfig
 from hf_transfer.trainers.distillation_trainer import DistillationTrainer
 from hf_transfer.trainers.nonfinite import LossWatch

@@ -126,7 +126,7 @@ def test_a_compiled_model_compiles_once(tiny_resnet, cifar_like, tmp_path, monke
     torch.compile guards on: every run compiled twice. `load_model` says it (single-label) up front."""
     from hf_transfer.data.dataset import load_image_data
     from hf_transfer.data.samples import attach_transforms
-    from hf_transfer.run.workflow import trainer_kwargs
+    from hf_transfer.run.assembly import trainer_kwargs
     from hf_transfer.trainers.transfer_config import TransferConfig
     from hf_transfer.trainers.transfer_trainer import TransferTrainer
 

@@ -24,7 +24,7 @@ from hf_transfer.data.samples import attach_transforms
 from hf_transfer.errors import UserError
 from hf_transfer.models.loading import load_model
 from hf_transfer.on_device.mixing import BatchMix
-from hf_transfer.run.workflow import trainer_kwargs
+from hf_transfer.run.assembly import trainer_kwargs
 from hf_transfer.tasks.classification import THRESHOLDS, MultiLabel, SingleLabel
 from hf_transfer.tasks.losses import (
     binary_cross_entropy,

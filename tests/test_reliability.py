@@ -29,8 +29,8 @@ from hf_transfer.data.dataset import load_image_data
 from hf_transfer.data.samples import attach_transforms
 from hf_transfer.errors import UserError
 from hf_transfer.models.loading import load_model
+from hf_transfer.run.assembly import trainer_kwargs
 from hf_transfer.run.checkpoints import is_complete, last_complete_checkpoint
-from hf_transfer.run.workflow import trainer_kwargs
 from hf_transfer.trainers.transfer_config import TransferConfig
 from hf_transfer.trainers.transfer_trainer import NonFiniteLossError, TransferTrainer
 

@@ -244,7 +244,8 @@ def test_search_refusals_are_one_line(architecture, tmp_path, capsys):
     cases = [
         ([*base, "--n_trials", "0"], "--n_trials must be >= 1"),
         ([*base, "--n_trials", "2", "--learning_rat", "0.1"], "did you mean --learning_rate?"),
-        ([*base, "--n_trials", "2", "--do_train", "false"], "search trains: not with --do_train false"),
+        ([*(a for a in base if a != "--from_scratch"), "--n_trials", "2", "--do_train", "false"],
+         "search trains: not with --do_train false"),
         ([*base, "--n_trials", "2", "--eval_strategy", "no", "--do_eval", "false"], "search chooses its trials on the valid"),
         ([*base, "--n_trials", "2", "--metric_for_best_model", "acc"], "any run reports: choose one of accuracy, f1, "),
         ([*base, "--n_trials", "2", "--metric_for_best_model", "acc"], "; did you mean accuracy?"),

@@ -21,13 +21,14 @@ from timm.data import ImageNetInfo
 from transformers import pipeline
 
 import run_finetune
-from hf_transfer.config.flags import DistillationDataArguments, StudentArguments, parse_arguments
-from hf_transfer.config.recipes import fit_to_data
-from hf_transfer.data.augmentation import Augmentation, resolve_augmentation
-from hf_transfer.data.dataset import load_image_data
+from hf_transfer.config.fitting import fit_to_data
+from hf_transfer.config.flags import DistillationDataArguments, StudentArguments
+from hf_transfer.config.run_config import parse_arguments
+from hf_transfer.data.augmentation import Augmentation
 from hf_transfer.trainers.distillation_config import DistillationConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from helpers import fitted  # noqa: E402
 from real_weights import write_timm_folder  # noqa: E402
 
 DOMESTIC_CATS = range(281, 286)  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -102,23 +103,19 @@ def _mirrored(image: torch.Tensor) -> bool:
 
 def test_default_augmentation_never_mirrors_digits():
     """A mirrored digit is another symbol (or none); the default never flips a data set not known to allow it."""
-    data_args = parse_arguments([]).data
-    preset = resolve_augmentation(data_args.augmentation, load_image_data("digits").name)
-    augment = Augmentation(preset)
+    augment = Augmentation(parse_arguments(["--dataset_name", "digits"]).data.augmentation)  # `auto`, resolved
     assert not any(_mirrored(augment(_left_to_right_ramp(), seed)) for seed in range(200))
     crop = Augmentation("crop")  # the preset to ask for: random crops, never a mirror
     views = [crop(_left_to_right_ramp(), seed) for seed in range(200)]
     assert not any(_mirrored(v) for v in views) and any(not torch.equal(v, _left_to_right_ramp()) for v in views)
 
-    cifar = Augmentation(resolve_augmentation(data_args.augmentation, "uoft-cs/cifar10"))
+    cifar = Augmentation(parse_arguments([]).data.augmentation)  # the default data set: CIFAR-10
     assert 60 < sum(_mirrored(cifar(_left_to_right_ramp(), seed)) for seed in range(200)) < 140
 
 
 def test_small_data_trains_long_enough_with_a_batch_that_fits():
     """3 epochs at batch 128 were 33 steps on digits (0.62 test accuracy for the README's demo)."""
-    parsed = parse_arguments([])
-    args = parsed.training
-    fit_to_data(args, 100, parsed.given)
+    args = fitted(parse_arguments([]), 100).training
     assert args.per_device_train_batch_size == 10  # a tenth of the data set: 10 steps per epoch
     assert args.num_train_epochs * math.ceil(100 / args.per_device_train_batch_size) >= args.min_train_steps
 
@@ -130,8 +127,7 @@ def test_small_data_trains_long_enough_with_a_batch_that_fits():
     assert fit_to_data(user.training, 100, user.given) == []  # what the user asked for stands
     assert (user.training.num_train_epochs, user.training.per_device_train_batch_size) == (2, 32)
 
-    tutorial = parse_arguments(["--recipe", "tutorial"])
-    fit_to_data(tutorial.training, 100, tutorial.given)
+    tutorial = fitted(parse_arguments(["--recipe", "tutorial"]), 100)
     assert tutorial.training.num_train_epochs == 3  # the tutorial's recipe is its 3 epochs
 
 
@@ -142,15 +138,15 @@ def test_distillation_trains_a_patient_student_on_small_data_only(images, batch,
     parsed = parse_arguments(["--teacher_model_name_or_path", "t"], StudentArguments, DistillationConfig,
                              DistillationDataArguments)
     changes = fit_to_data(parsed.training, images, parsed.given)
-    assert (parsed.training.per_device_train_batch_size, parsed.training.num_train_epochs) == (batch, epochs)
-    assert "--min_seen_images 18000" in changes[-1] or images > 900
-    finetune = parse_arguments([])
-    fit_to_data(finetune.training, images, finetune.given)
+    student = fitted(parsed, images).training
+    assert (student.per_device_train_batch_size, student.num_train_epochs) == (batch, epochs)
+    assert "--min_seen_images 18000" in str(changes[-1]) or images > 900
+    finetune = fitted(parse_arguments([]), images)
     assert finetune.training.num_train_epochs == math.ceil(200 / math.ceil(images / batch))  # 200 steps, no more
 
     user = parse_arguments(["--teacher_model_name_or_path", "t", "--max_steps", "50"], StudentArguments,
                            DistillationConfig, DistillationDataArguments)
-    fit_to_data(user.training, images, user.given)
+    user = fitted(user, images)
     assert user.training.num_train_epochs == 3 and user.training.max_steps == 50  # the user's length stands
 
 

@@ -11,30 +11,25 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import sys
 from argparse import ArgumentDefaultsHelpFormatter
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from transformers import HfArgumentParser
 
 from ..data.augmentation import check_augmentation
-from ..data.streaming import check_streaming
 from ..errors import OneLineArgumentParser, UserError
 from ..integrations.compat import field_for_argparse
-from ..models.loading import checkpoint_family
-from ..models.presets import find_preset, preset_help
-from ..tasks.classification import metric_name
-from ..trainers.transfer_config import SUPPORTED_OPTIMIZERS, TransferConfig
-from .recipes import FAMILY_NAMES, RECIPES, recipe_defaults
+from ..models.presets import preset_help
+from ..trainers.transfer_config import SUPPORTED_OPTIMIZERS
+from .recipes import FAMILY_NAMES, RECIPES
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelArguments:
     model: str | None = field(
         default=None,
@@ -92,7 +87,7 @@ class ModelArguments:
             raise ValueError(f"--drop_path_rate must be in [0, 1), got {self.drop_path_rate}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class StudentArguments(ModelArguments):
     """The model being trained by run_distill.py; `--student` is `--model` under its own name."""
 
@@ -112,7 +107,7 @@ class StudentArguments(ModelArguments):
     output_suffix = "-distilled"
 
 
-@dataclass
+@dataclass(frozen=True)
 class DataArguments:
     dataset_name: str = field(
         default="uoft-cs/cifar10",
@@ -190,7 +185,7 @@ class DataArguments:
             raise ValueError(f"--shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DistillationDataArguments(DataArguments):
     """run_distill.py's data flags: those of fine-tuning, and images without labels (data/unlabeled.py)."""
 
@@ -211,18 +206,6 @@ class DistillationDataArguments(DataArguments):
         super().__post_init__()
         if self.unlabeled_dir and self.unlabeled_dataset:
             raise ValueError("pass either --unlabeled_dir or --unlabeled_dataset, not both")
-
-
-@dataclass
-class Arguments:
-    """One run's parsed flags, and what parsing learnt on the way."""
-
-    model: ModelArguments
-    data: DataArguments
-    training: TransferConfig
-    family: str  # "cnn" or "vit", from the checkpoint: the recipe that filled the defaults
-    given: set[str]  # the flags the user passed and those the recipe set: data-fitted defaults leave them alone
-    passed: set[str] = field(default_factory=set)  # the flags the user passed
 
 
 class _HelpFormatter(ArgumentDefaultsHelpFormatter):
@@ -258,55 +241,15 @@ class ArgumentParser(OneLineArgumentParser, HfArgumentParser):
         HfArgumentParser._parse_dataclass_field(parser, field_for_argparse(field))  # compat.py
 
 
-def parse_arguments(argv: Sequence[str], model_type: type = ModelArguments,
-                    training_type: type = TransferConfig, data_type: type = DataArguments) -> Arguments:
-    """Parse `argv` once into (model, data, training) arguments, with the family's recipe as defaults.
-
-    `argv` may start with a JSON or YAML file of arguments (as the transformers examples accept);
-    the flags after it override the file.
-    """
-    argv = [*arguments_file_flags(argv[0]), *argv[1:]] if argv and _is_arguments_file(argv[0]) else list(argv)
-    parser = ArgumentParser((model_type, data_type, training_type))
-    given = given_flags(parser, argv)
-    known, _ = parser.parse_known_args(argv)  # the model flags; argparse alone, no dataclass built
-    preset = find_preset(known.model, known.model_name_or_path, model_type.default_model)
-    source = preset.checkpoint if preset else known.model_name_or_path
-    family = preset.family if preset else checkpoint_family(
-        source, from_scratch=known.from_scratch, revision=known.model_revision,
-        trust_remote_code=known.trust_remote_code, cache_dir=known.cache_dir)
-    name = known.model or (checkpoint_name(source) if known.model_name_or_path else model_type.default_model)
-    name = f"{name}-{data_label(known)}"  # one directory per model and data set: runs of other data never collide
-    optimizer = str(getattr(known.optim, "value", known.optim)) if "optim" in given else None
-    recipe, note = recipe_defaults(known.recipe, family, optimizer)
-    if note:
-        logger.warning(note)
-    suffix = model_type.output_suffix if known.do_train else "-eval"
-    parser.set_defaults(output_dir=str(Path("runs") / (name + suffix)), **recipe, **_yielding_defaults(known, given))
-    try:
-        model, data, training, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    except ValueError as exc:  # the __post_init__ checks (TrainingArguments' own can span several lines)
-        raise UserError(" ".join(line.strip() for line in str(exc).strip().splitlines())) from exc
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if training.metric_for_best_model:  # one spelling of `eval_loss` and `loss` (the Trainer takes both): runs compare
-        training.metric_for_best_model = metric_name(training.metric_for_best_model)
-    if data.train_dir and "dataset_name" not in given:
-        data.dataset_name = None  # the image folders are the data: nothing else is recorded or compared
-    if data.streaming:
-        check_streaming(data, training, given)
-    _move_token_to_environment(training)
-    return Arguments(model=model, data=data, training=training, family=family, given=given | set(recipe),
-                     passed=given)
-
-
 def data_arguments(saved: dict, instead: str) -> DistillationDataArguments:
-    """The data flags a saved run used (its run_args.json), whatever the working folder: as the run recorded them
-    (local folders whole, run_args.py). A run recorded before it kept them whole (no `working_dir`) has its
+    """The data flags a saved run used (its run_args.json), whatever the working folder: as the run resolved them
+    (local folders whole, run/record.py). A run recorded before it kept them whole (no `working_dir`) has its
     command line parsed again: its relative folders are relative to the folder it was started in, which it did not
     record. A folder of the run's data that is not there is refused in one line, with what to do `instead`."""
-    whole = "working_dir" in saved
-    if whole:
-        names = {f.name for f in fields(DistillationDataArguments)}
+    names = {f.name for f in fields(DistillationDataArguments)}
+    if saved.get("resolved"):  # the run's data flags as it resolved them
+        data = DistillationDataArguments(**{k: v for k, v in saved["resolved"]["data"].items() if k in names})
+    elif "working_dir" in saved:  # the settings that shape training, local folders whole
         recorded = {key.split(".", 1)[1]: value for key, value in saved["shaping"].items() if key.startswith("data.")}
         data = DistillationDataArguments(**{key: value for key, value in recorded.items() if key in names})
     else:
@@ -320,13 +263,13 @@ def data_arguments(saved: dict, instead: str) -> DistillationDataArguments:
         data, _ = ArgumentParser((DistillationDataArguments,)).parse_args_into_dataclasses(
             args=argv, return_remaining_strings=True)
         if data.train_dir and not any(a.split("=")[0] == "--dataset_name" for a in argv):
-            data.dataset_name = None  # as parse_arguments: the image folders are the data
+            data = replace(data, dataset_name=None)  # as parse_arguments: the image folders are the data
     for flag in ("dataset_name", "train_dir", "validation_dir", "test_dir"):  # (what loading the data reads)
         folder = getattr(data, flag)
         local = folder and (flag.endswith("_dir") or folder.startswith((".", "/", "~")))  # (else maybe a Hub id)
         if not local or Path(folder).expanduser().is_dir():
             continue
-        if whole or Path(folder).expanduser().is_absolute():
+        if "working_dir" in saved or Path(folder).expanduser().is_absolute():
             raise UserError(f"the run's --{flag} '{folder}' is not a folder any more; {instead}")
         raise UserError(f"the run's --{flag} '{folder}' is relative to the folder the run was started in, which a "
                         f"run saved by an earlier version does not record; run the command from that folder, or "
@@ -350,35 +293,6 @@ def data_label(known) -> str:
         folder = Path(known.train_dir).resolve()
         return folder.parent.name if folder.name.lower() in ("train", "training") and folder.parent.name else folder.name
     return Path(str(known.dataset_name).rstrip("/")).name or "data"
-
-
-def _yielding_defaults(known, given: set[str]) -> dict:
-    """Project defaults the user's own flags make impossible give way, each with one line saying so;
-    two flags the user gave that conflict are left to fail (the Trainer names them)."""
-    changed = {}
-    if known.streaming and not {"eval_strategy", "save_strategy"} & given:
-        # A stream has no epochs to end: evaluate and save every tenth of --max_steps instead.
-        changed.update(eval_strategy="steps", save_strategy="steps", eval_steps=0.1, save_steps=0.1)
-        logger.info("--streaming: evaluating and saving every tenth of --max_steps (a stream has no epochs)")
-        return changed
-    strategies = {"eval_strategy": str(getattr(known.eval_strategy, "value", known.eval_strategy)),
-                  "save_strategy": str(getattr(known.save_strategy, "value", known.save_strategy))}
-    if "no" in strategies.values():
-        if not {"load_best_model_at_end", "early_stopping_patience"} & given:
-            off = next(k for k, v in strategies.items() if v == "no")
-            changed["load_best_model_at_end"] = False
-            logger.info("--%s no: the run ends with its last weights (the best checkpoint cannot be chosen)", off)
-    elif {"eval_strategy", "save_strategy"} & given and not {"eval_strategy", "save_strategy"} <= given:
-        # One strategy given: the other follows it, so that the best checkpoint can still be reloaded.
-        mine = "eval_strategy" if "eval_strategy" in given else "save_strategy"
-        other = "save_strategy" if mine == "eval_strategy" else "eval_strategy"
-        steps = {"eval_strategy": "eval_steps", "save_strategy": "save_steps"}
-        changed[other] = strategies[mine]
-        if strategies[mine] == "steps" and getattr(known, steps[mine]) is not None:
-            changed[steps[other]] = getattr(known, steps[mine])
-        logger.info("--%s %s: --%s follows it (the best checkpoint is chosen where both happen)", mine,
-                    strategies[mine], other)
-    return changed
 
 
 def _is_arguments_file(first: str) -> bool:
@@ -424,14 +338,3 @@ def given_flags(parser: ArgumentParser, argv: Sequence[str]) -> set[str]:
     underscores or dashes, an alias (`--train_val_split`) or a `--no_` complement."""
     field_of = {option: action.dest for action in parser._actions for option in action.option_strings}
     return {field_of.get(flag, flag[2:]) for flag in (a.split("=", 1)[0] for a in argv if a.startswith("--"))}
-
-
-def _move_token_to_environment(arguments) -> None:
-    """`--hub_token` goes where huggingface_hub reads it (HF_TOKEN) and out of the arguments, which
-    the Trainer pickles into every checkpoint (training_args.bin) and trackers record."""
-    token = getattr(arguments, "hub_token", None)
-    if token:
-        os.environ["HF_TOKEN"] = token
-        arguments.hub_token = None
-        # Trackers record the command line (W&B's run metadata): keep the token out of it too.
-        sys.argv[:] = [a.replace(token, "<hub_token>") for a in sys.argv]

@@ -9,8 +9,6 @@ measured) follows the optimizer the run uses: `--optim adamw_torch` on a CNN get
 
 from __future__ import annotations
 
-import math
-
 FAMILY_NAMES = {"cnn": "CNNs", "vit": "ViTs"}
 
 RECIPES: dict[str, dict[str, dict[str, object]]] = {
@@ -61,60 +59,3 @@ def recipe_defaults(recipe: str, family: str, optimizer: str | None = None) -> t
     own = RECIPES[recipe][family]["optim"]
     return defaults, (f"--optim {optimizer} for {FAMILY_NAMES[family]}: the learning rate {defaults['learning_rate']:g} "
                       f"is the one measured with {own}; none has been measured with {optimizer}, pass --learning_rate")
-
-
-# ---------------------------------------------------------------- defaults fitted to the data set
-
-
-def fitted_fields(args, given: set[str]) -> set[str]:
-    """The settings `fit_to_data` takes from the data (keys as in run_args.py): those of the flags nobody set."""
-    fitted = set()
-    if "per_device_train_batch_size" not in given:
-        fitted.add("global_batch_size")  # through the batch size per device
-    if not ({"num_train_epochs", "max_steps"} & given) and (args.min_train_steps > 0 or args.min_seen_images > 0):
-        fitted.add("training.num_train_epochs")
-    if "metric_for_best_model" not in given:
-        fitted.add("training.metric_for_best_model")  # the task's: accuracy, or mAP for several labels per image
-    return fitted
-
-
-def fit_to_data(args, num_train: int | None, given: set[str], task=None) -> list[str]:
-    """Defaults that depend on the training set, for the flags nobody set; returns what changed (for a stream,
-    whose size is unknown and whose length --max_steps gives, only the task's metric).
-
-    - The metric that chooses the checkpoint: the task's (tasks.py): accuracy, or mAP when the
-      images have several labels each.
-
-    - Batch size: at most a tenth of the training set (at least 8), so that an epoch has about
-      ten optimizer steps or more; the default 128 is meant for CIFAR-sized data.
-    - Length: the default 3 epochs, or more until `--min_train_steps` optimizer steps and
-      `--min_seen_images` images seen (distillation's patient teacher). 100 real digits at batch 10
-      reach 0.87 test accuracy in 15 epochs and 0.96 in 20 (one seed, benchmarks/transfer.py): on
-      small data the number of updates, not of epochs, decides.
-    """
-    changes = []
-    fitted = fitted_fields(args, given)
-    if "training.metric_for_best_model" in fitted and task is not None and args.metric_for_best_model != task.best_metric:
-        args.metric_for_best_model = task.best_metric
-        changes.append(f"--metric_for_best_model {task.best_metric} (the checkpoint is chosen by "
-                       f"{'mAP: several labels per image' if task.multi_label else 'accuracy'})")
-    if num_train is None:
-        return changes
-    processes = max(1, args.world_size)
-    if "global_batch_size" in fitted:
-        cap = max(8, num_train // 10)
-        global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * processes
-        if global_batch > cap:
-            args.per_device_train_batch_size = max(1, cap // (args.gradient_accumulation_steps * processes))
-            changes.append(f"--per_device_train_batch_size {args.per_device_train_batch_size} "
-                           f"(a tenth of the {num_train} training images)")
-    if "training.num_train_epochs" in fitted:
-        global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * processes
-        steps_per_epoch = max(1, math.ceil(num_train / global_batch))
-        epochs = max(math.ceil(args.min_train_steps / steps_per_epoch), math.ceil(args.min_seen_images / num_train))
-        if epochs > args.num_train_epochs:
-            args.num_train_epochs = float(epochs)
-            rule = (f"--min_train_steps {args.min_train_steps}" if not args.min_seen_images else
-                    f"--min_train_steps {args.min_train_steps}, --min_seen_images {args.min_seen_images}")
-            changes.append(f"--num_train_epochs {epochs} ({epochs * steps_per_epoch} steps; {rule})")
-    return changes

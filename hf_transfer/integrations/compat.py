@@ -23,7 +23,7 @@ Overridden private method of `transformers.HfArgumentParser` (in `arguments.Argu
 
 Library behaviour worked around without touching internals (canaries in the same test file):
 - transformers 5.x `PrinterCallback` (used with --disable_tqdm) pops `total_flos` from the very
-  metrics dict `train()` returns; `workflow.train_and_evaluate` reads it from the Trainer's state.
+  metrics dict `train()` returns; `run/results.train_and_evaluate` reads it from the Trainer's state.
 - transformers 5.x logs a table of the weights that did not load for every new classification head
   (`HeldLoadReport`, used by `models.loading.load_model`, which says it in one line).
 - accelerate 1.x imports deepspeed in every run where it is installed, and deepspeed warns on machines

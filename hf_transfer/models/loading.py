@@ -59,9 +59,11 @@ def load_model(
     cache_dir: str | None = None,
     drop_path_rate: float | None = None,
     problem_type: str = "single_label_classification",
+    family: str | None = None,
 ) -> LoadedModel:
     """Load `source` with a classification head for `label_names` and the input spec it expects; `problem_type`:
-    the data set's task (tasks.py), which `pipeline` reads to return a softmax or per-label sigmoid scores."""
+    the data set's task (tasks/classification.py), which `pipeline` reads to return a softmax or per-label sigmoid
+    scores; `family`: the model's, where the run's configuration knows it already (else judged from the model)."""
     hub_kwargs = {"revision": revision, "trust_remote_code": trust_remote_code, "cache_dir": cache_dir}
     config, spec = _config_and_spec(source, from_scratch, hub_kwargs, "--model_name_or_path")
     old_names = [config.id2label[i] for i in sorted(config.id2label)] if config.id2label else []
@@ -106,7 +108,8 @@ def load_model(
         spec = spec.with_crop_pct(crop_pct)
     set_fsdp_units(model)
     drop_timm_pretrained_cfg(model.config)
-    return LoadedModel(model=model, spec=spec, family=model_family(model), source=source, head_reset=head_reset)
+    return LoadedModel(model=model, spec=spec, family=family or model_family(model), source=source,
+                       head_reset=head_reset)
 
 
 def _outside_the_head(model: PreTrainedModel, loading: dict) -> set[str]:

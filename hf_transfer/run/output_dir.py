@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -207,14 +206,15 @@ def _check_writable(out: Path) -> None:
         raise UserError(f"--output_dir '{out}' cannot be written (no write permission in '{existing}')")
 
 
-def save_run_args(args, command: str, record: dict, fitted: set[str], argv: Sequence[str],
-                  card: CardInfo | None = None) -> None:
-    """run_args.json in the output directory (the main process): what the run uses (`record`, taken after the
-    data-fitted defaults, whose keys are `fitted`), which the next command in the directory is compared with,
-    and the model card's facts (a later `python -m hf_transfer push` renders the card for its repo)."""
-    if args.process_index == 0:
-        shown = list(argv)
+def save_run_args(config, card: CardInfo | None = None) -> None:
+    """run_args.json in the output directory (the main process): what the run uses (`config`, a RunConfig with the
+    data-fitted values), which the next command in the directory is compared with, what its flags named (read back by
+    the tools), and the model card's facts (a later `python -m hf_transfer push` renders the card for its repo)."""
+    training = config.training
+    if training.process_index == 0:
+        shown = list(config.argv)
         for i, value in enumerate(shown[:-1]):
             if value == "--hub_token":
                 shown[i + 1] = "<hub_token>"
-        run_args.write(args.output_dir, command, record, fitted, shown, asdict(card) if card else None)
+        run_args.write(training.output_dir, config.command, run_args.shaping(config.model, config.data, training),
+                       config.fitted_keys(), shown, asdict(card) if card else None, resolved=run_args.whole_paths(config.resolved()))

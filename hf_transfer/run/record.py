@@ -63,6 +63,15 @@ def shaping(model_args, data_args, args) -> dict:
     return record
 
 
+def whole_paths(resolved: dict) -> dict:
+    """`RunConfig.resolved()` with its local folders made whole (`local_path`), as the record keeps them."""
+    resolved = {**resolved, "source": local_path("model.model_name_or_path", resolved["source"])}
+    for section in ("model", "data"):
+        resolved[section] = {key: local_path(f"{section}.{key}", value) if f"{section}.{key}" in LOCAL_PATHS else value
+                             for key, value in resolved[section].items()}
+    return resolved
+
+
 def _plain(value):
     return getattr(value, "value", value)  # enums (optimizer, schedule) as their names
 
@@ -116,11 +125,12 @@ def read(output_dir: str | Path) -> dict | None:
 
 
 def write(output_dir: str | Path, command: str, record: dict, fitted: set[str], argv: list[str],
-          card: dict | None = None) -> None:
+          card: dict | None = None, resolved: dict | None = None) -> None:
     """`record`: what the run uses, fitted values included; `fitted`: which of its keys the data set; `card`: the
-    model card's facts, so that a later push can render it for the repository it goes to."""
+    model card's facts, so that a later push can render it for the repository it goes to; `resolved`: what the flags
+    named (RunConfig.resolved: the checkpoint, the recipe, the model and data flags), read back by the tools."""
     payload = {"command": command, "argv": argv, "working_dir": os.getcwd(), "shaping": record,
-               "fitted_fields": sorted(fitted), "card": card}
+               "fitted_fields": sorted(fitted), "card": card, "resolved": resolved}
     (Path(output_dir) / FILE).write_text(json.dumps(payload, indent=2, default=str) + "\n")
 
 

@@ -137,7 +137,7 @@ def _run_split(saved: dict):
     """(split name, its rows, the data set) of the run's own data: the data flags as the run recorded them (its
     folders whole: from any working folder), the same seed, the same split."""
     from ..config.flags import data_arguments
-    from ..run.workflow import load_data
+    from ..run.assembly import load_data
 
     data_args = data_arguments(saved, instead="pass --images DIR with images to compare on")
     data = load_data(data_args, saved["shaping"].get("training.seed", 42))

@@ -1,7 +1,7 @@
 """Hyperparameter search: `python -m hf_transfer search <run_finetune.py flags> --n_trials N`.
 
 optuna proposes the values (TPE sampler, seeded by --seed); each trial is an ordinary fine-tuning
-run of those flags, through the same `commands/finetune.py` main as `run_finetune.py`, in
+run of those flags, through the same pipeline as `run_finetune.py` (run/pipeline.py), in
 `OUT/trial-NNN` (OUT: --output_dir, default `runs/<model>-<data set>-search`). So a trial is
 exactly the run its flags describe: the data-fitted defaults, the EMA, the BatchNorm statistics,
 the checkpoints and their resume all behave as in any run. (The Trainer's own
@@ -217,16 +217,15 @@ class Search:
 
     def run_trial(self, params: dict, folder: str, callbacks=()) -> dict:
         """One trial: an ordinary run of the command with the trial's flags, validated, never tested."""
-        from ..cli import finetune
+        from ..run.pipeline import run
 
-        return finetune.main([*self.argv, *flags_of(params), "--output_dir", str(self.out / folder),
-                              "--do_predict", "false", "--push_to_hub", "false"], callbacks=callbacks)
+        return run("finetune", [*self.argv, *flags_of(params), "--output_dir", str(self.out / folder),
+                                "--do_predict", "false", "--push_to_hub", "false"], callbacks)
 
 
 def run_search(argv: Sequence[str], n_trials: int, backend: str = "optuna") -> dict:
-    from ..cli import finetune
-    from ..config.flags import parse_arguments
-    from ..data.augmentation import resolve_augmentation
+    from ..config.run_config import parse_command
+    from ..run.pipeline import run
 
     argv = list(argv)
     if n_trials < 1:
@@ -236,7 +235,7 @@ def run_search(argv: Sequence[str], n_trials: int, backend: str = "optuna") -> d
                         "of several processes (--backend ray spreads trials over machines)")
     engine = {"optuna": _with_optuna, "ray": _with_ray}[backend]
     _check_installed(backend)
-    parsed = parse_arguments(argv)  # every flag checked before the first trial
+    parsed = parse_command("finetune", argv)  # every flag checked before the first trial
     if not parsed.training.do_train:
         raise UserError("search trains: not with --do_train false")
     if not parsed.training.do_eval:
@@ -251,9 +250,8 @@ def run_search(argv: Sequence[str], n_trials: int, backend: str = "optuna") -> d
         logger.info("choosing by %s: --label_smoothing_factor is not searched (it raises the validation loss by "
                     "design, so trials with more would look worse whatever their predictions)", objective.metric)
     out = Path(parsed.training.output_dir if "output_dir" in given else parsed.training.output_dir + "-search")
-    augmentation = resolve_augmentation(parsed.data.augmentation, parsed.data.train_dir or parsed.data.dataset_name)
     out.mkdir(parents=True, exist_ok=True)
-    search = Search(argv, out.resolve(), parsed.training, augmentation, given, objective)
+    search = Search(argv, out.resolve(), parsed.training, parsed.data.augmentation, given, objective)
 
     started = time.perf_counter()
     finished, trials = engine(search, n_trials)
@@ -268,7 +266,7 @@ def run_search(argv: Sequence[str], n_trials: int, backend: str = "optuna") -> d
                "best": _best_entry(search.out, best, tied), "trials": trials}
     _write_results(search.out, summary)  # before best/ trains: it says which trial best/ holds
     logger.info("best trial %s: validation %.4f with %s", best.trial, best.value, " ".join(best.flags))
-    results = finetune.main([*argv, *best.flags, "--output_dir", str(search.out / "best")])
+    results = run("finetune", [*argv, *best.flags, "--output_dir", str(search.out / "best")])
     summary["best"].update(test_accuracy=results.get("test_accuracy"),
                            **({"test_map": results["test_map"]} if "test_map" in results else {}))
     summary["seconds_this_call"] = round(time.perf_counter() - started, 1)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from functools import cache
 from importlib.util import find_spec
 
 import torch
 from transformers import TrainingArguments
 from transformers.utils import is_torch_bf16_gpu_available
 
+from ..tasks.classification import metric_name
 from .freezing import parse_schedule
 from .selection import TIE_BREAKS
 
@@ -28,6 +30,20 @@ def _default_workers() -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     per_process = cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     return max(0, min(8, per_process - 1))
+
+
+# Fields the Trainer sets on its arguments itself (transformers 5.x: DeepSpeed's configuration; with
+# --auto_find_batch_size the batch size it finds).
+TRAINER_SETS = frozenset({"hf_deepspeed_config", "deepspeed_plugin"})
+
+
+class FrozenConfigError(AttributeError):
+    """Project code set a field of a resolved configuration: a bug, not a user's mistake."""
+
+
+@cache
+def _init_fields(cls) -> frozenset[str]:
+    return frozenset(f.name for f in fields(cls) if f.init)
 
 
 @dataclass
@@ -179,6 +195,8 @@ class TransferConfig(TrainingArguments):
     )
 
     def __post_init__(self):
+        if self.metric_for_best_model:  # one spelling of `eval_loss` and `loss` (the Trainer takes both): runs compare
+            self.metric_for_best_model = metric_name(self.metric_for_best_model)
         if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
             if find_spec("deepspeed") is None:
                 raise ValueError("the accelerate config asks for DeepSpeed, which is not installed: "
@@ -201,6 +219,20 @@ class TransferConfig(TrainingArguments):
             # kernel queued before it): accelerate's non_blocking, off unless asked for.
             self.accelerator_config = {"non_blocking": True, **(self.accelerator_config or {})}
         super().__post_init__()
+
+    def freeze(self) -> TransferConfig:
+        """From now on setting a field to another value raises `FrozenConfigError` (config/run_config.py: the run's
+        configuration is resolved once); the fields the Trainer itself sets (`TRAINER_SETS`) excepted."""
+        object.__setattr__(self, "_frozen", True)
+        return self
+
+    def __setattr__(self, name, value):
+        trainers = TRAINER_SETS | ({"per_device_train_batch_size"} if self.__dict__.get("auto_find_batch_size") else set())
+        if self.__dict__.get("_frozen") and name in _init_fields(type(self)) and name not in trainers and \
+                getattr(self, name) != value:
+            raise FrozenConfigError(f"{name}: the run's configuration is frozen once resolved (config/run_config.py); "
+                                    f"{getattr(self, name)!r} cannot become {value!r}")
+        super().__setattr__(name, value)
 
     def _check(self) -> None:
         """The numbers a run cannot start with; one line each (README, "Validated arguments")."""

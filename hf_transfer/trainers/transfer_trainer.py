@@ -131,10 +131,10 @@ class TransferTrainer(Trainer):
                             "--per_device_train_batch_size 2 or more (with fewer --gradient_accumulation_steps for the "
                             "same step)")
         self._completion_logged = False
-        if self.stream is not None:
+        if self.stream is not None and not self.args.ignore_data_skip:
             # A resumed stream goes on from the position its checkpoint holds (`_load_from_checkpoint`); the
-            # Trainer's own resume would read and drop every batch already trained on.
-            self.args.ignore_data_skip = True
+            # Trainer's own resume would read and drop every batch already trained on (config/fitting.py sets it).
+            raise ValueError("a streamed train split needs ignore_data_skip (config/fitting.py, fit_stream)")
 
     def get_train_dataloader(self):
         if self.stream is not None:  # each process reads its own shards (data/streaming.py)
