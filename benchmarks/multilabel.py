@@ -117,26 +117,26 @@ def main() -> None:
 
 def scale_distillation_term(scale: str) -> None:
     """The multi-label distillation term as the project scales it ("t"), scaled by T^2 ("t2": the loss before it was
-    scaled by T), or both terms averaged over the classes ("mean"): `distillation_loss` wrapped where the trainer
+    scaled by T), or both terms averaged over the classes ("mean"): the objective replaced where the trainer
     calls it, the rest of the run as it is."""
-    import hf_transfer.trainers.distillation_trainer as trainer
-    from hf_transfer.tasks.losses import distillation_loss
+    from hf_transfer.tasks import objectives
 
     if scale not in ("t", "t2", "mean"):
         raise SystemExit(f"--kd_scale: t, t2 or mean, not {scale}")
 
-    def rescaled(student, teacher, labels, alpha, temperature, *args, multi_label=False, **kwargs):
-        if not multi_label:
-            return distillation_loss(student, teacher, labels, alpha, temperature, *args, **kwargs)
-        ce, _, _ = distillation_loss(student, teacher, labels, 0.0, temperature, *args, multi_label=True, **kwargs)
-        kd, _, _ = distillation_loss(student, teacher, labels, 1.0, temperature, *args, multi_label=True, **kwargs)
-        if scale == "t2":
-            kd = kd * temperature
-        else:  # "mean": both terms over the classes
-            ce, kd = ce / student.shape[-1], kd / student.shape[-1]
-        return (1 - alpha) * ce + alpha * kd, ce.detach(), kd.detach()
+    class Rescaled(objectives.SoftTargets):
+        def __call__(self, logits, labels, counts=None, teacher_logits=None):
+            if not self.task.multi_label:
+                return super().__call__(logits, labels, counts, teacher_logits)
+            ce = self.label_loss(logits, labels, counts)
+            kd = self.term(logits, teacher_logits, counts.images if counts is not None else None)
+            if scale == "t2":
+                kd = kd * self.temperature
+            else:  # "mean": both terms over the classes
+                ce, kd = ce / logits.shape[-1], kd / logits.shape[-1]
+            return (1 - self.alpha) * ce + self.alpha * kd, {"ce_loss": ce.detach(), "kd_loss": kd.detach()}
 
-    trainer.distillation_loss = distillation_loss if scale == "t" else rescaled
+    objectives.DISTILLATION_LOSSES["kl"] = objectives.SoftTargets if scale == "t" else Rescaled
 
 
 def regime(name: str, work: Path) -> tuple[list[str], list[str], list[str]]:
@@ -188,7 +188,7 @@ def term_gradients(dataset: str, images: int, teacher_dir: str, trained: str) ->
     from hf_transfer.data.samples import attach_transforms
     from hf_transfer.models.loading import load_model, load_teacher
     from hf_transfer.run.assembly import trainer_kwargs
-    from hf_transfer.tasks.losses import distillation_loss
+    from hf_transfer.tasks.objectives import SoftTargets
     from hf_transfer.trainers.distillation_config import DistillationConfig
     from hf_transfer.trainers.distillation_trainer import TEACHER_VIEW, DistillationTrainer
 
@@ -213,8 +213,8 @@ def term_gradients(dataset: str, images: int, teacher_dir: str, trained: str) ->
         trainer.model.train()
         norms = []
         for alpha in (0.0, 1.0):  # the label term, the distillation term as the project scales it
-            loss, _, _ = distillation_loss(trainer.model(pixel_values=batch["pixel_values"]).logits, logits,
-                                           batch["labels"], alpha, 2.0, multi_label=data.task.multi_label)
+            objective = SoftTargets(data.task, alpha, 2.0)
+            loss, _ = objective(trainer.model(pixel_values=batch["pixel_values"]).logits, batch["labels"], None, logits)
             trainer.model.zero_grad()
             loss.backward()
             norms.append(torch.sqrt(sum((p.grad ** 2).sum() for p in trainer.model.parameters()

@@ -35,6 +35,9 @@ SMALL = ["--model", "resnet18", "--from_scratch", "--image_size", "16", "--disab
          "--dataloader_num_workers", "0", "--report_to", "none", "--seed", "0"]
 # Results that measure the machine, not the run.
 TIMING = ("runtime", "per_second", "peak_memory", "seconds", "images_per_s", "data_wait")
+# The ONNX file embeds the exporting code's source file path in its stack-trace metadata (49 times for a ResNet-18):
+# its size follows where the code lives, not what it computes (its logits are compared: export_results.json).
+NOT_COMPARED = ("export_results.json:onnx_bytes",)
 
 
 def commands(work: Path) -> dict[str, list[list[str]]]:
@@ -115,9 +118,8 @@ def record_folder(folder: Path) -> dict:
         if path.is_file():
             results.update(numbers(json.loads(path.read_text()), f"{name}:"))
     results.pop("export_results.json:model", None)  # a path in the work folder
-    # The ONNX file embeds the exporting code's source file path in its stack-trace metadata (49 times for a
-    # ResNet-18): its size follows where the code lives, not what it computes (the logits are compared above).
-    results.pop("export_results.json:onnx_bytes", None)
+    for key in NOT_COMPARED:
+        results.pop(key, None)
     for key in [k for k in results if k.endswith((".folder", ":folder")) or "best.folder" in k]:
         results[key] = Path(str(results[key])).name
     return {"results": results, "weights": weight_hashes(folder)}
@@ -150,6 +152,7 @@ def compare(saved: dict, now: dict, keys_only: bool) -> list[str]:
                 continue
             for kind in ("results", "weights"):
                 before, after = facts[kind], current[kind]
+                before = {k: v for k, v in before.items() if k not in NOT_COMPARED}  # (a file recorded before)
                 for key in sorted(set(before) | set(after)):
                     if key not in before or key not in after:
                         differences.append(f"{name}/{folder} {kind} {key}: {before.get(key)} -> {after.get(key)}")

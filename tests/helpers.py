@@ -198,3 +198,19 @@ def fitted(parsed, num_train: int, task=None):
     from hf_transfer.config.fitting import fit_to_data
 
     return parsed.fitted_to({fit.flag: fit.value for fit in fit_to_data(parsed.training, num_train, parsed.given, task)})
+
+
+def distil(student, teacher, labels, alpha, temperature, labelled_count=None, image_count=None, label_smoothing=0.0,
+           class_weights=None, multi_label=False, loss="kl"):
+    """(loss, label term, distillation term) of the distillation objective `loss` (tasks/objectives.py), called as
+    the trainer calls it for one batch (`labelled_count`, `image_count`: the step's counts; None: the batch's)."""
+    from types import SimpleNamespace
+
+    from hf_transfer.tasks.classification import MultiLabel, SingleLabel
+    from hf_transfer.tasks.objectives import DISTILLATION_LOSSES
+
+    task = (MultiLabel if multi_label else SingleLabel)(student.shape[-1])
+    objective = DISTILLATION_LOSSES[loss](task, alpha, temperature, label_smoothing, class_weights)
+    counts = SimpleNamespace(labelled=labelled_count, images=image_count)
+    total, terms = objective(student, labels, counts, teacher)
+    return total, terms["ce_loss"], terms["kd_loss"]

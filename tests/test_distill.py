@@ -71,17 +71,22 @@ def test_end_to_end(cifar_teacher, student_checkpoint, cifar_like, tmp_path, mon
 
 
 @pytest.mark.slow
-def test_digits_student_learns_from_the_teacher(digits_run, tmp_path):
+@pytest.mark.parametrize("loss", ["kl", "dist"])  # every --distillation_loss (tasks/objectives.py)
+def test_digits_student_learns_from_the_teacher(digits_run, tmp_path, loss):
     teacher_dir, _ = digits_run
     student = make_checkpoint("resnet", tmp_path / "arch", image_size=24, mean=(0.5,) * 3, std=(0.5,) * 3)
     results = run_distill.main([
         "--teacher_model_name_or_path", str(teacher_dir), "--student_model_name_or_path", student, "--from_scratch",
         "--dataset_name", "digits", "--output_dir", str(tmp_path / "out"), "--num_train_epochs", "5",
         "--learning_rate", "0.05", "--per_device_train_batch_size", "32", "--dataloader_num_workers", "0",
-        "--disable_tqdm", "true", "--seed", "0",
+        "--disable_tqdm", "true", "--seed", "0", "--distillation_loss", loss,
     ])
     assert results["test_accuracy"] >= 0.9
     assert results["test_agreement"] >= 0.9
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert ("| distillation loss | dist |" in card) == (loss == "dist")  # the card names a loss other than the default
+    if loss == "dist":
+        return
     # The student is a model like any other: it exports to ONNX and scores the test split as the run did.
     tools(["export", str(tmp_path / "out"), "--format", "onnx", "--output", str(tmp_path / "onnx")])
     exported = json.loads((tmp_path / "onnx" / "export_results.json").read_text())

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from conftest import quick_flags
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, List, Value
-from helpers import make_checkpoint, png_bytes, random_images
+from helpers import distil, make_checkpoint, png_bytes, random_images
 from sklearn.metrics import f1_score
 from transformers import pipeline
 from transformers.trainer_utils import PredictionOutput
@@ -29,7 +29,6 @@ from hf_transfer.tasks.classification import THRESHOLDS, MultiLabel, SingleLabel
 from hf_transfer.tasks.losses import (
     binary_cross_entropy,
     binary_kl,
-    distillation_loss,
     positive_class_weights,
 )
 from hf_transfer.tasks.metrics import multilabel_metrics, sigmoid
@@ -62,7 +61,7 @@ def test_binary_kl_is_zero_only_for_the_same_scores_and_the_term_is_scaled_by_t(
     p, q = torch.sigmoid(teacher / 2), torch.sigmoid(student / 2)
     by_definition = (p * (p / q).log() + (1 - p) * ((1 - p) / (1 - q)).log()).sum(-1)
     assert torch.allclose(binary_kl(student, teacher, 2.0), by_definition, atol=1e-6)
-    loss, ce, kd = distillation_loss(student, teacher, labels, alpha=0.3, temperature=2.0, multi_label=True)
+    loss, ce, kd = distil(student, teacher, labels, alpha=0.3, temperature=2.0, multi_label=True)
     assert torch.allclose(kd, by_definition.mean() * 2) and torch.allclose(ce, binary_cross_entropy(student, labels))
     assert torch.allclose(loss, 0.7 * ce + 0.3 * kd)
 
@@ -286,3 +285,14 @@ def test_a_multilabel_teacher_teaches_through_per_class_sigmoid_targets_alone(mu
         run_distill.main(["--teacher_model_name_or_path", str(teacher), "--student_model_name_or_path", student,
                           "--from_scratch", "--dataset_name", "digits", "--output_dir", str(tmp_path / "o2"),
                           *quick_flags()])
+
+
+def test_a_distillation_loss_of_one_class_per_image_is_refused_for_several_labels(tiny_resnet, tmp_path):
+    """DIST correlates each image's softmax with the teacher's: refused, in one line naming the loss that applies,
+    before the teacher or the student is loaded (the teacher path is not even a model)."""
+    with pytest.raises(UserError, match=r"^--distillation_loss dist compares each image's class distribution .* "
+                                        r"use --distillation_loss kl$"):
+        run_distill.main(["--teacher_model_name_or_path", str(tmp_path), "--student_model_name_or_path", tiny_resnet,
+                          "--dataset_name", "digits-multilabel", "--distillation_loss", "dist",
+                          "--output_dir", str(tmp_path / "out"), *quick_flags()])
+    assert not (tmp_path / "out").exists()

@@ -240,35 +240,29 @@ def test_mixup_and_cutmix_train_in_both_scripts(cifar_teacher, tiny_resnet, cifa
     import inspect
 
     from hf_transfer.tasks import classification as tasks
-    from hf_transfer.trainers import distillation_trainer
 
     seen = []
+    original = tasks.cross_entropy
 
-    def spy(module, name):
-        original = getattr(module, name)
+    def recorded(*args, **kwargs):  # the label term of both objectives (tasks.SingleLabel.loss)
+        bound = inspect.signature(original).bind(*args, **kwargs)
+        training = bound.arguments["logits"].requires_grad  # evaluation has no graph
+        seen.append((tuple(bound.arguments["targets"].shape), bound.arguments.get("label_smoothing"), training))
+        return original(*args, **kwargs)
 
-        def recorded(*args, **kwargs):
-            bound = inspect.signature(original).bind(*args, **kwargs)
-            targets = bound.arguments["targets" if name == "cross_entropy" else "labels"]
-            training = next(iter(bound.arguments.values())).requires_grad  # the logits: evaluation has no graph
-            seen.append((name, tuple(targets.shape), bound.arguments.get("label_smoothing"), training))
-            return original(*args, **kwargs)
-
-        monkeypatch.setattr(module, name, recorded)
-
-    spy(tasks, "cross_entropy")  # the fine-tuning loss of one class per image (tasks.SingleLabel.loss)
-    spy(distillation_trainer, "distillation_loss")
+    monkeypatch.setattr(tasks, "cross_entropy", recorded)
     flags = ["--dataset_name", cifar_like, "--num_train_epochs", "1", "--mixup", "0.2", "--cutmix", "1.0",
              "--augmentation", "strong", "--label_smoothing_factor", "0.1", *quick_flags()]
     tuned = run_finetune.main(["--model_name_or_path", tiny_resnet, "--output_dir", str(tmp_path / "f"), *flags])
+    steps = {"finetune": [s for s in seen if s[2]]}
+    seen.clear()
     distilled = run_distill.main(["--teacher_model_name_or_path", cifar_teacher, "--student_model_name_or_path",
                                   tiny_resnet, "--output_dir", str(tmp_path / "d"), *flags])
-    # both also score evaluations (class indices; the distillation loss of the validation images, no labels);
-    # every training step gets the mixed soft targets
-    steps = {name: [s for s in seen if s[0] == name and s[3]] for name in ("cross_entropy", "distillation_loss")}
-    for name, results in (("cross_entropy", tuned), ("distillation_loss", distilled)):
+    steps["distill"] = [s for s in seen if s[2]]
+    # both also score evaluations (class indices, no graph); every training step gets the mixed soft targets
+    for name, results in (("finetune", tuned), ("distill", distilled)):
         assert len(steps[name]) >= 4, name  # one per training step (4-5 steps of 8 images)
-        assert all(len(shape) == 2 and shape[1] == 3 and smoothing == 0.1 for _, shape, smoothing, _ in steps[name]), \
+        assert all(len(shape) == 2 and shape[1] == 3 and smoothing == 0.1 for shape, smoothing, _ in steps[name]), \
             name
         assert np.isfinite(results["train_loss"])
 

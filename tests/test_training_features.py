@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from conftest import quick_flags
 from datasets import DatasetDict
+from helpers import distil
 from safetensors.torch import load_file
 from timm.layers import DropPath
 from transformers import AutoModelForImageClassification
@@ -19,7 +20,7 @@ from hf_transfer.data.augmentation import Augmentation
 from hf_transfer.data.dataset import digits_dataset
 from hf_transfer.errors import UserError
 from hf_transfer.models.loading import load_model
-from hf_transfer.tasks.losses import balanced_class_weights, cross_entropy, distillation_loss
+from hf_transfer.tasks.losses import balanced_class_weights, cross_entropy
 from hf_transfer.trainers.transfer_config import TransferConfig
 
 NAMES = ["red", "green", "blue"]
@@ -220,7 +221,7 @@ def test_label_smoothing_with_mixed_soft_targets_smooths_the_mixture():
 
 def test_label_smoothing_in_distillation_touches_the_labels_term_only():
     student, teacher, labels = torch.randn(6, 4), torch.randn(6, 4), torch.randint(0, 4, (6,))
-    _, ce, kd = distillation_loss(student, teacher, labels, alpha=0.5, temperature=2.0, label_smoothing=0.2)
-    _, ce_plain, kd_plain = distillation_loss(student, teacher, labels, alpha=0.5, temperature=2.0)
+    _, ce, kd = distil(student, teacher, labels, alpha=0.5, temperature=2.0, label_smoothing=0.2)
+    _, ce_plain, kd_plain = distil(student, teacher, labels, alpha=0.5, temperature=2.0)
     assert torch.allclose(ce, F.cross_entropy(student, labels, label_smoothing=0.2))
     assert torch.equal(kd, kd_plain) and not torch.allclose(ce, ce_plain)

@@ -31,6 +31,7 @@ from ..integrations.launch import check_launch
 from ..integrations.tracking import check_tracking
 from ..models.loading import LoadedModel, load_model, load_teacher
 from ..tasks.classification import check_metric, threshold_of
+from ..tasks.objectives import DISTILLATION_LOSSES
 from ..trainers.distillation_trainer import DistillationTrainer, teacher_cache_path
 from ..trainers.transfer_trainer import TransferTrainer
 from .assembly import load_data, trainer_kwargs
@@ -173,6 +174,11 @@ class Distill(FineTune):
 
     def load_data(self) -> ImageData:
         data = super().load_data()
+        loss = self.config.training.distillation_loss
+        if data.task.multi_label and not DISTILLATION_LOSSES[loss].multi_label:
+            raise UserError(f"--distillation_loss {loss} compares each image's class distribution (a softmax), and "
+                            f"this data set has several labels per image: use --distillation_loss "
+                            f"{' or '.join(n for n, c in DISTILLATION_LOSSES.items() if c.multi_label)}")
         flags = self.config.data
         if flags.unlabeled_dir or flags.unlabeled_dataset:
             if data.task.multi_label:

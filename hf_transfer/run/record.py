@@ -37,6 +37,8 @@ FITTABLE = ("training.num_train_epochs", "global_batch_size", "training.metric_f
 # Keys fitted only since a later version: a run saved before holds the old default, which is what fitting gives for
 # the data such runs had (one class per image), so it is the same setting and that run continues.
 FITTED_SINCE = {"training.metric_for_best_model": "accuracy"}
+# Settings added in a later version, with the value every run saved before used: such a run is the same run.
+ADDED_SINCE = {"training.distillation_loss": "kl"}
 # The settings that may name a local folder (else a Hub id or a preset), with the names that are never a folder
 # (the loaders take them first: data/dataset.py).
 LOCAL_PATHS = ("model.model_name_or_path", "data.dataset_name", "data.train_dir", "data.validation_dir",
@@ -100,7 +102,7 @@ def differences(saved: dict, current: dict, fitted: set[str] = frozenset()) -> l
     legacy = "fitted_fields" not in saved  # a file that kept the flags as parsed: compared as parsed
     changed = []
     for key in sorted(set(record) | set(current)):
-        before = record.get(key, _NOT_RECORDED)
+        before = record.get(key, ADDED_SINCE.get(key, _NOT_RECORDED))
         if key in LOCAL_PATHS:  # a relative path of an older record means what it means here, as it always did
             before = local_path(key, before)
         if key in FITTABLE and not legacy and key in fitted:

@@ -1,4 +1,5 @@
-"""Losses as pure functions: the distillation loss, cross-entropy with soft targets, class weights.
+"""Losses as pure functions: cross-entropy with soft targets, binary cross-entropy, the distillation divergences,
+class weights. The objectives that combine them into a training step's loss are in objectives.py.
 
 Every loss is a sum over samples divided by a count. The trainer passes the count of the whole
 optimizer step (every micro-batch of a gradient accumulation, every process: `TransferTrainer.
@@ -86,50 +87,12 @@ def balanced_class_weights(counts: torch.Tensor) -> torch.Tensor:
     return torch.where(present, weights, torch.ones_like(weights))
 
 
-def distillation_loss(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    labels: torch.Tensor,
-    alpha: float,
-    temperature: float,
-    labelled_count=None,
-    image_count=None,
-    label_smoothing: float = 0.0,
-    class_weights: torch.Tensor | None = None,
-    multi_label: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(1 - alpha) * CE(student, labels) + alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)); with several
-    labels per image, (1 - alpha) * BCE + alpha * T * (the binary KL of each class's sigmoid, summed).
-
-    `alpha` weights the distillation term: 0 is plain fine-tuning, 1 ignores the labels. The CE is
-    the mean over labelled images (`labelled_count`), the KL, summed over classes, the mean over all
-    images (`image_count`): an unlabeled image adds to the KL only. T^2 keeps the KL's gradients on
-    the scale of the cross-entropy's as T changes (Hinton et al. 2015). The teacher's logits are
-    constants; `label_smoothing` and `class_weights` apply to the cross-entropy only (the teacher's
-    distribution is the KL's target as it is). Returns (loss, ce, kd) with ce and kd unweighted.
-    `alpha` in [0, 1] and `temperature` > 0 are checked where they are set (`DistillationConfig`).
-
-    `multi_label`: several labels per image (independent sigmoids): the label term is `binary_cross_entropy`
-    (`class_weights` as positive-class weights) and the distillation term, per class, the KL divergence between
-    the teacher's and the student's Bernoulli distributions sigmoid(logit / T), summed over the classes and scaled
-    by T, not T^2: each logit's gradient is then sigmoid(student / T) - sigmoid(teacher / T), of the form and bound
-    of the label term's sigmoid(student) - label, so that alpha weighs two terms of one scale. With T^2, at T = 2,
-    the distillation term's gradient was 1.75-2.9 times the label term's and the student gained nothing over the same
-    student trained alone as long; with T, 3 points of mAP (docs/multilabel.md, "Distillation"). The softmax term
-    keeps Hinton's T^2, with which its defaults were measured.
-    """
-    if multi_label:
-        ce = binary_cross_entropy(student_logits, labels, labelled_count, label_smoothing, class_weights)
-        kd = binary_kl(student_logits, teacher_logits, temperature).sum() / \
-            (image_count if image_count is not None else len(student_logits)) * temperature
-        return (1.0 - alpha) * ce + alpha * kd, ce.detach(), kd.detach()
-    ce = cross_entropy(student_logits, labels, labelled_count, label_smoothing, class_weights)
+def softmax_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per sample (N,): KL(softmax(teacher/T) || softmax(student/T)), summed over the classes; the teacher's logits
+    are constants."""
     student_log_probs = F.log_softmax(student_logits.float() / temperature, dim=-1)
     teacher_log_probs = F.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
-    per_sample_kl = F.kl_div(student_log_probs, teacher_log_probs, reduction="none", log_target=True).sum(-1)
-    kd = per_sample_kl.sum() / (image_count if image_count is not None else len(per_sample_kl)) * temperature**2
-    loss = (1.0 - alpha) * ce + alpha * kd
-    return loss, ce.detach(), kd.detach()
+    return F.kl_div(student_log_probs, teacher_log_probs, reduction="none", log_target=True).sum(-1)
 
 
 def binary_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

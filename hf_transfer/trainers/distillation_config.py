@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..tasks.objectives import DISTILLATION_LOSSES
 from .transfer_config import TransferConfig
 
 
 @dataclass
 class DistillationConfig(TransferConfig):
-    """Read by `DistillationTrainer` from `self.args` (`alpha`, `temperature`)."""
+    """Read by `DistillationTrainer` from `self.args` (`distillation_loss`, `alpha`, `temperature`)."""
 
     output_dir: str | None = field(
         default=None, metadata={"shapes": False, "help": "Where the student, checkpoints and results go (default runs/<student>-<data set>-distilled)."}
@@ -21,9 +22,15 @@ class DistillationConfig(TransferConfig):
                           "image-classification checkpoint fine-tuned on the same labels."},
     )
     teacher_revision: str | None = field(default=None, metadata={"shapes": True, "help": "Branch, tag or commit of the teacher."})
+    distillation_loss: str = field(
+        default="kl",
+        metadata={"shapes": True, "card": "distillation loss", "choices": sorted(DISTILLATION_LOSSES),
+                  "help": "The distillation term: " + "; ".join(f"{name}: {cls.summary}" for name, cls in
+                                                               sorted(DISTILLATION_LOSSES.items())) + "."},
+    )
     alpha: float = field(
         default=0.5,
-        metadata={"shapes": True, "help": "Weight of the distillation (KL) term, in [0, 1]; the label cross-entropy gets 1 - alpha. "
+        metadata={"shapes": True, "help": "Weight of the distillation term, in [0, 1]; the label cross-entropy gets 1 - alpha. "
                           "0 is plain fine-tuning, 1 ignores the labels."},
     )
     temperature: float = field(

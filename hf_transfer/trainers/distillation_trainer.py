@@ -1,16 +1,16 @@
 """`DistillationTrainer`: a TransferTrainer whose loss also pulls the student towards a frozen teacher.
 
-Its config is `DistillationConfig` (`alpha`, `temperature`, read from `self.args`).
+Its config is `DistillationConfig` (`distillation_loss`, `alpha`, `temperature`, read from `self.args`).
 
 What it adds to TransferTrainer, and why:
-- `compute_loss`: the distillation loss (`losses.distillation_loss`) during training; in
-  evaluation the student alone is scored, as in fine-tuning. The teacher gets its own view of
+- `make_objective`: the distillation objective (tasks/objectives.py) in place of the task's loss, and
+  `teacher_answers`, the teacher's logits it learns from; `TransferTrainer.compute_loss` does the rest (in
+  evaluation the student alone is scored, as in fine-tuning). The teacher gets its own view of
   the batch (its input size, resize and normalisation), made from the same augmented and mixed
   images the student sees, so it grades exactly the picture the student was shown ("consistent
   teaching"), at its own resolution: images of one size are resized by each model on the device,
   a mixed-size batch once per model on the CPU (`samples.UInt8Collator`), never the teacher's
   input from the student's.
-- `log`: the two terms of the loss (`ce_loss`, `kd_loss`), averaged over each logging window.
 - `extra_test_metrics`: the teacher's test accuracy and the student-teacher agreement, each model predicting as
   it does on its own (with several labels per image, each at its own decision threshold).
 - `evaluation_loop`: the validation evaluation also gives `eval_kd_loss`, the distillation term on the
@@ -37,8 +37,8 @@ from ..integrations.compat import dataset_fingerprint, deepspeed_dtype
 from ..integrations.tracking import forward_flops
 from ..models.loading import model_family
 from ..on_device.preprocessing import ImageSpec, ToModelInput
-from ..tasks.losses import UNLABELED, distillation_loss
-from .transfer_trainer import BatchCounts, TransferTrainer
+from ..tasks.objectives import DISTILLATION_LOSSES, Distillation
+from .transfer_trainer import TransferTrainer
 
 logger = logging.getLogger(__name__)
 TEACHER_VIEW = "teacher"
@@ -58,8 +58,6 @@ class DistillationTrainer(TransferTrainer):
         self.teacher_logits: torch.Tensor | None = None  # (rows, classes), set by `use_cached_teacher_logits`
         self._teacher_validation: np.ndarray | None = None  # the teacher's validation logits (`judge`)
         self._teacher_flops: int | None = None
-        self._terms = {"ce_loss": 0.0, "kd_loss": 0.0}  # sums since the last training log
-        self._terms_since: int | None = None  # the step of that log (or of the start of training)
 
     def _prepare_teacher(self, teacher: torch.nn.Module) -> torch.nn.Module:
         teacher.eval().requires_grad_(False)
@@ -85,47 +83,19 @@ class DistillationTrainer(TransferTrainer):
             self._teacher_flops = forward_flops(self.teacher, self.teacher_input.spec.size)
         return student + self._teacher_flops * len(inputs["pixel_values"])
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if not model.training:  # evaluation: the student alone, as in fine-tuning
-            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+    def make_objective(self) -> Distillation:
+        """(1 - alpha) * the task's loss + alpha * the distillation term `--distillation_loss` names
+        (tasks/objectives.py)."""
+        return DISTILLATION_LOSSES[self.args.distillation_loss](
+            self.task, self.args.alpha, self.args.temperature, self.args.label_smoothing_factor, self.class_weights)
 
-        outputs = model(pixel_values=inputs["pixel_values"])
+    def teacher_answers(self, inputs) -> torch.Tensor:
+        """The teacher's logits for the training batch: cached per row, or computed from its own view of the images."""
         if self.teacher_logits is not None:
-            teacher_logits = self.teacher_logits[inputs["row_index"].to(self.teacher_logits.device)]
-        else:
-            with torch.inference_mode():  # no autograd bookkeeping at all for the frozen teacher
-                teacher_logits = self.teacher_logits_for(inputs["images"], inputs["views"].get(TEACHER_VIEW),
-                                                         inputs["squash"])
-            teacher_logits = teacher_logits.clone()  # an ordinary tensor: the loss saves it for the backward pass
-        counts = num_items_in_batch if isinstance(num_items_in_batch, BatchCounts) else None
-        loss, ce, kd = distillation_loss(
-            outputs.logits, teacher_logits, inputs["labels"], self.args.alpha, self.args.temperature,
-            labelled_count=counts.labelled if counts else None, image_count=counts.images if counts else None,
-            label_smoothing=self.args.label_smoothing_factor, class_weights=self.class_weights,
-            multi_label=self.task.multi_label,
-        )
-        processes = counts.processes if counts else 1
-        loss = self.guard_loss(loss * processes)
-        if self._terms_since is None:  # the first step of this train() call (a resumed run starts mid-way)
-            self._terms_since = self.state.global_step
-        # Summed over the step's micro-batches, like the Trainer's logged loss: per-sample means of the step.
-        # (a step skipped for a non-finite loss, --max_nan_steps, adds nothing, as it adds nothing to the loss)
-        self._terms["ce_loss"] += torch.nan_to_num(ce * processes, nan=0.0, posinf=0.0, neginf=0.0)
-        self._terms["kd_loss"] += torch.nan_to_num(kd * processes, nan=0.0, posinf=0.0, neginf=0.0)
-        return (loss, outputs) if return_outputs else loss
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """A training log gets the two terms, as the Trainer computes `loss`: summed over each step's micro-
-        batches, averaged over the steps since the last log and over the processes, so that
-        loss = (1 - alpha) * ce_loss + alpha * kd_loss."""
-        steps = self.state.global_step - (self._terms_since or 0)
-        if "loss" in logs and self._terms_since is not None and steps > 0:
-            for name, total in self._terms.items():
-                mean = torch.as_tensor(total, device=self.args.device, dtype=torch.float32) / steps
-                logs[name] = round(self.accelerator.reduce(mean, reduction="mean").item(), 4)
-            self._terms = dict.fromkeys(self._terms, 0.0)
-            self._terms_since = self.state.global_step
-        super().log(logs, start_time)
+            return self.teacher_logits[inputs["row_index"].to(self.teacher_logits.device)]
+        with torch.inference_mode():  # no autograd bookkeeping at all for the frozen teacher
+            logits = self.teacher_logits_for(inputs["images"], inputs["views"].get(TEACHER_VIEW), inputs["squash"])
+        return logits.clone()  # an ordinary tensor: the loss saves it for the backward pass
 
     def teacher_logits_for(self, images: torch.Tensor, view: torch.Tensor | None = None,
                            squash: bool = False) -> torch.Tensor:
@@ -135,10 +105,6 @@ class DistillationTrainer(TransferTrainer):
         pixels = self.teacher_input(view, fitted=True) if view is not None else self.teacher_input(images,
                                                                                                      squash=squash)
         return self.teacher(pixel_values=self.cast_for_model(pixels)).logits
-
-    def train(self, *args, **kwargs):
-        self._terms, self._terms_since = dict.fromkeys(self._terms, 0.0), None
-        return super().train(*args, **kwargs)
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
                         metric_key_prefix: str = "eval"):
@@ -160,10 +126,7 @@ class DistillationTrainer(TransferTrainer):
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 self._teacher_validation = self.teacher_predict(self.eval_dataset, "teacher on the validation split")[1]
         student, teacher = torch.as_tensor(student).float(), torch.as_tensor(self._teacher_validation)
-        labels = torch.zeros_like(student) if self.task.multi_label else torch.full((len(student),), UNLABELED)
-        _, _, kd = distillation_loss(student, teacher, labels, 1.0, self.args.temperature,
-                                     multi_label=self.task.multi_label)
-        return round(kd.item(), 6)
+        return round(self.objective.term(student, teacher).item(), 6)
 
     @torch.inference_mode()
     def teacher_predict(self, dataset, description: str = "teacher") -> tuple[np.ndarray, np.ndarray]:

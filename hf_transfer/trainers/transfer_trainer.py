@@ -55,6 +55,7 @@ from ..on_device.geometry import crop_and_flip
 from ..on_device.mixing import BatchMix
 from ..on_device.preprocessing import ImageSpec, ToModelInput
 from ..tasks.classification import SingleLabel
+from ..tasks.objectives import Supervised
 from .batchnorm import (
     completion,
     has_batchnorm,
@@ -98,6 +99,9 @@ class TransferTrainer(Trainer):
         # One class or several labels per image (tasks.py): the loss, the labelled count, mixup's targets.
         self.task = task if task is not None else SingleLabel(self.model.config.num_labels)
         self.to_model_input = ToModelInput(image_spec, channels_last=channels_last)
+        self.objective = self.make_objective()  # what a training step minimises (tasks/objectives.py)
+        self._terms = dict.fromkeys(self.objective.terms, 0.0)  # the objective's terms, summed since the last log
+        self._terms_since: int | None = None  # the step of that log (or of the start of training)
         self._forward_flops: int | None = None  # of one image, measured at the first training step
         mixup, cutmix = self.args.mixup, self.args.cutmix
         self.batch_mix = BatchMix(self.task.targets, mixup, cutmix) if mixup or cutmix else None
@@ -231,19 +235,33 @@ class TransferTrainer(Trainer):
             processes = self.accelerator.num_processes
         return batches, BatchCounts(labelled=counts[0].clamp(min=1e-6), images=counts[1], processes=processes)
 
+    def make_objective(self) -> Supervised:
+        """The task's loss (cross-entropy with soft targets from mixup/CutMix, class weights, label smoothing)."""
+        return Supervised(self.task, self.args.label_smoothing_factor, self.class_weights)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Cross-entropy (soft targets from mixup/CutMix, class weights, label smoothing), as the per-sample mean
-        of the optimizer step in training, of the batch in evaluation; never training on a NaN/inf loss."""
+        """In training, the objective's loss as the per-sample mean of the optimizer step, never training on a NaN/inf
+        loss, its terms summed for the next log; in evaluation, the task's loss over the batch, unweighted (so that
+        evaluation losses compare across runs and objectives)."""
         outputs = model(pixel_values=inputs["pixel_values"])
-        counts = num_items_in_batch if model.training and isinstance(num_items_in_batch, BatchCounts) else None
-        weights = self.class_weights if model.training else None  # evaluation losses stay comparable across runs
-        loss = self.task.loss(outputs.logits, inputs["labels"], counts.labelled if counts else None,
-                              self.args.label_smoothing_factor, weights)
-        if counts is not None:
-            loss = loss * counts.processes
-        if model.training:
-            loss = self.guard_loss(loss)
+        if not model.training:
+            loss = self.task.loss(outputs.logits, inputs["labels"], None, self.args.label_smoothing_factor)
+            return (loss, outputs) if return_outputs else loss
+        counts = num_items_in_batch if isinstance(num_items_in_batch, BatchCounts) else None
+        loss, terms = self.objective(outputs.logits, inputs["labels"], counts, self.teacher_answers(inputs))
+        processes = counts.processes if counts is not None else 1  # DDP averages the processes' gradients
+        loss = self.guard_loss(loss * processes)
+        if self._terms_since is None:  # the first step of this train() call (a resumed run starts mid-way)
+            self._terms_since = self.state.global_step
+        # Summed over the step's micro-batches, like the Trainer's logged loss: per-sample means of the step.
+        # (a step skipped for a non-finite loss, --max_nan_steps, adds nothing, as it adds nothing to the loss)
+        for name, value in terms.items():
+            self._terms[name] += torch.nan_to_num(value * processes, nan=0.0, posinf=0.0, neginf=0.0)
         return (loss, outputs) if return_outputs else loss
+
+    def teacher_answers(self, inputs) -> torch.Tensor | None:
+        """The logits the objective learns from besides the labels (distillation's teacher); none here."""
+        return None
 
     def guard_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """Never train on a NaN/inf loss (`nonfinite.py`): the run stops before weights a bad step touched are
@@ -296,6 +314,7 @@ class TransferTrainer(Trainer):
 
     def train(self, *args, **kwargs):
         self._statistics_step = None
+        self._terms, self._terms_since = dict.fromkeys(self._terms, 0.0), None
         result = super().train(*args, **kwargs)
         # The best checkpoint was saved right after its evaluation, statistics included; other final weights
         # may not have been evaluated since their last step.
@@ -465,6 +484,16 @@ class TransferTrainer(Trainer):
     # ---------------------------------------------------------------- logging
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """A training log gets the objective's terms (distillation's `ce_loss`, `kd_loss`), as the Trainer computes
+        `loss`: summed over each step's micro-batches, averaged over the steps since the last log and over the
+        processes, so that loss = (1 - alpha) * ce_loss + alpha * kd_loss; and each parameter group's learning rate."""
+        steps = self.state.global_step - (self._terms_since or 0)
+        if "loss" in logs and self._terms and self._terms_since is not None and steps > 0:
+            for name, total in self._terms.items():
+                mean = torch.as_tensor(total, device=self.args.device, dtype=torch.float32) / steps
+                logs[name] = round(self.accelerator.reduce(mean, reduction="mean").item(), 4)
+            self._terms = dict.fromkeys(self._terms, 0.0)
+            self._terms_since = self.state.global_step
         if "learning_rate" in logs and self.optimizer is not None:
             # `learning_rate` is the rate of the step just taken (the first group's, the head's); the
             # schedule has moved on since, but it scales every group alike, so their ratios hold.
