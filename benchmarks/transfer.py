@@ -39,7 +39,7 @@ split (the digits-full defaults cell, trained once and kept); the student a ResN
 (--unlabeled_dataset digits). Cells: student-alone (run_finetune, labelled images only),
 distill-defaults (no flag), short (fine-tuning's length, 200 steps, without distillation's longer
 schedule on small data), long and longer (3x and 9x that), alpha x temperature and mixup (0.4),
-the last two at fine-tuning's length. The
+the last two at fine-tuning's length; dist (--distillation_loss dist, DIST, at the defaults otherwise). The
 summary compares the defaults with the student alone over the seeds both ran, worst seed included.
 
 Results go to --output (JSON, one entry per run, written after every run) and a Markdown summary
@@ -191,6 +191,8 @@ DISTILL_SETTINGS = {f"alpha-{a}-T-{t}": ["--alpha", a, "--temperature", t, "--mi
 UNPATIENT = ["--min_seen_images", "0"]
 DISTILL_EXTRAS = {"short": UNPATIENT, "long": ["--min_train_steps", "600", *UNPATIENT],
                   "longer": ["--min_train_steps", "1800", *UNPATIENT], "mixup": ["--mixup", "0.4", *UNPATIENT]}
+# The distillation losses other than the default (tasks/objectives.py), at the defaults otherwise.
+DISTILL_LOSSES = {"dist": ["--distillation_loss", "dist"]}
 # The student alone (run_finetune, labelled images only) at its defaults and at the long cell's length: whether a
 # long distillation gains from the teacher or from the steps.
 ALONE_CELLS = {"student-alone": [], "alone-long": ["--min_train_steps", "600"]}
@@ -202,7 +204,7 @@ def teacher_dir(workdir: Path) -> Path:
 
 def distillation_cells() -> dict[str, list[str]]:
     """Each cell's flags: ALONE_CELLS run run_finetune, the others run_distill ([] = its defaults)."""
-    return {**ALONE_CELLS, "distill-defaults": [], **DISTILL_SETTINGS, **DISTILL_EXTRAS}
+    return {**ALONE_CELLS, "distill-defaults": [], **DISTILL_SETTINGS, **DISTILL_EXTRAS, **DISTILL_LOSSES}
 
 
 def run_distillation_cell(workdir: Path, regime: str, cell: str, flags: list[str], seed: int,

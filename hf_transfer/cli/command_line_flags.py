@@ -188,6 +188,7 @@ ONLY = {
         [['--unlabeled_split', '--unlabeled-split'], None, None, False, None],
         [['--teacher_model_name_or_path', '--teacher-model-name-or-path'], None, None, True, None],
         [['--teacher_revision', '--teacher-revision'], None, None, False, None],
+        [['--distillation_loss', '--distillation-loss'], None, ['dist', 'kl'], False, None],
         [['--alpha'], None, None, False, 'float'],
         [['--temperature'], None, None, False, 'float'],
         [['--cache_teacher_logits', '--cache-teacher-logits'], '?', None, False, None],
