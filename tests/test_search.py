@@ -249,6 +249,7 @@ def test_search_refusals_are_one_line(architecture, tmp_path, capsys):
         ([*base, "--n_trials", "2", "--eval_strategy", "no", "--do_eval", "false"], "search chooses its trials on the valid"),
         ([*base, "--n_trials", "2", "--metric_for_best_model", "acc"], "any run reports: choose one of accuracy, f1, "),
         ([*base, "--n_trials", "2", "--metric_for_best_model", "acc"], "; did you mean accuracy?"),
+        ([*base, "--n_trials", "2", "--overwrite_output_dir"], "leave --overwrite_output_dir out; to start afresh"),
         (base, "the following arguments are required: --n_trials"),
     ]
     for argv, message in cases:

@@ -250,6 +250,9 @@ def run_search(argv: Sequence[str], n_trials: int, backend: str = "optuna") -> d
         logger.info("choosing by %s: --label_smoothing_factor is not searched (it raises the validation loss by "
                     "design, so trials with more would look worse whatever their predictions)", objective.metric)
     out = Path(parsed.training.output_dir if "output_dir" in given else parsed.training.output_dir + "-search")
+    if "overwrite_output_dir" in given:  # it would go to every trial, and a study is continued, never overwritten
+        raise UserError(f"search continues the study in '{out}' (more --n_trials run more trials): leave "
+                        "--overwrite_output_dir out; to start afresh, choose another --output_dir or delete that one")
     out.mkdir(parents=True, exist_ok=True)
     search = Search(argv, out.resolve(), parsed.training, parsed.data.augmentation, given, objective)
 
