@@ -66,8 +66,17 @@ def test_config_file_errors(tmp_path):
         check_config_file(tmp_path / "nope.yaml")
     text = (ROOT / "accelerate_configs" / "bf16.yaml").read_text()
     (tmp_path / "typo.yaml").write_text(text + "num_proceses: 2\n")
-    with pytest.raises(UserError, match="unknown keys"):
+    with pytest.raises(UserError, match="unknown setting 'num_proceses'; did you mean 'num_processes'"):
         check_config_file(tmp_path / "typo.yaml")
+    # not settings at all: one line each, never the YAML parser's or accelerate's traceback
+    for name, content, message in [("broken.yaml", "a: [\n", "is not valid YAML"),
+                                   ("scalar.yaml", "foo\n", "holds a str, not settings"),
+                                   ("empty.yaml", "", "holds nothing, not settings")]:
+        (tmp_path / name).write_text(content)
+        with pytest.raises(UserError, match=message):
+            check_config_file(tmp_path / name)
+    with pytest.raises(UserError, match="is a folder; pass one of its .yaml files"):
+        check_config_file(tmp_path)
     text = (ROOT / "accelerate_configs" / "fsdp.yaml").read_text()
     (tmp_path / "nested.yaml").write_text(text.replace("fsdp_version: 2", "fsdp_version: 2\n  fsdp_shard_everything: true"))
     with pytest.raises(UserError, match="unknown keys in fsdp_config: fsdp_shard_everything"):

@@ -565,10 +565,16 @@ def test_a_run_over_an_overwritten_one_is_not_taken_for_it_when_cut_short(tiny_r
     does not report the earlier run's results as its own."""
     out = tmp_path / "run"
     run_finetune.main(short_run(tiny_resnet, cifar_like, out))
+    earlier = ["test_results.json", "eval_results.json", "README.md", "onnx/model.onnx"]
+    (out / "onnx").mkdir()
+    (out / "onnx" / "model.onnx").write_bytes(b"an export of the earlier run")
+    assert all((out / name).is_file() for name in earlier)
     other = short_run(tiny_resnet, cifar_like, out, "--seed", "3")
     handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Cut):
         run_finetune.main([*other, "--overwrite_output_dir"], callbacks=[CutAt(step)])
+    # nothing of the earlier run is left to be read as this one's (`report`, a push)
+    assert not [name for name in earlier if (out / name).exists()] and not (out / "onnx").exists()
     signal.signal(signal.SIGTERM, handler)  # (the run's own handler, left installed by the cut)
     with caplog.at_level(logging.WARNING):
         run_finetune.main(other)

@@ -62,3 +62,11 @@ def test_a_run_records_its_resolved_configuration_and_never_changes_it(tiny_resn
     assert resolved["fitted"]["per_device_train_batch_size"] == 8  # a tenth of 60 images, at least 8
     assert resolved["data"]["dataset_name"] == "digits" and resolved["data"]["augmentation"] != "auto"
     assert saved["shaping"]["global_batch_size"] == 8
+
+
+def test_a_batch_fitted_to_very_few_images_says_it_is_the_smallest_one(tiny_resnet, tmp_path):
+    config = parse_arguments(["--model_name_or_path", tiny_resnet, "--output_dir", str(tmp_path)])
+    batch = next(fit for fit in fit_to_data(config.training, 5, config.given) if fit.flag == "per_device_train_batch_size")
+    assert batch.value == 8 and str(batch).endswith("(a tenth of the 5 training images, at least 8)")
+    batch = next(fit for fit in fit_to_data(config.training, 100, config.given) if fit.flag == "per_device_train_batch_size")
+    assert batch.value == 10 and str(batch).endswith("(a tenth of the 100 training images)")

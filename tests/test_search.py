@@ -150,6 +150,9 @@ def test_trials_validation_cannot_tell_apart_are_chosen_by_their_loss_above_its_
     by_loss = Objective("loss", maximize=False)
     assert choose([trial(0, 0.70, None), trial(1, 0.69, None)], by_loss)[0].trial == 1
     assert choose([trial(0, 0.70, None), trial(1, 0.70, None)], by_loss)[0].trial == 0
+    # a study continued on other validation data: refused, not compared
+    with pytest.raises(UserError, match="scored on validation splits of 12 and 72 images: their scores do not compare"):
+        choose([trial(0, 0.70, None, 12), trial(1, 0.60, None, 72)], by_loss)
     # the floor: a prediction equal to the label-smoothed target scores exactly it (0 without smoothing)
     single, multi = SingleLabel(5), MultiLabel(4)
     target = torch.full((3, 5), 0.2 / 5) + torch.eye(5)[[0, 2, 4]] * 0.8
@@ -173,8 +176,12 @@ def test_the_study_prunes_and_continues_in_the_direction_of_its_metric(tmp_path)
     # `eval_loss` is the same objective; another metric or direction would mix scores that do not compare
     spelled = Objective.of(SimpleNamespace(metric_for_best_model="eval_loss", greater_is_better=False))
     assert open_study(tmp_path, spelled, seed=0).direction.name == "MINIMIZE"
-    with pytest.raises(UserError, match="chose its trials by the lowest loss, this command by the highest accuracy"):
+    with pytest.raises(UserError, match="chose its trials by the lowest loss, this command by the highest accuracy.*"
+                                        "pass --metric_for_best_model loss,"):
         open_study(tmp_path, Objective("accuracy", maximize=True), seed=0)
+    with pytest.raises(UserError, match="by the lowest loss, this command by the highest loss.*pass --greater_is_better "
+                                        "false,"):  # the direction alone differs: the flag that says it
+        open_study(tmp_path, Objective("loss", maximize=True), seed=0)
 
 
 @pytest.mark.slow
@@ -249,6 +256,7 @@ def test_search_refusals_are_one_line(architecture, tmp_path, capsys):
         ([*base, "--n_trials", "2", "--eval_strategy", "no", "--do_eval", "false"], "search chooses its trials on the valid"),
         ([*base, "--n_trials", "2", "--metric_for_best_model", "acc"], "any run reports: choose one of accuracy, f1, "),
         ([*base, "--n_trials", "2", "--metric_for_best_model", "acc"], "; did you mean accuracy?"),
+        ([*base, "--n_trials", "2", "--overwrite_output_dir"], "leave --overwrite_output_dir out; to start afresh"),
         (base, "the following arguments are required: --n_trials"),
     ]
     for argv, message in cases:

@@ -61,7 +61,8 @@ def fit_to_data(args, num_train: int | None, given: set[str], task=None, judge: 
         cap = max(8, num_train // 10)
         if batch * args.gradient_accumulation_steps * processes > cap:
             batch = max(1, cap // (args.gradient_accumulation_steps * processes))
-            fits.append(Fit("per_device_train_batch_size", batch, f"a tenth of the {num_train} training images"))
+            why = f"a tenth of the {num_train} training images" + (", at least 8" if num_train // 10 < 8 else "")
+            fits.append(Fit("per_device_train_batch_size", batch, why))
     if "training.num_train_epochs" in fitted:
         steps_per_epoch = max(1, math.ceil(num_train / (batch * args.gradient_accumulation_steps * processes)))
         epochs = max(math.ceil(args.min_train_steps / steps_per_epoch), math.ceil(args.min_seen_images / num_train))

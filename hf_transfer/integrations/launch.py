@@ -6,6 +6,7 @@ only refuses launches that would silently do the wrong thing, before any trainin
 
 from __future__ import annotations
 
+import difflib
 import os
 from pathlib import Path
 
@@ -110,6 +111,29 @@ def _parent_command_line() -> list[str]:
     return [part.decode(errors="replace") for part in raw.split(b"\0") if part]
 
 
+def _check_settings(path: Path) -> None:
+    """What accelerate's loader meets with a traceback or a hint to upgrade: a file that is not YAML (or JSON), one
+    that is not a mapping of settings, a misspelt setting (said with the closest one)."""
+    import yaml
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    try:
+        settings = yaml.safe_load(path.read_text())  # JSON is YAML too
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UserError(f"accelerate config '{path}' is not valid YAML: {' '.join(str(exc).split())}") from exc
+    if not isinstance(settings, dict):
+        held = "nothing" if settings is None else f"a {type(settings).__name__}"
+        raise UserError(f"accelerate config '{path}' holds {held}, not settings (key: value lines, as in "
+                        "accelerate_configs/)")
+    if str(settings.get("compute_environment", "")).upper() == "AMAZON_SAGEMAKER":
+        return  # another set of settings, which accelerate checks itself
+    known = set(ClusterConfig.__dataclass_fields__)
+    for key in sorted(set(settings) - known):
+        close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.75)
+        raise UserError(f"accelerate config '{path}': unknown setting '{key}'" +
+                        (f"; did you mean '{close[0]}'?" if close else ""))
+
+
 def check_config_file(path: str | Path, cuda_devices: int | None = None) -> dict:
     """Load an accelerate config with accelerate's own loader and check what it leaves unchecked.
 
@@ -120,8 +144,11 @@ def check_config_file(path: str | Path, cuda_devices: int | None = None) -> dict
     from accelerate.commands.config.config_args import load_config_from_file
 
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"accelerate config '{path}' is a folder; pass one of its .yaml files")
     if not path.is_file():
         raise UserError(f"accelerate config '{path}' does not exist; the project's configs are in accelerate_configs/")
+    _check_settings(path)
     try:
         config = load_config_from_file(str(path))
     except (ValueError, TypeError) as exc:

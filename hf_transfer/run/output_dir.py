@@ -132,11 +132,16 @@ def _check_resumable_into(out: Path, checkpoint: Path, finished: bool, main: boo
                 logger.warning("going on from %s: the newer %s is moved to %s", checkpoint.name, path.name, aside.name)
 
 
+# What a run (and an export of it) leaves besides its checkpoints and weights: its results, test report, card and
+# state. An earlier run's would be read as this run's (by `report`, a push) until this run writes its own.
+EARLIER_RESULTS = ("*_results.json", "test_*", "trainer_state.json", "README.md", "onnx")
+
+
 def _clear_earlier_run(out: Path, keep: Path | None) -> None:
     """--overwrite_output_dir: the earlier run's checkpoints (but the one this run resumes from, and those before
-    it in the same folder, which its state names as the best so far) and what marks it finished (all_results.json,
-    the model's weights), so that this run, cut short anywhere before its end, is never taken for it. Other files
-    are left alone."""
+    it in the same folder, which its state names as the best so far), what marks it finished (all_results.json,
+    the model's weights) and its results (`EARLIER_RESULTS`), so that this run, cut short anywhere before its end,
+    is never taken for it, and none of its figures for this run's. Other files are left alone."""
     last = _global_step(keep) if keep is not None and keep.resolve().parent == out.resolve() else None
     for old in out.glob("*checkpoint-*"):
         step = step_of(old)
@@ -145,6 +150,8 @@ def _clear_earlier_run(out: Path, keep: Path | None) -> None:
             shutil.rmtree(old, ignore_errors=True)
     for done in ["all_results.json", "model.safetensors", "model.safetensors.index.json", *out.glob("model-*.safetensors")]:
         (out / done).unlink(missing_ok=True)
+    for old in (path for pattern in EARLIER_RESULTS for path in out.glob(pattern)):
+        shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
 
 
 def _global_step(checkpoint: Path) -> int:

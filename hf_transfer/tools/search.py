@@ -100,6 +100,11 @@ def choose(finished: Sequence[Finished], objective: Objective) -> tuple[Finished
     less than one validation image's share (1/N) of the best score (for accuracy: the same score; a loss is a mean
     of unbounded terms, so only an equal one). Among those, the lowest validation loss above its floor wins
     (tasks.loss_floor: label smoothing, searched, raises the loss by design), then the earliest trial."""
+    sizes = sorted({f.images for f in finished if f.images})
+    if len(sizes) > 1:  # a study continued after the validation data changed: its scores do not compare
+        raise UserError(f"the study's trials were scored on validation splits of {' and '.join(map(str, sizes))} "
+                        "images: their scores do not compare; continue it with the validation data it started with, "
+                        "or start a new study in another --output_dir")
     scores = [f.value for f in finished]
     top = max(scores) if objective.maximize else min(scores)
     tied = [f for f in finished if _indistinguishable(f.value, top, f.images, objective)]
@@ -250,6 +255,9 @@ def run_search(argv: Sequence[str], n_trials: int, backend: str = "optuna") -> d
         logger.info("choosing by %s: --label_smoothing_factor is not searched (it raises the validation loss by "
                     "design, so trials with more would look worse whatever their predictions)", objective.metric)
     out = Path(parsed.training.output_dir if "output_dir" in given else parsed.training.output_dir + "-search")
+    if "overwrite_output_dir" in given:  # it would go to every trial, and a study is continued, never overwritten
+        raise UserError(f"search continues the study in '{out}' (more --n_trials run more trials): leave "
+                        "--overwrite_output_dir out; to start afresh, choose another --output_dir or delete that one")
     out.mkdir(parents=True, exist_ok=True)
     search = Search(argv, out.resolve(), parsed.training, parsed.data.augmentation, given, objective)
 
@@ -354,8 +362,11 @@ def open_study(out: Path, objective: Objective, seed: int):
     # (a study of an earlier version recorded no metric: its direction is what can be compared)
     stored = Objective(study.user_attrs.get("metric", objective.metric), study.direction.name == "MAXIMIZE")
     if stored != objective:
+        same_metric = stored.metric == objective.metric  # then the direction differs: --greater_is_better
+        fix = (f"--greater_is_better {str(stored.maximize).lower()}" if same_metric else
+               f"--metric_for_best_model {stored.metric}")
         raise UserError(f"{out / 'study.db'} chose its trials by {stored}, this command by {objective}: their scores "
-                        f"do not compare; pass --metric_for_best_model {stored.metric}, or another --output_dir")
+                        f"do not compare; pass {fix}, or another --output_dir")
     study.set_user_attr("metric", objective.metric)
     return study
 
