@@ -13,8 +13,8 @@ from test_reliability import assert_identical, start, wait_for
 
 import run_distill
 import run_finetune
-from hf_transfer.data.dataset import digits_dataset
 from hf_transfer.data.samples import attach_transforms
+from hf_transfer.data.sources import digits_dataset
 from hf_transfer.data.streaming import load_streaming_data
 from hf_transfer.errors import run_cli
 
