@@ -70,7 +70,7 @@ def folders(work: Path) -> dict[str, list[Path]]:
 
 def write_shards(folder: Path, shards: int = 4) -> None:
     """The digits' train and test splits as Parquet shards (a folder `--streaming` reads like a Hub repo)."""
-    from hf_transfer.data.dataset import digits_dataset
+    from hf_transfer.data.sources import digits_dataset
 
     digits = digits_dataset()
     (folder / "data").mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,9 @@ tasks/ (what is learnt and how it is scored)
   tasks/metrics.py             accuracy, precision, recall, F1, top-5, per-class report, confusion matrix; mAP and F1
                                at a threshold for several labels per image
 data/ (the CPU side, per sample, uint8)
-  data/dataset.py              data sets, their image and label columns, their splits
+  data/sources.py              what a data set name or folder is (built-in, class folders, save_to_disk, data files,
+                               Hub id), opened whole, streamed or as unlabeled images; the built-in digits
+  data/dataset.py              the data set in memory: its image and label columns, labels and splits
   data/decoding.py             one stored image -> uint8 RGB tensor
   data/augmentation.py         per-sample training augmentation
   data/samples.py              per-sample transform and batch collation for the DataLoader (one resize per model)

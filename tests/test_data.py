@@ -12,8 +12,9 @@ from helpers import colour_dataset, png_bytes, random_images
 
 from hf_transfer.data import samples
 from hf_transfer.data.augmentation import Augmentation
-from hf_transfer.data.dataset import ROW, digits_dataset, load_image_data
+from hf_transfer.data.dataset import ROW, load_image_data
 from hf_transfer.data.samples import UInt8Collator, attach_transforms
+from hf_transfer.data.sources import digits_dataset
 from hf_transfer.errors import CorruptImageError, UserError
 from hf_transfer.on_device.geometry import crop_and_flip
 from hf_transfer.on_device.preprocessing import ImageSpec, resize_batch
@@ -352,7 +353,7 @@ def test_class_folders_are_listed_as_datasets_imagefolder_reads_them_and_other_l
     datasets' 54 s cold; benchmarks/large_data.py): the same rows, order, labels and features as imagefolder."""
     from datasets import load_dataset
 
-    from hf_transfer.data.dataset import _class_folders
+    from hf_transfer.data.sources import _class_folders
 
     images = iter(random_images(14, size=8))
     for split, classes in (("train", {"cat": 4, "dog": 3, "eel": 2}), ("validation", {"cat": 2, "dog": 1, "eel": 2})):
@@ -383,7 +384,7 @@ def test_class_folders_given_relative_are_listed_with_paths_that_hold_from_any_f
     writes them, so the test report's files and anything read later do not depend on the folder a run started in."""
     from datasets import load_dataset
 
-    from hf_transfer.data.dataset import _class_folders
+    from hf_transfer.data.sources import _class_folders
 
     class_folders(tmp_path / "data", {"train": {"a": 2, "b": 2}})
     monkeypatch.chdir(tmp_path)

@@ -19,8 +19,9 @@ from transformers.trainer_utils import PredictionOutput
 
 import run_distill
 import run_finetune
-from hf_transfer.data.dataset import digits_multilabel_dataset, load_image_data
+from hf_transfer.data.dataset import load_image_data
 from hf_transfer.data.samples import attach_transforms
+from hf_transfer.data.sources import digits_multilabel_dataset
 from hf_transfer.errors import UserError
 from hf_transfer.models.loading import load_model
 from hf_transfer.on_device.mixing import BatchMix

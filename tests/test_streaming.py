@@ -13,10 +13,10 @@ from test_reliability import assert_identical, start, wait_for
 
 import run_distill
 import run_finetune
-from hf_transfer.data.dataset import digits_dataset
 from hf_transfer.data.samples import attach_transforms
+from hf_transfer.data.sources import digits_dataset
 from hf_transfer.data.streaming import load_streaming_data
-from hf_transfer.errors import run_cli
+from hf_transfer.errors import UserError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -226,6 +226,24 @@ def test_what_a_stream_cannot_do_is_refused_in_one_line(flags, message, tiny_res
                                        "--streaming", "--output_dir", str(tmp_path / "out"), *flags])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.startswith(f"error: {message}") and len(err.splitlines()) == 1, err
+
+
+def test_a_stream_reads_names_as_the_in_memory_path_does(tiny_resnet, tmp_path, monkeypatch, capsys):
+    """One resolver (data/sources.py) for both paths: a built-in set is refused in one line, and so is a name that
+    means a local folder but is none (before any Hub call), and a save_to_disk folder, which datasets cannot stream."""
+    for name in ("digits", "digits-multilabel"):
+        code = run_cli(run_finetune.main, ["--model_name_or_path", tiny_resnet, "--dataset_name", name, "--streaming",
+                                           "--max_steps", "5", "--output_dir", str(tmp_path / "out")])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and err == f"error: --streaming is for data sets larger than memory; '{name}' is " \
+                                    f"{'1,797' if name == 'digits' else '2,500'} images: leave --streaming out", err
+    (tmp_path / "runs").mkdir()
+    digits_dataset().save_to_disk(str(tmp_path / "saved"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="^--dataset_name 'runs/nope' is not a directory$"):
+        load_streaming_data("runs/nope", None, None, None, 8, 0, 5, False)
+    with pytest.raises(UserError, match="^'saved' is a save_to_disk folder, which datasets cannot stream"):
+        load_streaming_data("saved", None, None, None, 8, 0, 5, False)
 
 
 def test_a_stream_without_class_names_or_with_too_few_images_is_refused_before_training(tiny_resnet, tmp_path, capsys):

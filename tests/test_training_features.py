@@ -17,7 +17,7 @@ from transformers import AutoModelForImageClassification
 
 import run_finetune
 from hf_transfer.data.augmentation import Augmentation
-from hf_transfer.data.dataset import digits_dataset
+from hf_transfer.data.sources import digits_dataset
 from hf_transfer.errors import UserError
 from hf_transfer.models.loading import load_model
 from hf_transfer.tasks.losses import balanced_class_weights, cross_entropy

@@ -114,6 +114,13 @@ def test_unlabeled_flags_are_checked(tmp_path):
                           "nowhere"])
 
 
+def test_an_unlabeled_data_set_that_is_a_file_is_named_by_its_own_flag(tmp_path, monkeypatch):
+    (tmp_path / "notes.txt").write_text("not a data set")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match="^--unlabeled_dataset 'notes.txt' is neither a directory nor a Hub data set id$"):
+        add_unlabeled_images(None, dataset="notes.txt")
+
+
 def test_cached_teacher_logits_cover_the_unlabeled_images(cifar_teacher, student, cifar_like, tmp_path):
     folder = unlabeled_folder(tmp_path / "photos", n=9)
     out = tmp_path / "o"

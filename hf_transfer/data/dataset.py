@@ -1,8 +1,6 @@
-"""The data set: where it comes from, its image and label columns, and its splits.
+"""The data set in memory: its image and label columns, its labels, and its splits.
 
-Sources: a Hub data set id (default CIFAR-10), a local directory (a Hub-style repo of
-parquet files, a `save_to_disk` folder, or an image folder), `--train_dir`-style image
-folders, or `digits`: scikit-learn's bundled handwritten digits, real data with no download.
+Where it comes from (a Hub id, a local folder, class folders, the built-in digits) is `sources.py`'s.
 
 Nothing is decoded here: images stay as stored until `samples.py` decodes them, per sample,
 when the DataLoader asks for them. Every check that can fail (columns, labels, splits) runs
@@ -13,43 +11,22 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import (
-    ClassLabel,
-    Dataset,
-    DatasetDict,
-    Features,
-    Image,
-    List,
-    Value,
-    load_dataset,
-    load_from_disk,
-)
-from datasets.packaged_modules.imagefolder.imagefolder import IMAGE_EXTENSIONS as _EXTENSIONS
+from datasets import ClassLabel, Dataset, Features, Image, Value
 
-from ..errors import UserError, check_local_path, wrap_load_error
-from ..integrations.hub import check_hub_reachable
+from ..errors import UserError
 from ..tasks.classification import MultiLabel, SingleLabel, is_list_feature, prepare_multilabel
 from .decoding import decode_rgb
+from .sources import CLASS_FOLDERS, open_splits, resolve
 
 logger = logging.getLogger(__name__)
 
 ROW = "__row__"  # original row number in its split, carried along for error messages and caches
-_IMAGE_NAMES = ("image", "img", "images", "picture", "photo", "pixel_values")
-_LABEL_NAMES = ("label", "labels", "fine_label", "class", "target", "category", "coarse_label")
-_SPLIT_ALIASES = {"train": ("train", "training"), "validation": ("validation", "valid", "val", "dev", "eval"),
-                  "test": ("test", "testing")}
-DIGITS = "digits"
-DIGITS_NAME = "sklearn digits"  # what the model card calls it
-DIGITS_MULTI = "digits-multilabel"  # several digits per image, composited from `digits` (several labels per image)
-DIGITS_MULTI_NAME = "sklearn digits, two or three per image"
-METADATA_FILES = ("metadata.jsonl", "metadata.csv", "metadata.parquet")  # an image folder's labels, datasets' names
-IMAGE_EXTENSIONS = tuple(_EXTENSIONS)  # the files an image folder's rows are made of (datasets' imagefolder list)
+IMAGE_NAMES = ("image", "img", "images", "picture", "photo", "pixel_values")
+LABEL_NAMES = ("label", "labels", "fine_label", "class", "target", "category", "coarse_label")
 
 
 @dataclass
@@ -101,13 +78,13 @@ def load_image_data(
     image when the label column holds lists, or with `multi_label` (tasks.py)."""
     if not 0 < validation_split < 1:
         raise UserError(f"--validation_split must be between 0 and 1 (exclusive), got {validation_split}")
-    raw, name = _load_raw(dataset_name, dataset_config_name, train_dir, validation_dir, test_dir, cache_dir)
-    splits = _canonical_splits(raw, name)
+    source = resolve(dataset_name, dataset_config_name, train_dir, validation_dir, test_dir)
+    splits = open_splits(source, cache_dir)
 
     features = splits["train"].features
-    image_column = _pick_column(features, image_column, _IMAGE_NAMES, lambda f: isinstance(f, Image), "image")
-    label_column = _pick_column(
-        features, label_column, _LABEL_NAMES,
+    image_column = pick_column(features, image_column, IMAGE_NAMES, lambda f: isinstance(f, Image), "image")
+    label_column = pick_column(
+        features, label_column, LABEL_NAMES,
         lambda f: isinstance(f, ClassLabel) or isinstance(getattr(f, "feature", None), ClassLabel), "label"
     )
     if not isinstance(features[image_column], Image):
@@ -120,7 +97,7 @@ def load_image_data(
     else:
         # Classes read from folder names or label values are those of every split together: one that only
         # validation or test has is a mistake (a misspelt folder), not a class of the data set.
-        folders = bool(train_dir) or splits["train"].info.builder_name == "imagefolder"
+        folders = source.kind == CLASS_FOLDERS or splits["train"].info.builder_name == "imagefolder"
         from_data = folders or not isinstance(features[label_column], ClassLabel)
         splits, label_names = _as_class_labels(splits, label_column)
         task = SingleLabel(len(label_names))
@@ -146,119 +123,20 @@ def load_image_data(
     splits = {key: ds.cast_column(image_column, Image(decode=False)) for key, ds in splits.items()}
     skipped = {}
     if skip_corrupt_images:
-        splits, skipped = _drop_corrupt_images(splits, image_column)
+        splits, skipped = drop_corrupt_images(splits, image_column)
     if len(splits["train"]) == 0 or len(splits["validation"]) == 0:
         raise UserError("the train or validation split is empty; check --max_train_samples / --validation_split")
     return ImageData(
         train=splits["train"], validation=splits["validation"], test=splits.get("test"),
         label_names=label_names, image_column=image_column, label_column=label_column,
-        name=name, validation_from_train=validation_from_train, skipped_images=skipped, task=task,
+        name=source.title, validation_from_train=validation_from_train, skipped_images=skipped, task=task,
     )
 
 
-# ---------------------------------------------------------------- loading
+# ---------------------------------------------------------------- columns
 
 
-def _load_raw(dataset_name, config_name, train_dir, validation_dir, test_dir,
-              cache_dir: str | None = None) -> tuple[DatasetDict, str]:
-    if train_dir or validation_dir or test_dir:
-        if not train_dir:
-            raise UserError("--validation_dir/--test_dir need --train_dir as well")
-        files = {}
-        for split, folder in (("train", train_dir), ("validation", validation_dir), ("test", test_dir)):
-            if folder:
-                if not Path(folder).is_dir():
-                    raise UserError(f"--{split}_dir '{folder}' is not a directory")
-                files[split] = str(Path(folder) / "**")
-        classes = sorted(p.name for p in Path(train_dir).iterdir() if p.is_dir() and any(p.iterdir()))
-        metadata = any((Path(train_dir) / m).is_file() for m in METADATA_FILES)  # labels from a file, not folders
-        if len(classes) < 2 and not metadata:
-            raise UserError(f"--train_dir '{train_dir}' has {len(classes)} class folder(s) "
-                            f"({', '.join(classes) or 'none'}); an image folder needs one subfolder per class, "
-                            "at least 2")
-        listed = _class_folders(files)
-        if listed is not None:
-            return listed, str(train_dir)
-        try:  # another layout (nested folders, metadata files): datasets' imagefolder knows them all
-            return load_dataset("imagefolder", data_files=files, cache_dir=cache_dir), str(train_dir)
-        except (OSError, ValueError) as exc:
-            if re.search(r"changed from (array to|\w+ to array)", str(exc)):  # pyarrow reading metadata.jsonl
-                raise UserError(f"the metadata file of '{train_dir}' holds a list of labels in some rows and a single "
-                                f"value in others ({str(exc).strip().splitlines()[0]}); write every row's labels as a "
-                                "list (several labels per image) or every row's as one value") from exc
-            raise wrap_load_error("image folder", train_dir, exc) from exc
-
-    name = dataset_name or "uoft-cs/cifar10"
-    if name == DIGITS:
-        return digits_dataset(), DIGITS_NAME
-    if name == DIGITS_MULTI:
-        return digits_multilabel_dataset(), DIGITS_MULTI_NAME
-    check_local_path("--dataset_name", name)
-    path = Path(name)
-    try:
-        if path.is_dir() and ((path / "dataset_dict.json").exists() or (path / "state.json").exists()):
-            loaded = load_from_disk(str(path))
-        elif path.exists() or name.startswith((".", "/")):
-            if not path.is_dir():
-                raise UserError(f"--dataset_name '{name}' is neither a directory nor a Hub data set id")
-            loaded = load_dataset(str(path), config_name, cache_dir=cache_dir)
-        else:
-            check_hub_reachable()
-            loaded = load_dataset(name, config_name, cache_dir=cache_dir)
-    except UserError:
-        raise
-    except (OSError, ValueError) as exc:  # ConnectionError, FileNotFoundError, DatasetNotFoundError, ...
-        raise wrap_load_error("data set", name, exc) from exc
-    if isinstance(loaded, Dataset):
-        loaded = DatasetDict(train=loaded)
-    return loaded, name
-
-
-def _class_folders(files: dict[str, str]) -> DatasetDict | None:
-    """Image folders laid out as one subfolder of images per class, listed directly; None for any other layout.
-
-    The same rows as datasets' imagefolder (labels from the folder names, sorted; files in path
-    order), which for 200,000 JPEGs spends 54 s on 2 cores resolving a glob over every file and
-    indexing them before the first step (benchmarks/large_data.py); listing them takes about a second.
-    """
-    paths, labels = {}, set()
-    for split, pattern in files.items():
-        root, found = Path(pattern).parent.absolute(), []  # as imagefolder: paths that hold from any folder
-        for entry in os.scandir(root):
-            if entry.name.startswith((".", "__")):
-                continue
-            if not entry.is_dir():
-                if entry.name.lower().endswith(IMAGE_EXTENSIONS) or entry.name.startswith("metadata."):
-                    return None  # images outside a class folder, or labels from a metadata file
-                continue
-            for file in os.scandir(entry.path):
-                if file.name.startswith((".", "__")):
-                    continue
-                if file.is_dir() or file.name.startswith("metadata."):
-                    return None  # nested folders: datasets' rules decide the labels
-                if file.name.lower().endswith(IMAGE_EXTENSIONS):
-                    found.append((file.path, entry.name))
-        paths[split] = sorted(found)
-        labels.update(label for _, label in found)
-    features = Features({"image": Image(), "label": ClassLabel(names=sorted(labels))})
-    return DatasetDict({split: Dataset.from_dict({"image": [{"path": p, "bytes": None} for p, _ in found],
-                                                  "label": [label for _, label in found]}, features=features)
-                        for split, found in paths.items()})
-
-
-def _canonical_splits(raw: DatasetDict, name: str) -> dict[str, Dataset]:
-    splits = {}
-    for canonical, aliases in _SPLIT_ALIASES.items():
-        for alias in aliases:
-            if alias in raw:
-                splits[canonical] = raw[alias]
-                break
-    if "train" not in splits:
-        raise UserError(f"data set '{name}' has no train split; its splits are: {', '.join(raw)}")
-    return splits
-
-
-def _pick_column(features: Features, chosen, names, is_kind, kind: str) -> str:
+def pick_column(features: Features, chosen, names, is_kind, kind: str) -> str:
     columns = [c for c in features if c != ROW]
     if chosen:
         if chosen not in features:
@@ -364,7 +242,7 @@ def _decodes(value) -> bool:
     return True
 
 
-def _drop_corrupt_images(splits: dict[str, Dataset], image_column: str) -> tuple[dict[str, Dataset], dict[str, int]]:
+def drop_corrupt_images(splits: dict[str, Dataset], image_column: str) -> tuple[dict[str, Dataset], dict[str, int]]:
     """Decode every image once (in parallel for large splits) and keep the rows that decode."""
     kept, skipped = {}, {}
     for split, ds in splits.items():
@@ -415,49 +293,3 @@ def _representative(ds: Dataset, n: int, label_column: str, seed: int, multi_lab
     except ValueError:  # fewer rows than strata in the part kept or the part left
         rows = index.shuffle(seed=seed)["row"][:n]
     return ds.select(np.sort(rows))
-
-
-def digits_dataset(test_fraction: float = 0.2) -> DatasetDict:
-    """scikit-learn's 1,797 real 8x8 handwritten digits as an image data set with train/test splits.
-
-    The train/test split is fixed (seed 0), so every run is scored on the same 360 images.
-    """
-    import PIL.Image
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    pixels = np.round(digits.images * (255 / 16)).astype(np.uint8)  # stored as 0..16
-    features = Features({"image": Image(), "label": ClassLabel(names=[str(i) for i in range(10)])})
-    ds = Dataset.from_dict(
-        {"image": [PIL.Image.fromarray(p) for p in pixels], "label": digits.target.tolist()},
-        features=features,
-    )
-    parts = ds.train_test_split(test_size=test_fraction, seed=0, stratify_by_column="label")
-    return DatasetDict(train=parts["train"], test=parts["test"])
-
-
-def digits_multilabel_dataset(train: int = 2000, test: int = 500) -> DatasetDict:
-    """Real data with several labels per image, offline: two or three different digits of `digits_dataset` in the
-    cells of a 2 x 2 grid (16 x 16 px, the other cells blank); the labels are the set of digits shown. Train
-    images are made from the digits of its train split, test images from its test split (seed 0, fixed)."""
-    import PIL.Image
-
-    rng = np.random.default_rng(0)
-    names = [str(i) for i in range(10)]
-    features = Features({"image": Image(), "labels": List(ClassLabel(names=names))})
-    splits, digits = {}, digits_dataset()
-    for split, count in (("train", train), ("test", test)):
-        source = digits[split]
-        pixels = np.stack([np.asarray(image) for image in source["image"]])
-        by_class = [np.flatnonzero(np.asarray(source["label"]) == c) for c in range(10)]
-        images, labels = [], []
-        for _ in range(count):
-            shown = rng.choice(10, size=rng.integers(2, 4), replace=False)
-            canvas = np.zeros((16, 16), np.uint8)
-            for digit, cell in zip(shown, rng.permutation(4)):
-                row, col = divmod(int(cell), 2)
-                canvas[8 * row:8 * row + 8, 8 * col:8 * col + 8] = pixels[rng.choice(by_class[digit])]
-            images.append(PIL.Image.fromarray(canvas))
-            labels.append(sorted(int(d) for d in shown))
-        splits[split] = Dataset.from_dict({"image": images, "labels": labels}, features=features)
-    return DatasetDict(splits)

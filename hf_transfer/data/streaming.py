@@ -30,22 +30,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import ClassLabel, Dataset, Image, IterableDataset, Value, load_dataset
+from datasets import ClassLabel, Dataset, Image, IterableDataset, Value
 from torch.utils.data import DataLoader, get_worker_info
 
-from ..errors import CorruptImageError, UserError, wrap_load_error
-from ..integrations.hub import check_hub_reachable
-from .dataset import (
-    _IMAGE_NAMES,
-    _LABEL_NAMES,
-    DIGITS,
-    ROW,
-    ImageData,
-    _canonical_splits,
-    _drop_corrupt_images,
-    _pick_column,
-)
+from ..errors import CorruptImageError, UserError
+from .dataset import IMAGE_NAMES, LABEL_NAMES, ROW, ImageData, drop_corrupt_images, pick_column
 from .decoding import decode_rgb
+from .sources import built_in_streamed, local_signature, open_stream, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -64,8 +55,7 @@ def check_streaming(data_args, args, given: set[str]) -> None:
                                 "--save_strategy steps (or leave both out: every tenth of --max_steps)"),
         (data_args.train_dir is not None, "--streaming reads --dataset_name (a Hub id or a local folder of "
                                           "Parquet/Arrow shards or images), not --train_dir"),
-        (data_args.dataset_name == DIGITS, "--streaming is for data sets larger than memory; 'digits' is 1,797 "
-                                           "images: leave --streaming out"),
+        (bool(built_in_streamed(data_args.dataset_name)), built_in_streamed(data_args.dataset_name)),
         (args.class_weights == "auto", "--class_weights auto counts the labels of the whole train split, which a "
                                        "stream never holds: give the weights, one per class"),
         (args.lr_step_size is not None, "--lr_step_size counts epochs, which a stream does not have: use "
@@ -91,14 +81,13 @@ def load_streaming_data(dataset_name: str, config_name: str | None, image_column
                         label_column: str | None, max_eval_samples: int | None, seed: int, shuffle_buffer: int,
                         skip_corrupt_images: bool, cache_dir: str | None = None) -> ImageData:
     """The train split as a `StreamingSplit`, validation and test read into the cache (see the module docstring)."""
-    raw = _open(dataset_name, config_name, cache_dir)
-    splits = _canonical_splits(raw, dataset_name)
+    splits = open_stream(resolve(dataset_name, config_name), cache_dir)
     features = splits["train"].features
     if features is None:
         raise UserError(f"--streaming needs the data set's columns before its first image, and '{dataset_name}' "
                         "declares none; run without --streaming")
-    image_column = _pick_column(features, image_column, _IMAGE_NAMES, lambda f: isinstance(f, Image), "image")
-    label_column = _pick_column(features, label_column, _LABEL_NAMES, lambda f: isinstance(f, ClassLabel), "label")
+    image_column = pick_column(features, image_column, IMAGE_NAMES, lambda f: isinstance(f, Image), "image")
+    label_column = pick_column(features, label_column, LABEL_NAMES, lambda f: isinstance(f, ClassLabel), "label")
     if not isinstance(features[image_column], Image):
         raise UserError(f"column '{image_column}' holds {features[image_column]}, not images; pass --image_column")
     if not isinstance(features[label_column], ClassLabel):
@@ -110,7 +99,7 @@ def load_streaming_data(dataset_name: str, config_name: str | None, image_column
         raise UserError(f"the data set has {len(label_names)} class(es) in column '{label_column}'; need at least 2")
     splits = {key: ds.select_columns([image_column, label_column]).cast_column(image_column, Image(decode=False))
               for key, ds in splits.items()}
-    key = f"{dataset_name}|{config_name}|{_source_signature(dataset_name)}"
+    key = f"{dataset_name}|{config_name}|{local_signature(dataset_name)}"
     held_out: dict[int, int] = {}
     if "validation" in splits:
         validation = _read_into_cache(splits["validation"], max_eval_samples or EVAL_BOUND, cache_dir,
@@ -129,8 +118,8 @@ def load_streaming_data(dataset_name: str, config_name: str | None, image_column
                                   "train" if held_out and name == "validation" else name)
     skipped = {}
     if skip_corrupt_images:  # the bounded splits as in memory; train's images are skipped as they come
-        kept, skipped = _drop_corrupt_images({"validation": validation, "test": test} if test is not None else
-                                             {"validation": validation}, image_column)
+        kept, skipped = drop_corrupt_images({"validation": validation, "test": test} if test is not None else
+                                            {"validation": validation}, image_column)
         validation, test = kept["validation"], kept.get("test")
     train = StreamingSplit(splits["train"], image_column, label_column, len(label_names), seed, shuffle_buffer,
                            held_out, skip_corrupt_images)
@@ -152,33 +141,6 @@ def _warn_missing_classes(part: Dataset, label_column: str, names: list[str], sp
                        "(none of %s%s): its metrics leave the others out; pass a larger --max_eval_samples, or "
                        "shuffle the data set's rows once before streaming it", split, len(part), source, len(present),
                        len(names), ", ".join(missing[:5]), ", ..." if len(missing) > 5 else "")
-
-
-def _open(name: str, config_name: str | None, cache_dir: str | None):
-    path = Path(name)
-    try:
-        if path.exists() or name.startswith((".", "/")):
-            if not path.is_dir():
-                raise UserError(f"--dataset_name '{name}' is neither a directory nor a Hub data set id")
-            if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-                raise UserError(f"'{name}' is a save_to_disk folder, which datasets cannot stream; run without "
-                                "--streaming, or save it as Parquet shards (Dataset.to_parquet)")
-            return load_dataset(str(path), config_name, cache_dir=cache_dir, streaming=True)
-        check_hub_reachable()
-        return load_dataset(name, config_name, cache_dir=cache_dir, streaming=True)
-    except UserError:
-        raise
-    except (OSError, ValueError) as exc:
-        raise wrap_load_error("data set", name, exc) from exc
-
-
-def _source_signature(name: str) -> str:
-    """For a local folder, its files' names, sizes and times: the cached validation and test follow their changes."""
-    path = Path(name)
-    if not path.is_dir():
-        return ""
-    files = sorted(p for p in path.rglob("*") if p.is_file())
-    return ";".join(f"{p.relative_to(path)}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in files)
 
 
 def _shard_rows(source: IterableDataset, shard: int, first_row: int = 0, skipped: list[int] | None = None):

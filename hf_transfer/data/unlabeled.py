@@ -26,15 +26,15 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from pathlib import Path
 
 import numpy as np
-from datasets import Dataset, Features, Image, Value, concatenate_datasets, load_dataset
+from datasets import Dataset, Features, Image, Value, concatenate_datasets
 
-from ..errors import UserError, check_local_path, wrap_load_error
+from ..errors import UserError, wrap_load_error
 from ..tasks.losses import UNLABELED
-from .dataset import ROW, ImageData, _canonical_splits, _load_raw, _pick_column
+from .dataset import ROW, ImageData, pick_column
 from .decoding import decode_rgb
+from .sources import open_unlabeled
 
 logger = logging.getLogger(__name__)
 
@@ -87,30 +87,12 @@ def add_unlabeled_images(data: ImageData, directory: str | None = None, dataset:
 
 def _load(directory: str | None, dataset: str | None, split: str, cache_dir: str | None) -> tuple[list, str]:
     """The source's images as stored ({"bytes", "path"} cells) and how to name the source in messages."""
-    if directory:
-        if not Path(directory).is_dir():
-            raise UserError(f"--unlabeled_dir '{directory}' is not a directory")
-        try:
-            found = load_dataset("imagefolder", data_files={"train": str(Path(directory) / "**")}, drop_labels=True,
-                                 split="train", cache_dir=cache_dir)
-        except (OSError, ValueError) as exc:  # "corresponds to no data": no file with an image extension
-            raise UserError(f"--unlabeled_dir '{directory}' holds no image file at any depth") from exc
-        return found.cast_column("image", Image(decode=False))["image"], f"--unlabeled_dir '{directory}'"
-    check_local_path("--unlabeled_dataset", dataset)
-    raw, _ = _load_raw(dataset, None, None, None, None, cache_dir)
-    if split not in raw:
-        splits = _canonical_splits(raw, dataset)
-        if split not in splits:
-            raise UserError(f"--unlabeled_dataset '{dataset}' has no split '{split}'; its splits are: "
-                            f"{', '.join(raw)} (pass --unlabeled_split)")
-        part = splits[split]
-    else:
-        part = raw[split]
+    part, source = open_unlabeled(directory, dataset, split, cache_dir)
     try:
-        column = _pick_column(part.features, None, ("image", "img"), lambda f: isinstance(f, Image), "image")
+        column = pick_column(part.features, None, ("image", "img"), lambda f: isinstance(f, Image), "image")
     except UserError as exc:
         raise wrap_load_error("unlabeled data set", dataset, exc) from exc
-    return part.cast_column(column, Image(decode=False))[column], f"--unlabeled_dataset '{dataset}'"
+    return part.cast_column(column, Image(decode=False))[column], source
 
 
 def _content_hashes(cells, split: str) -> list[str | None]:

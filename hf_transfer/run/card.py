@@ -13,7 +13,7 @@ from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from ..data.dataset import DIGITS_NAME
+from ..data.sources import DIGITS_NAME
 
 _TEMPLATE = """---
 {{ card_data }}

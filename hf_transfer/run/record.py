@@ -90,7 +90,7 @@ def local_path(key: str, value):
 
 def _built_in_data() -> tuple[str, ...]:
     # (imported here: the data modules load datasets, which reading a record does not need)
-    from ..data.dataset import DIGITS, DIGITS_MULTI
+    from ..data.sources import DIGITS, DIGITS_MULTI
 
     return DIGITS, DIGITS_MULTI
 

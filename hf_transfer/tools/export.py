@@ -107,8 +107,8 @@ def _verification_images(run: Path, folder: str | None, max_images: int | None) 
     checkpoint-N folder's is its run's)."""
     import PIL.Image
 
-    from ..data.dataset import IMAGE_EXTENSIONS
     from ..data.decoding import decode_rgb
+    from ..data.sources import IMAGE_EXTENSIONS
 
     if folder is not None:
         files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)[:max_images]
