@@ -190,7 +190,7 @@ def term_gradients(dataset: str, images: int, teacher_dir: str, trained: str) ->
     from hf_transfer.run.assembly import trainer_kwargs
     from hf_transfer.tasks.objectives import SoftTargets
     from hf_transfer.trainers.distillation_config import DistillationConfig
-    from hf_transfer.trainers.distillation_trainer import TEACHER_VIEW, DistillationTrainer
+    from hf_transfer.trainers.distillation_trainer import DistillationTrainer
 
     data = load_image_data(dataset, max_train_samples=images, seed=0)
     task = data.task.problem_type
@@ -207,8 +207,7 @@ def term_gradients(dataset: str, images: int, teacher_dir: str, trained: str) ->
         if batch is None:  # the same batch and teacher logits for both students
             batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
             with torch.no_grad():
-                logits = trainer.teacher_logits_for(batch["images"], batch["views"].get(TEACHER_VIEW),
-                                                    batch["squash"])
+                logits = trainer.teacher_logits_for(batch["pictures"])
             report["teacher_mean_abs_logit"] = round(logits.abs().mean().item(), 2)
         trainer.model.train()
         norms = []

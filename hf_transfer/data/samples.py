@@ -33,6 +33,7 @@ from transformers import TrainerCallback
 from ..errors import CorruptImageError
 from ..on_device.preprocessing import ImageSpec, fit_to_spec
 from .augmentation import Augmentation, sample_seed
+from .batch import AUGMENT, FITTED, LABELS, PIXEL_VALUES, ROW_INDEX, SQUASH, STREAM, Batch, view_key
 from .dataset import ROW, ImageData
 from .decoding import decode_rgb
 from .streaming import StreamingSplit
@@ -160,11 +161,11 @@ class SampleTransform:
         images, parameters = zip(*(self.image(cell, int(row), epoch) for cell, row in zip(cells, batch[ROW])))
         labels = batch[self.label_column]
         labels = [self.sample_labels(v) for v in labels] if self.sample_labels is not None else list(labels)
-        samples = {"pixel_values": list(images), "labels": labels, "row_index": list(batch[ROW])}
+        samples = {PIXEL_VALUES: list(images), LABELS: labels, ROW_INDEX: list(batch[ROW])}
         if self.on_device:
-            samples["augment"] = list(parameters)
+            samples[AUGMENT] = list(parameters)
         if self.squash:
-            samples["squash"] = [True] * len(images)
+            samples[SQUASH] = [True] * len(images)
         return samples
 
     def image(self, cell, row: int, epoch: int) -> tuple[torch.Tensor, list[int] | None]:
@@ -189,7 +190,7 @@ class UInt8Collator:
     the trained model and, for every other view (`with_view`: a distillation teacher),
     `view_<name>`, each straight from the stored image with the same function as the device
     path and the saved processor; `fitted` then says the batch is the models' input already.
-    No model ever sees another model's resize of an image.
+    No model ever sees another model's resize of an image. The keys: `batch.py`.
     """
 
     def __init__(self, spec: ImageSpec, views: dict[str, ImageSpec] | None = None):
@@ -200,31 +201,31 @@ class UInt8Collator:
         """This collator, also making `view_<name>` with `spec`'s geometry for mixed-size batches."""
         return UInt8Collator(self.spec, {**self.views, name: spec})
 
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        images = [e["pixel_values"] for e in examples]
-        labels = [e["labels"] for e in examples]  # class ids, or multi-hot vectors (several labels per image)
-        collated = {
-            "labels": torch.stack(labels) if isinstance(labels[0], torch.Tensor) else torch.tensor(labels, dtype=torch.long),
-            "row_index": torch.tensor([e["row_index"] for e in examples], dtype=torch.long),
-        }
-        squash = "squash" in examples[0]  # random-resized crops: each model resizes them whole (augmentation.py)
+    def __call__(self, examples: list[dict]) -> Batch:
+        images = [e[PIXEL_VALUES] for e in examples]
+        labels = [e[LABELS] for e in examples]  # class ids, or multi-hot vectors (several labels per image)
+        collated = Batch({
+            LABELS: torch.stack(labels) if isinstance(labels[0], torch.Tensor) else torch.tensor(labels, dtype=torch.long),
+            ROW_INDEX: torch.tensor([e[ROW_INDEX] for e in examples], dtype=torch.long),
+        })
+        squash = SQUASH in examples[0]  # random-resized crops: each model resizes them whole (augmentation.py)
         if squash:
-            collated["squash"] = torch.ones((), dtype=torch.bool)
+            collated[SQUASH] = torch.ones((), dtype=torch.bool)
         if all(image.shape == images[0].shape for image in images):
-            collated["pixel_values"] = _stack(images)
+            collated[PIXEL_VALUES] = _stack(images)
         else:
             def fitted(spec: ImageSpec) -> torch.Tensor:  # each image on its own, then stacked
                 return _stack([fit_to_spec(image[None], spec, squash)[0] for image in images])
 
-            collated["pixel_values"] = fitted(self.spec)
+            collated[PIXEL_VALUES] = fitted(self.spec)
             for name, spec in self.views.items():
                 same = spec.geometry == self.spec.geometry  # the same picture: shared
-                collated[f"view_{name}"] = collated["pixel_values"] if same else fitted(spec)
-            collated["fitted"] = torch.ones((), dtype=torch.bool)
-        if "augment" in examples[0]:  # each image's crop and flip, applied on the device
-            collated["augment"] = torch.tensor([e["augment"] for e in examples], dtype=torch.long)
-        if "stream" in examples[0]:  # each image's place in the training stream (data/streaming.py)
-            collated["stream"] = torch.tensor([e["stream"] for e in examples], dtype=torch.long)
+                collated[view_key(name)] = collated[PIXEL_VALUES] if same else fitted(spec)
+            collated[FITTED] = torch.ones((), dtype=torch.bool)
+        if AUGMENT in examples[0]:  # each image's crop and flip, applied on the device
+            collated[AUGMENT] = torch.tensor([e[AUGMENT] for e in examples], dtype=torch.long)
+        if STREAM in examples[0]:  # each image's place in the training stream (data/streaming.py)
+            collated[STREAM] = torch.tensor([e[STREAM] for e in examples], dtype=torch.long)
         return collated
 
 

@@ -34,6 +34,7 @@ from datasets import ClassLabel, Dataset, Image, IterableDataset, Value
 from torch.utils.data import DataLoader, get_worker_info
 
 from ..errors import CorruptImageError, UserError
+from .batch import LABELS, PIXEL_VALUES, ROW_INDEX, SQUASH, STREAM
 from .dataset import IMAGE_NAMES, LABEL_NAMES, ROW, ImageData, drop_corrupt_images, pick_column
 from .decoding import decode_rgb
 from .sources import built_in_streamed, local_signature, open_stream, resolve
@@ -265,7 +266,7 @@ class StreamingSplit(torch.utils.data.IterableDataset):
                     if sample is not None:
                         # Its position: slot, epoch, the block's first row (index in the slot's shards, row), its
                         # place in the block; shards skipped before the block, images and shards skipped so far.
-                        sample["stream"] = [slot, epoch, start_pos, start_row, place, before, skipped[1], skipped[0]]
+                        sample[STREAM] = [slot, epoch, start_pos, start_row, place, before, skipped[1], skipped[0]]
                         delivered = True
                         yield sample
                 offset = -1
@@ -301,9 +302,9 @@ class StreamingSplit(torch.utils.data.IterableDataset):
             self._unreadable(exc, shard, row)
             skipped[1] += 1
             return None
-        sample = {"pixel_values": image, "labels": label, "row_index": row_id}
+        sample = {PIXEL_VALUES: image, LABELS: label, ROW_INDEX: row_id}
         if self.transform.squash:
-            sample["squash"] = True
+            sample[SQUASH] = True
         return sample
 
     def _unreadable(self, exc: Exception, shard: int, row: int) -> None:

@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from ..data.batch import Pictures, as_batch, model_input, pictures
 from ..integrations.compat import dataset_fingerprint, deepspeed_dtype
 from ..integrations.tracking import forward_flops
 from ..models.loading import model_family
@@ -94,16 +95,14 @@ class DistillationTrainer(TransferTrainer):
         if self.teacher_logits is not None:
             return self.teacher_logits[inputs["row_index"].to(self.teacher_logits.device)]
         with torch.inference_mode():  # no autograd bookkeeping at all for the frozen teacher
-            logits = self.teacher_logits_for(inputs["images"], inputs["views"].get(TEACHER_VIEW), inputs["squash"])
+            logits = self.teacher_logits_for(inputs["pictures"])
         return logits.clone()  # an ordinary tensor: the loss saves it for the backward pass
 
-    def teacher_logits_for(self, images: torch.Tensor, view: torch.Tensor | None = None,
-                           squash: bool = False) -> torch.Tensor:
-        """The teacher's logits for a batch of images (uint8, or mixed floats on the 0-255 scale) at storage size,
-        resized, cropped and normalised its own way (`squash`: random-resized crops, resized whole); or, for a
-        mixed-size batch, for its own `view` of them, made by the collator (samples.UInt8Collator)."""
-        pixels = self.teacher_input(view, fitted=True) if view is not None else self.teacher_input(images,
-                                                                                                     squash=squash)
+    def teacher_logits_for(self, images: Pictures) -> torch.Tensor:
+        """The teacher's logits for a batch's pictures (`data/batch.py`): the student's (augmented, mixed) images,
+        resized, cropped and normalised the teacher's own way; or, for a mixed-size batch, the teacher's own view of
+        them, made by the collator (samples.UInt8Collator)."""
+        pixels = model_input(images, self.teacher_input, TEACHER_VIEW)
         return self.teacher(pixel_values=self.cast_for_model(pixels)).logits
 
     def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
@@ -135,8 +134,8 @@ class DistillationTrainer(TransferTrainer):
         batches = tqdm(self.get_test_dataloader(dataset), desc=description, leave=False,
                        disable=self.args.disable_tqdm or not self.is_local_process_zero())
         for batch in batches:
-            logits = self.teacher_logits_for(batch["pixel_values"], batch.get(f"view_{TEACHER_VIEW}"))
-            rows, logits = self.accelerator.gather_for_metrics((batch["row_index"], logits.float()))
+            logits = self.teacher_logits_for(pictures(batch, augmented=False))
+            rows, logits = self.accelerator.gather_for_metrics((as_batch(batch).row_index, logits.float()))
             all_rows.append(rows.cpu())
             all_logits.append(logits.cpu())
         return torch.cat(all_rows).numpy(), torch.cat(all_logits).numpy()

@@ -1,11 +1,11 @@
 """`TransferTrainer`: the transformers Trainer, fed uint8 image batches. Its config: `TransferConfig`.
 
-The DataLoader delivers uint8 images at storage resolution (`hf_transfer/data/`); accelerate moves
-them to the device; `_prepare_inputs` -- the Trainer's own hook for "make this batch ready for the
-model", used by training and evaluation alike -- turns them into the model's float input there,
-batched (and, in training, mixes them when `--mixup`/`--cutmix` ask for it). In training it also
-passes the device batch on as `images` (and any other model's view of a mixed-size batch as `views`)
-for losses that need another model's input.
+The DataLoader delivers uint8 images at storage resolution (`hf_transfer/data/`, the batch's keys in
+`data/batch.py`); accelerate moves them to the device; `_prepare_inputs` -- the Trainer's own hook for
+"make this batch ready for the model", used by training and evaluation alike -- turns them into the
+model's float input there, batched (and, in training, mixes them when `--mixup`/`--cutmix` ask for it),
+with `data/batch.py`'s `pictures` and `model_input`, as the BatchNorm statistics and the distillation
+teacher do. In training it also passes the batch's `pictures` on, for losses that need another model's input.
 
 The other overrides exist because the Trainer has no option for them:
 - `create_optimizer`: parameter groups with per-layer learning rates, no weight decay on
@@ -45,13 +45,13 @@ from transformers import DefaultFlowCallback, Trainer
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, get_last_checkpoint
 from transformers.utils import PushInProgress
 
+from ..data.batch import STREAM, Pictures, as_batch, model_input, pictures
 from ..data.streaming import StreamingSplit
 from ..errors import UserError
 from ..integrations.compat import deepspeed_dtype, load_checkpoint_weights
 from ..integrations.hub import push_at_end, push_checkpoint
 from ..integrations.launch import check_sharding
 from ..integrations.tracking import forward_flops
-from ..on_device.geometry import crop_and_flip
 from ..on_device.mixing import BatchMix
 from ..on_device.preprocessing import ImageSpec, ToModelInput
 from ..tasks.classification import SingleLabel
@@ -163,24 +163,20 @@ class TransferTrainer(Trainer):
     # ---------------------------------------------------------------- inputs
 
     def _prepare_inputs(self, inputs: dict) -> dict:
-        batch = super()._prepare_inputs(inputs)  # on the device, still uint8
-        images, labels = batch["pixel_values"], batch.get("labels")
-        # Other models' own resizes of a mixed-size batch (UInt8Collator.with_view); a batch of one size has none.
-        views = {key.removeprefix("view_"): value for key, value in batch.items() if key.startswith("view_")}
-        if "augment" in batch and self.model.training:  # crops and flips, batched (data/samples.py)
-            images = crop_and_flip(images, batch["augment"])
-        if self.batch_mix is not None and self.model.training and labels is not None:
-            images, labels, views = self.batch_mix(images, labels, views)
-        # A mixed-size batch is each model's input already (UInt8Collator), mixed or not; one of one size is fitted here,
-        # random-resized crops (training only) resized whole.
-        squash = "squash" in batch and self.model.training
-        prepared = {"pixel_values": self.cast_for_model(self.to_model_input(images, "fitted" in batch, squash))}
+        """The model's input from a collated batch (`data/batch.py`), with the labels; in training, also the batch's
+        `pictures` (the augmented, mixed images every model's input is made from) and `row_index`, for a loss that
+        needs another model's input (the distillation teacher)."""
+        batch = as_batch(super()._prepare_inputs(inputs))  # on the device, still uint8
+        training = self.model.training
+        images, labels = pictures(batch, augmented=training), batch.labels
+        if self.batch_mix is not None and training and labels is not None:
+            mixed, labels, views = self.batch_mix(images.images, labels, images.views)
+            images = Pictures(mixed, views, images.fitted, images.squash)
+        prepared = {"pixel_values": self.cast_for_model(model_input(images, self.to_model_input))}
         if labels is not None:
             prepared["labels"] = labels
-        if self.model.training:
-            # What a loss may need besides the model's input: the same (augmented, mixed) images before this
-            # model's resize, and the other views, from which the distillation teacher makes its own input.
-            prepared.update(images=images, views=views, row_index=batch["row_index"], squash=squash)
+        if training:
+            prepared.update(pictures=images, row_index=batch.row_index)
         return prepared
 
     def floating_point_ops(self, inputs: dict) -> int:
@@ -225,7 +221,7 @@ class TransferTrainer(Trainer):
             return batches, None
         if self.stream is not None:  # where the stream goes on after this step (still on the CPU: no sync)
             for batch in batches:
-                self.stream.consumed(batch.pop("stream"))
+                self.stream.consumed(batch.pop(STREAM))
         labels = [batch["labels"] for batch in batches]
         counts = torch.stack([sum(self.task.label_mass(lab).sum() for lab in labels),
                               torch.tensor(float(sum(len(lab) for lab in labels)), device=labels[0].device)])
@@ -343,10 +339,7 @@ class TransferTrainer(Trainer):
 
         def batches():
             for batch in self._statistics_loader:
-                images = batch["pixel_values"]
-                if "augment" in batch:
-                    images = crop_and_flip(images, batch["augment"])
-                yield self.cast_for_model(self.to_model_input(images, "fitted" in batch, "squash" in batch))
+                yield self.cast_for_model(model_input(pictures(batch, augmented=True), self.to_model_input))
 
         reduce = (lambda t: self.accelerator.reduce(t, reduction="mean")) if self.accelerator.num_processes > 1 else None
         device = self.args.device
