@@ -35,6 +35,7 @@ data/ (the CPU side, per sample, uint8)
   data/decoding.py             one stored image -> uint8 RGB tensor
   data/augmentation.py         per-sample training augmentation
   data/samples.py              per-sample transform and batch collation for the DataLoader (one resize per model)
+  data/batch.py                the batch between data/ and trainers/: its keys, and batch -> one model's input
   data/unlabeled.py            images without labels for distillation: loading, checks, joining the training split
   data/streaming.py            --streaming: the train split read a shard at a time, in an order a checkpoint can resume
 on_device/ (per batch, on the training device)

@@ -1,6 +1,7 @@
 """Loading, columns, splits and the uint8 sample path."""
 
 import logging
+import pickle
 from dataclasses import replace
 
 import numpy as np
@@ -12,6 +13,7 @@ from helpers import colour_dataset, png_bytes, random_images
 
 from hf_transfer.data import samples
 from hf_transfer.data.augmentation import Augmentation
+from hf_transfer.data.batch import LABELS, PIXEL_VALUES, ROW_INDEX, SQUASH, Batch
 from hf_transfer.data.dataset import ROW, load_image_data
 from hf_transfer.data.samples import UInt8Collator, attach_transforms
 from hf_transfer.data.sources import digits_dataset
@@ -170,6 +172,23 @@ def test_collator_keeps_uint8_at_storage_size_and_resizes_only_mixed_sizes():
     assert batch["labels"].tolist() == [0, 1, 2, 3]
     mixed = same[:2] + [{"pixel_values": torch.zeros(3, 20, 28, dtype=torch.uint8), "labels": 0, "row_index": 9}]
     assert collate(mixed)["pixel_values"].shape == (3, 3, 40, 40)
+
+
+def test_a_collated_batch_keeps_its_class_on_the_way_to_the_device():
+    """accelerate and the Trainer move a batch by rebuilding it with type(batch)(...), DataLoader workers pickle it:
+    the trainers still read it through `Batch`'s properties."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import send_to_device
+    from transformers import Trainer
+
+    collate = UInt8Collator(ImageSpec((40, 40), (0.5,) * 3, (0.5,) * 3))
+    batch = collate([{PIXEL_VALUES: torch.zeros(3, 32, 32, dtype=torch.uint8), LABELS: i, ROW_INDEX: i, SQUASH: True}
+                     for i in range(2)])
+    trainer = SimpleNamespace(args=SimpleNamespace(device=torch.device("cpu")), is_deepspeed_enabled=False)
+    trainer._prepare_input = lambda data: Trainer._prepare_input(trainer, data)
+    for moved in (send_to_device(batch, "cpu"), trainer._prepare_input(batch), pickle.loads(pickle.dumps(batch))):
+        assert type(moved) is Batch and moved.squash and not moved.fitted and moved.row_index.tolist() == [0, 1]
 
 
 def test_digits_is_real_and_fixed():
