@@ -1,4 +1,4 @@
-"""`python -m hf_transfer push|report|check-config|export|search`: see `commands/tools.py`."""
+"""`python -m hf_transfer push|report|check-config|export|search`: see `cli/tools.py`."""
 
 from .cli.tools import cli
 

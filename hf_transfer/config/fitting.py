@@ -30,7 +30,7 @@ class Fit(NamedTuple):
 
 
 def fitted_fields(args, given: set[str]) -> set[str]:
-    """The settings `fit_to_data` takes from the data (keys as in run_args.py): those of the flags nobody set."""
+    """The settings `fit_to_data` takes from the data (keys as in run/record.py): those of the flags nobody set."""
     fitted = set()
     if "per_device_train_batch_size" not in given:
         fitted.add("global_batch_size")  # through the batch size per device

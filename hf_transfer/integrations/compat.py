@@ -190,7 +190,7 @@ def wandb_has_credentials(environ=os.environ) -> bool:
     return bool(entry and entry[2])
 
 
-# Field metadata of the project's own (run_args.py reads "shapes", model_card.py "card"), which argparse does not know.
+# Field metadata of the project's own (run/record.py reads "shapes", run/card.py "card"), which argparse does not know.
 PROJECT_FIELD_METADATA = ("shapes", "card")
 
 

@@ -185,7 +185,7 @@ TRAINER_CARD = {"label_smoothing_factor": "label smoothing"}
 
 def hyperparameters(args, model_args, data_args, **extra) -> dict[str, object]:
     """The settings that matter, for the model card: what every run has, then each setting a run changed from its
-    default, named by its field's "card" metadata (arguments.py, trainers/transfer_config.py)."""
+    default, named by its field's "card" metadata (config/flags.py, trainers/transfer_config.py)."""
     world = max(1, args.world_size)
     summary = dict(extra, augmentation=data_args.augmentation, recipe=model_args.recipe)
     summary.update({

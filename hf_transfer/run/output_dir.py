@@ -3,7 +3,7 @@ the run's arguments written into it.
 
 Nothing is created or overwritten by accident: a finished run of the same settings is reported and
 left as it is, a partial one resumes from its newest complete checkpoint, other settings are refused
-with what differs (run_args.py compares them), and a directory holding anything else needs
+with what differs (run/record.py compares them), and a directory holding anything else needs
 --overwrite_output_dir. A checkpoint named with --resume_from_checkpoint is compared in the same way,
 with the record every checkpoint carries (`RecordInCheckpoints`).
 """
@@ -39,7 +39,7 @@ def prepare_output_dir(args, record: dict, fitted: set[str] = frozenset()) -> Ou
     """Check the output directory before any download (creating nothing); say what it holds for this run.
 
     - A finished run of the same settings (`record`, whose `fitted` keys the data will set;
-      run_args.py) is left as it is: the command reports it and returns its results. A partial one
+      run/record.py) is left as it is: the command reports it and returns its results. A partial one
       resumes from its newest complete checkpoint (checkpoints.py). Either, with other settings, is
       refused with what differs.
     - `--resume_from_checkpoint PATH` resumes from PATH, a complete checkpoint written with the same

@@ -6,7 +6,7 @@ run is always the run it claims to be. What "differently" means is each field's 
 project's fields say it in their metadata (`"shapes": True`), `TRAINER_SHAPING` names the
 Trainer's own fields that do (they cannot carry the project's metadata).
 
-The file holds what the run used: data-fitted values (epochs, batch size; `arguments.fit_to_data`)
+The file holds what the run used: data-fitted values (epochs, batch size; `config/fitting.fit_to_data`)
 as they were fitted. A new command is compared with them: the exact command of a run whose length
 was fitted is the same run (the same data fit the same way); one that names another length, or
 the fitted length where the first run named one, is not.
@@ -32,7 +32,7 @@ TRAINER_SHAPING = ("max_steps", "seed", "data_seed", "learning_rate", "optim", "
                    "adam_beta1", "adam_beta2", "adam_epsilon", "lr_scheduler_type", "lr_scheduler_kwargs",
                    "warmup_steps", "max_grad_norm", "label_smoothing_factor", "bf16", "fp16", "eval_steps",
                    "average_tokens_across_devices")
-# What `arguments.fit_to_data` may set from the data: compared as fitted or as given (module docstring).
+# What `config/fitting.fit_to_data` may set from the data: compared as fitted or as given (module docstring).
 FITTABLE = ("training.num_train_epochs", "global_batch_size", "training.metric_for_best_model")
 # Keys fitted only since a later version: a run saved before holds the old default, which is what fitting gives for
 # the data such runs had (one class per image), so it is the same setting and that run continues.

@@ -114,7 +114,7 @@ class Choice:
     warning: str | None = None
 
     def results(self) -> dict:
-        """For train_results.json, from which the model card says it (model_card.py)."""
+        """For train_results.json, from which the model card says it (run/card.py)."""
         epoch = {} if self.epoch is None else {"selected_epoch": self.epoch}
         return {"selected_step": self.step, **epoch, "selected_by": self.reason, "train_steps": self.last_step}
 
