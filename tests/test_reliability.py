@@ -462,16 +462,16 @@ def test_remote_code_is_not_run_unless_asked(tiny_vit, tmp_path):
     assert not marker.exists()
 
 
-def test_the_hub_token_is_written_nowhere(tiny_resnet, cifar_like, tmp_path, monkeypatch, capfd):
+@pytest.mark.parametrize("spelling", [["--hub_token", "{}"], ["--hub_token={}"], ["--hub-token", "{}"]])
+def test_the_hub_token_is_written_nowhere(tiny_resnet, cifar_like, tmp_path, monkeypatch, capfd, spelling):
     token = "hf_FAKEtokenFORtests0123456789abcdef"
     monkeypatch.setenv("HF_TOKEN", token)
     out = tmp_path / "run"
     run_finetune.main(["--model_name_or_path", tiny_resnet, "--dataset_name", cifar_like, "--output_dir", str(out),
-                       "--hub_token", token, "--max_steps", "2", "--save_steps", "1", "--save_strategy", "steps",
-                       "--eval_strategy", "steps", "--eval_steps", "1",
-                       *quick_flags()])
+                       *(flag.format(token) for flag in spelling), "--max_steps", "2", "--save_steps", "1",
+                       "--save_strategy", "steps", "--eval_strategy", "steps", "--eval_steps", "1", *quick_flags()])
     written = [p for p in out.rglob("*") if p.is_file()]
-    assert any(p.name == "training_args.bin" for p in written)
+    assert any(p.name == "training_args.bin" for p in written) and any(p.name == "run_args.json" for p in written)
     assert [p for p in written if token.encode() in p.read_bytes()] == []
     captured = capfd.readouterr()
     assert token not in captured.out and token not in captured.err
@@ -740,3 +740,20 @@ def test_sigkill_with_the_transfer_strategies_resumes_bit_identical(tiny_resnet,
     assert again.returncode == 0, err[-3000:]
     assert "resuming from checkpoint" in err
     assert_identical(reference, out)
+
+
+@pytest.mark.slow
+def test_a_run_never_writes_over_the_model_it_loads(tiny_resnet, cifar_like, tmp_path):
+    """The refusal without --overwrite_output_dir said to pass it, and with it the weights, checkpoints and results
+    the run was about to load were deleted first. Now refused in one line before anything is touched."""
+    out = tmp_path / "run"
+    run_finetune.main(short_run(tiny_resnet, cifar_like, out))
+    before = files_of(out)
+    cases = [(run_finetune.main, ["--model_name_or_path", str(out), "--do_train", "false"]),
+             (run_finetune.main, ["--model_name_or_path", str(out / "checkpoint-2")]),
+             (run_distill.main, ["--teacher_model_name_or_path", str(out), "--student_model_name_or_path", tiny_resnet])]
+    for main, flags in cases:
+        with pytest.raises(UserError, match=r"^--output_dir '.*run' holds the model the run loads \(--"):
+            main([*flags, "--dataset_name", cifar_like, "--output_dir", str(out), "--overwrite_output_dir",
+                  *quick_flags()])
+        assert files_of(out) == before

@@ -23,7 +23,7 @@ from hf_transfer.cli import distill, finetune
 from hf_transfer.cli.tools import main as tools
 from hf_transfer.errors import UserError, run_cli
 from hf_transfer.tasks.classification import MultiLabel, SingleLabel, check_metric, reported_metrics
-from hf_transfer.tools.search import Finished, Objective, choose, flags_of, open_study
+from hf_transfer.tools.search import Finished, Objective, choose, flags_of, open_study, ran
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -133,6 +133,12 @@ def test_a_continued_study_with_a_new_best_trains_it_as_best_and_says_when_trial
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/all_results.json")} == before
     assert "3 trial(s) done, 0 to run" in caplog.text and f"the run in {out / 'best'} is complete" in caplog.text
     assert json.loads((out / "search_results.json").read_text())["best"]["trial"] == 2
+
+
+def test_a_trial_s_recorded_values_are_those_its_run_used():
+    proposed = {"learning_rate": 0.005611516415334507, "weight_decay": 0.0007969454818643932, "augmentation": "none"}
+    assert ran(proposed) == {"learning_rate": 0.005612, "weight_decay": 0.0007969, "augmentation": "none"}
+    assert flags_of(ran(proposed)) == flags_of(proposed)
 
 
 def test_trials_validation_cannot_tell_apart_are_chosen_by_their_loss_above_its_floor():

@@ -130,7 +130,10 @@ def parse_arguments(argv: Sequence[str], model_type: type = ModelArguments, trai
     if data.streaming:
         check_streaming(data, training, given)
     _check_together(model, data, training)
-    inputs = {**inputs, "hub_token": _move_token_to_environment(training)}
+    token = _move_token_to_environment(training)
+    if token:  # every spelling (--hub_token X, --hub_token=X, --hub-token X): the record never holds it
+        argv = [a.replace(token, "<hub_token>") for a in argv]
+    inputs = {**inputs, "hub_token": None}
     return RunConfig(model=model, data=data, training=training.freeze(), source=source,
                      preset=known.model or (model_type.default_model if preset else None), family=family,
                      recipe=MappingProxyType(dict(recipe)), given=frozenset(given | set(recipe)),
@@ -201,15 +204,14 @@ def _yielding_defaults(known, given: set[str]) -> dict:
     return changed
 
 
-def _move_token_to_environment(arguments) -> None:
+def _move_token_to_environment(arguments) -> str | None:
     """`--hub_token` goes where huggingface_hub reads it (HF_TOKEN) and out of the arguments, which
-    the Trainer pickles into every checkpoint (training_args.bin) and trackers record. Returns None: what the
-    training flags hold instead."""
+    the Trainer pickles into every checkpoint (training_args.bin) and trackers record. Returns the token, for the
+    command line the run records to be cleaned of it."""
     token = getattr(arguments, "hub_token", None)
     if token:
         os.environ["HF_TOKEN"] = token
         arguments.hub_token = None
         # Trackers record the command line (W&B's run metadata): keep the token out of it too.
         sys.argv[:] = [a.replace(token, "<hub_token>") for a in sys.argv]
-    return None
-
+    return token

@@ -50,6 +50,7 @@ def prepare_output_dir(args, record: dict, fitted: set[str] = frozenset()) -> Ou
       earlier result is lost by accident.
     """
     out = Path(args.output_dir)
+    _check_not_a_source(out, record)
     checkpoint = explicit_checkpoint(args.resume_from_checkpoint, record, fitted) if args.resume_from_checkpoint else None
     if out.exists() and not out.is_dir():
         raise UserError(f"--output_dir '{out}' exists and is not a directory")
@@ -85,6 +86,21 @@ def prepare_output_dir(args, record: dict, fitted: set[str] = frozenset()) -> Ou
     if state.resume_from is not None:
         logger.warning("resuming from checkpoint %s", state.resume_from)
     return state
+
+
+def _check_not_a_source(out: Path, record: dict) -> None:
+    """The output folder must not be, or hold, the model or the teacher the run loads: a new run there would be
+    compared with (or, with --overwrite_output_dir, delete) the very weights it starts from."""
+    if not out.exists():
+        return
+    for key, flag in (("model.model_name_or_path", "--model_name_or_path"),
+                      ("training.teacher_model_name_or_path", "--teacher_model_name_or_path")):
+        source = record.get(key)
+        if isinstance(source, str) and source and Path(source).exists():
+            here, there = out.resolve(), Path(source).resolve()
+            if there == here or here in there.parents:
+                raise UserError(f"--output_dir '{out}' holds the model the run loads ({flag} {source}): writing "
+                                "there would replace it; choose another --output_dir (the default names one)")
 
 
 def explicit_checkpoint(path: str, record: dict, fitted: set[str] = frozenset()) -> Path:

@@ -136,6 +136,11 @@ def space(trial, training, augmentation: str, given: set[str]) -> None:
         trial.suggest_categorical("augmentation", ["none", augmentation if augmentation != "none" else "crop"])
 
 
+def ran(params: dict) -> dict:
+    """A trial's values as its run used them (`flags_of` rounds numbers to 4 significant digits)."""
+    return {key: float(_number(value)) if isinstance(value, float) else value for key, value in params.items()}
+
+
 def flags_of(params: dict) -> list[str]:
     """A trial's values as run_finetune.py flags (numbers to 4 significant digits)."""
     return [part for key, value in params.items()
@@ -419,7 +424,7 @@ def _with_optuna(search: Search, n_trials: int) -> tuple[list[Finished], list[di
     if not finished:
         raise UserError(f"no trial of {search.out / 'study.db'} finished (all pruned or failed); see the trial folders")
     trials = [{"number": t.number, "state": "REFUSED" if "refused" in t.user_attrs else t.state.name,
-               "validation": t.value, "params": t.params,
+               "validation": t.value, "params": ran(t.params),
                "folder": t.user_attrs.get("folder"), "seconds": t.user_attrs.get("seconds"),
                "resumes": t.user_attrs.get("resumes"), "loss_above_floor": t.user_attrs.get("loss_above_floor"),
                **({"refused": t.user_attrs["refused"]} if "refused" in t.user_attrs else {})} for t in study.trials]
@@ -488,7 +493,7 @@ def _tune(search: Search, n_trials: int) -> tuple[list[Finished], list[dict]]:
         raise UserError(f"no trial of {path} finished (all stopped or failed); see the trial folders")
     trials = [{"number": (r.metrics or {}).get("trial_id"), "validation": (r.metrics or {}).get("objective"),
                "state": "ERROR" if r.error else "COMPLETE" if (r.metrics or {}).get("finished") else "STOPPED",
-               "params": r.config, "folder": f"trial-{(r.metrics or {}).get('trial_id')}",
+               "params": ran(r.config), "folder": f"trial-{(r.metrics or {}).get('trial_id')}",
                "loss_above_floor": (r.metrics or {}).get("loss_above_floor")} for r in grid]
     return finished, trials
 
