@@ -65,7 +65,7 @@ class FineTune:
         trainer = self.trainer(data, model)
         card = self.card(data, model)
         save_run_args(self.config, card)
-        return train_and_evaluate(trainer, data, card, output.resume_from)
+        return self.train_and_evaluate(trainer, data, card, output.resume_from)
 
     # ---------------------------------------------------------------- the steps
 
@@ -127,6 +127,9 @@ class FineTune:
                                             family=config.family, image_size=model.spec.size[0], **extra),
         )
 
+    def train_and_evaluate(self, trainer, data: ImageData, card: CardInfo, resume_from: str | None) -> dict:
+        return train_and_evaluate(trainer, data, card, resume_from)
+
 
 class Evaluate(FineTune):
     """run_finetune.py --do_train false: score the checkpoint on this data set's validation and test splits,
@@ -134,18 +137,17 @@ class Evaluate(FineTune):
 
     tags = ("evaluation",)
 
-    def run(self) -> dict:
-        self.check_setup()
-        output = prepare_output_dir(self.config.training, shaping(self.config), self.config.fitted_keys())
-        if output.finished is not None:
-            return report_finished(self.config.training.output_dir, output.finished)
-        set_seed(self.config.training.seed)
-        data = self.load_data()
-        model = self.load_model(data)
-        self.attach_transforms(data)
-        self.config = self.config.fitted_to({f.flag: f.value for f in fit_workers(self.config.training, data.in_memory)})
-        trainer = TransferTrainer(**trainer_kwargs(self.config.training, data, model, tags=self.tags))
-        save_run_args(self.config)
+    def fit(self, data: ImageData) -> RunConfig:
+        """The DataLoader workers alone: nothing trains."""
+        return self.config.fitted_to({f.flag: f.value for f in fit_workers(self.config.training, data.in_memory)})
+
+    def trainer(self, data: ImageData, model: LoadedModel) -> TransferTrainer:
+        return TransferTrainer(**trainer_kwargs(self.config.training, data, model, tags=self.tags))
+
+    def card(self, data: ImageData, model: LoadedModel, **extra) -> None:
+        return None  # no new model: no card
+
+    def train_and_evaluate(self, trainer, data: ImageData, card, resume_from) -> dict:
         eval_metrics, test_metrics = evaluate(trainer, data)
         return {**eval_metrics, **test_metrics}
 
