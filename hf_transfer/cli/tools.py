@@ -5,6 +5,7 @@
   check-config FILE...                       check accelerate config files before launching
   export RUN_DIR --format onnx               export a saved model to ONNX, checked against PyTorch on the test images
   search [run_finetune.py flags] --n_trials N  hyperparameter search (optuna); the best trial trained as a run
+  check-data [data flags] --output_dir DIR   check a data set: leaks, duplicates, unreadable and hidden files, classes
 """
 
 from __future__ import annotations
@@ -27,10 +28,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         check_command_line("finetune", argv[1:], more=spec_of(tools["search"]))
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "search":
+    if rest and args.command not in ("search", "check-data"):
         tools[args.command].error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "export" and args.max_images is not None and args.max_images < 1:
         tools["export"].error("--max_images must be >= 1")
+    if args.command == "check-data":  # its flags (the run's data flags) refused before any data is read
+        from ..tools.check_data import parse
+
+        parse(rest)
     before_running(trains=args.command == "search")
 
     if args.command == "push":
@@ -61,6 +66,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         from ..tools.search import closing_line, run_search
 
         print(closing_line(run_search(rest, args.n_trials, args.backend)))
+    elif args.command == "check-data":
+        from ..tools.check_data import check_data
+
+        check_data(rest)
     elif args.command == "export":
         from ..tools.export import export_onnx
 
@@ -107,6 +116,9 @@ def tools_parser() -> tuple[OneLineArgumentParser, dict[str, OneLineArgumentPars
     search.add_argument("--backend", choices=["optuna", "ray"], default="optuna",
                         help="optuna: trials one after another here; ray: trials in parallel on a Ray cluster "
                              "(RAY_ADDRESS; docs/search.md)")
+    commands.add_parser("check-data", help="check a data set before training (leaks, duplicates, unreadable and "
+                        "hidden files, class counts): the run's data flags, plus --output_dir", add_help=False,
+                        allow_abbrev=False)
     return parser, commands.choices
 
 

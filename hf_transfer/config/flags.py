@@ -165,6 +165,19 @@ class DataArguments:
                           "validation (at most --max_eval_samples, default 10,000) and test are read once into the "
                           "cache; a killed run resumes where the stream stopped (docs/guide.md, \"The data path\")."},
     )
+    data_check: bool = field(
+        default=True,
+        metadata={"shapes": False, "help": "Check the data at the start of the run (docs/data-check.md): unreadable and hidden "
+                          "files, images smaller than the model's input, class counts, and duplicates within and across "
+                          "splits (leaks); one line per finding, data_check.json and data_check.html in --output_dir, "
+                          "the leak counts in the results and the card. About 0.3 s per 1,000 small images."},
+    )
+    on_data_leak: str = field(
+        default="warn",
+        metadata={"shapes": False, "card": "on a data leak", "choices": ["warn", "stop"],
+                  "help": "What the data check does when a validation or test image is also in an earlier split "
+                          "(exact or near duplicate): warn (log it, count it in the results) or stop before training."},
+    )
     shuffle_buffer: int = field(
         default=2000,
         metadata={"shapes": True, "help": "With --streaming: images read and shuffled together, per process and DataLoader "

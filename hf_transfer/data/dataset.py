@@ -47,6 +47,8 @@ class ImageData:
     # (crops and flips, if any, run on the device), so loading a batch is a gather of rows.
     in_memory: bool = False
     task: SingleLabel | None = None  # one class per image (default) or several (tasks.py), from the label column
+    decoded: dict = field(default_factory=dict)  # split -> its pixels decoded once (samples.py), which the check reads
+    leaks: dict[str, int] = field(default_factory=dict)  # the data check's leak counts, as the results name them
 
     def __post_init__(self):
         if self.task is None:

@@ -68,6 +68,7 @@ def attach_transforms(data: ImageData, augmentation: str, seed: int = 42, random
             decoded = decode_split(ds, data.image_column, split, budget) if decode_once and not streamed else None
             if decoded is not None:
                 budget -= decoded.images.numel()
+                data.decoded[split] = decoded  # the data check reads these pixels instead of decoding again
             transform = SampleTransform(data.image_column, data.label_column, split, aug, seed, data.epoch, decoded,
                                         data.task)
             # Decoded pixels are read by row number: the stored image bytes need not leave Arrow again.

@@ -43,6 +43,7 @@ class CardInfo:
     hyperparameters: dict[str, object] = field(default_factory=dict)
     teacher: str | None = None  # set for distilled models
     dataset_on_hub: bool | None = None  # decided when the card is made, where the data set's path means something
+    data_leaks: dict[str, int] | None = None  # the data check's leak counts (data/check.py), where it ran
 
     def __post_init__(self):
         if self.dataset_on_hub is None:
@@ -156,6 +157,12 @@ def _body(info: CardInfo, test_metrics: dict, eval_metrics: dict, train_metrics:
         lines += ["", f"Validation mAP{images}: {eval_metrics['eval_map']:.4f}."]
     elif "eval_accuracy" in eval_metrics:
         lines += ["", f"Validation accuracy{images}: {eval_metrics['eval_accuracy']:.4f}."]
+
+    if info.data_leaks is not None:
+        exact, near = info.data_leaks.get("data_leaks_exact", 0), info.data_leaks.get("data_leaks_near", 0)
+        lines += ["", f"Data check: {exact + near} validation/test images are also in an earlier split ({exact} exact "
+                  f"copies, {near} near-duplicates; data_check.json)" + (": the figures above count them." if exact + near
+                                                                         else ".")]
 
     lines += ["", "## Training", "", "| setting | value |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in info.hyperparameters.items()]

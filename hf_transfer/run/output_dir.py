@@ -58,8 +58,9 @@ def prepare_output_dir(args, record: dict, fitted: set[str] = frozenset()) -> Ou
     state = OutputDir(resume_from=str(checkpoint) if checkpoint else None)
     # The main process looks first (and moves incomplete checkpoints aside); the others then agree with it.
     with args.main_process_first(local=False, desc="checking the output directory"):
-        # Files a run writes before its first checkpoint (the teacher-logit cache, its arguments) are its own.
-        if out.is_dir() and any(not p.name.startswith(("_teacher_logits-", run_args.FILE)) for p in out.iterdir()):
+        # Files a run writes before its first checkpoint (the teacher-logit cache, its arguments, the data check)
+        # are its own.
+        if out.is_dir() and any(not p.name.startswith(("_teacher_logits-", run_args.FILE, "data_check.")) for p in out.iterdir()):
             if args.overwrite_output_dir:
                 if args.process_index == 0:
                     _clear_earlier_run(out, keep=checkpoint)

@@ -16,11 +16,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 
 from transformers import TrainerCallback, set_seed
 
 from ..config.fitting import fit_stream, fit_to_data, fit_workers
 from ..config.run_config import RunConfig, parse_command
+from ..data.check import FILE as CHECK_FILE
+from ..data.check import check_image_data, leak_results, local_folders, summary, write_report
 from ..data.dataset import ImageData
 from ..data.samples import attach_transforms
 from ..data.streaming import StreamingSplit
@@ -61,6 +64,7 @@ class FineTune:
         data = self.load_data()
         model = self.load_model(data)
         self.attach_transforms(data)
+        self.check_data(data, model)
         self.config = self.fit(data)
         trainer = self.trainer(data, model)
         card = self.card(data, model)
@@ -99,6 +103,30 @@ class FineTune:
     def attach_transforms(self, data: ImageData) -> None:
         attach_transforms(data, self.config.data.augmentation, self.config.training.seed, self.config.data.random_erasing)
 
+    def check_data(self, data: ImageData, model: LoadedModel) -> None:
+        """The data check (data/check.py) on the splits as loaded, their pixels read where they were decoded once
+        (no second decode): one line per finding, data_check.json/.html in the output folder, the leak counts in
+        the results; with --on_data_leak stop a leak ends the run here, before training."""
+        flags, training = self.config.data, self.config.training
+        if not flags.data_check:
+            return
+        if isinstance(data.train, StreamingSplit):
+            logger.info("data check: a streamed data set is not checked at the start of a run (python -m "
+                        "hf_transfer check-data checks it whole)")
+            return
+        report = check_image_data(data, min(model.spec.size), local_folders(flags), data.decoded)
+        data.leaks = leak_results(report)
+        for severity, line in summary(report):
+            logger.log(logging.INFO if severity == "info" else logging.WARNING, line)
+        path = Path(training.output_dir) / CHECK_FILE
+        if training.process_index == 0:
+            write_report(report, training.output_dir, data)
+        leaks = report["leaks"]["exact"] + report["leaks"]["near"]
+        if leaks and flags.on_data_leak == "stop":
+            raise UserError(f"{leaks} validation/test image(s) are also in an earlier split ({report['leaks']['exact']} "
+                            f"exact, {report['leaks']['near']} near; listed in {path}); remove them, or pass "
+                            "--on_data_leak warn to train anyway")
+
     def fit(self, data: ImageData) -> RunConfig:
         """The configuration with the defaults that depend on the data (config/fitting.py), each said in one line."""
         training = self.config.training
@@ -123,6 +151,7 @@ class FineTune:
         return CardInfo(
             model_name=config.training.output_dir, base_model=config.source, from_scratch=config.model.from_scratch,
             dataset=data.name, label_names=data.label_names, teacher=extra.get("teacher"),
+            data_leaks=dict(data.leaks) or None,
             hyperparameters=hyperparameters(config.training, config.model, config.data, model=config.source,
                                             family=config.family, image_size=model.spec.size[0], **extra),
         )
@@ -149,7 +178,7 @@ class Evaluate(FineTune):
 
     def train_and_evaluate(self, trainer, data: ImageData, card, resume_from) -> dict:
         eval_metrics, test_metrics = evaluate(trainer, data)
-        return {**eval_metrics, **test_metrics}
+        return {**eval_metrics, **test_metrics, **data.leaks}
 
     def load_model(self, data: ImageData) -> LoadedModel:
         model = super().load_model(data)

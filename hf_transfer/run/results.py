@@ -46,6 +46,7 @@ def train_and_evaluate(trainer, data: ImageData, card: CardInfo, resume_from: st
     trainer.log({"train_peak_memory_mb": results["train_peak_memory_mb"]})  # the trackers get it too
     results.update({("train_unlabeled" if split == "unlabeled" else split) + "_skipped_images": n
                     for split, n in data.skipped_images.items()})
+    results.update(data.leaks)  # the data check's (run/pipeline.py): validation/test images seen in training
     choice = trainer.checkpoint_choice()  # which weights the run kept, and why: in the results and the card
     results.update(choice.results())
     logger.info("kept %s", choice.sentence())
