@@ -30,6 +30,7 @@ import PIL.Image
 
 from .dataset import ROW
 from .decoding import decode_rgb
+from .sources import SKIPPED
 
 FILE, PAGE = "data_check.json", "data_check.html"
 NEAR_BITS = 10  # pHash bits (of 64) within which two images are candidates for a near-duplicate
@@ -38,7 +39,6 @@ THUMB = 16
 FEW_IMAGES = 10  # a class with fewer training images than this is reported
 IMBALANCE = 10.0  # largest / smallest training class beyond which the imbalance is reported
 ORDER = ("train", "validation", "test")  # an image of a later split seen in an earlier one is a leak
-HIDDEN = (".", "__")  # names the folder loader skips (.ipynb_checkpoints, .DS_Store, __MACOSX)
 
 
 @dataclass
@@ -98,9 +98,9 @@ def hidden_entries(folders) -> list[str]:
     for folder in folders:
         for root, dirs, files in os.walk(folder):
             for name in sorted(dirs + files):
-                if name.startswith(HIDDEN):
+                if name.startswith(SKIPPED):
                     found.append(os.path.join(root, name))
-            dirs[:] = [d for d in dirs if not d.startswith(HIDDEN)]
+            dirs[:] = [d for d in dirs if not d.startswith(SKIPPED)]
     return sorted(found)
 
 

@@ -50,6 +50,7 @@ IMAGE_EXTENSIONS = tuple(_EXTENSIONS)  # the files an image folder's rows are ma
 _SPLIT_ALIASES = {"train": ("train", "training"), "validation": ("validation", "valid", "val", "dev", "eval"),
                   "test": ("test", "testing")}
 _SAVED_FILES = ("dataset_dict.json", "state.json")
+SKIPPED = (".", "__")  # names the folder listing skips, as datasets' imagefolder does (.ipynb_checkpoints, __MACOSX)
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,8 @@ def _class_folders_source(train_dir, validation_dir, test_dir) -> Source:
             if not Path(folder).is_dir():
                 raise UserError(f"--{split}_dir '{folder}' is not a directory")
             files.append((split, str(Path(folder) / "**")))
-    classes = sorted(p.name for p in Path(train_dir).iterdir() if p.is_dir() and any(p.iterdir()))
+    classes = sorted(p.name for p in Path(train_dir).iterdir()
+                     if p.is_dir() and not p.name.startswith(SKIPPED) and any(p.iterdir()))
     metadata = any((Path(train_dir) / m).is_file() for m in METADATA_FILES)  # labels from a file, not folders
     if len(classes) < 2 and not metadata:
         raise UserError(f"--train_dir '{train_dir}' has {len(classes)} class folder(s) "
@@ -223,14 +225,14 @@ def _class_folders(files: dict[str, str]) -> DatasetDict | None:
     for split, pattern in files.items():
         root, found = Path(pattern).parent.absolute(), []  # as imagefolder: paths that hold from any folder
         for entry in os.scandir(root):
-            if entry.name.startswith((".", "__")):
+            if entry.name.startswith(SKIPPED):
                 continue
             if not entry.is_dir():
                 if entry.name.lower().endswith(IMAGE_EXTENSIONS) or entry.name.startswith("metadata."):
                     return None  # images outside a class folder, or labels from a metadata file
                 continue
             for file in os.scandir(entry.path):
-                if file.name.startswith((".", "__")):
+                if file.name.startswith(SKIPPED):
                     continue
                 if file.is_dir() or file.name.startswith("metadata."):
                     return None  # nested folders: datasets' rules decide the labels
