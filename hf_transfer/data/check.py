@@ -38,6 +38,7 @@ NEAR_PIXELS = 3.0  # mean absolute difference of the 16x16 grey thumbnails (0..2
 THUMB = 16
 FEW_IMAGES = 10  # a class with fewer training images than this is reported
 IMBALANCE = 10.0  # largest / smallest training class beyond which the imbalance is reported
+POPCOUNT = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)  # set bits per byte (numpy < 2 too)
 ORDER = ("train", "validation", "test")  # an image of a later split seen in an earlier one is a leak
 
 
@@ -240,7 +241,7 @@ def _near_pairs(scan: SplitScan, other: SplitScan, chunk: int = 512):
     b_hashes, b_thumbs = other.hashes[b_index], other.thumbs[b_index].astype(np.int16)
     for start in range(0, len(scan.rows), chunk):
         a_index = np.flatnonzero(ok_a[start:start + chunk]) + start
-        bits = np.bitwise_count(scan.hashes[a_index][:, None, :] ^ b_hashes[None, :, :]).sum(axis=-1)
+        bits = POPCOUNT[scan.hashes[a_index][:, None, :] ^ b_hashes[None, :, :]].sum(axis=-1, dtype=np.int64)
         candidates = {}
         for a, k in zip(*np.nonzero(bits <= NEAR_BITS)):
             i = int(a_index[a])
