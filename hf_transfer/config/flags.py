@@ -174,7 +174,7 @@ class DataArguments:
     )
     on_data_leak: str = field(
         default="warn",
-        metadata={"shapes": False, "card": "on a data leak", "choices": ["warn", "stop"],
+        metadata={"shapes": False, "choices": ["warn", "stop"],
                   "help": "What the data check does when a validation or test image is also in an earlier split "
                           "(exact or near duplicate): warn (log it, count it in the results) or stop before training."},
     )
