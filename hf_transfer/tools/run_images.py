@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import io
+from dataclasses import replace
 from pathlib import Path
 
 import PIL.Image
@@ -76,6 +77,9 @@ class RunImages:
             if data_args.streaming:
                 self.problem = "the run streamed its data: its rows cannot be re-read by number"
                 return None
+            # Without the run's limits: row numbers are given before --max_train_samples / --max_eval_samples pick
+            # their rows (and after validation is carved out of train), so every row the run named is found.
+            data_args = replace(data_args, max_train_samples=None, max_eval_samples=None)
             self._data = load_data(data_args, saved["shaping"].get("training.seed", 42))
         except (UserError, OSError, ValueError) as exc:
             self.problem = f"the run's data could not be re-opened: {str(exc).splitlines()[0]}"
