@@ -1,7 +1,7 @@
 """`python -m hf_transfer <command>`: tools around the training scripts.
 
   push OUTPUT_DIR --hub_model_id USER/NAME   push a finished run to the Hugging Face Hub
-  report RUN_DIR... [--output DIR]           compare finished runs: a Markdown table and plots
+  report RUN_DIR... [--output DIR]           compare finished runs: report.html (pictures, offline) and report.md
   check-config FILE...                       check accelerate config files before launching
   export RUN_DIR --format onnx               export a saved model to ONNX, checked against PyTorch on the test images
   search [run_finetune.py flags] --n_trials N  hyperparameter search (optuna); the best trial trained as a run
@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         from ..tools.report import build_report
 
         print(build_report(args.runs, args.output))
-        print(f"\nwritten to {args.output}/ (report.md, summary.json, curves.png, confusion_matrices.png)")
+        print(f"\nwritten to {args.output}/ (report.html: open it in a browser; report.md, summary.json, curves.png, confusion_matrices.png)")
     elif args.command == "check-config":
         from ..integrations.launch import check_config_file
 
@@ -93,7 +93,7 @@ def tools_parser() -> tuple[OneLineArgumentParser, dict[str, OneLineArgumentPars
     push.add_argument("--revision", default=None, help="branch to push to (created if needed; default main)")
     report = commands.add_parser("report", help="compare finished runs", allow_abbrev=False)
     report.add_argument("runs", nargs="+")
-    report.add_argument("--output", default="reports/comparison", help="folder for report.md and the plots")
+    report.add_argument("--output", default="reports/comparison", help="folder for report.html, report.md and the plots")
     check = commands.add_parser("check-config", help="check accelerate config files (keys, devices, precision)",
                                 allow_abbrev=False)
     check.add_argument("files", nargs="+")

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..tasks.metrics import draw_confusion_matrix
+from .report_html import write_html
 
 COLUMNS = [
     ("run", "run", "{}"),
@@ -88,17 +89,24 @@ def summarize(run: str | Path) -> dict:
     }
 
 
-def markdown_table(rows: list[dict]) -> str:
+def table_columns(rows: list[dict]) -> list[tuple[str, list[str]]]:
+    """The comparison's columns that some run has a value for: (title, the runs' formatted cells)."""
     columns = [c for c in COLUMNS if any(row.get(c[0]) is not None for row in rows)]
-    lines = ["| " + " | ".join(title for _, title, _ in columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        cells = [fmt.format(row[key]) if row.get(key) is not None else "-" for key, _, fmt in columns]
-        lines.append("| " + " | ".join(cells) + " |")
+    return [(title, [fmt.format(row[key]) if row.get(key) is not None else "-" for row in rows])
+            for key, title, fmt in columns]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    columns = table_columns(rows)
+    lines = ["| " + " | ".join(title for title, _ in columns) + " |", "|" + "---|" * len(columns)]
+    for i in range(len(rows)):
+        lines.append("| " + " | ".join(cells[i] for _, cells in columns) + " |")
     return "\n".join(lines)
 
 
 def build_report(runs: list[str | Path], output: str | Path) -> str:
-    """Write report.md, summary.json, curves.png and confusion_matrices.png into `output`; return the Markdown."""
+    """Write report.md, summary.json, curves.png, confusion_matrices.png and report.html (report_html.py: the same
+    and each run's pictures, in one page that opens offline) into `output`; return the Markdown table."""
     if not runs:
         raise UserError("name at least one run directory")
     rows = [summarize(run) for run in tqdm(runs, desc="reading runs", leave=False, disable=len(runs) < 3)]
@@ -117,6 +125,7 @@ def build_report(runs: list[str | Path], output: str | Path) -> str:
     (output / "summary.json").write_text(json.dumps(rows, indent=2))
     _plot_curves([Path(r) for r in runs], output / "curves.png")
     _plot_confusion_matrices([Path(r) for r in runs], output / "confusion_matrices.png")
+    write_html([Path(r) for r in runs], table_columns(rows), output)
     return table
 
 
