@@ -49,6 +49,9 @@ RESULTS = "label_errors.json"
 FOLDER = "label-errors"  # in the run's folder: the fold runs and what each measured
 PROBABILITIES = "probabilities.npz"
 STATE = "folds.json"  # which run and K the folds were made for
+MULTI_LABEL = ("the run has several labels per image: confident learning here judges one given class per image "
+               "(several labels would need a judgement per class and image); label-errors is for runs with one "
+               "class per image")
 MOST_DISPUTED_SHOWN = 3  # images named in the printed summary
 
 
@@ -128,13 +131,14 @@ def _check_installed() -> None:
 def _open_data(saved: dict, instead: str) -> ImageData:
     """The run's data as it loaded it (the same flags, seed and splits), refused where the check cannot run."""
     data_args = data_arguments(saved, instead)
+    if data_args.multi_label:  # (else found from the label column once the data loads)
+        raise UserError(MULTI_LABEL)
     if data_args.streaming:
         raise UserError("the run streamed its training split (--streaming): label-errors scores every training image "
                         "in K folds, which needs the split whole; not for streamed runs")
     data = load_data(data_args, saved["shaping"].get("training.seed", 42))
     if data.task.multi_label:
-        raise UserError("the run has several labels per image: confident learning here judges one given class per "
-                        "image; label-errors is for runs with one class per image")
+        raise UserError(MULTI_LABEL)
     return data
 
 
