@@ -84,6 +84,7 @@ def find_label_errors(run_dir: str, folds: int | None = None, keep_fold_runs: bo
         raise UserError("label-errors trains its folds one at a time in one process: start it with python, not a "
                         "launcher of several processes")
     saved = _finished_run(run)
+    _check_data_flags(saved)
     _check_installed()
     instead = "label errors are found on the data the run was trained on"
     flags = recipe_flags(saved, instead)  # before the data loads: a record that cannot be rebuilt is refused now
@@ -121,6 +122,16 @@ def _finished_run(run: Path) -> dict:
     return saved
 
 
+def _check_data_flags(saved: dict) -> None:
+    """What the run's data flags say the check cannot do, refused before the recipe is rebuilt or the data loads."""
+    data = (saved.get("resolved") or {}).get("data", {})
+    if data.get("streaming"):
+        raise UserError("the run streamed its training split (--streaming): label-errors scores every training image "
+                        "in K folds, which needs the split whole; not for streamed runs")
+    if data.get("multi_label"):  # (else found from the label column once the data loads)
+        raise UserError(MULTI_LABEL)
+
+
 def _check_installed() -> None:
     import importlib.util
 
@@ -131,11 +142,6 @@ def _check_installed() -> None:
 def _open_data(saved: dict, instead: str) -> ImageData:
     """The run's data as it loaded it (the same flags, seed and splits), refused where the check cannot run."""
     data_args = data_arguments(saved, instead)
-    if data_args.multi_label:  # (else found from the label column once the data loads)
-        raise UserError(MULTI_LABEL)
-    if data_args.streaming:
-        raise UserError("the run streamed its training split (--streaming): label-errors scores every training image "
-                        "in K folds, which needs the split whole; not for streamed runs")
     data = load_data(data_args, saved["shaping"].get("training.seed", 42))
     if data.task.multi_label:
         raise UserError(MULTI_LABEL)
