@@ -6,6 +6,7 @@
   export RUN_DIR --format onnx               export a saved model to ONNX, checked against PyTorch on the test images
   search [run_finetune.py flags] --n_trials N  hyperparameter search (optuna); the best trial trained as a run
   check-data [data flags] --output_dir DIR   check a data set: leaks, duplicates, unreadable and hidden files, classes
+  label-errors RUN_DIR [--folds K]           the training and validation images whose label the model disputes
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         from ..tools.check_data import parse
 
         parse(rest)
-    before_running(trains=args.command == "search")
+    before_running(trains=args.command in ("search", "label-errors"))
 
     if args.command == "push":
         from ..errors import UserError
@@ -77,6 +78,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(json.dumps(results, indent=2))
         print(f"\n{results['model']}: onnxruntime matches PyTorch on {results['image_source']} (largest logit "
               f"difference {results['max_abs_logit_diff']:.1e}, same top-1 on all)")
+    elif args.command == "label-errors":
+        from ..tools.label_errors import find_label_errors, summary_line
+
+        print(summary_line(find_label_errors(args.run_dir, args.folds, args.keep_fold_runs), args.run_dir))
 
 
 def tools_parser() -> tuple[OneLineArgumentParser, dict[str, OneLineArgumentParser]]:
@@ -119,6 +124,16 @@ def tools_parser() -> tuple[OneLineArgumentParser, dict[str, OneLineArgumentPars
     commands.add_parser("check-data", help="check a data set before training (leaks, duplicates, unreadable and "
                         "hidden files, class counts): the run's data flags, plus --output_dir", add_help=False,
                         allow_abbrev=False)
+    errors = commands.add_parser("label-errors", help="the training and validation images whose given label a "
+                                 "finished run's recipe most disputes, scored out of sample (K-fold runs); "
+                                 "docs/label-errors.md", allow_abbrev=False)
+    errors.add_argument("run_dir")
+    errors.add_argument("--folds", type=int, default=None,
+                        help="folds of the training split, each scored by a run of the recipe trained on the others "
+                             "(default 3: docs/label-errors.md weighs precision and recall against cost)")
+    errors.add_argument("--keep_fold_runs", "--keep-fold-runs", action="store_true",
+                        help="keep the fold runs' weights and checkpoints in RUN_DIR/label-errors (default: only "
+                             "what each fold measured is kept, which a second call reuses)")
     return parser, commands.choices
 
 
