@@ -17,10 +17,8 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +30,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 from real_weights import write_timm_folder  # noqa: E402
 
 from hf_transfer.tools.export import to_onnx  # noqa: E402
+from hf_transfer.tools.latency import timed_ms  # noqa: E402
 
 
 def models(root: Path) -> dict:
@@ -46,13 +45,7 @@ def models(root: Path) -> dict:
 
 
 def median_ms(call, repeats: int) -> float:
-    call()  # warm-up: allocations, kernel selection
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times) * 1000
+    return timed_ms(call, repeats, warmup=1)[0]  # the package's timing (python -m hf_transfer export's table)
 
 
 def measure(name: str, model, root: Path, batches: list[int], repeats: int) -> list[dict]:

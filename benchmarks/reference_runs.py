@@ -34,10 +34,10 @@ ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--model", "resnet18", "--from_scratch", "--image_size", "16", "--disable_tqdm", "true",
          "--dataloader_num_workers", "0", "--report_to", "none", "--seed", "0"]
 # Results that measure the machine, not the run.
-TIMING = ("runtime", "per_second", "peak_memory", "seconds", "images_per_s", "data_wait")
+TIMING = ("runtime", "per_second", "peak_memory", "seconds", "images_per_s", "data_wait", "latency")
 # The ONNX file embeds the exporting code's source file path in its stack-trace metadata (49 times for a ResNet-18):
 # its size follows where the code lives, not what it computes (its logits are compared: export_results.json).
-NOT_COMPARED = ("export_results.json:onnx_bytes",)
+NOT_COMPARED = ("export_results.json:onnx_bytes", "export_results.json:precisions.fp32.bytes")
 
 
 def commands(work: Path) -> dict[str, list[list[str]]]:
@@ -117,7 +117,8 @@ def record_folder(folder: Path) -> dict:
         path = folder / name
         if path.is_file():
             results.update(numbers(json.loads(path.read_text()), f"{name}:"))
-    results.pop("export_results.json:model", None)  # a path in the work folder
+    for key in ("export_results.json:model", "export_results.json:precisions.fp32.model", "export_results.json:card"):
+        results.pop(key, None)  # a path in the work folder
     for key in NOT_COMPARED:
         results.pop(key, None)
     for key in [k for k in results if k.endswith((".folder", ":folder")) or "best.folder" in k]:

@@ -4,6 +4,7 @@
   report RUN_DIR... [--output DIR]           compare finished runs: report.html (pictures, offline) and report.md
   check-config FILE...                       check accelerate config files before launching
   export RUN_DIR --format onnx               export a saved model to ONNX, checked against PyTorch on the test images
+                                             [--quantize int8] [--precision fp16]: smaller models, checked and timed
   search [run_finetune.py flags] --n_trials N  hyperparameter search (optuna); the best trial trained as a run
   check-data [data flags] --output_dir DIR   check a data set: leaks, duplicates, unreadable and hidden files, classes
   label-errors RUN_DIR [--folds K]           the training and validation images whose label the model disputes
@@ -31,8 +32,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args, rest = parser.parse_known_args(argv)
     if rest and args.command not in ("search", "check-data"):
         tools[args.command].error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.command == "export" and args.max_images is not None and args.max_images < 1:
-        tools["export"].error("--max_images must be >= 1")
+    if args.command == "export":
+        for flag, least in (("max_images", 1), ("calibration_images", 1), ("latency_repeats", 0), ("latency_batch", 1)):
+            if getattr(args, flag) is not None and getattr(args, flag) < least:
+                tools["export"].error(f"--{flag} must be >= {least}")
     if args.command == "check-data":  # its flags (the run's data flags) refused before any data is read
         from ..tools.check_data import parse
 
@@ -72,12 +75,23 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         check_data(rest)
     elif args.command == "export":
-        from ..tools.export import export_onnx
+        from ..tools.deployment import markdown
+        from ..tools.export import Precision, export_onnx
 
-        results = export_onnx(args.run_dir, args.output, args.max_images, args.images, args.opset)
+        chosen = {k: getattr(args, k) for k in ("max_accuracy_drop", "calibration_images", "latency_repeats",
+                                                "latency_batch") if getattr(args, k) is not None}
+        results = export_onnx(args.run_dir, args.output, args.max_images, args.images, args.opset,
+                              Precision(quantize=args.quantize, precision=args.precision, **chosen))
         print(json.dumps(results, indent=2))
+        if "latency" in results:
+            print("\n" + markdown(results["latency"]))
         print(f"\n{results['model']}: onnxruntime matches PyTorch on {results['image_source']} (largest logit "
               f"difference {results['max_abs_logit_diff']:.1e}, same top-1 on all)")
+        for name, figures in results["precisions"].items():
+            if name != "fp32":
+                print(f"{figures['model']}: top-1 agreement with fp32 {figures['top1_agreement']:.4f}"
+                      + (f", accuracy {figures['accuracy']:.4f} (fp32 {figures['fp32_accuracy']:.4f})"
+                         if "accuracy" in figures else ""))
     elif args.command == "label-errors":
         from ..tools.label_errors import find_label_errors, summary_line
 
@@ -112,6 +126,22 @@ def tools_parser() -> tuple[OneLineArgumentParser, dict[str, OneLineArgumentPars
     export.add_argument("--images", default=None,
                         help="compare on the image files under this folder instead of the run's test split")
     export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's)")
+    export.add_argument("--quantize", choices=["int8"], default=None,
+                        help="also write model.int8.onnx: onnxruntime static quantization (QDQ, per-channel int8 "
+                             "weights, activations calibrated on the run's training images), checked on the test "
+                             "images against fp32 (docs/export.md)")
+    export.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
+                        help="fp16: also write model.fp16.onnx (half-precision weights and arithmetic, for GPUs), "
+                             "checked like int8")
+    export.add_argument("--max_accuracy_drop", "--max-accuracy-drop", type=float, default=None,
+                        help="refuse (exit 2, file kept) an int8/fp16 model whose test accuracy falls by more than "
+                             "this fraction below fp32's (default 0.01: one point)")
+    export.add_argument("--calibration_images", "--calibration-images", type=int, default=None,
+                        help="training images that calibrate int8 activation ranges (default 256)")
+    export.add_argument("--latency_repeats", "--latency-repeats", type=int, default=None,
+                        help="timed calls per latency figure (default 20); 0: no latency table")
+    export.add_argument("--latency_batch", "--latency-batch", type=int, default=None,
+                        help="the throughput batch of the latency table, beside batch 1 (default 32)")
     search = commands.add_parser("search", help="hyperparameter search: every run_finetune.py flag, plus these; the "
                                  "study continues where it stopped when the command is run again", allow_abbrev=False,
                                  description="Takes every run_finetune.py flag (python run_finetune.py --help) and "

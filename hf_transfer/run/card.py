@@ -182,8 +182,36 @@ def write_model_card(output_dir: str | Path, info: CardInfo, test_metrics: dict 
     path = Path(output_dir) / "README.md"
     train = path.with_name("train_results.json")
     train_metrics = json.loads(train.read_text()) if train.is_file() else None
+    kept = added_sections(path.read_text()) if path.is_file() else ""
     render_model_card(info, test_metrics, eval_metrics, train_metrics).save(path)
+    if kept:  # sections the tools added (export's latency table) survive the card rendered again (a push)
+        path.write_text(path.read_text().rstrip("\n") + "\n\n" + kept)
     return path
+
+
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- hf_transfer:{name} -->", f"<!-- /hf_transfer:{name} -->"
+
+
+def replace_section(path: Path, name: str, markdown: str) -> None:
+    """Put `markdown` into the card at `path` as its section `name`: in place of the one written before, else
+    appended; the rest of the card is left as it is."""
+    start, end = _markers(name)
+    text, block = path.read_text(), f"{start}\n{markdown.strip()}\n{end}\n"
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        text = before + block + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        text = text.rstrip("\n") + "\n\n" + block
+    path.write_text(text)
+
+
+def added_sections(text: str) -> str:
+    """The sections `replace_section` added to a card, whole, in their order."""
+    import re
+
+    return "".join(m.group(0) + "\n" for m in re.finditer(r"<!-- hf_transfer:(\S+) -->.*?<!-- /hf_transfer:\1 -->",
+                                                              text, flags=re.S))
 
 
 # The Trainer's own fields shown on the card when set (they cannot carry the project's "card" metadata).

@@ -12,10 +12,12 @@ top-1 class the same on every image, else the command fails.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +25,20 @@ import torch
 
 from ..errors import UserError
 from ..run import record as run_args
+from . import quantize
+from .deployment import latency_table, update_card
 
 logger = logging.getLogger(__name__)
 
 TOLERANCE = 1e-4  # largest |logit difference| allowed between onnxruntime and PyTorch
 BATCH = 32  # images per comparison batch
 SINGLE_FILE_LIMIT = 1_800_000_000  # bytes of weights above which they go to a side file (protobuf's 2 GB limit)
+# The most test accuracy a smaller precision may lose against fp32 before export refuses it (a fraction; docs/export.md
+# gives the measurements it was chosen from).
+MAX_ACCURACY_DROP = 0.01
+CALIBRATION_IMAGES = 256  # training images that calibrate int8 activation ranges
+LATENCY_REPEATS = 20  # timed calls per latency figure
+LATENCY_BATCH = 32  # the throughput batch of the latency table
 
 
 class _Logits(torch.nn.Module):
@@ -42,16 +52,31 @@ class _Logits(torch.nn.Module):
         return self.model(pixel_values=pixel_values).logits
 
 
+@dataclass(frozen=True)
+class Precision:
+    """What to write besides the fp32 model, and how it is checked and timed."""
+
+    quantize: str | None = None  # "int8": model.int8.onnx
+    precision: str = "fp32"  # "fp16": model.fp16.onnx as well
+    max_accuracy_drop: float = MAX_ACCURACY_DROP  # refusal above this fall of test accuracy (a fraction)
+    calibration_images: int = CALIBRATION_IMAGES  # training images that calibrate int8 activations
+    latency_repeats: int = LATENCY_REPEATS  # timed calls per figure; 0: no latency table
+    latency_batch: int = LATENCY_BATCH  # the throughput batch (besides batch 1)
+
+    def reduced(self) -> list[str]:
+        return [p for p in (self.quantize, None if self.precision == "fp32" else self.precision) if p]
+
+
 def export_onnx(run_dir: str, output: str | None = None, max_images: int | None = None,
-                images: str | None = None, opset: int | None = None) -> dict:
+                images: str | None = None, opset: int | None = None, precision: Precision = Precision()) -> dict:
     """Export the model saved in `run_dir`, verify it on images, and return what was measured."""
     run, out = Path(run_dir), Path(output) if output else Path(run_dir) / "onnx"
     _check_installed()
     _check_saved_model(run)
-    pictures, labels, source = _verification_images(run, images, max_images)  # before the model: a refusal is quick
+    pictures, labels, source, data = _verification_images(run, images, max_images)  # before the model: quick refusal
+    calibration = _calibration_images(run, data, precision.calibration_images) if precision.quantize else None
     model, processor = _load(run)
-    pixel_values = [processor(images=pictures[i:i + BATCH], return_tensors="pt")["pixel_values"]
-                    for i in range(0, len(pictures), BATCH)]
+    pixel_values = _prepared(processor, pictures)
 
     out.mkdir(parents=True, exist_ok=True)
     path = out / "model.onnx"
@@ -68,12 +93,67 @@ def export_onnx(run_dir: str, output: str | None = None, max_images: int | None 
                "export_seconds": round(seconds, 2), "onnx_bytes": _size(path)}
     if labels is not None and not isinstance(labels[0], list):  # one class per image: the exported model's score
         results["onnx_accuracy"] = float((predicted == np.asarray(labels)).mean())
-    (out / "export_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    results["precisions"] = {"fp32": {"model": str(path), "bytes": _size(path), "check": "logits within tolerance",
+                                      **{k: results[k] for k in ("max_abs_logit_diff", "top1_disagreements")}}}
+    _write(out, results)
     if worst > TOLERANCE or disagree:
         raise UserError(f"the ONNX model differs from PyTorch on {source}: largest logit difference {worst:.2e} "
                         f"(allowed {TOLERANCE:g}), top-1 different on {disagree} of {len(pictures)} images; "
                         f"{path} is kept for inspection, do not serve it")
+
+    refused = []
+    for name in precision.reduced():
+        figures = _reduced(name, path, out, model.config, processor, pixel_values, predicted, labels, calibration,
+                           precision)
+        results["precisions"][name] = figures
+        if figures["refused"]:
+            refused.append(f"{name} {figures['model']}: {figures['refused']}")
+    _write(out, results)
+    if refused:  # the figures are in export_results.json; the files are kept for inspection
+        raise UserError(f"{'; '.join(refused)} on {source}; the file is kept for inspection, do not serve it "
+                        "(a larger --max_accuracy_drop would accept it)")
+    if precision.latency_repeats:
+        results["latency"] = latency_table(run, model, results, pixel_values[0], precision, pictures)
+        _write(out, results)
+        results["card"] = update_card(run, results["latency"])
+        _write(out, results)
     return results
+
+
+def _write(out: Path, results: dict) -> None:
+    (out / "export_results.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _prepared(processor, pictures: list) -> list[torch.Tensor]:
+    """Batches of pixel_values, prepared by the saved image processor as `pipeline` prepares an image."""
+    return [processor(images=pictures[i:i + BATCH], return_tensors="pt")["pixel_values"]
+            for i in range(0, len(pictures), BATCH)]
+
+
+def _reduced(name: str, fp32: Path, out: Path, config, processor, pixel_values, reference, labels, calibration,
+             precision: Precision) -> dict:
+    """Write the `name` precision of the fp32 model beside it, run it on the check's images and compare its top-1
+    with the fp32 model's; `refused` says why it must not be served (None: within --max_accuracy_drop)."""
+    from .latency import onnx_session
+
+    path = out / f"model.{name}.onnx"
+    if name == quantize.INT8:
+        made = quantize.quantize_int8(fp32, path, _prepared(processor, calibration[0]) if calibration else None)
+        if calibration:
+            made["calibration_source"] = calibration[1]
+    else:
+        made = quantize.to_fp16(fp32, path)
+    _add_metadata(path, config, processor, precision=name)
+    figures = quantize.against_fp32(quantize.predictions(onnx_session(path), pixel_values), reference, labels)
+    lost, what = quantize.drop_of(figures)
+    refused = None
+    if lost > precision.max_accuracy_drop:
+        accuracies = (f" (accuracy {figures['accuracy']:.4f} against fp32 {figures['fp32_accuracy']:.4f})"
+                      if "accuracy" in figures else "")
+        refused = (f"{what} {lost:.4f}{accuracies}, top-1 agreement with fp32 {figures['top1_agreement']:.4f}, "
+                   f"above --max_accuracy_drop {precision.max_accuracy_drop:g}")
+    return {"model": str(path), "bytes": _size(path), **made, **figures,
+            "max_accuracy_drop": precision.max_accuracy_drop, "refused": refused}
 
 
 def _check_installed() -> None:
@@ -94,55 +174,103 @@ def _check_saved_model(run: Path) -> None:
 
 def _load(run: Path):
     from transformers import AutoImageProcessor
+    from transformers.utils import logging as transformers_logging
 
     from ..models.loading import _from_pretrained
 
+    transformers_logging.disable_progress_bar()  # the weights' loading bar: a command's output is its results
     model = _from_pretrained("model", str(run)).eval().float()
     return model, AutoImageProcessor.from_pretrained(str(run))
 
 
-def _verification_images(run: Path, folder: str | None, max_images: int | None) -> tuple[list, list | None, str]:
-    """(images, their labels or None, what they are) to compare on: the image files under `folder`, or the test
-    split (else validation) of the data set the run was trained on, as its run_args.json records it (a
-    checkpoint-N folder's is its run's)."""
-    import PIL.Image
-
-    from ..data.decoding import decode_rgb
+def _verification_images(run: Path, folder: str | None, max_images: int | None) -> tuple[list, list | None, str, object]:
+    """(images, their labels or None, what they are, the run's data or None) to compare on: the image files under
+    `folder`, or the test split (else validation) of the data set the run was trained on, as its run_args.json
+    records it (a checkpoint-N folder's is its run's)."""
     from ..data.sources import IMAGE_EXTENSIONS
 
+    data = None
     if folder is not None:
         files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)[:max_images]
         if not files:
             raise UserError(f"--images '{folder}' holds no image files")
         cells, labels, source = [{"path": str(p), "bytes": None} for p in files], None, f"{len(files)} images of {folder}"
     else:
-        saved = run_args.read(run) or run_args.read(run.parent)
+        saved = _saved(run)
         if saved is None:
             raise UserError(f"'{run}' has no run_args.json (not a run of this project) to find its test images; "
                             "pass --images DIR with images to compare on")
-        split, stored, data = _run_split(saved)
+        data = _run_data(saved)
+        split, stored = ("test", data.test) if data.test is not None else ("validation", data.validation)
+        stored = stored.with_format(None)
         stored = stored.select(range(min(max_images or len(stored), len(stored))))
-        cells, labels = stored[data.image_column], stored[data.label_column]
+        with _quiet_datasets():  # reading a column of a selection rewrites its indices with a progress bar
+            cells, labels = stored[data.image_column], stored[data.label_column]
         source = f"{len(stored)} images of the run's {split} split"
+    return _decoded(cells, source), labels, source, data
+
+
+def _calibration_images(run: Path, data, count: int) -> tuple[list, str] | None:
+    """(`count` images drawn from the run's training split with the run's seed, what they are), or None for a model
+    without a run: the images int8 activations are calibrated on, never the ones that check the model."""
+    import itertools
+
+    saved = _saved(run)
+    if saved is None:
+        return None
+    data = data or _run_data(saved)
+    train = data.train
+    if hasattr(train, "__len__"):
+        seed = saved["shaping"].get("training.seed", 42)
+        rows = sorted(np.random.default_rng(seed).permutation(len(train))[:count].tolist())
+        train = train.with_format(None)
+        cells = [train[i][data.image_column] for i in rows]  # row by row: a select would rewrite the indices
+    else:  # a streamed data set: its first images (the stream is already shuffled by the loader)
+        cells = [row[data.image_column] for row in itertools.islice(train, count)]
+    source = f"{len(cells)} images of the run's training split"
+    return _decoded(cells, source), source
+
+
+@contextlib.contextmanager
+def _quiet_datasets():
+    import datasets
+
+    shown = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if shown:
+            datasets.enable_progress_bars()
+
+
+def _decoded(cells: list, source: str) -> list:
+    import PIL.Image
+
+    from ..data.decoding import decode_rgb
+
     pictures = []
     for cell in cells:
         try:
             pictures.append(PIL.Image.fromarray(decode_rgb(cell).permute(1, 2, 0).numpy()))
         except (OSError, ValueError) as exc:
             raise UserError(f"cannot decode {cell.get('path') or 'an image'} of {source}: {exc}") from exc
-    return pictures, labels, source
+    return pictures
 
 
-def _run_split(saved: dict):
-    """(split name, its rows, the data set) of the run's own data: the data flags as the run recorded them (its
-    folders whole: from any working folder), the same seed, the same split."""
+def _saved(run: Path) -> dict | None:
+    return run_args.read(run) or run_args.read(run.parent)
+
+
+def _run_data(saved: dict):
+    """The run's own data: the data flags as the run recorded them (its folders whole: from any working folder), the
+    same seed, the same splits."""
     from ..config.flags import data_arguments
     from ..run.assembly import load_data
 
     data_args = data_arguments(saved, instead="pass --images DIR with images to compare on")
-    data = load_data(data_args, saved["shaping"].get("training.seed", 42))
-    split, rows = ("test", data.test) if data.test is not None else ("validation", data.validation)
-    return split, rows.with_format(None), data
+    with _quiet_datasets():  # its splits are rewritten (held-out rows, subsets) with progress bars
+        return load_data(data_args, saved["shaping"].get("training.seed", 42))
 
 
 def to_onnx(model, example: torch.Tensor, path: Path, opset: int | None = None) -> None:
@@ -159,7 +287,7 @@ def to_onnx(model, example: torch.Tensor, path: Path, opset: int | None = None) 
         raise UserError(f"torch's ONNX exporter cannot export this {model.config.model_type} model: {first}") from exc
 
 
-def _add_metadata(path: Path, config, processor) -> None:
+def _add_metadata(path: Path, config, processor, precision: str = "fp32") -> None:
     """The facts a server needs to prepare an image and name the class, in the ONNX file itself."""
     import onnx
 
@@ -169,6 +297,7 @@ def _add_metadata(path: Path, config, processor) -> None:
         "problem_type": config.problem_type or "single_label_classification",
         "image_processor": processor.to_json_string(),
         "producer": "hf_transfer export",
+        "precision": precision,
     }
     del proto.metadata_props[:]
     for key, value in facts.items():

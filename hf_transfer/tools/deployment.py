@@ -1,0 +1,121 @@
+"""The latency and size table of an export, measured on the machine that exports, and its section of the model card.
+
+Rows: the model in PyTorch (fp32, eager) and each ONNX file export wrote (fp32, int8, fp16), timed by
+`tools/latency.py` at batch 1 and a throughput batch with one thread count for all; and for a distilled student
+whose teacher's folder still exists, the teacher in PyTorch and in ONNX fp32 (exported to a temporary folder), with
+its test accuracy and its agreement with the student as the run measured them (test_results.json).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .latency import default_threads, measure, onnx_call, onnx_session, pytorch_call
+
+SECTION = "export-latency"  # the card section's marker: a second export replaces it
+_RUNTIMES = {"fp32": "ONNX fp32", "int8": "ONNX int8", "fp16": "ONNX fp16"}
+
+
+def latency_table(run: Path, model, results: dict, example: torch.Tensor, precision, pictures: list) -> dict:
+    """The table (export_results.json's "latency"): each row's runtime, size, parameters, accuracy, agreement and
+    timings; `example`: a batch of the check's prepared images (timing inputs are made of them)."""
+    threads = default_threads()
+    batches = sorted({1, precision.latency_batch})
+    time_it = lambda calls, x=example: measure(calls, x, batches, precision.latency_repeats, threads)  # noqa: E731
+    parameters = sum(p.numel() for p in model.parameters())
+    own = {"model": "this model", "parameters": parameters}
+    rows = [{**own, "runtime": "PyTorch fp32", "bytes": _weights_bytes(run), "accuracy": results.get("onnx_accuracy"),
+             **time_it(lambda x: pytorch_call(model, x))}]
+    for name, figures in results["precisions"].items():
+        session = onnx_session(figures["model"], threads)
+        accuracy = results.get("onnx_accuracy") if name == "fp32" else figures.get("accuracy")
+        rows.append({**own, "runtime": _RUNTIMES[name], "bytes": figures["bytes"], "accuracy": accuracy,
+                     "agreement": None if name == "fp32" else figures["top1_agreement"],
+                     **time_it(lambda x, s=session: onnx_call(s, x))})
+    rows += _teacher_rows(run, pictures, time_it, threads)
+    return {"threads": threads, "batches": batches, "repeats": precision.latency_repeats, "warmup": 2,
+            "images": results["image_source"], "machine": _machine(), "rows": rows}
+
+
+def _teacher_rows(run: Path, pictures: list, time_it, threads: int) -> list[dict]:
+    """The teacher of a distilled run, when its folder is still there: PyTorch and ONNX fp32 at its own input size."""
+    from transformers import AutoImageProcessor
+
+    from ..models.loading import _from_pretrained
+    from ..run import record
+    from .export import to_onnx
+
+    saved = record.read(run) or record.read(run.parent) or {}
+    teacher = (saved.get("shaping") or {}).get("training.teacher_model_name_or_path")
+    if not teacher or not (Path(teacher) / "config.json").is_file():
+        return []
+    test_path = run / "test_results.json"
+    test = json.loads(test_path.read_text()) if test_path.is_file() else {}
+    model = _from_pretrained("teacher", teacher).eval().float()
+    example = AutoImageProcessor.from_pretrained(teacher)(images=pictures[:8], return_tensors="pt")["pixel_values"]
+    own = {"model": f"teacher ({Path(teacher).name})", "parameters": sum(p.numel() for p in model.parameters()),
+           "accuracy": test.get("test_teacher_accuracy"), "agreement": test.get("test_agreement")}
+    rows = [{**own, "runtime": "PyTorch fp32", "bytes": _weights_bytes(Path(teacher)),
+             **time_it(lambda x: pytorch_call(model, x), example)}]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "teacher.onnx"
+        to_onnx(model, example[:1].repeat(2, 1, 1, 1), path)
+        session = onnx_session(path, threads)
+        rows.append({**own, "runtime": "ONNX fp32", "bytes": sum(p.stat().st_size for p in Path(tmp).iterdir()),
+                     **time_it(lambda x: onnx_call(session, x), example)})
+    return rows
+
+
+def _weights_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.glob("*.safetensors")) or \
+        sum(p.stat().st_size for p in folder.glob("*.bin"))
+
+
+def _machine() -> dict:
+    import onnxruntime
+
+    return {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "platform": platform.platform(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def markdown(table: dict) -> str:
+    """The table as the card and the command show it."""
+    large = max(table["batches"])
+    lines = ["| model | runtime | size (MB) | parameters (M) | test accuracy | agreement | batch 1 median / p90 (ms) "
+             f"| batch {large} median / p90 (ms) | batch {large} images/s |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in table["rows"]:
+        one, many = row["batch_1"], row[f"batch_{large}"]
+        cells = [row["model"], row["runtime"], f"{row['bytes'] / 1e6:.2f}", f"{row['parameters'] / 1e6:.3f}",
+                 _fraction(row.get("accuracy")), _fraction(row.get("agreement")),
+                 f"{one['median_ms']:.2f} / {one['p90_ms']:.2f}", f"{many['median_ms']:.2f} / {many['p90_ms']:.2f}",
+                 f"{many['images_per_s']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    machine = table["machine"]
+    note = (f"Measured by `python -m hf_transfer export` on {machine['cpu']} ({machine['cpu_count']} cores), "
+            f"{table['threads']} thread(s) for every runtime, median and 90th percentile of {table['repeats']} calls "
+            f"after {table['warmup']} warm-up calls (torch {machine['torch']}, onnxruntime {machine['onnxruntime']}). "
+            f"Accuracy on {table['images']}; agreement: top-1 agreement with this model in fp32 (a smaller "
+            "precision) or with this student (the teacher, as the run measured it).")
+    return "\n".join(lines + ["", note])
+
+
+def _fraction(value) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def update_card(run: Path, table: dict) -> str | None:
+    """Write the table into the run's model card (README.md), replacing the section an earlier export wrote; None
+    when the folder has no card (a checkpoint-N folder, a model without a run)."""
+    from ..run.card import replace_section
+
+    card = run / "README.md"
+    if not card.is_file():
+        return None
+    replace_section(card, SECTION, "## Deployment: latency and size\n\n" + markdown(table))
+    return str(card)

@@ -1,0 +1,104 @@
+"""Smaller precisions of an exported ONNX model: int8 (onnxruntime's quantization) and fp16 (for GPUs).
+
+int8 is static quantization (onnxruntime `quantize_static`): QDQ format (QuantizeLinear/DequantizeLinear pairs
+around each quantized operator, which every execution provider reads, TensorRT's included), int8 weights with one
+scale per output channel (a convolution's channels differ in range by orders of magnitude; one scale per tensor
+crushes the small ones), and int8 activations whose ranges are calibrated on images prepared exactly as the model
+sees them at evaluation. Static quantization needs those images; a model exported without a run (`--images DIR`, no
+training images) gets dynamic quantization instead: int8 weights, activations quantized at run time from each
+batch's own range (onnxruntime quantizes MatMul/Gemm and convolutions so), since calibrating on the images that then
+check it would grade the model on its own answers.
+
+fp16 is onnxruntime's own float16 converter (`onnxruntime.transformers.float16`, shipped with onnxruntime): weights
+and arithmetic in half precision, input and output kept float32 so that a caller feeds the same arrays.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import UserError
+
+INT8, FP16 = "int8", "fp16"
+CALIBRATION_BATCH = 16  # images per calibration call (the ranges are the min/max over all of them)
+
+
+class _Batches:
+    """onnxruntime's CalibrationDataReader protocol: one input feed per call to `get_next`, None when done."""
+
+    def __init__(self, batches: list[torch.Tensor], input_name: str = "pixel_values"):
+        self._feeds = iter([{input_name: b.numpy()} for b in batches])
+
+    def get_next(self):
+        return next(self._feeds, None)
+
+
+def quantize_int8(fp32: Path, out: Path, calibration: list[torch.Tensor] | None, preprocess: bool = True) -> dict:
+    """Write the int8 model of `fp32` to `out`: static, calibrated on `calibration` (batches of pixel_values), or
+    dynamic when there are none. Returns how it was made."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    with tempfile.TemporaryDirectory() as tmp:
+        source = fp32
+        if preprocess:  # shape inference and graph fusions (Conv+BatchNorm, ...) so that fewer tensors are quantized
+            from onnxruntime.quantization.shape_inference import quant_pre_process
+
+            source = Path(tmp) / "preprocessed.onnx"
+            quant_pre_process(str(fp32), str(source), skip_symbolic_shape=False)
+        try:
+            if calibration:
+                quantize_static(str(source), str(out), _Batches(calibration), quant_format=QuantFormat.QDQ,
+                                per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
+                how = {"method": "static", "format": "QDQ", "weights": "int8, per output channel",
+                       "activations": "int8, ranges calibrated (min/max)",
+                       "calibration_images": sum(len(b) for b in calibration)}
+            else:
+                quantize_dynamic(str(source), str(out), per_channel=True, weight_type=QuantType.QInt8)
+                how = {"method": "dynamic", "weights": "int8, per output channel",
+                       "activations": "quantized at run time from each batch's range",
+                       "why_dynamic": "no training images to calibrate on (a model without a run)"}
+        except Exception as exc:  # onnxruntime's failures are long: the first line says which
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UserError(f"onnxruntime cannot quantize this model to int8: {first}") from exc
+    how["preprocessed"] = preprocess
+    return how
+
+
+def to_fp16(fp32: Path, out: Path) -> dict:
+    """Write the float16 model of `fp32` to `out` (input and output stay float32)."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(fp32))
+    onnx.save(convert_float_to_float16(model, keep_io_types=True), str(out))
+    return {"method": "onnxruntime.transformers.float16", "weights": "float16", "input_output": "float32"}
+
+
+def predictions(session, batches: list[torch.Tensor]) -> np.ndarray:
+    """Top-1 class of every image of `batches` in an onnxruntime session."""
+    name = session.get_inputs()[0].name
+    return np.concatenate([session.run(None, {name: b.numpy()})[0].argmax(-1) for b in batches])
+
+
+def against_fp32(predicted: np.ndarray, reference: np.ndarray, labels: list | None) -> dict:
+    """How a smaller precision's top-1 compares with the fp32 model's on the same images: agreement, and with one
+    label per image, both accuracies and the drop (fp32 minus this, in fractions)."""
+    figures = {"images": int(len(predicted)), "top1_agreement": float((predicted == reference).mean())}
+    if labels is not None and not isinstance(labels[0], list):
+        truth = np.asarray(labels)
+        figures["accuracy"] = float((predicted == truth).mean())
+        figures["fp32_accuracy"] = float((reference == truth).mean())
+        figures["accuracy_drop"] = figures["fp32_accuracy"] - figures["accuracy"]
+    return figures
+
+
+def drop_of(figures: dict) -> tuple[float, str]:
+    """(the accuracy the model lost at most, what that figure is): the accuracy drop with labels; without them, the
+    share of images whose top-1 changed (the accuracy cannot fall by more than that)."""
+    if "accuracy_drop" in figures:
+        return figures["accuracy_drop"], "accuracy drop"
+    return 1.0 - figures["top1_agreement"], "top-1 changed on (no labels: the most the accuracy can fall)"

@@ -1,0 +1,165 @@
+"""`python -m hf_transfer export RUN_DIR --quantize int8 / --precision fp16`: smaller models, calibrated on the run's
+training images, checked on its test split against fp32 (refused past --max_accuracy_drop), and a latency and size
+table in export_results.json and the model card."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from helpers import make_checkpoint, random_images
+
+import run_distill
+from hf_transfer.cli.tools import main as tools
+from hf_transfer.errors import run_cli
+from hf_transfer.run.card import CardInfo, write_model_card
+from hf_transfer.run.record import read_card
+from hf_transfer.tools.deployment import SECTION
+
+FAST = ["--latency_repeats", "3", "--latency_batch", "8"]
+
+
+def exported(run_dir, out: Path, *flags) -> dict:
+    tools(["export", str(run_dir), "--output", str(out), *flags])
+    return json.loads((out / "export_results.json").read_text())
+
+
+def op_types(path) -> set[str]:
+    return {node.op_type for node in onnx.load(str(path)).graph.node}
+
+
+def initializer_types(path) -> set[int]:
+    return {t.data_type for t in onnx.load(str(path)).graph.initializer}
+
+
+@pytest.fixture(scope="module")
+def student(digits_run, tmp_path_factory):
+    """A ResNet-18 student (from scratch, 16 px) distilled from the digits teacher: the README's walkthrough."""
+    teacher, _ = digits_run
+    out = tmp_path_factory.mktemp("student")
+    run_distill.main(["--teacher_model_name_or_path", str(teacher), "--student", "resnet18", "--from_scratch",
+                      "--image_size", "16", "--dataset_name", "digits", "--output_dir", str(out),
+                      "--num_train_epochs", "2", "--per_device_train_batch_size", "32", "--dataloader_num_workers", "0",
+                      "--disable_tqdm", "true", "--report_to", "none", "--seed", "0"])
+    return out
+
+
+@pytest.mark.slow
+def test_a_distilled_student_quantizes_within_the_threshold_and_its_card_shows_the_table(student, tmp_path):
+    test = json.loads((student / "test_results.json").read_text())
+    card_before = (student / "README.md").read_text()
+    results = exported(student, tmp_path / "onnx", "--quantize", "int8", *FAST)
+
+    int8 = results["precisions"]["int8"]
+    path = Path(int8["model"])
+    assert path == tmp_path / "onnx" / "model.int8.onnx" and int8["refused"] is None
+    assert int8["method"] == "static" and int8["calibration_images"] == 256
+    assert int8["calibration_source"] == "256 images of the run's training split"
+    # really int8: activations quantized (QDQ pairs) and weights stored as int8, a quarter of the fp32 file or less
+    assert {"QuantizeLinear", "DequantizeLinear"} <= op_types(path)
+    assert onnx.TensorProto.INT8 in initializer_types(path)
+    assert path.stat().st_size == int8["bytes"] < results["onnx_bytes"] / 3
+    # on the run's own test split: fp32 scores what the run scored, int8 within the threshold of it
+    assert int8["images"] == test["test_samples"] and int8["fp32_accuracy"] == pytest.approx(test["test_accuracy"])
+    assert int8["accuracy_drop"] == pytest.approx(test["test_accuracy"] - int8["accuracy"])
+    assert int8["accuracy_drop"] <= int8["max_accuracy_drop"] == 0.01 and int8["top1_agreement"] >= 0.97
+
+    table = results["latency"]
+    rows = {(row["model"], row["runtime"]): row for row in table["rows"]}
+    teacher = f"teacher ({Path(json.loads((student / 'run_args.json').read_text())['shaping']['training.teacher_model_name_or_path']).name})"
+    assert list(rows) == [("this model", "PyTorch fp32"), ("this model", "ONNX fp32"), ("this model", "ONNX int8"),
+                          (teacher, "PyTorch fp32"), (teacher, "ONNX fp32")]
+    assert table["threads"] >= 1 and table["batches"] == [1, 8] and table["repeats"] == 3
+    for row in rows.values():
+        for batch in ("batch_1", "batch_8"):
+            assert 0 < row[batch]["median_ms"] <= row[batch]["p90_ms"]
+    assert rows[("this model", "ONNX int8")]["accuracy"] == int8["accuracy"]
+    assert rows[("this model", "ONNX int8")]["agreement"] == int8["top1_agreement"]
+    assert rows[("this model", "PyTorch fp32")]["parameters"] > 10_000_000  # ResNet-18's 11.2 M
+    assert rows[(teacher, "PyTorch fp32")]["parameters"] < rows[("this model", "PyTorch fp32")]["parameters"]
+    assert rows[(teacher, "ONNX fp32")]["accuracy"] == test["test_teacher_accuracy"]
+    assert rows[(teacher, "ONNX fp32")]["agreement"] == test["test_agreement"]
+
+    card = (student / "README.md").read_text()
+    assert results["card"] == str(student / "README.md") and card.startswith(card_before.rstrip("\n"))
+    assert card.count(f"<!-- hf_transfer:{SECTION} -->") == 1 and "| this model | ONNX int8 |" in card
+    # a second export replaces the section (no int8 this time), the rest of the card as it was
+    exported(student, tmp_path / "again", "--latency_repeats", "2", "--latency_batch", "4")
+    again = (student / "README.md").read_text()
+    assert again.count("## Deployment: latency and size") == 1 and "ONNX int8" not in again
+    assert again.startswith(card_before.rstrip("\n")) and "batch 4 median" in again
+    # the card rendered again (as a push does) keeps the section
+    write_model_card(student, CardInfo(**read_card(student)), test, None)
+    assert (student / "README.md").read_text().count("## Deployment: latency and size") == 1
+
+
+def test_a_quantized_model_below_the_threshold_is_refused_in_one_line_and_kept(digits_run, tmp_path, capsys):
+    run_dir, _ = digits_run
+    out = tmp_path / "onnx"
+    code = run_cli(tools, ["export", str(run_dir), "--output", str(out), "--quantize", "int8",
+                           "--max_accuracy_drop", "-1", "--latency_repeats", "0", "--calibration_images", "32"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    results = json.loads((out / "export_results.json").read_text())
+    int8 = results["precisions"]["int8"]
+    assert err[0].startswith(f"error: int8 {out / 'model.int8.onnx'}: accuracy drop {int8['accuracy_drop']:.4f} "
+                             f"(accuracy {int8['accuracy']:.4f} against fp32 {int8['fp32_accuracy']:.4f})")
+    assert "above --max_accuracy_drop -1" in err[0] and int8["refused"] in err[0]
+    assert (out / "model.int8.onnx").is_file() and "latency" not in results
+
+
+def test_precision_flags_are_checked_before_any_work(digits_run, tmp_path, capsys):
+    run_dir, _ = digits_run
+    for argv, message in [(["--quantize", "int4"], "invalid choice: 'int4'"),
+                          (["--precision", "bf16"], "invalid choice: 'bf16'"),
+                          (["--calibration_images", "0"], "--calibration_images must be >= 1"),
+                          (["--latency_batch", "0"], "--latency_batch must be >= 1")]:
+        try:
+            code = run_cli(tools, ["export", str(run_dir), "--output", str(tmp_path / "o"), *argv])
+        except SystemExit as exc:  # argparse's own refusals
+            code = exc.code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and message in err[0], (argv, err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_fp16_halves_the_file_and_keeps_the_run_s_answers(digits_run, tmp_path):
+    run_dir, _ = digits_run
+    results = exported(run_dir, tmp_path / "onnx", "--precision", "fp16", "--latency_repeats", "0")
+    fp16 = results["precisions"]["fp16"]
+    assert onnx.TensorProto.FLOAT16 in initializer_types(fp16["model"]) and fp16["refused"] is None
+    assert fp16["bytes"] < 0.6 * results["onnx_bytes"]
+    assert fp16["fp32_accuracy"] == results["onnx_accuracy"] and abs(fp16["accuracy_drop"]) <= 0.01
+    assert "int8" not in results["precisions"] and "latency" not in results
+
+
+def test_a_model_without_a_run_gets_dynamic_int8_not_calibrated_on_its_own_check(tmp_path):
+    model = make_checkpoint("hf-resnet", tmp_path / "model")
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    for i, image in enumerate(random_images(6, size=40)):
+        image.save(tmp_path / "images" / "a" / f"{i}.png")
+    results = exported(model, tmp_path / "onnx", "--images", str(tmp_path / "images"), "--quantize", "int8",
+                       "--max_accuracy_drop", "1", *FAST)
+    int8 = results["precisions"]["int8"]
+    assert int8["method"] == "dynamic" and "no training images" in int8["why_dynamic"]
+    assert "accuracy" not in int8 and 0 <= int8["top1_agreement"] <= 1
+    assert results["card"] is None and len(results["latency"]["rows"]) == 3
+
+
+def test_calibration_images_are_the_run_s_training_images_prepared_as_for_evaluation(digits_run):
+    """The images that calibrate int8 are drawn from the training split (never the test split that checks it)."""
+    from hf_transfer.tools import export
+
+    run_dir, _ = digits_run
+    pictures, source = export._calibration_images(run_dir, None, 20)
+    saved = export._saved(run_dir)
+    data = export._run_data(saved)
+    train = {np.asarray(p).tobytes() for p in export._decoded(data.train.with_format(None)[data.image_column],
+                                                                  "train")}
+    test = {np.asarray(p).tobytes() for p in export._decoded(data.test.with_format(None)[data.image_column], "test")}
+    assert len(pictures) == 20 and source == "20 images of the run's training split"
+    assert all(np.asarray(p).tobytes() in train for p in pictures)
+    assert not any(np.asarray(p).tobytes() in test for p in pictures)
