@@ -237,7 +237,7 @@ def test_an_evaluation_of_the_finished_run_folds_no_second_temperature(runs, tmp
     (out, results), _ = runs
     again = run_finetune.main(["--model_name_or_path", str(out), "--dataset_name", "digits", "--do_train", "false",
                                "--output_dir", str(tmp_path / "eval"), "--dataloader_num_workers", "0",
-                               "--disable_tqdm", "true", "--report_to", "none"])
+                               "--disable_tqdm", "true", "--report_to", "none", "--seed", "0"])
     assert again["calibration_temperature"] == results["calibration_temperature"]
     assert again["test_ece"] == pytest.approx(results["test_ece"], abs=1e-6)
     assert again["test_ece_uncalibrated"] == pytest.approx(results["test_ece_uncalibrated"], abs=1e-6)
@@ -263,6 +263,27 @@ def test_a_resumed_run_folds_once_on_the_weights_it_trained(runs, tmp_path):
     for name in first:
         torch.testing.assert_close(second[name], first[name], rtol=1e-6, atol=1e-8)
     assert again["test_ece"] == pytest.approx(results["test_ece"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_several_labels_per_image_choose_the_threshold_on_the_calibrated_scores(tmp_path):
+    """The threshold saved with a multi-label model is the best one for the scores that model gives (calibrated), not
+    for the scores before the temperature."""
+    import run_finetune
+    from test_multilabel import validation_predictions
+
+    from hf_transfer.tasks.classification import MultiLabel
+
+    out = tmp_path / "run"
+    flags = _flags(out, "--dataset_name", "digits-multilabel", "--max_train_samples", "600")
+    results = run_finetune.main([f for f in flags if f != "--label_smoothing_factor" and f != "0.3"])
+    config = json.loads((out / "config.json").read_text())
+    t = config[TEMPERATURE_KEY]
+    assert t == results["calibration_temperature"] and results["test_ece"] < results["test_ece_uncalibrated"]
+    logits, labels = validation_predictions(out, tmp_path / "predict")  # the saved (folded) model's
+    task = MultiLabel(10)
+    assert config["multi_label_threshold"] == task.choose_threshold(logits, labels)
+    assert task.choose_threshold(logits * t, labels) != config["multi_label_threshold"]  # measured: this run differs
 
 
 def test_the_flag_is_a_training_flag_that_shapes_the_run():
