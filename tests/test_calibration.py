@@ -84,6 +84,12 @@ def test_no_temperature_is_fitted_without_an_error_to_fit_it_on():
 def _family(kind, tmp_path):
     from transformers import AutoModelForImageClassification, TimmWrapperConfig
 
+    if kind == "deit-distilled":  # two heads whose logits are averaged
+        from transformers import DeiTConfig, DeiTForImageClassificationWithTeacher
+
+        config = DeiTConfig(image_size=32, patch_size=8, hidden_size=48, num_hidden_layers=1, num_attention_heads=2,
+                            intermediate_size=96, num_labels=3)
+        return DeiTForImageClassificationWithTeacher(config).eval(), 32
     if kind == "efficientnet-lite":  # the architecture of the real-weights benchmark, weights random (offline)
         config = TimmWrapperConfig(architecture="efficientnet_lite0", num_labels=3)
         return AutoModelForImageClassification.from_config(config).eval(), 32
@@ -91,14 +97,15 @@ def _family(kind, tmp_path):
     return AutoModelForImageClassification.from_pretrained(path).eval(), 32
 
 
-@pytest.mark.parametrize("kind", ["vit", "hf-resnet", "resnet", "efficientnet-lite"])
+@pytest.mark.parametrize("kind", ["vit", "hf-resnet", "resnet", "efficientnet-lite", "deit-distilled"])
 def test_folding_divides_the_logits_and_keeps_their_order(kind, tmp_path):
     torch.manual_seed(0)
     model, size = _family(kind, tmp_path)
     linears, why_not = classifier_linears(model)
-    assert why_not is None and len(linears) == 1
+    assert why_not is None and len(linears) == (2 if kind == "deit-distilled" else 1)
     with torch.no_grad():
-        linears[0].bias.normal_()  # a fresh head's bias is zero: then a bias left undivided would go unseen
+        for linear in linears:
+            linear.bias.normal_()  # a fresh head's bias is zero: then a bias left undivided would go unseen
     images = torch.randn(6, 3, size, size)
     with torch.no_grad():
         before = model(pixel_values=images).logits

@@ -25,14 +25,14 @@ def classifier_linears(model: PreTrainedModel) -> tuple[list[nn.Linear], str | N
     a Linear, or the last module of a Sequential when it is one (transformers' ResNet: Flatten, Linear); a
     model whose logits average two heads (DeiT with a distillation token) has both. ([], reason) where the logits
     come otherwise (a convolution, a norm after the last Linear, no head)."""
-    try:
-        head = model.timm_model.get_classifier() if hasattr(model, "timm_model") else classifier_head(model)
-    except UserError as exc:
-        return [], str(exc)
-    heads = list(head) if isinstance(head, tuple) else [head]  # timm's distilled models: (head, head_dist)
-    extra = getattr(model, "distillation_classifier", None)  # transformers' DeiT with a teacher: logits averaged
-    if isinstance(extra, nn.Module):
-        heads.append(extra)
+    if isinstance(getattr(model, "distillation_classifier", None), nn.Module):
+        heads = [model.cls_classifier, model.distillation_classifier]  # transformers' DeiT with a teacher: averaged
+    else:
+        try:
+            head = model.timm_model.get_classifier() if hasattr(model, "timm_model") else classifier_head(model)
+        except UserError as exc:
+            return [], str(exc)
+        heads = list(head) if isinstance(head, tuple) else [head]  # timm's distilled models: (head, head_dist)
     linears = []
     for part in heads:
         last = part[-1] if isinstance(part, nn.Sequential) and len(part) else part
