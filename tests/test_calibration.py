@@ -25,6 +25,7 @@ from hf_transfer.tasks.calibration import (
     fold_temperature,
     reliability_bins,
 )
+from hf_transfer.tasks.classification import MultiLabel
 
 # ---------------------------------------------------------------- the arithmetic
 
@@ -276,10 +277,9 @@ def test_a_resumed_run_folds_once_on_the_weights_it_trained(runs, tmp_path):
 def test_several_labels_per_image_choose_the_threshold_on_the_calibrated_scores(tmp_path):
     """The threshold saved with a multi-label model is the best one for the scores that model gives (calibrated), not
     for the scores before the temperature."""
-    import run_finetune
     from test_multilabel import validation_predictions
 
-    from hf_transfer.tasks.classification import MultiLabel
+    import run_finetune
 
     out = tmp_path / "run"
     flags = _flags(out, "--dataset_name", "digits-multilabel", "--max_train_samples", "600")
