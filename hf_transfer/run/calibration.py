@@ -115,11 +115,12 @@ def calibration_results(output_dir, calibration: Calibration, test_logits: np.nd
         before = calibration_summary(logits * t, labels, multi_label) if t != 1.0 else after
         results.update({f"{prefix[split]}_ece": after["ece"], f"{prefix[split]}_ece_uncalibrated": before["ece"]})
         record[split] = {"before": before, "after": after}
-    if write and "test" in record:
+    if write and splits:
         output_dir = Path(output_dir)
         (output_dir / "calibration.json").write_text(json.dumps(record, indent=2))
-        test = record["test"]
-        plot_reliability(test["before"]["bins"], test["after"]["bins"] if t != 1.0 else None,
-                         output_dir / "test_reliability.png", "reliability (test split)", test["before"]["ece"],
-                         test["after"]["ece"], t)
+        split = "test" if "test" in record else "validation"  # a data set without a test split: validation's
+        shown = record[split]
+        plot_reliability(shown["before"]["bins"], shown["after"]["bins"] if t != 1.0 else None,
+                         output_dir / f"{split}_reliability.png", f"reliability ({split} split)",
+                         shown["before"]["ece"], shown["after"]["ece"], t)
     return results

@@ -98,7 +98,7 @@ def evaluate(trainer, data: ImageData, calibration: Calibration | None = None) -
                                 None if output is None else output.label_ids,
                                 data.task.multi_label, trainer.is_world_process_zero())
     if trainer.args.do_eval:
-        eval_metrics.update({k: v for k, v in found.items() if k.startswith("eval_")})
+        eval_metrics.update({k: v for k, v in found.items() if k.startswith("eval_") or output is None})
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
     if output is not None:
