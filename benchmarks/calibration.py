@@ -70,13 +70,15 @@ def served(run_dir: Path, regime: str, workdir: Path) -> dict:
             "mean_top_score_after": round(sum(t["score"] for t in top) / len(top), 4)}
 
 
-def run_case(checkpoint: str, regime: str, init: str, seed: int, workdir: Path, workers: int) -> dict:
+def run_case(checkpoint: str, regime: str, init: str, seed: int, workdir: Path, workers: int,
+             extra: list[str]) -> dict:
     data = [flag.format(photos=make_photo_patches(workdir / "photos")) for flag in REGIMES[regime]]
     argv = ["--model_name_or_path", checkpoint, "--image_size", "64", *data,
-            *(["--from_scratch"] if init == "scratch" else []), "--seed", str(seed)]
+            *(["--from_scratch"] if init == "scratch" else []), "--seed", str(seed), *extra]
     out = workdir / "run"
     results, seconds = run("finetune", argv, out, workers, keep=True)
-    entry = {"regime": regime, "init": init, "seed": seed, "test_accuracy": round(results["test_accuracy"], 4),
+    entry = {"regime": regime, "init": init, "seed": seed, "flags": extra, "epochs": results.get("epoch"),
+             "test_accuracy": round(results["test_accuracy"], 4),
              "temperature": round(results["calibration_temperature"], 4),
              "test_ece_before": round(results["test_ece_uncalibrated"], 4),
              "test_ece_after": round(results["test_ece"], 4),
@@ -106,6 +108,8 @@ def main() -> None:
     parser.add_argument("--output", default=str(ROOT / "benchmarks" / "calibration-cpu-2core.json"))
     parser.add_argument("--cases", default=",".join(f"{r}:{i}" for r, i in CASES), help="regime:init, comma-separated")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--flags", default="", help="more run_finetune.py flags for every run, e.g. "
+                        "'--min_train_steps 60' (a shorter schedule than the defaults' 200 steps)")
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--checkpoint", default=None, help="a real-weights timm folder (default: lite0 written here)")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "hf-transfer-calibration"))
@@ -126,7 +130,7 @@ def main() -> None:
     records = []
     for case in args.cases.split(","):
         regime, init = case.split(":")
-        records.append(run_case(checkpoint, regime, init, args.seed, workdir, args.workers))
+        records.append(run_case(checkpoint, regime, init, args.seed, workdir, args.workers, args.flags.split()))
         print(json.dumps(records[-1]), flush=True)
         Path(args.output).write_text(json.dumps({
             "machine": {"cpu": platform.machine(), "threads": torch.get_num_threads(), "torch": torch.__version__},
