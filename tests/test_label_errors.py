@@ -1,6 +1,7 @@
-"""`python -m hf_transfer label-errors RUN_DIR`: on digits with 5% of the training labels flipped on purpose, the
-flagged set finds the flipped files (precision and recall >= 0.5 at the default cut), out of sample; a second call
-reuses the folds; what it cannot check is refused in one line."""
+"""`python -m hf_transfer label-errors RUN_DIR`: on the faulty digits (tests/faulty_data.py: 5% of the training labels
+flipped on purpose, and 30 test images leaked into train, which the run's data check reports), the flagged set finds
+the flipped files (precision and recall >= 0.5 at the default cut), out of sample; a second call reuses the folds;
+what it cannot check is refused in one line."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from noisy_digits import noisy_digits
+from faulty_data import faulty_digits
 
 from hf_transfer.cli.tools import main as tools
 from hf_transfer.errors import run_cli
@@ -30,7 +31,7 @@ def noisy_run(tmp_path_factory):
     import run_finetune
 
     root = tmp_path_factory.mktemp("noisy-digits")
-    data = noisy_digits(root / "data", flip=0.05)
+    data = faulty_digits(root / "data", size=16)
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)
         run_finetune.main([*RECIPE, "--train_dir", "data/train", "--validation_dir", "data/validation",
@@ -40,6 +41,10 @@ def noisy_run(tmp_path_factory):
         patch.chdir(elsewhere)
         assert run_cli(tools, ["label-errors", str(root / "run")]) == 0
     return root / "run", data
+
+
+def images_in(folder: str) -> int:
+    return sum(1 for path in Path(folder).rglob("*") if path.is_file())
 
 
 def flagged_files(result: dict) -> list[str]:
@@ -55,8 +60,13 @@ def test_flipped_labels_are_found_out_of_sample(noisy_run, capsys):
     precision, recall = hits / len(files), hits / len(data.flipped)
     print(f"flagged {len(files)}, of them flipped {hits}: precision {precision:.2f}, recall {recall:.2f}")
     assert precision >= 0.5 and recall >= 0.5, (precision, recall)
-    assert result["checked"] == 800 and result["flagged"] == len(files)
-    assert result["splits"]["train"]["checked"] == 600 and result["splits"]["validation"]["checked"] == 200
+    # The same run's data check (at its start) reported the leaked test images, byte copies and re-encoded ones.
+    leaks = json.loads((run / "data_check.json").read_text())["leaks"]
+    assert leaks == {"exact": sum(leak.kind == "exact" for leak in data.leaks),
+                     "near": sum(leak.kind == "near" for leak in data.leaks)} == {"exact": 20, "near": 10}
+    train, validation = images_in(data.train), images_in(data.validation)
+    assert result["checked"] == train + validation and result["flagged"] == len(files)
+    assert result["splits"]["train"]["checked"] == train and result["splits"]["validation"]["checked"] == validation
     first = result["images"][0]
     assert set(first) == {"split", "row", "file", "given", "suggested", "given_probability", "suggested_probability"}
     assert first["given"] != first["suggested"] and first["given_probability"] < first["suggested_probability"]
@@ -71,10 +81,10 @@ def test_every_training_image_is_scored_by_a_fold_that_did_not_train_on_it(noisy
     from hf_transfer.run import record
     from hf_transfer.tools.label_errors import DEFAULT_FOLDS, FOLDER, PROBABILITIES, Scored
 
-    run, _ = noisy_run
+    run, data = noisy_run
     folds = [Scored.load(run / FOLDER / f"fold-{k}" / PROBABILITIES) for k in range(1, DEFAULT_FOLDS + 1)]
     held = np.concatenate([f.rows for f in folds])
-    assert sorted(held.tolist()) == list(range(600))  # each training image held out by exactly one fold
+    assert sorted(held.tolist()) == list(range(images_in(data.train)))  # each training image held out by exactly one fold
     # Each fold's run trained on the others only: its record says how many images it trained on.
     assert not (run / FOLDER / "fold-1" / "run").exists()  # removed without --keep_fold_runs
     assert record.read(run)["command"] == "finetune"
@@ -92,7 +102,7 @@ def test_a_second_call_reuses_the_folds_and_gives_the_same_list(noisy_run, capsy
     monkeypatch.setattr(pipeline.FineTune, "run", lambda self: pytest.fail("a finished fold was trained again"))
     assert run_cli(tools, ["label-errors", str(run)]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert line.startswith(f"{before['flagged']} of 800 images flagged; the most disputed: ")
+    assert line.startswith(f"{before['flagged']} of {before['checked']} images flagged; the most disputed: ")
     assert json.loads((run / "label_errors.json").read_text()) == before
 
 

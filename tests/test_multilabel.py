@@ -274,7 +274,10 @@ def test_a_multilabel_teacher_teaches_through_per_class_sigmoid_targets_alone(mu
     # the teacher scored as its own run scored it, at its own threshold; agreement between each model's label sets
     # at its own threshold
     assert results["test_teacher_map"] == pytest.approx(teacher_results["test_map"])
-    assert results["test_teacher_threshold"] == teacher_results["test_threshold"]
+    # The teacher teaches with its logits from before calibration (models/loading.py, uncalibrate): its threshold is
+    # the same decision on them, sigmoid(T x logit(t))
+    t, threshold = teacher_results["calibration_temperature"], teacher_results["test_threshold"]
+    assert results["test_teacher_threshold"] == pytest.approx(sigmoid(t * np.log(threshold / (1 - threshold))))
     assert results["test_teacher_accuracy"] == pytest.approx(teacher_results["test_accuracy"])
     predicted = [json.loads((run / "test_predictions.json").read_text()) for run in (teacher, tmp_path / "out")]
     by_row = [dict(zip(p["rows"], p["predictions"])) for p in predicted]

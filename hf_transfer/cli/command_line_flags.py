@@ -174,6 +174,8 @@ COMMON = [
     [['--min_train_steps', '--min-train-steps'], None, None, False, 'int'],
     [['--min_seen_images', '--min-seen-images'], None, None, False, 'int'],
     [['--precise_bn_images', '--precise-bn-images'], None, None, False, 'int'],
+    [['--calibrate'], '?', None, False, None],
+    [['--no_calibrate', '--no-calibrate'], 0, None, False, None],
     [['--channels_last', '--channels-last'], None, None, False, None],
     [['--best_model_tie_break', '--best-model-tie-break'], None, None, False, None],
     [['--best_model_min_images', '--best-model-min-images'], None, None, False, 'int'],

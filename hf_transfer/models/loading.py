@@ -9,6 +9,7 @@ plain transformers model that saves, loads, pushes and runs in `pipeline`.
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +33,9 @@ from ..integrations.compat import (
 )
 from ..integrations.hub import check_hub_reachable
 from ..on_device.preprocessing import ImageSpec
+from ..tasks.calibration import TEMPERATURE_KEY, unfold_temperature
 from .presets import PRESETS
-from .structure import classifier_head
+from .structure import classifier_head, classifier_linears
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +154,29 @@ def load_teacher(source: str, label_names: list[str], *, revision: str | None = 
         )
     model = _from_pretrained("teacher", source, **hub_kwargs)
     model.eval().requires_grad_(False)
+    uncalibrate(model)
     return LoadedModel(model=model, spec=spec, family=model_family(model), source=source, head_reset=False)
+
+
+def uncalibrate(model: PreTrainedModel) -> None:
+    """A teacher whose classifier was divided by a calibration temperature (run/calibration.py) multiplied back: it
+    teaches with the logits it had when it finished training, so that --temperature and --alpha mean what they meant
+    before calibration, and a student learns the same targets from it (docs/calibration.md). Several labels per
+    image: its decision threshold, chosen on the calibrated scores, becomes the same decision on the logits restored
+    (sigmoid(z / T) >= t  <=>  sigmoid(z) >= sigmoid(T * logit(t)))."""
+    temperature = getattr(model.config, TEMPERATURE_KEY, None)
+    if temperature is None:
+        return
+    linears, why_not = classifier_linears(model)
+    if why_not:  # a fold this project made found these layers; another model's config claims what it cannot be
+        raise UserError(f"the teacher's config.json records a calibration temperature ({temperature}) but {why_not}; "
+                        f"remove '{TEMPERATURE_KEY}' from it or use the model the run saved")
+    unfold_temperature(linears, float(temperature))
+    threshold = getattr(model.config, "multi_label_threshold", None)
+    if threshold is not None and 0 < threshold < 1:
+        model.config.multi_label_threshold = float(1 / (1 + math.exp(-temperature * math.log(threshold / (1 - threshold)))))
+    delattr(model.config, TEMPERATURE_KEY)
+    logger.info("teacher: calibration temperature %.3f multiplied back into its classifier", temperature)
 
 
 def _from_pretrained(what: str, source: str, **kwargs) -> PreTrainedModel:

@@ -20,6 +20,28 @@ def classifier_head(model: PreTrainedModel) -> nn.Module:
     raise UserError(f"cannot find the classification head of {type(model).__name__}")
 
 
+def classifier_linears(model: PreTrainedModel) -> tuple[list[nn.Linear], str | None]:
+    """The Linear layers whose outputs are the model's logits, to scale them (tasks/calibration.py): the head when it is
+    a Linear, or the last module of a Sequential when it is one (transformers' ResNet: Flatten, Linear); a
+    model whose logits average two heads (DeiT with a distillation token) has both. ([], reason) where the logits
+    come otherwise (a convolution, a norm after the last Linear, no head)."""
+    if isinstance(getattr(model, "distillation_classifier", None), nn.Module):
+        heads = [model.cls_classifier, model.distillation_classifier]  # transformers' DeiT with a teacher: averaged
+    else:
+        try:
+            head = model.timm_model.get_classifier() if hasattr(model, "timm_model") else classifier_head(model)
+        except UserError as exc:
+            return [], str(exc)
+        heads = list(head) if isinstance(head, tuple) else [head]  # timm's distilled models: (head, head_dist)
+    linears = []
+    for part in heads:
+        last = part[-1] if isinstance(part, nn.Sequential) and len(part) else part
+        if not isinstance(last, nn.Linear):
+            return [], f"the classifier of {type(model).__name__} ends in {type(last).__name__}, not a plain Linear layer"
+        linears.append(last)
+    return linears, None
+
+
 _BLOCK = re.compile(r"(?:^|\.)(?:layers|layer|stages|blocks)\.(\d+)\.")
 
 

@@ -38,7 +38,9 @@ FITTABLE = ("training.num_train_epochs", "global_batch_size", "training.metric_f
 # the data such runs had (one class per image), so it is the same setting and that run continues.
 FITTED_SINCE = {"training.metric_for_best_model": "accuracy"}
 # Settings added in a later version, with the value every run saved before used: such a run is the same run.
-ADDED_SINCE = {"training.distillation_loss": "kl"}
+# --calibrate acts after training: a run recorded before it existed trained what a calibrated run trains, and resumes
+# under the default (its model is calibrated at the end; a finished one is reported as it is).
+ADDED_SINCE = {"training.distillation_loss": "kl", "training.calibrate": True}
 # The settings that may name a local folder (else a Hub id or a preset), with the names that are never a folder
 # (the loaders take them first: data/dataset.py).
 LOCAL_PATHS = ("model.model_name_or_path", "data.dataset_name", "data.train_dir", "data.validation_dir",

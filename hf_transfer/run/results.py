@@ -13,6 +13,7 @@ from ..data.dataset import ROW, ImageData
 from ..data.streaming import StreamingSplit
 from ..errors import Preempted
 from ..integrations.tracking import ThroughputCallback, peak_memory, reset_peak_memory
+from .calibration import Calibration, calibrate, calibration_results, not_calibrated
 from .card import CardInfo, write_model_card
 from .checkpoints import StopOnSignal
 
@@ -56,12 +57,19 @@ def train_and_evaluate(trainer, data: ImageData, card: CardInfo, resume_from: st
     trainer.save_metrics("train", results)
     trainer.save_state()
 
+    # The temperature first (run/calibration.py): the multi-label threshold is then chosen on the scores the saved
+    # model gives, the calibrated ones.
+    calibration = calibrate(trainer, data) if trainer.args.calibrate else not_calibrated(trainer.model, False)
     if data.task.multi_label:  # the decision threshold, chosen on validation predictions (never on test)
-        output = trainer.predict(data.validation, metric_key_prefix="threshold")
-        threshold = data.task.choose_threshold(output.predictions, output.label_ids)
+        if calibration.validation_logits is not None:
+            logits, labels = calibration.validation_logits / calibration.temperature, calibration.validation_labels
+        else:
+            output = trainer.predict(data.validation, metric_key_prefix="threshold")
+            logits, labels = output.predictions, output.label_ids
+        threshold = data.task.choose_threshold(logits, labels)
         trainer.model.config.multi_label_threshold = threshold  # saved in config.json with the model
         logger.info("decision threshold %.2f (best micro-F1 on the validation split)", threshold)
-    eval_metrics, test_metrics = evaluate(trainer, data)
+    eval_metrics, test_metrics = evaluate(trainer, data, calibration)
     results.update({**eval_metrics, **test_metrics})
     if trainer.is_world_process_zero():
         card.model_name = trainer.hub_model_id or card.model_name  # the repo the card will live in, when pushed
@@ -72,20 +80,36 @@ def train_and_evaluate(trainer, data: ImageData, card: CardInfo, resume_from: st
     return results
 
 
-def evaluate(trainer, data: ImageData) -> tuple[dict, dict]:
-    """The final evaluation on validation (--do_eval) and the one on test (--do_predict): metrics, and for test
-    the per-class report, confusion matrix and predictions. Also the whole of an evaluation-only run."""
+def evaluate(trainer, data: ImageData, calibration: Calibration | None = None) -> tuple[dict, dict]:
+    """The final evaluation on validation (--do_eval) and the one on test (--do_predict): metrics, calibration (the
+    run's `calibration`; None: the model's own, an evaluation-only run), and for test the per-class report, confusion
+    matrix and predictions. Also the whole of an evaluation-only run."""
+    if calibration is None:
+        calibration = not_calibrated(trainer.model, evaluation=True)
     eval_metrics, test_metrics = {}, {}
     if trainer.args.do_eval:
         eval_metrics = dict(trainer.evaluate(), eval_samples=len(data.validation))
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
+    output = None
     if trainer.args.do_predict and data.test is not None:
         output = trainer.predict(data.test, metric_key_prefix="test")
+    elif trainer.args.do_predict:
+        logger.warning("the data set has no test split: the run reports validation results only")
+    found = calibration_results(trainer.args.output_dir, calibration,
+                                None if output is None else output.predictions,
+                                None if output is None else output.label_ids,
+                                data.task.multi_label, trainer.is_world_process_zero())
+    if trainer.args.do_eval:
+        eval_metrics.update({k: v for k, v in found.items() if k.startswith("eval_") or output is None})
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+    if output is not None:
         test_metrics = dict(output.metrics, test_samples=len(data.test))
         extra = trainer.extra_test_metrics(data.test, output)
-        if extra:
-            trainer.log(dict(extra))  # to the trackers too (the Trainer logged only predict()'s own metrics)
+        extra.update({k: v for k, v in found.items() if not k.startswith("eval_")})
+        if "test_ece" in extra:
+            logger.info("test ECE %.4f (%.4f before the temperature %.3f)", extra["test_ece"],
+                        extra["test_ece_uncalibrated"], extra["calibration_temperature"])
+        trainer.log(dict(extra))  # to the trackers too (the Trainer logged only predict()'s own metrics)
         test_metrics.update(extra)
         trainer.log_metrics("test", test_metrics)
         trainer.save_metrics("test", test_metrics)
@@ -99,8 +123,6 @@ def evaluate(trainer, data: ImageData) -> tuple[dict, dict]:
                                                for c in chunk[data.image_column])))
             data.task.write_test_report(trainer.args.output_dir, output.predictions, output.label_ids,
                                         data.label_names, rows, files=[by_row[r] for r in rows.tolist()])
-    elif trainer.args.do_predict:
-        logger.warning("the data set has no test split: the run reports validation results only")
     return eval_metrics, test_metrics
 
 

