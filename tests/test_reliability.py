@@ -581,6 +581,26 @@ def test_a_run_over_an_overwritten_one_is_not_taken_for_it_when_cut_short(tiny_r
     assert "resuming from checkpoint" in caplog.text and "is complete" not in caplog.text
 
 
+def test_overwrite_output_dir_removes_the_earlier_runs_diagnostics(tmp_path):
+    """The earlier run's calibration, data check and label errors went on being read (`report`) as the new run's
+    when the new run does not write them again (--data_check false, a streamed split, never label-errors), or is
+    cut short before its calibration."""
+    from hf_transfer.run.output_dir import _clear_earlier_run
+
+    out = tmp_path / "run"
+    earlier = ["calibration.json", "data_check.json", "data_check.html", "label_errors.json", "all_results.json",
+               "test_results.json"]
+    for name in earlier:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("{}")
+    (out / "label-errors").mkdir()
+    (out / "label-errors" / "folds.json").write_text("{}")
+    (out / "notes.txt").write_text("the user's")
+    _clear_earlier_run(out, keep=None)
+    assert [name for name in earlier if (out / name).exists()] == []
+    assert not (out / "label-errors").exists() and (out / "notes.txt").is_file()
+
+
 def class_folders(root: Path, seed: int) -> None:
     """root/data/{train,test}/{red,green,blue}/*.png"""
     from helpers import colour_dataset

@@ -150,8 +150,11 @@ def _check_resumable_into(out: Path, checkpoint: Path, finished: bool, main: boo
 
 
 # What a run (and an export of it) leaves besides its checkpoints and weights: its results, test report, card and
-# state. An earlier run's would be read as this run's (by `report`, a push) until this run writes its own.
-EARLIER_RESULTS = ("*_results.json", "test_*", "trainer_state.json", "README.md", "onnx")
+# state, its calibration and data check, and the label errors found for its model (`label-errors`). An earlier run's
+# would be read as this run's (by `report`, a push) until this run writes its own, which it may never do
+# (--data_check false, a streamed split, label-errors not run again).
+EARLIER_RESULTS = ("*_results.json", "test_*", "trainer_state.json", "README.md", "onnx", "calibration.json",
+                   "data_check.*", "label_errors.json", "label-errors")
 
 
 def _clear_earlier_run(out: Path, keep: Path | None) -> None:
