@@ -134,6 +134,10 @@ def test_fp16_halves_the_file_and_keeps_the_run_s_answers(digits_run, tmp_path):
     assert fp16["bytes"] < 0.6 * results["onnx_bytes"]
     assert fp16["fp32_accuracy"] == results["onnx_accuracy"] and abs(fp16["accuracy_drop"]) <= 0.01
     assert "int8" not in results["precisions"] and "latency" not in results
+    # exported again without fp16 (another model, or the same one after it was retrained): the fp16 file of the
+    # earlier export, which export_results.json no longer names, must not stay beside the new model.onnx
+    again = exported(run_dir, tmp_path / "onnx", "--latency_repeats", "0", "--max_images", "16")
+    assert list(again["precisions"]) == ["fp32"] and not (tmp_path / "onnx" / "model.fp16.onnx").exists()
 
 
 def test_a_model_without_a_run_gets_dynamic_int8_not_calibrated_on_its_own_check(tmp_path):

@@ -79,6 +79,9 @@ def export_onnx(run_dir: str, output: str | None = None, max_images: int | None 
     pixel_values = _prepared(processor, pictures)
 
     out.mkdir(parents=True, exist_ok=True)
+    for name in {quantize.INT8, quantize.FP16} - set(precision.reduced()):
+        # an earlier export's smaller model (perhaps of another model) must not stay beside this one's fp32 file
+        (out / f"model.{name}.onnx").unlink(missing_ok=True)
     path = out / "model.onnx"
     started = time.perf_counter()
     to_onnx(model, pixel_values[0][:1].repeat(2, 1, 1, 1), path, opset)  # batch 2: a batch of 1 would fix the size
