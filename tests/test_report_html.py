@@ -215,6 +215,26 @@ def test_thumbnails_of_an_image_folder_run_come_from_its_files(tmp_path):
         assert f'title="{file}"' in page
 
 
+def test_an_evaluation_only_run_is_reported_beside_the_run_it_evaluated(tmp_path):
+    """The page tells a run without calibration.json to evaluate it again into a new folder (--do_train false);
+    that folder was then refused ("not a finished run: train_results.json is missing")."""
+    data = texture_folders(tmp_path / "data", {"train": 4, "test": 3})
+    run, evaluation = tmp_path / "run", tmp_path / "evaluation"
+    folders = ["--train_dir", str(data / "train"), "--test_dir", str(data / "test")]
+    run_finetune.main(["--model", "resnet18", "--from_scratch", "--image_size", "16", *folders, "--output_dir",
+                       str(run), "--max_steps", "2", *quick_flags()])
+    run_finetune.main(["--model_name_or_path", str(run), "--do_train", "false", *folders, "--output_dir",
+                       str(evaluation), *quick_flags()])
+    page = _report([run, evaluation], tmp_path / "report")
+    table = (tmp_path / "report" / "report.md").read_text()
+    accuracy = json.loads((evaluation / "all_results.json").read_text())["test_accuracy"]
+    row = next(line for line in table.splitlines() if line.startswith("| evaluation |"))
+    assert f"{accuracy:.4f}" in row and "resnet18" in row  # the evaluated model's architecture
+    section = page[page.index('id="run1"'):]
+    assert f"<b>{accuracy:.4f}</b>" in section and "the run did not train" in section
+    assert '<td class="num">1.0000</td>' in _section(page, "Agreement on the test images")  # the same model
+
+
 def test_a_folder_that_is_not_a_run_is_refused_in_one_line(tmp_path):
     with pytest.raises(UserError, match=r"'.*not-a-run' is not a finished run: train_results.json is missing"):
         tools(["report", str(tmp_path / "not-a-run"), "--output", str(tmp_path / "report")])

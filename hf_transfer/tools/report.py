@@ -56,6 +56,19 @@ def _model_name(run: Path) -> str:
     return config.get("architecture") or (config.get("architectures") or [config.get("model_type", "?")])[0]
 
 
+def _evaluated_model(run: Path) -> Path | None:
+    """The model folder an evaluation-only run (--do_train false) evaluated, which holds its config (the run's own
+    folder holds none); None for a run that trained."""
+    saved = json.loads((run / "run_args.json").read_text()) if (run / "run_args.json").is_file() else {}
+    if saved.get("command") != "evaluate":
+        return None
+    model = Path((saved.get("shaping") or {}).get("model.model_name_or_path") or "")
+    if not (model / "config.json").is_file():
+        raise UserError(f"'{run}' is an evaluation of {model}, which no longer holds the model's config.json: "
+                        "evaluate it again from where the model is now")
+    return model
+
+
 def _epochs_to_best(state: dict) -> float | None:
     evals = [h for h in state["log_history"] if "eval_accuracy" in h]
     if not evals:
@@ -67,14 +80,17 @@ def _epochs_to_best(state: dict) -> float | None:
 
 def summarize(run: str | Path) -> dict:
     run = Path(run)
-    train, evaluation = _read(run, "train_results.json"), _read(run, "eval_results.json")
+    evaluated = _evaluated_model(run)  # an evaluation-only run: no training to report, the model is elsewhere
+    train = _read(run, "train_results.json") if evaluated is None else {}
+    evaluation = _read(run, "eval_results.json")
     test = _read(run, "test_results.json") if (run / "test_results.json").exists() else {}
-    state = _read(run, "trainer_state.json")
+    state = _read(run, "trainer_state.json") if evaluated is None else {"log_history": []}
+    model = evaluated or run
     return {
         "run": run.name,
         "path": str(run),
-        "model": _model_name(run),
-        "parameters_m": count_parameters(run) / 1e6,
+        "model": _model_name(model),
+        "parameters_m": count_parameters(model) / 1e6,
         "test_accuracy": test.get("test_accuracy"),
         "test_map": test.get("test_map"),
         "test_f1": test.get("test_f1"),
@@ -137,6 +153,8 @@ def _plot_curves(runs: list[Path], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for run in runs:
+        if not (run / "trainer_state.json").is_file():  # an evaluation-only run (summarize let only these through)
+            continue
         history = _read(run, "trainer_state.json")["log_history"]
         train = [(h["epoch"], h["loss"]) for h in history if "loss" in h]
         evals = [(h["epoch"], h["eval_loss"], h["eval_accuracy"]) for h in history if "eval_accuracy" in h]
