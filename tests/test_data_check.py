@@ -162,3 +162,15 @@ def test_check_data_writes_its_files_and_refuses_a_misspelt_flag_in_one_line(fau
         main(["check-data", "--train_dri", faulty.train, "--output_dir", str(out)])
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and len(err) == 1 and "did you mean --train_dir?" in err[0]
+
+
+def test_check_data_refuses_an_output_dir_that_is_a_file_in_one_line(faulty, tmp_path, capsys):
+    """--output_dir naming an existing file ended in a FileExistsError traceback after the whole check."""
+    from hf_transfer.cli.tools import main
+
+    taken = tmp_path / "notes.txt"
+    taken.write_text("the user's")
+    code = run_cli(main, ["check-data", "--train_dir", faulty.train, "--output_dir", str(taken)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == [f"error: --output_dir '{taken}' exists and is not a directory"]
+    assert taken.read_text() == "the user's"

@@ -5,6 +5,7 @@ the same rows), every split scanned, data_check.json and data_check.html written
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
@@ -43,6 +44,8 @@ def parse(argv: Sequence[str]) -> tuple[DataArguments, DataCheckArguments]:
         raise UserError(str(exc).strip().splitlines()[0]) from exc
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if os.path.exists(own.output_dir) and not os.path.isdir(own.output_dir):  # before the data is read
+        raise UserError(f"--output_dir '{own.output_dir}' exists and is not a directory")
     if data.streaming:
         raise UserError("check-data reads the data set whole: leave --streaming out (a stream is checked as it loads)")
     if data.train_dir and not any(a.split("=")[0] in ("--dataset_name", "--dataset-name") for a in argv):
