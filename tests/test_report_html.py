@@ -235,6 +235,21 @@ def test_an_evaluation_only_run_is_reported_beside_the_run_it_evaluated(tmp_path
     assert '<td class="num">1.0000</td>' in _section(page, "Agreement on the test images")  # the same model
 
 
+def test_the_leak_count_is_named_for_the_splits_it_counts(tmp_path):
+    """data_check.json's leak counts are validation and test images seen by an earlier split; the page called them
+    "leaked test images", so a validation image copied from train read as a test leak."""
+    from hf_transfer.tools.report_html import _key_numbers
+
+    (tmp_path / "all_results.json").write_text(json.dumps({"test_accuracy": 0.9}))
+    image = {"split": "train", "row": 3, "file": None}
+    (tmp_path / "data_check.json").write_text(json.dumps({
+        "splits": {}, "leaks": {"exact": 1, "near": 0},
+        "findings": [{"check": "exact_duplicate", "severity": "error", "message": "the same image in train (row 3) "
+                      "and validation (row 9)", "images": [image, {**image, "split": "validation", "row": 9}]}]}))
+    numbers = _key_numbers(tmp_path)
+    assert "leaked validation/test images (exact / near)<b>1 / 0</b>" in numbers and "leaked test" not in numbers
+
+
 def test_a_folder_that_is_not_a_run_is_refused_in_one_line(tmp_path):
     with pytest.raises(UserError, match=r"'.*not-a-run' is not a finished run: train_results.json is missing"):
         tools(["report", str(tmp_path / "not-a-run"), "--output", str(tmp_path / "report")])

@@ -150,7 +150,7 @@ def _key_numbers(run: Path) -> str:
     cards = [(title, fmt.format(results[key])) for key, title, fmt in KEY_NUMBERS if results.get(key) is not None]
     if check:
         leaks = check.get("leaks", {})
-        cards.append(("leaked test images (exact / near)", f"{leaks.get('exact', 0)} / {leaks.get('near', 0)}"))
+        cards.append(("leaked validation/test images (exact / near)", f"{leaks.get('exact', 0)} / {leaks.get('near', 0)}"))
     if not cards:
         return _missing("No all_results.json: the run did not finish.")
     boxes = "".join(f'<div class="number">{escape(title)}<b>{escape(value)}</b></div>' for title, value in cards)
