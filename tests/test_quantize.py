@@ -167,3 +167,15 @@ def test_calibration_images_are_the_run_s_training_images_prepared_as_for_evalua
     assert len(pictures) == 20 and source == "20 images of the run's training split"
     assert all(np.asarray(p).tobytes() in train for p in pictures)
     assert not any(np.asarray(p).tobytes() in test for p in pictures)
+
+
+def test_a_model_with_several_labels_per_image_is_refused_a_smaller_precision_in_one_line(tmp_path, capsys):
+    """Its answer is a decision per class at its threshold, which the top-1 check of int8/fp16 does not judge: a
+    refusal naming why, not an export judged wrongly (it was refused for 'accuracy' it never had)."""
+    run = tmp_path / "multi"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model_type": "resnet", "problem_type": "multi_label_classification"}))
+    (run / "preprocessor_config.json").write_text("{}")
+    assert run_cli(tools, ["export", str(run), "--quantize", "int8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "several labels per image" in err[0] and "fp32" in err[0]

@@ -47,7 +47,8 @@ def parse(argv: Sequence[str]) -> tuple[DataArguments, DataCheckArguments]:
     if os.path.exists(own.output_dir) and not os.path.isdir(own.output_dir):  # before the data is read
         raise UserError(f"--output_dir '{own.output_dir}' exists and is not a directory")
     if data.streaming:
-        raise UserError("check-data reads the data set whole: leave --streaming out (a stream is checked as it loads)")
+        raise UserError("check-data reads the data set whole: leave --streaming out (a streamed run is not checked at its start; "
+                        "this command is how such a data set is checked)")
     if data.train_dir and not any(a.split("=")[0] in ("--dataset_name", "--dataset-name") for a in argv):
         data = replace(data, dataset_name=None)  # as a run: the image folders are the data
     return data, own

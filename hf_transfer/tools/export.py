@@ -73,6 +73,7 @@ def export_onnx(run_dir: str, output: str | None = None, max_images: int | None 
     run, out = Path(run_dir), Path(output) if output else Path(run_dir) / "onnx"
     _check_installed()
     _check_saved_model(run)
+    _check_reducible(run, precision)
     pictures, labels, source, data = _verification_images(run, images, max_images)  # before the model: quick refusal
     calibration = _calibration_images(run, data, precision.calibration_images) if precision.quantize else None
     model, processor = _load(run)
@@ -288,6 +289,16 @@ def to_onnx(model, example: torch.Tensor, path: Path, opset: int | None = None) 
     except Exception as exc:  # the exporter's failures are many and long: the first line says which
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"torch's ONNX exporter cannot export this {model.config.model_type} model: {first}") from exc
+
+
+def _check_reducible(run: Path, precision: Precision) -> None:
+    """A smaller precision is judged by the top-1 it keeps; a model with several labels per image answers with a
+    decision per class at its threshold, which that check does not compare: refused rather than judged wrongly."""
+    config = json.loads((run / "config.json").read_text())
+    if precision.reduced() and config.get("problem_type") == "multi_label_classification":
+        raise UserError(f"'{run}' has several labels per image: --quantize and --precision fp16 are checked by the "
+                        "top-1 class, which does not judge such a model's per-class decisions; export it in fp32 "
+                        "(without --quantize / --precision)")
 
 
 def _add_metadata(path: Path, config, processor, precision: str = "fp32") -> None:
