@@ -283,16 +283,15 @@ def test_several_labels_per_image_choose_the_threshold_on_the_calibrated_scores(
 
     out = tmp_path / "run"
     flags = _flags(out, "--dataset_name", "digits-multilabel", "--max_train_samples", "600")
-    results = run_finetune.main([f for f in flags if f != "--label_smoothing_factor" and f != "0.3"])
+    results = run_finetune.main(flags)  # smoothed: under-confident sigmoids, a temperature far from 1
     config = json.loads((out / "config.json").read_text())
     t = config[TEMPERATURE_KEY]
-    # This run is nearly calibrated already (T about 1.2): whether the test ECE then moves up or down by a few
-    # thousandths depends on the thread count's rounding, so only the single-label regime above asserts the drop.
-    assert t == results["calibration_temperature"] != 1.0 and 0 <= results["test_ece"] < 1
+    assert t == results["calibration_temperature"] and t < 0.8 and results["test_ece"] < results["test_ece_uncalibrated"]
     logits, labels = validation_predictions(out, tmp_path / "predict")  # the saved (folded) model's
     task = MultiLabel(10)
     assert config["multi_label_threshold"] == task.choose_threshold(logits, labels)
-    assert task.choose_threshold(logits * t, labels) != config["multi_label_threshold"]  # measured: this run differs
+    # (Whether the scores before the temperature would choose another threshold on the 0.05 grid depends on the
+    # thread count's rounding: it differed in some measured runs, not in others; so it is not asserted.)
 
 
 def test_the_flag_is_a_training_flag_that_shapes_the_run():

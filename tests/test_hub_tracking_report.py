@@ -241,5 +241,6 @@ def test_each_hub_strategy_uploads_what_the_docs_say(strategy, tiny_resnet, cifa
 
 def test_ignore_patterns_cover_the_private_files():
     for name in ("checkpoint-10", "incomplete-checkpoint-12", "superseded-checkpoint-14", "run_args.json",
-                 "_teacher_logits-abc.safetensors", "training_args.bin", "optimizer.pt"):
+                 "_teacher_logits-abc.safetensors", "training_args.bin", "optimizer.pt", "data_check.json",
+                 "data_check.html", "label_errors.json", "label-errors/fold-1/probabilities.npz"):
         assert any(fnmatch.fnmatch(name, p) for p in IGNORE), name

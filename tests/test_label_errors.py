@@ -112,8 +112,8 @@ def test_runs_it_cannot_check_are_refused_in_one_line(noisy_run, tmp_path, capsy
 
     run, data = noisy_run
     evaluated = tmp_path / "eval"
-    run_finetune.main(["--model_name_or_path", str(run), "--train_dir", data.train_dir, "--validation_dir",
-                       data.validation_dir, "--test_dir", data.test_dir, "--do_train", "false", "--output_dir",
+    run_finetune.main(["--model_name_or_path", str(run), "--train_dir", data.train, "--validation_dir",
+                       data.validation, "--test_dir", data.test, "--do_train", "false", "--output_dir",
                        str(evaluated), "--disable_tqdm", "true", "--report_to", "none"])
     partial = tmp_path / "partial"
     partial.mkdir()

@@ -37,7 +37,10 @@ _reachability_known = False
 # The final push: checkpoints (and those moved aside: incomplete-, superseded-checkpoint-N), files private to the
 # run ("_*": the teacher-logit cache; run_args.json: the command line and this machine's folders), torch files and
 # pickles stay local. TensorBoard logs (runs/) go up: the Hub shows them in its metrics tab.
-IGNORE = ["*checkpoint-*", "_*", "run_args.json*", "*.bin", "*.pt", "*.pth", ".write-test-*"]
+# The data check's files and the label-error list name the data's files and show its pictures (data_check.html):
+# they stay with the data, like run_args.json, since a model repository may be public.
+IGNORE = ["*checkpoint-*", "_*", "run_args.json*", "*.bin", "*.pt", "*.pth", ".write-test-*", "data_check.*",
+          "label_errors.json", "label-errors/*"]
 MODEL_FILES = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors",
                "preprocessor_config.json"]
 # A checkpoint pushed to resume from: all of it but the pickled arguments and its copy of the run's record.
