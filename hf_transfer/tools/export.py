@@ -313,6 +313,8 @@ def _add_metadata(path: Path, config, processor, precision: str = "fp32") -> Non
         "producer": "hf_transfer export",
         "precision": precision,
     }
+    if getattr(config, "multi_label_threshold", None) is not None:  # several labels per image: the decision
+        facts["multi_label_threshold"] = str(config.multi_label_threshold)
     del proto.metadata_props[:]
     for key, value in facts.items():
         proto.metadata_props.add(key=key, value=value)
