@@ -8,6 +8,8 @@
   search [run_finetune.py flags] --n_trials N  hyperparameter search (optuna); the best trial trained as a run
   check-data [data flags] --output_dir DIR   check a data set: leaks, duplicates, unreadable and hidden files, classes
   label-errors RUN_DIR [--folds K]           the training and validation images whose label the model disputes
+  predict EXPORT_DIR IMAGE_OR_FOLDER...      the exported model's top labels for image files, prepared as in training
+                                             [--top_k K] [--precision fp32|int8|fp16] [--output FILE.json]
 """
 
 from __future__ import annotations
@@ -36,6 +38,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         for flag, least in (("max_images", 1), ("calibration_images", 1), ("latency_repeats", 0), ("latency_batch", 1)):
             if getattr(args, flag) is not None and getattr(args, flag) < least:
                 tools["export"].error(f"--{flag} must be >= {least}")
+    if args.command == "predict" and args.top_k < 1:
+        tools["predict"].error("--top_k must be >= 1")
     if args.command == "check-data":  # its flags (the run's data flags) refused before any data is read
         from ..tools.check_data import parse
 
@@ -96,6 +100,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         from ..tools.label_errors import find_label_errors, summary_line
 
         print(summary_line(find_label_errors(args.run_dir, args.folds, args.keep_fold_runs), args.run_dir))
+    elif args.command == "predict":
+        from ..tools.predict import line, predict
+
+        for answer in predict(args.export_dir, args.images, args.top_k, args.precision, args.output):
+            print(line(answer))
+        if args.output:
+            print(f"\nwritten to {args.output}")
 
 
 def tools_parser() -> tuple[OneLineArgumentParser, dict[str, OneLineArgumentParser]]:
@@ -164,6 +175,14 @@ def tools_parser() -> tuple[OneLineArgumentParser, dict[str, OneLineArgumentPars
     errors.add_argument("--keep_fold_runs", "--keep-fold-runs", action="store_true",
                         help="keep the fold runs' weights and checkpoints in RUN_DIR/label-errors (default: only "
                              "what each fold measured is kept, which a second call reuses)")
+    predict = commands.add_parser("predict", help="the exported model's top labels for image files, each prepared "
+                                  "as the run prepared its evaluation images (docs/export.md)", allow_abbrev=False)
+    predict.add_argument("export_dir", help="the folder export wrote (RUN_DIR/onnx, or its --output)")
+    predict.add_argument("images", nargs="+", help="image files, or folders whose image files are all taken")
+    predict.add_argument("--top_k", "--top-k", type=int, default=5, help="labels per image, best first (default 5)")
+    predict.add_argument("--precision", choices=["fp32", "int8", "fp16"], default="fp32",
+                         help="which exported file: model.onnx (fp32), model.int8.onnx or model.fp16.onnx")
+    predict.add_argument("--output", default=None, help="also write the answers to this JSON file")
     return parser, commands.choices
 
 
