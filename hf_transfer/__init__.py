@@ -4,7 +4,7 @@ One module per concept, in folders that show the layers (a layer imports only fr
 
 cli/ (entry points)
   cli/finetune.py, cli/distill.py   run_finetune.py's and run_distill.py's main: parse, then run the pipeline
-  cli/tools.py                 `python -m hf_transfer push|report|check-config|export|search`
+  cli/tools.py                 `python -m hf_transfer push|report|check-config|export|predict|search`
   cli/command_line.py          the flags checked before torch/transformers are imported (a typo refused at once), from
                                command_line_flags.py, generated from the real parsers
 config/ (one resolved, frozen configuration per run)
@@ -64,6 +64,7 @@ integrations/ (the libraries and services around a run)
 tools/ (whole tools on finished runs)
   tools/search.py              hyperparameter search (optuna, Ray): each trial a run of the pipeline, the study resumable
   tools/export.py              ONNX export, checked against PyTorch on the run's test images
+  tools/predict.py             the exported ONNX file on image files, with the preprocessing its metadata holds
   tools/report.py              comparison of finished runs
 errors.py                      one-line user errors
 """

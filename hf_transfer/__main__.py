@@ -1,4 +1,4 @@
-"""`python -m hf_transfer push|report|check-config|export|search`: see `cli/tools.py`."""
+"""`python -m hf_transfer push|report|check-config|export|predict|search`: see `cli/tools.py`."""
 
 from .cli.tools import cli
 
