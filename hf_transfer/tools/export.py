@@ -87,8 +87,7 @@ def export_onnx(run_dir: str, output: str | None = None, max_images: int | None 
     for name in {quantize.INT8, quantize.FP16} - set(precision.reduced()):
         # an earlier export's smaller model (perhaps of another model) must not stay beside this one's fp32 file
         (out / f"model.{name}.onnx").unlink(missing_ok=True)
-    if not precision.openvino:
-        openvino_ir.remove(out)
+    openvino_ir.remove(out)  # an earlier export's, written again below only from this model.onnx once it has passed
     path = out / "model.onnx"
     started = time.perf_counter()
     to_onnx(model, pixel_values[0][:1].repeat(2, 1, 1, 1), path, opset)  # batch 2: a batch of 1 would fix the size
