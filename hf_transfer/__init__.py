@@ -64,6 +64,7 @@ integrations/ (the libraries and services around a run)
 tools/ (whole tools on finished runs)
   tools/search.py              hyperparameter search (optuna, Ray): each trial a run of the pipeline, the study resumable
   tools/export.py              ONNX export, checked against PyTorch on the run's test images
+  tools/openvino_ir.py         --openvino: the ONNX file converted for OpenVINO (Intel CPUs), checked the same way
   tools/predict.py             the exported ONNX file on image files, with the preprocessing its metadata holds
   tools/report.py              comparison of finished runs
 errors.py                      one-line user errors

@@ -5,6 +5,7 @@
   check-config FILE...                       check accelerate config files before launching
   export RUN_DIR --format onnx               export a saved model to ONNX, checked against PyTorch on the test images
                                              [--quantize int8] [--precision fp16]: smaller models, checked and timed
+                                             [--openvino]: OpenVINO (Intel CPUs) beside it, checked and timed
   search [run_finetune.py flags] --n_trials N  hyperparameter search (optuna); the best trial trained as a run
   check-data [data flags] --output_dir DIR   check a data set: leaks, duplicates, unreadable and hidden files, classes
   label-errors RUN_DIR [--folds K]           the training and validation images whose label the model disputes
@@ -85,12 +86,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         chosen = {k: getattr(args, k) for k in ("max_accuracy_drop", "calibration_images", "latency_repeats",
                                                 "latency_batch") if getattr(args, k) is not None}
         results = export_onnx(args.run_dir, args.output, args.max_images, args.images, args.opset,
-                              Precision(quantize=args.quantize, precision=args.precision, **chosen))
+                              Precision(quantize=args.quantize, precision=args.precision, openvino=args.openvino,
+                                        **chosen))
         print(json.dumps(results, indent=2))
         if "latency" in results:
             print("\n" + markdown(results["latency"]))
         print(f"\n{results['model']}: onnxruntime matches PyTorch on {results['image_source']} (largest logit "
               f"difference {results['max_abs_logit_diff']:.1e}, same top-1 on all)")
+        if "openvino" in results:
+            print(f"{results['openvino']['model']}: OpenVINO matches PyTorch (largest logit difference "
+                  f"{results['openvino']['max_abs_logit_diff']:.1e}, same top-1 on all)")
         for name, figures in results["precisions"].items():
             if name != "fp32":
                 print(f"{figures['model']}: top-1 agreement with fp32 {figures['top1_agreement']:.4f}"
@@ -144,6 +149,10 @@ def tools_parser() -> tuple[OneLineArgumentParser, dict[str, OneLineArgumentPars
     export.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
                         help="fp16: also write model.fp16.onnx (half-precision weights and arithmetic, for GPUs), "
                              "checked like int8")
+    export.add_argument("--openvino", action="store_true",
+                        help="also write openvino/model.xml and model.bin (fp32), converted from model.onnx for "
+                             "OpenVINO's CPU plugin (Intel CPUs), checked against PyTorch like model.onnx and timed "
+                             "in the latency table; needs pip install 'hf-vision-transfer[openvino]'")
     export.add_argument("--max_accuracy_drop", "--max-accuracy-drop", type=float, default=None,
                         help="refuse (exit 2, file kept) an int8/fp16 model whose test accuracy falls by more than "
                              "this fraction below fp32's (default 0.01: one point)")

@@ -1,6 +1,7 @@
 """The latency and size table of an export, measured on the machine that exports, and its section of the model card.
 
-Rows: the model in PyTorch (fp32, eager) and each ONNX file export wrote (fp32, int8, fp16), timed by
+Rows: the model in PyTorch (fp32, eager), each ONNX file export wrote (fp32, int8, fp16) and its OpenVINO fp32 model
+(`--openvino`: OpenVINO's CPU plugin, f32 arithmetic, `INFERENCE_NUM_THREADS` the table's thread count), timed by
 `tools/latency.py` at batch 1 and a throughput batch with one thread count for all; and for a distilled student
 whose teacher's folder still exists, the teacher in PyTorch and in ONNX fp32 (exported to a temporary folder), with
 its test accuracy and its agreement with the student as the run measured them (test_results.json).
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from . import openvino_ir
 from .latency import default_threads, measure, onnx_call, onnx_session, pytorch_call
 
 SECTION = "export-latency"  # the card section's marker: a second export replaces it
@@ -38,6 +40,11 @@ def latency_table(run: Path, model, results: dict, example: torch.Tensor, precis
         rows.append({**own, "runtime": _RUNTIMES[name], "bytes": figures["bytes"], "accuracy": accuracy,
                      "agreement": None if name == "fp32" else figures["top1_agreement"],
                      **time_it(lambda x, s=session: onnx_call(s, x))})
+    if "openvino" in results:
+        figures, compiled = results["openvino"], openvino_ir.compiled(results["openvino"]["model"], threads)
+        rows.append({**own, "runtime": openvino_ir.RUNTIME, "bytes": figures["bytes"],
+                     "accuracy": figures.get("accuracy"), "agreement": None,
+                     **time_it(lambda x: openvino_ir.call(compiled, x))})
     rows += _teacher_rows(run, pictures, time_it, threads)
     return {"threads": threads, "batches": batches, "repeats": precision.latency_repeats, "warmup": 2,
             "images": results["image_source"], "machine": _machine(), "rows": rows}
@@ -80,8 +87,11 @@ def _weights_bytes(folder: Path) -> int:
 def _machine() -> dict:
     import onnxruntime
 
-    return {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "platform": platform.platform(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+    machine = {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+               "platform": platform.platform(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
+    if openvino_ir.version():
+        machine["openvino"] = openvino_ir.version()
+    return machine
 
 
 def markdown(table: dict) -> str:
@@ -97,9 +107,11 @@ def markdown(table: dict) -> str:
                  f"{many['images_per_s']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     machine = table["machine"]
+    openvino = (f", openvino {machine['openvino']}" if machine.get("openvino")
+                and any(row["runtime"] == openvino_ir.RUNTIME for row in table["rows"]) else "")
     note = (f"Measured by `python -m hf_transfer export` on {machine['cpu']} ({machine['cpu_count']} cores), "
             f"{table['threads']} thread(s) for every runtime, median and 90th percentile of {table['repeats']} calls "
-            f"after {table['warmup']} warm-up calls (torch {machine['torch']}, onnxruntime {machine['onnxruntime']}). "
+            f"after {table['warmup']} warm-up calls (torch {machine['torch']}, onnxruntime {machine['onnxruntime']}{openvino}). "
             f"Accuracy on {table['images']}; agreement: top-1 agreement with this model in fp32 (a smaller "
             "precision) or with this student (the teacher, as the run measured it).")
     return "\n".join(lines + ["", note])

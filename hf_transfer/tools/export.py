@@ -7,7 +7,8 @@ size, resize, mean and std, so that a server without transformers can prepare an
 `export_results.json`. The export is then run with onnxruntime on the images of the run's test
 split (validation when it has none), prepared by the saved image processor as `pipeline` prepares
 them, and compared with PyTorch: the largest logit difference must be at most `TOLERANCE` and the
-top-1 class the same on every image, else the command fails.
+top-1 class the same on every image, else the command fails. `--openvino` converts the checked file to OpenVINO's
+format beside it and checks that the same way (`tools/openvino_ir.py`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import torch
 
 from ..errors import UserError
 from ..run import record as run_args
-from . import quantize
+from . import openvino_ir, quantize
 from .deployment import latency_table, update_card
 
 logger = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class Precision:
     calibration_images: int = CALIBRATION_IMAGES  # training images that calibrate int8 activations
     latency_repeats: int = LATENCY_REPEATS  # timed calls per figure; 0: no latency table
     latency_batch: int = LATENCY_BATCH  # the throughput batch (besides batch 1)
+    openvino: bool = False  # openvino/model.xml|.bin as well, converted from the fp32 model.onnx
 
     def reduced(self) -> list[str]:
         return [p for p in (self.quantize, None if self.precision == "fp32" else self.precision) if p]
@@ -72,6 +74,8 @@ def export_onnx(run_dir: str, output: str | None = None, max_images: int | None 
     """Export the model saved in `run_dir`, verify it on images, and return what was measured."""
     run, out = Path(run_dir), Path(output) if output else Path(run_dir) / "onnx"
     _check_installed()
+    if precision.openvino:
+        openvino_ir.check_installed()
     _check_saved_model(run)
     _check_reducible(run, precision)
     pictures, labels, source, data = _verification_images(run, images, max_images)  # before the model: quick refusal
@@ -83,6 +87,7 @@ def export_onnx(run_dir: str, output: str | None = None, max_images: int | None 
     for name in {quantize.INT8, quantize.FP16} - set(precision.reduced()):
         # an earlier export's smaller model (perhaps of another model) must not stay beside this one's fp32 file
         (out / f"model.{name}.onnx").unlink(missing_ok=True)
+    openvino_ir.remove(out)  # an earlier export's, written again below only from this model.onnx once it has passed
     path = out / "model.onnx"
     started = time.perf_counter()
     to_onnx(model, pixel_values[0][:1].repeat(2, 1, 1, 1), path, opset)  # batch 2: a batch of 1 would fix the size
@@ -104,6 +109,11 @@ def export_onnx(run_dir: str, output: str | None = None, max_images: int | None 
         raise UserError(f"the ONNX model differs from PyTorch on {source}: largest logit difference {worst:.2e} "
                         f"(allowed {TOLERANCE:g}), top-1 different on {disagree} of {len(pictures)} images; "
                         f"{path} is kept for inspection, do not serve it")
+    if precision.openvino:
+        results["openvino"] = openvino_ir.check(path, model, pixel_values, labels, source)
+        _write(out, results)
+        if results["openvino"]["refused"]:
+            raise UserError(results["openvino"]["refused"])
 
     refused = []
     for name in precision.reduced():
