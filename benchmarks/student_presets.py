@@ -31,6 +31,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 from real_weights import write_timm_folder  # noqa: E402
 
 import run_finetune  # noqa: E402
+from hf_transfer.errors import UserError  # noqa: E402
 from hf_transfer.models.presets import STUDENTS  # noqa: E402
 from hf_transfer.tools import export  # noqa: E402
 
@@ -68,6 +69,9 @@ def markdown(rows: list[dict]) -> str:
     lines = ["| preset | weights | parameters (M) | test accuracy fp32 / int8 / fp16 | int8 top-1 agreement | "
              "size fp32 / int8 / fp16 (MB) | ONNX batch 1 median fp32 / int8 / fp16 (ms) |", "|---" * 7 + "|"]
     for r in rows:
+        if "refused" in r:
+            lines.append(f"| {r['preset']} | refused by export: {r['refused'].split(';')[0]} |" + " |" * 5)
+            continue
         p = [r[k] for k in ("fp32", "int8", "fp16")]
 
         def three(figures, fmt: str) -> str:
@@ -94,7 +98,7 @@ def main() -> None:
     if args.table:
         print(markdown(json.loads(Path(args.table).read_text())["rows"]))
         return
-    rows, started = [], time.perf_counter()
+    rows, started, last = [], time.perf_counter(), None
     if args.output and Path(args.output).is_file():  # rows measured earlier (a run cut short) are kept, those re-run
         rows = [r for r in json.loads(Path(args.output).read_text())["rows"] if r["preset"] not in args.presets]
     with tempfile.TemporaryDirectory() as tmp:
@@ -102,15 +106,21 @@ def main() -> None:
             begun = time.perf_counter()
             run = fine_tuned(name, Path(tmp), args)
             seconds = time.perf_counter() - begun
-            results = export.export_onnx(str(run), str(run / "onnx"), precision=export.Precision(
-                quantize="int8", precision="fp16", latency_repeats=args.repeats, max_accuracy_drop=1.0))
-            rows.append(row(name, run, results, seconds))
+            try:
+                results = export.export_onnx(str(run), str(run / "onnx"), precision=export.Precision(
+                    quantize="int8", precision="fp16", latency_repeats=args.repeats, max_accuracy_drop=1.0))
+            except UserError as exc:  # a refusal is a result: recorded, and the other presets still measured
+                rows.append({"preset": name, "refused": str(exc), "train_seconds": round(seconds, 1)})
+            else:
+                rows.append(row(name, run, results, seconds))
+                last = results
             print(json.dumps(rows[-1]), flush=True)
             if args.output:  # after every preset: a long benchmark cut short keeps what it measured
-                Path(args.output).write_text(json.dumps(summary(args, rows, started, results), indent=2) + "\n")
+                Path(args.output).write_text(json.dumps(summary(args, rows, started, last), indent=2) + "\n")
 
 
 def summary(args, rows: list[dict], started: float, last: dict) -> dict:
+    last = last or {"latency": {"machine": None, "threads": None}}
     return {"what": "student presets fine-tuned on the digits, exported fp32 / int8 (static, QDQ, per channel) / "
                     "fp16; accuracy on the 360 test images, top-1 agreement with fp32, file sizes, CPU latency",
             "flags": {"image_size": args.image_size, "epochs": args.epochs, "seed": args.seed,
