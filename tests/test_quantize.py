@@ -179,3 +179,40 @@ def test_a_model_with_several_labels_per_image_is_refused_a_smaller_precision_in
     assert run_cli(tools, ["export", str(run), "--quantize", "int8"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "several labels per image" in err[0] and "fp32" in err[0]
+
+
+ORT_FAILURE = ("[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation for ConvInteger(10) node "
+               "with name '/conv/Conv_quant'\n  at onnxruntime/core/session/inference_session.cc:1805\n  (more lines)")
+
+
+@pytest.mark.parametrize("where", ["quantize", "run"])
+def test_a_model_onnxruntime_cannot_quantize_or_run_in_int8_is_refused_in_one_line(digits_run, tmp_path, capsys,
+                                                                                    monkeypatch, where):
+    """No student preset hits this (tests/test_student_presets.py), but an operator onnxruntime cannot quantize, or
+    has no int8 kernel for, must end the export in one line that says which, not in a page of traceback; and no int8
+    file is left to be served, not even one an earlier export wrote there."""
+    import onnxruntime.quantization
+
+    from hf_transfer.tools import latency
+
+    def fails(*args, **kwargs):
+        raise RuntimeError(ORT_FAILURE)
+
+    if where == "quantize":
+        monkeypatch.setattr(onnxruntime.quantization, "quantize_static", fails)
+    else:
+        real = latency.onnx_session
+        monkeypatch.setattr(latency, "onnx_session", lambda path, *a, **k: fails() if "int8" in str(path)
+                            else real(path, *a, **k))
+    run_dir, _ = digits_run
+    out = tmp_path / "onnx"
+    out.mkdir()
+    (out / "model.int8.onnx").write_bytes(b"an earlier export's int8 model")
+    code = run_cli(tools, ["export", str(run_dir), "--output", str(out), "--quantize", "int8", "--max_images", "32",
+                           "--calibration_images", "16", "--latency_repeats", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    said = {"quantize": "onnxruntime cannot quantize this model to int8: ",
+            "run": "onnxruntime cannot run the int8 model of this timm_wrapper model: "}[where]
+    assert err[0] == f"error: {said}{ORT_FAILURE.splitlines()[0]}"
+    assert not (out / "model.int8.onnx").exists() and (out / "model.onnx").is_file()

@@ -84,8 +84,9 @@ def export_onnx(run_dir: str, output: str | None = None, max_images: int | None 
     pixel_values = _prepared(processor, pictures)
 
     out.mkdir(parents=True, exist_ok=True)
-    for name in {quantize.INT8, quantize.FP16} - set(precision.reduced()):
-        # an earlier export's smaller model (perhaps of another model) must not stay beside this one's fp32 file
+    for name in (quantize.INT8, quantize.FP16):
+        # an earlier export's smaller model (perhaps of another model) must not stay beside this one's fp32 file: not
+        # one that is not asked for this time, nor one that is but then cannot be made
         (out / f"model.{name}.onnx").unlink(missing_ok=True)
     openvino_ir.remove(out)  # an earlier export's, written again below only from this model.onnx once it has passed
     path = out / "model.onnx"
@@ -158,7 +159,13 @@ def _reduced(name: str, fp32: Path, out: Path, config, processor, pixel_values, 
     else:
         made = quantize.to_fp16(fp32, path)
     _add_metadata(path, config, processor, precision=name)
-    figures = quantize.against_fp32(quantize.predictions(onnx_session(path), pixel_values), reference, labels)
+    try:
+        predicted = quantize.predictions(onnx_session(path), pixel_values)
+    except Exception as exc:  # an operator onnxruntime has no kernel for in this precision: its message is long
+        path.unlink(missing_ok=True)  # a file onnxruntime cannot run is not kept to be served
+        raise UserError(f"onnxruntime cannot run the {name} model of this {config.model_type} model: "
+                        f"{quantize.first_line(exc)}") from exc
+    figures = quantize.against_fp32(predicted, reference, labels)
     lost, what = quantize.drop_of(figures)
     refused = None
     if lost > precision.max_accuracy_drop:

@@ -44,12 +44,12 @@ def quantize_int8(fp32: Path, out: Path, calibration: list[torch.Tensor] | None,
 
     with tempfile.TemporaryDirectory() as tmp:
         source = fp32
-        if preprocess:  # shape inference and graph fusions (Conv+BatchNorm, ...) so that fewer tensors are quantized
-            from onnxruntime.quantization.shape_inference import quant_pre_process
-
-            source = Path(tmp) / "preprocessed.onnx"
-            quant_pre_process(str(fp32), str(source), skip_symbolic_shape=False)
         try:
+            if preprocess:  # shape inference, graph fusions (Conv+BatchNorm, ...): fewer tensors to quantize
+                from onnxruntime.quantization.shape_inference import quant_pre_process
+
+                source = Path(tmp) / "preprocessed.onnx"
+                quant_pre_process(str(fp32), str(source), skip_symbolic_shape=False)
             if calibration:
                 quantize_static(str(source), str(out), _Batches(calibration), quant_format=QuantFormat.QDQ,
                                 per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8)
@@ -62,8 +62,8 @@ def quantize_int8(fp32: Path, out: Path, calibration: list[torch.Tensor] | None,
                        "activations": "quantized at run time from each batch's range",
                        "why_dynamic": "no training images to calibrate on (a model without a run)"}
         except Exception as exc:  # onnxruntime's failures are long: the first line says which
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(f"onnxruntime cannot quantize this model to int8: {first}") from exc
+            out.unlink(missing_ok=True)
+            raise UserError(f"onnxruntime cannot quantize this model to int8: {first_line(exc)}") from exc
     how["preprocessed"] = preprocess
     return how
 
@@ -74,8 +74,18 @@ def to_fp16(fp32: Path, out: Path) -> dict:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = onnx.load(str(fp32))
-    onnx.save(convert_float_to_float16(model, keep_io_types=True), str(out))
+    try:
+        converted = convert_float_to_float16(model, keep_io_types=True)
+    except Exception as exc:
+        raise UserError(f"onnxruntime's float16 converter cannot convert this model: {first_line(exc)}") from exc
+    onnx.save(converted, str(out))
     return {"method": "onnxruntime.transformers.float16", "weights": "float16", "input_output": "float32"}
+
+
+def first_line(exc: Exception) -> str:
+    """The first line of an error (onnxruntime's run to pages; the first says which operator and why)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def predictions(session, batches: list[torch.Tensor]) -> np.ndarray:
