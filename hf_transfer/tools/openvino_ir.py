@@ -3,8 +3,8 @@
 `python -m hf_transfer export RUN_DIR --openvino` converts the checked `model.onnx` with `openvino.convert_model` and
 writes `openvino/model.xml` (the graph) and `openvino/model.bin` (the weights, fp32) beside it, with the run's
 `config.json` and `preprocessor_config.json`. The model is then compiled for OpenVINO's CPU plugin and run on the same
-prepared images as the ONNX check; its logits must be within `TOLERANCE` of PyTorch's (per unit of the logits' size,
-as export's check: `export.allowed`) and its top-1 the same on every
+prepared images as the ONNX check; its logits must be within `TOLERANCE` of PyTorch's (per unit of each image's logits,
+as export's check: `export.relative_differences`) and its top-1 the same on every
 image, else the export is refused (the files kept for inspection).
 
 OpenVINO's CPU plugin computes in bf16 by default on CPUs that have bf16 instructions (AVX512-BF16, AMX): a file
@@ -98,26 +98,27 @@ def check(onnx_path: Path, model, batches: list[torch.Tensor], labels, source: s
     path = convert(onnx_path)
     seconds = time.perf_counter() - started
     runnable = compiled(path)
-    worst, scale, disagree, predicted = 0.0, 0.0, 0, []
+    from .export import relative_differences
+
+    worst, relative, disagree, predicted = 0.0, 0.0, 0, []
     for pixel_values in batches:
         with torch.no_grad():
             expected = model(pixel_values=pixel_values).logits.numpy()
         got = runnable(pixel_values.numpy())[0]
-        worst, scale = max(worst, float(np.abs(got - expected).max())), max(scale, float(np.abs(expected).max()))
+        worst = max(worst, float(np.abs(got - expected).max()))
+        relative = max(relative, float(relative_differences(got, expected).max()))
         disagree += int((got.argmax(-1) != expected.argmax(-1)).sum())
         predicted.append(got.argmax(-1))
     images = sum(len(b) for b in batches)
-    from .export import allowed
-
-    limit = allowed(scale, TOLERANCE)
     figures = {"model": str(path), "bytes": sum((path.parent / n).stat().st_size for n in ("model.xml", "model.bin")),
                "openvino": version(), "inference_precision": "f32", "convert_seconds": round(seconds, 2),
-               "max_abs_logit_diff": worst, "top1_disagreements": disagree, "logit_scale": scale, "tolerance": limit,
-               "refused": None}
+               "max_abs_logit_diff": worst, "max_relative_logit_diff": relative, "top1_disagreements": disagree,
+               "tolerance": TOLERANCE, "refused": None}
     if labels is not None and not isinstance(labels[0], list):
         figures["accuracy"] = float((np.concatenate(predicted) == np.asarray(labels)).mean())
-    if worst > limit or disagree:
+    if relative > TOLERANCE or disagree:
         figures["refused"] = (f"the OpenVINO model differs from PyTorch on {source}: largest logit difference "
-                              f"{worst:.2e} (allowed {limit:.2g} for logits up to {scale:.3g}), top-1 different on {disagree} of {images} images; "
+                              f"{relative:.2e} per unit of the image's logits (absolute {worst:.2e}; allowed {TOLERANCE:g}), "
+                              f"top-1 different on {disagree} of {images} images; "
                               f"{path} is kept for inspection, do not serve it")
     return figures
