@@ -143,6 +143,13 @@ def test_one_images_large_logits_do_not_widen_the_allowance_for_the_others():
     assert relative[0] <= export.TOLERANCE < relative[1]
 
 
+def test_a_nan_logit_is_a_difference_not_a_match():
+    expected = np.array([[2.0, 1.0], [0.5, -0.5]], dtype=np.float32)
+    got = expected.copy()
+    got[0, 0] = np.nan  # max() and argmax would otherwise pass it
+    assert np.isinf(export.relative_differences(got, expected)[0]) and export.relative_differences(got, expected)[1] == 0
+
+
 def test_a_model_onnx_cannot_match_fails_and_keeps_the_file(digits_run, tmp_path, monkeypatch, capsys):
     run_dir, _ = digits_run
     monkeypatch.setattr(export, "TOLERANCE", -1.0)  # no difference can be below it: the check must fail
@@ -150,6 +157,8 @@ def test_a_model_onnx_cannot_match_fails_and_keeps_the_file(digits_run, tmp_path
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("error: the ONNX model differs from PyTorch on 4 images of the run's test")
     assert (tmp_path / "onnx" / "model.onnx").is_file()
+    results = json.loads((tmp_path / "onnx" / "export_results.json").read_text())
+    assert err[-1].startswith(f"error: {results['precisions']['fp32']['refused']}; ")  # predict reads it
 
 
 def test_export_refusals_are_one_line(digits_run, tmp_path, capsys):
@@ -163,6 +172,7 @@ def test_export_refusals_are_one_line(digits_run, tmp_path, capsys):
         ([str(no_run)], "has no run_args.json (not a run of this project) to find its test images; pass --images"),
         ([str(no_run), "--images", str(tmp_path / "empty")], "--images"),
         ([str(run_dir), "--format", "tflite"], "invalid choice: 'tflite'"),
+        ([str(run_dir), "--max_accuracy_drop", "-0.5"], "--max_accuracy_drop must be >= 0"),
     ]
     for argv, message in cases:
         try:
@@ -171,3 +181,7 @@ def test_export_refusals_are_one_line(digits_run, tmp_path, capsys):
             code = exc.code
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and message in err[0], (argv, err)  # nothing before it: one line
+    (tmp_path / "a-file").write_text("")
+    assert run_cli(tools, ["export", str(run_dir), "--output", str(tmp_path / "a-file")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --output '{tmp_path / 'a-file'}' is a file: pass a folder (it is created if missing)"]

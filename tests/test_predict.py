@@ -173,3 +173,28 @@ def test_bad_input_is_refused_in_one_line_before_any_work(multi_label, tmp_path,
     assert not answers.exists()
     with pytest.raises(UserError, match="unknown precision 'int4': choose from fp32, int8, fp16"):
         Predictor(out, "int4")  # the Python API refuses as the command does
+    # --output: a folder, an input image (it would be overwritten), a path under a file; before any prediction
+    assert "is a folder: name a file" in refusal([str(out), str(images[0]), "--output", str(tmp_path)], capsys)
+    victim = tmp_path / "victim.png"
+    shutil.copy(images[0], victim)
+    assert "is an image: it would be overwritten" in refusal([str(out), str(victim), "--output", str(victim)], capsys)
+    assert victim.read_bytes() == images[0].read_bytes()
+    assert "cannot be written" in refusal([str(out), str(images[0]), "--output", str(victim / "a.json")], capsys)
+    # the Python API: one path is one image (not its characters); top_k below 1 refused
+    assert len(Predictor(out).predict(str(images[0]))) == 1
+    with pytest.raises(UserError, match="top_k must be >= 1"):
+        Predictor(out).predict(images, top_k=0)
+
+
+def test_a_file_export_refused_is_not_served(multi_label, tmp_path, capsys):
+    """export keeps a refused file for inspection ("do not serve it"); predict must not serve it either."""
+    _, out, images = multi_label
+    copy = tmp_path / "onnx"
+    shutil.copytree(out, copy)
+    results = json.loads((copy / "export_results.json").read_text())
+    assert results["precisions"]["fp32"]["refused"] is None  # what export wrote for the file it passed
+    assert Predictor(copy).predict(images[:1])  # served
+    results["precisions"]["fp32"]["refused"] = "the ONNX model differs from PyTorch"
+    (copy / "export_results.json").write_text(json.dumps(results))
+    assert f"export refused {copy / 'model.onnx'}, it must not be served" in refusal([str(copy), str(images[0])],
+                                                                                      capsys)

@@ -40,7 +40,8 @@ def relative_differences(got: np.ndarray, expected: np.ndarray) -> np.ndarray:
     with the size of the values: a fine-tuned real-weights model whose logits reach 30 differs by 3e-4 between two
     correct runtimes, with the same top-1 on every image, where logits near 1 differ by 1e-5. Per image, so that one
     image's large logits do not widen the allowance for the others."""
-    return np.abs(got - expected).max(-1) / np.maximum(1.0, np.abs(expected).max(-1))
+    relative = np.abs(got - expected).max(-1) / np.maximum(1.0, np.abs(expected).max(-1))
+    return np.where(np.isfinite(got).all(-1), relative, np.inf)  # a NaN logit is no match (max() would skip it)
 
 
 BATCH = 32  # images per comparison batch
@@ -84,6 +85,8 @@ def export_onnx(run_dir: str, output: str | None = None, max_images: int | None 
                 images: str | None = None, opset: int | None = None, precision: Precision = Precision()) -> dict:
     """Export the model saved in `run_dir`, verify it on images, and return what was measured."""
     run, out = Path(run_dir), Path(output) if output else Path(run_dir) / "onnx"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--output '{out}' is a file: pass a folder (it is created if missing)")
     _check_installed()
     if precision.openvino:
         openvino_ir.check_installed()
@@ -115,14 +118,17 @@ def export_onnx(run_dir: str, output: str | None = None, max_images: int | None 
                "export_seconds": round(seconds, 2), "onnx_bytes": _size(path)}
     if labels is not None and not isinstance(labels[0], list):  # one class per image: the exported model's score
         results["onnx_accuracy"] = float((predicted == np.asarray(labels)).mean())
-    results["precisions"] = {"fp32": {"model": str(path), "bytes": _size(path), "check": "logits within tolerance",
-                                      **{k: results[k] for k in ("max_abs_logit_diff", "top1_disagreements")}}}
-    _write(out, results)
+    refused = None
     if relative > TOLERANCE or disagree:
-        raise UserError(f"the ONNX model differs from PyTorch on {source}: largest logit difference {relative:.2e} "
-                        f"per unit of the image's logits (absolute {worst:.2e}; allowed {TOLERANCE:g}), top-1 different on "
-                        f"{disagree} of {len(pictures)} images; "
-                        f"{path} is kept for inspection, do not serve it")
+        refused = (f"the ONNX model differs from PyTorch on {source}: largest logit difference {relative:.2e} per unit "
+                   f"of the image's logits (absolute {worst:.2e}; allowed {TOLERANCE:g}), top-1 different on "
+                   f"{disagree} of {len(pictures)} images")
+    results["precisions"] = {"fp32": {"model": str(path), "bytes": _size(path), "check": "logits within tolerance",
+                                      **{k: results[k] for k in ("max_abs_logit_diff", "top1_disagreements")},
+                                      "refused": refused}}  # predict reads it: a refused file is not served
+    _write(out, results)
+    if refused:
+        raise UserError(f"{refused}; {path} is kept for inspection, do not serve it")
     if precision.openvino:
         results["openvino"] = openvino_ir.check(path, model, pixel_values, labels, source)
         _write(out, results)
@@ -362,9 +368,9 @@ def _compare(model, path: Path, batches: list[torch.Tensor]) -> tuple[float, flo
         with torch.no_grad():
             expected = model(pixel_values=pixel_values).logits.numpy()
         got = session.run(["logits"], {"pixel_values": pixel_values.numpy()})[0]
-        worst = max(worst, float(np.abs(got - expected).max()))
+        worst = max(worst, float(np.nan_to_num(np.abs(got - expected), nan=np.inf).max()))
         relative = max(relative, float(relative_differences(got, expected).max()))
-        disagree += int((got.argmax(-1) != expected.argmax(-1)).sum())
+        disagree += int(((got.argmax(-1) != expected.argmax(-1)) | ~np.isfinite(got).all(-1)).sum())
         predicted.append(got.argmax(-1))
     return worst, relative, disagree, np.concatenate(predicted)
 

@@ -43,6 +43,10 @@ def model_path(export_dir: str | Path, precision: str = "fp32") -> Path:
         present = [name for name, file in FILES.items() if (folder / file).is_file()]
         raise UserError(f"'{folder}' has no {precision} model ({FILES[precision]}); exported: {', '.join(present)} "
                         f"(export again with {'--quantize int8' if precision == 'int8' else '--precision fp16'})")
+    results = folder / "export_results.json"  # absent beside a file copied alone: nothing to say against it
+    figures = json.loads(results.read_text()).get("precisions", {}).get(precision, {}) if results.is_file() else {}
+    if figures.get("refused"):  # export kept it for inspection only
+        raise UserError(f"export refused {path}, it must not be served ({figures['refused']}); export the run again")
     return path
 
 
@@ -84,8 +88,13 @@ class Predictor:
         self.processor = _processor(facts["image_processor"])
         self.input = self.session.get_inputs()[0]
 
-    def predict(self, images: list, top_k: int = TOP_K) -> list[dict]:
-        """The top `top_k` labels of each image (a path or a PIL image), best first, with their scores."""
+    def predict(self, images, top_k: int = TOP_K) -> list[dict]:
+        """The top `top_k` labels of each image (a path or a PIL image; one, or a list), best first, with their
+        scores."""
+        if isinstance(images, (str, Path)) or not isinstance(images, (list, tuple)):
+            images = [images]  # one image, not the characters of its path
+        if top_k < 1:
+            raise UserError(f"top_k must be >= 1, not {top_k}")
         scores = self.scores(images)
         answers = []
         for image, row in zip(images, scores):
@@ -158,11 +167,30 @@ def predict(export_dir: str, images: list[str], top_k: int = TOP_K, precision: s
     """The command: every path checked before the model is loaded, then the answers (written to `output` as JSON)."""
     model_path(export_dir, precision)
     files = image_files(images)
+    if output:
+        _check_output(Path(output), files)
     answers = Predictor(export_dir, precision).predict(files, top_k)
     if output:
         Path(output).parent.mkdir(parents=True, exist_ok=True)
         Path(output).write_text(json.dumps(answers, indent=2) + "\n")
     return answers
+
+
+def _check_output(output: Path, files: list[Path]) -> None:
+    """--output refused before any prediction: a folder, an input image (it would be overwritten), a path under a
+    file."""
+    from ..data.sources import IMAGE_EXTENSIONS
+
+    if output.is_dir():
+        raise UserError(f"--output '{output}' is a folder: name a file, e.g. {output / 'predictions.json'}")
+    if output.exists() and (output.suffix.lower() in IMAGE_EXTENSIONS
+                            or output.resolve() in {f.resolve() for f in files}):
+        raise UserError(f"--output '{output}' is an image: it would be overwritten; name a .json file")
+    parent = output.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"--output '{output}' cannot be written: '{parent}' is a file")
 
 
 def line(answer: dict) -> str:
