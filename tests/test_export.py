@@ -18,7 +18,7 @@ from transformers import AutoConfig
 import run_finetune
 from hf_transfer.cli.tools import main as tools
 from hf_transfer.errors import run_cli
-from hf_transfer.tools import export
+from hf_transfer.tools import checks, export
 
 
 def exported(run_dir, out: Path, *flags) -> dict:
@@ -139,7 +139,7 @@ def test_the_tolerance_grows_with_the_size_of_each_images_logits(tmp_path):
 def test_one_images_large_logits_do_not_widen_the_allowance_for_the_others():
     expected = np.array([[1000.0, 0.0], [0.5, -0.5]], dtype=np.float32)
     got = expected + np.array([[0.05, 0.0], [0.0, 0.001]], dtype=np.float32)  # the second image is off by 1e-3
-    relative = export.relative_differences(got, expected)
+    relative = checks.relative_differences(got, expected)
     assert relative[0] <= export.TOLERANCE < relative[1]
 
 
@@ -147,7 +147,7 @@ def test_a_nan_logit_is_a_difference_not_a_match():
     expected = np.array([[2.0, 1.0], [0.5, -0.5]], dtype=np.float32)
     got = expected.copy()
     got[0, 0] = np.nan  # max() and argmax would otherwise pass it
-    assert np.isinf(export.relative_differences(got, expected)[0]) and export.relative_differences(got, expected)[1] == 0
+    assert np.isinf(checks.relative_differences(got, expected)[0]) and checks.relative_differences(got, expected)[1] == 0
 
 
 def test_a_model_onnx_cannot_match_fails_and_keeps_the_file(digits_run, tmp_path, monkeypatch, capsys):

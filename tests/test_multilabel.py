@@ -300,3 +300,48 @@ def test_a_distillation_loss_of_one_class_per_image_is_refused_for_several_label
                           "--dataset_name", "digits-multilabel", "--distillation_loss", "dist",
                           "--output_dir", str(tmp_path / "out"), *quick_flags()])
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_multilabel_model_quantizes_judged_by_its_decisions_and_micro_f1(multilabel_run, tmp_path, capsys):
+    """int8 and fp16 of a model with several labels per image, judged on the test split by each class's decision at
+    the threshold the model carries and the micro-F1 those decisions earn (it was refused: a top-1 check does not
+    judge it); the agreement recomputed here from the files themselves."""
+    import onnxruntime
+    from transformers import AutoImageProcessor
+
+    from hf_transfer.cli.tools import main as tools
+    from hf_transfer.errors import run_cli
+
+    run, results = multilabel_run
+    out = tmp_path / "onnx"
+    tools(["export", str(run), "--output", str(out), "--quantize", "int8", "--precision", "fp16",
+           "--latency_repeats", "3", "--latency_batch", "8"])
+    exported = json.loads((out / "export_results.json").read_text())
+    assert exported["onnx_f1"] == pytest.approx(results["test_f1"], abs=0.01)
+    assert exported["onnx_map"] == pytest.approx(results["test_map"], abs=0.01)
+    threshold = results["test_threshold"]
+    test = digits_multilabel_dataset()["test"]
+    prepared = AutoImageProcessor.from_pretrained(str(run))(images=[r.convert("RGB") for r in test["image"]],
+                                                            return_tensors="np")["pixel_values"]
+    decisions = {name: sigmoid(onnxruntime.InferenceSession(str(out / f"model{name}.onnx")).run(
+        None, {"pixel_values": prepared})[0]) >= threshold for name in ("", ".int8", ".fp16")}
+    truth = np.stack([np.isin(np.arange(10), labels) for labels in test["labels"]])
+    for name, suffix in (("int8", ".int8"), ("fp16", ".fp16")):
+        figures = exported["precisions"][name]
+        assert figures["threshold"] == threshold and figures["refused"] is None, figures
+        assert figures["decision_agreement"] == pytest.approx((decisions[suffix] == decisions[""]).mean())
+        assert figures["f1"] == pytest.approx(f1_score(truth, decisions[suffix], average="micro"))
+        assert figures["fp32_f1"] == exported["onnx_f1"] and figures["f1_drop"] <= 0.01
+    assert exported["precisions"]["fp16"]["decision_agreement"] >= 0.99
+    table = exported["latency"]
+    rows = {row["runtime"]: row for row in table["rows"]}
+    assert rows["ONNX int8"]["accuracy"] == exported["precisions"]["int8"]["f1"]
+    assert rows["ONNX int8"]["agreement"] == exported["precisions"]["int8"]["decision_agreement"]
+    assert table["score"] == f"micro-F1 at threshold {threshold:g}"
+    assert f"test micro-F1 at threshold {threshold:g}" in (run / "README.md").read_text()
+    # the refusal names the figure it judged by
+    code = run_cli(tools, ["export", str(run), "--output", str(tmp_path / "refused"), "--quantize", "int8",
+                           "--max_accuracy_drop", "-1", "--latency_repeats", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and f"micro-F1 drop at threshold {threshold:g}" in err[0], err

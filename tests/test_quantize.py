@@ -18,6 +18,7 @@ from hf_transfer.errors import run_cli
 from hf_transfer.run.card import CardInfo, write_model_card
 from hf_transfer.run.record import read_card
 from hf_transfer.tools.deployment import SECTION
+from hf_transfer.tools.report import build_report
 
 FAST = ["--latency_repeats", "3", "--latency_batch", "8"]
 
@@ -88,11 +89,21 @@ def test_a_distilled_student_quantizes_within_the_threshold_and_its_card_shows_t
     card = (student / "README.md").read_text()
     assert results["card"] == str(student / "README.md") and card.startswith(card_before.rstrip("\n"))
     assert card.count(f"<!-- hf_transfer:{SECTION} -->") == 1 and "| this model | ONNX int8 |" in card
+    # and in the report, from the run's folder though the files went elsewhere: student and teacher side by side
+    build_report([student], tmp_path / "report")
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert f"## Deployment of {student.name}: latency and size" in report and "| this model | ONNX int8 |" in report
+    assert f"| {teacher} | ONNX fp32 |" in report
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert "<h3>Deployment: latency and size</h3>" in page and "<td>ONNX int8</td>" in page
     # a second export replaces the section (no int8 this time), the rest of the card as it was
     exported(student, tmp_path / "again", "--latency_repeats", "2", "--latency_batch", "4")
     again = (student / "README.md").read_text()
     assert again.count("## Deployment: latency and size") == 1 and "ONNX int8" not in again
     assert again.startswith(card_before.rstrip("\n")) and "batch 4 median" in again
+    build_report([student], tmp_path / "report")  # the report shows the latest export's table
+    assert "batch 4 median" in (tmp_path / "report" / "report.md").read_text()
+    assert "<td>ONNX int8</td>" not in (tmp_path / "report" / "report.html").read_text()
     # the card rendered again (as a push does) keeps the section
     write_model_card(student, CardInfo(**read_card(student)), test, None)
     assert (student / "README.md").read_text().count("## Deployment: latency and size") == 1
@@ -108,7 +119,8 @@ def test_a_quantized_model_below_the_threshold_is_refused_in_one_line_and_kept(d
     results = json.loads((out / "export_results.json").read_text())
     int8 = results["precisions"]["int8"]
     assert err[0].startswith(f"error: int8 {out / 'model.int8.onnx'}: accuracy drop {int8['accuracy_drop']:.4f} "
-                             f"(accuracy {int8['accuracy']:.4f} against fp32 {int8['fp32_accuracy']:.4f})")
+                             f"(top-1 agreement with fp32 {int8['top1_agreement']:.4f}, accuracy {int8['accuracy']:.4f} "
+                             f"(fp32 {int8['fp32_accuracy']:.4f})), above --max_accuracy_drop -1")
     assert "above --max_accuracy_drop -1" in err[0] and int8["refused"] in err[0]
     assert (out / "model.int8.onnx").is_file() and "latency" not in results
 
@@ -171,18 +183,6 @@ def test_calibration_images_are_the_run_s_training_images_prepared_as_for_evalua
     assert not any(np.asarray(p).tobytes() in test for p in pictures)
 
 
-def test_a_model_with_several_labels_per_image_is_refused_a_smaller_precision_in_one_line(tmp_path, capsys):
-    """Its answer is a decision per class at its threshold, which the top-1 check of int8/fp16 does not judge: a
-    refusal naming why, not an export judged wrongly (it was refused for 'accuracy' it never had)."""
-    run = tmp_path / "multi"
-    run.mkdir()
-    (run / "config.json").write_text(json.dumps({"model_type": "resnet", "problem_type": "multi_label_classification"}))
-    (run / "preprocessor_config.json").write_text("{}")
-    assert run_cli(tools, ["export", str(run), "--quantize", "int8"]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "several labels per image" in err[0] and "fp32" in err[0]
-
-
 ORT_FAILURE = ("[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation for ConvInteger(10) node "
                "with name '/conv/Conv_quant'\n  at onnxruntime/core/session/inference_session.cc:1805\n  (more lines)")
 
@@ -218,3 +218,25 @@ def test_a_model_onnxruntime_cannot_quantize_or_run_in_int8_is_refused_in_one_li
             "run": "onnxruntime cannot run the int8 model of this timm_wrapper model: "}[where]
     assert err[0] == f"error: {said}{ORT_FAILURE.splitlines()[0]}"
     assert not (out / "model.int8.onnx").exists() and (out / "model.onnx").is_file()
+
+
+def test_a_smaller_precision_of_a_multilabel_model_is_judged_by_its_decisions_at_the_threshold():
+    """Several labels per image: the answers are each class's decision at the model's threshold, so agreement counts
+    those (not the top-1, which can stay while a second label is lost) and the score is micro-F1 at the threshold."""
+    from hf_transfer.tasks.classification import MultiLabel, SingleLabel
+    from hf_transfer.tools import checks
+
+    task = MultiLabel(3, threshold=0.7)  # decision: logit >= log(0.7 / 0.3) = 0.847
+    fp32 = np.array([[3.0, 1.0, -2.0], [2.0, -1.0, -3.0]])
+    int8 = np.array([[3.1, 0.8, -2.0], [2.1, -1.0, -3.0]])  # the top-1 stays; image 0's second label falls below
+    labels = [[0, 1], [0]]
+    figures = checks.against_fp32(int8, fp32, labels, task)
+    assert figures["threshold"] == 0.7 and "top1_agreement" not in figures
+    assert figures["decision_agreement"] == pytest.approx(5 / 6) and figures["label_set_agreement"] == 0.5
+    assert figures["fp32_f1"] == 1.0 and figures["f1"] == pytest.approx(0.8)  # 2 of 3 positives found, none wrong
+    assert figures["f1_drop"] == pytest.approx(0.2) and checks.drop_of(figures)[0] == pytest.approx(0.2)
+    assert checks.drop_of(checks.against_fp32(int8, fp32, None, task))[0] == pytest.approx(1 / 6)  # no labels
+    assert checks.agreement(figures) == figures["decision_agreement"]
+    # one class per image: the same logits agree on the top-1 of both images
+    single = checks.against_fp32(int8, fp32, [0, 0], SingleLabel(3))
+    assert single["top1_agreement"] == 1.0 and single["accuracy_drop"] == 0.0

@@ -180,6 +180,8 @@ def test_a_run_without_the_diagnostics_says_what_is_missing_and_how_to_make_it(d
            f"digits --output_dir {run}</code>" in page
     assert f"no label_errors.json. Make it with <code>python -m hf_transfer label-errors {run}</code>" in page
     assert "Calibration: no calibration.json" in page and "has no scores" in page
+    assert "Deployment: no latency table (deployment.json, written by an export)" in page
+    assert f"<code>python -m hf_transfer export {run} --quantize int8</code>" in page
     predictions = json.loads((run / "test_predictions.json").read_text())
     for split, row, picture in _thumbnails(page):  # ordered without scores, still the right pictures
         np.testing.assert_array_equal(picture, _expected(split, row))

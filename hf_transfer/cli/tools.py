@@ -19,6 +19,7 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from ..errors import OneLineArgumentParser, run_cli
 
@@ -81,6 +82,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         check_data(rest)
     elif args.command == "export":
+        from ..tools.checks import summary
         from ..tools.deployment import markdown
         from ..tools.export import Precision, export_onnx
 
@@ -89,19 +91,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         results = export_onnx(args.run_dir, args.output, args.max_images, args.images, args.opset,
                               Precision(quantize=args.quantize, precision=args.precision, openvino=args.openvino,
                                         **chosen))
-        print(json.dumps(results, indent=2))
         if "latency" in results:
-            print("\n" + markdown(results["latency"]))
-        print(f"\n{results['model']}: onnxruntime matches PyTorch on {results['image_source']} (largest logit "
+            print(markdown(results["latency"]) + "\n")
+        print(f"{results['model']}: onnxruntime matches PyTorch on {results['image_source']} (largest logit "
               f"difference {results['max_abs_logit_diff']:.1e}, same top-1 on all)")
         if "openvino" in results:
             print(f"{results['openvino']['model']}: OpenVINO matches PyTorch (largest logit difference "
                   f"{results['openvino']['max_abs_logit_diff']:.1e}, same top-1 on all)")
         for name, figures in results["precisions"].items():
             if name != "fp32":
-                print(f"{figures['model']}: top-1 agreement with fp32 {figures['top1_agreement']:.4f}"
-                      + (f", accuracy {figures['accuracy']:.4f} (fp32 {figures['fp32_accuracy']:.4f})"
-                         if "accuracy" in figures else ""))
+                print(f"{figures['model']}: {summary(figures)}")
+        print(f"\nfigures in {Path(results['model']).parent / 'export_results.json'}"
+              + (f", the table in the model card {results['card']}" if results.get("card") else ""))
     elif args.command == "label-errors":
         from ..tools.label_errors import find_label_errors, summary_line
 

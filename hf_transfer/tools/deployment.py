@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from . import openvino_ir
+from ..tasks.classification import task_of
+from . import checks, openvino_ir
 from .latency import default_threads, measure, onnx_call, onnx_session, pytorch_call
 
 SECTION = "export-latency"  # the card section's marker: a second export replaces it
@@ -32,22 +33,24 @@ def latency_table(run: Path, model, results: dict, example: torch.Tensor, precis
     time_it = lambda calls, x=example: measure(calls, x, batches, precision.latency_repeats, threads)  # noqa: E731
     parameters = sum(p.numel() for p in model.parameters())
     own = {"model": "this model", "parameters": parameters}
-    rows = [{**own, "runtime": "PyTorch fp32", "bytes": _weights_bytes(run), "accuracy": results.get("onnx_accuracy"),
+    key = "f1" if "onnx_f1" in results else "accuracy"  # several labels per image: micro-F1 at the threshold
+    rows = [{**own, "runtime": "PyTorch fp32", "bytes": _weights_bytes(run), "accuracy": results.get(f"onnx_{key}"),
              **time_it(lambda x: pytorch_call(model, x))}]
     for name, figures in results["precisions"].items():
         session = onnx_session(figures["model"], threads)
-        accuracy = results.get("onnx_accuracy") if name == "fp32" else figures.get("accuracy")
-        rows.append({**own, "runtime": _RUNTIMES[name], "bytes": figures["bytes"], "accuracy": accuracy,
-                     "agreement": None if name == "fp32" else figures["top1_agreement"],
+        score = results.get(f"onnx_{key}") if name == "fp32" else figures.get(key)
+        rows.append({**own, "runtime": _RUNTIMES[name], "bytes": figures["bytes"], "accuracy": score,
+                     "agreement": None if name == "fp32" else checks.agreement(figures),
                      **time_it(lambda x, s=session: onnx_call(s, x))})
     if "openvino" in results:
         figures, compiled = results["openvino"], openvino_ir.compiled(results["openvino"]["model"], threads)
         rows.append({**own, "runtime": openvino_ir.RUNTIME, "bytes": figures["bytes"],
-                     "accuracy": figures.get("accuracy"), "agreement": None,
+                     "accuracy": figures.get(key), "agreement": None,
                      **time_it(lambda x: openvino_ir.call(compiled, x))})
     rows += _teacher_rows(run, pictures, time_it, threads)
+    score = "accuracy" if key == "accuracy" else f"micro-F1 at threshold {task_of(model.config).of_model(model.config).threshold:g}"
     return {"threads": threads, "batches": batches, "repeats": precision.latency_repeats, "warmup": 2,
-            "images": results["image_source"], "machine": _machine(), "rows": rows}
+            "images": results["image_source"], "score": score, "machine": _machine(), "rows": rows}
 
 
 def _teacher_rows(run: Path, pictures: list, time_it, threads: int) -> list[dict]:
@@ -94,26 +97,37 @@ def _machine() -> dict:
     return machine
 
 
-def markdown(table: dict) -> str:
-    """The table as the card and the command show it."""
+def cells(table: dict) -> tuple[list[str], list[list[str]], str]:
+    """(column titles, each row's cells, the note saying how it was measured): the table as the card, the command and
+    the report show it."""
     large = max(table["batches"])
-    lines = ["| model | runtime | size (MB) | parameters (M) | test accuracy | agreement | batch 1 median / p90 (ms) "
-             f"| batch {large} median / p90 (ms) | batch {large} images/s |", "|---|---|---|---|---|---|---|---|---|"]
+    score = table.get("score", "accuracy")
+    titles = ["model", "runtime", "size (MB)", "parameters (M)", f"test {score}", "agreement",
+              "batch 1 median / p90 (ms)", f"batch {large} median / p90 (ms)", f"batch {large} images/s"]
+    rows = []
     for row in table["rows"]:
         one, many = row["batch_1"], row[f"batch_{large}"]
-        cells = [row["model"], row["runtime"], f"{row['bytes'] / 1e6:.2f}", f"{row['parameters'] / 1e6:.3f}",
-                 _fraction(row.get("accuracy")), _fraction(row.get("agreement")),
-                 f"{one['median_ms']:.2f} / {one['p90_ms']:.2f}", f"{many['median_ms']:.2f} / {many['p90_ms']:.2f}",
-                 f"{many['images_per_s']:.0f}"]
-        lines.append("| " + " | ".join(cells) + " |")
+        rows.append([row["model"], row["runtime"], f"{row['bytes'] / 1e6:.2f}", f"{row['parameters'] / 1e6:.3f}",
+                     _fraction(row.get("accuracy")), _fraction(row.get("agreement")),
+                     f"{one['median_ms']:.2f} / {one['p90_ms']:.2f}", f"{many['median_ms']:.2f} / {many['p90_ms']:.2f}",
+                     f"{many['images_per_s']:.0f}"])
     machine = table["machine"]
     openvino = (f", openvino {machine['openvino']}" if machine.get("openvino")
                 and any(row["runtime"] == openvino_ir.RUNTIME for row in table["rows"]) else "")
     note = (f"Measured by `python -m hf_transfer export` on {machine['cpu']} ({machine['cpu_count']} cores), "
             f"{table['threads']} thread(s) for every runtime, median and 90th percentile of {table['repeats']} calls "
             f"after {table['warmup']} warm-up calls (torch {machine['torch']}, onnxruntime {machine['onnxruntime']}{openvino}). "
-            f"Accuracy on {table['images']}; agreement: top-1 agreement with this model in fp32 (a smaller "
-            "precision) or with this student (the teacher, as the run measured it).")
+            f"Test {score} on {table['images']}; agreement: with this model in fp32 (a smaller precision: "
+            f"{'the same top-1' if score == 'accuracy' else 'the same decision per class'}) or with this student "
+            "(the teacher, as the run measured it).")
+    return titles, rows, note
+
+
+def markdown(table: dict) -> str:
+    """The table as the card and the command show it."""
+    titles, rows, note = cells(table)
+    lines = ["| " + " | ".join(titles) + " |", "|" + "---|" * len(titles)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines + ["", note])
 
 
@@ -121,13 +135,24 @@ def _fraction(value) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+RECORD = "deployment.json"  # in the run's folder: its latest export's table, which the report shows
+
+
+def exported_table(run: Path) -> dict | None:
+    """The latency table of the run's latest export (wherever its files went), None when it was never exported."""
+    path = run / RECORD
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def update_card(run: Path, table: dict) -> str | None:
-    """Write the table into the run's model card (README.md), replacing the section an earlier export wrote; None
-    when the folder has no card (a checkpoint-N folder, a model without a run)."""
+    """Write the table into the run's model card (README.md), replacing the section an earlier export wrote, and
+    beside it as deployment.json for the report; None when the folder has no card (a checkpoint-N folder, a model
+    without a run)."""
     from ..run.card import replace_section
 
     card = run / "README.md"
     if not card.is_file():
         return None
     replace_section(card, SECTION, "## Deployment: latency and size\n\n" + markdown(table))
+    (run / RECORD).write_text(json.dumps(table, indent=2) + "\n")
     return str(card)

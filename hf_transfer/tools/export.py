@@ -9,7 +9,8 @@ split (validation when it has none), prepared by the saved image processor as `p
 them, and compared with PyTorch: each image's largest logit difference must be at most `TOLERANCE` times the size
 of its logits (its largest |logit|, at least 1) and the top-1 class the same on every image, else the command fails.
 `--openvino` converts the checked file to OpenVINO's format beside it and checks that the same way
-(`tools/openvino_ir.py`).
+(`tools/openvino_ir.py`). `--quantize int8` / `--precision fp16` write smaller files (`tools/quantize.py`), judged
+against the fp32 file by the answers they keep and the test score they lose (`tools/checks.py`).
 """
 
 from __future__ import annotations
@@ -27,21 +28,13 @@ import torch
 
 from ..errors import UserError
 from ..run import record as run_args
-from . import openvino_ir, quantize
+from ..tasks.classification import task_of
+from . import checks, openvino_ir, quantize
 from .deployment import latency_table, update_card
 
 logger = logging.getLogger(__name__)
 
 TOLERANCE = 1e-4  # largest |logit difference| allowed between onnxruntime and PyTorch, per unit of the image's logits
-
-
-def relative_differences(got: np.ndarray, expected: np.ndarray) -> np.ndarray:
-    """Each image's largest |logit difference| per unit of its largest |logit| (at least 1). float32 rounding grows
-    with the size of the values: a fine-tuned real-weights model whose logits reach 30 differs by 3e-4 between two
-    correct runtimes, with the same top-1 on every image, where logits near 1 differ by 1e-5. Per image, so that one
-    image's large logits do not widen the allowance for the others."""
-    relative = np.abs(got - expected).max(-1) / np.maximum(1.0, np.abs(expected).max(-1))
-    return np.where(np.isfinite(got).all(-1), relative, np.inf)  # a NaN logit is no match (max() would skip it)
 
 
 BATCH = 32  # images per comparison batch
@@ -71,7 +64,8 @@ class Precision:
 
     quantize: str | None = None  # "int8": model.int8.onnx
     precision: str = "fp32"  # "fp16": model.fp16.onnx as well
-    max_accuracy_drop: float = MAX_ACCURACY_DROP  # refusal above this fall of test accuracy (a fraction)
+    max_accuracy_drop: float = MAX_ACCURACY_DROP  # refusal above this fall of test accuracy (micro-F1 with several
+    # labels per image), a fraction
     calibration_images: int = CALIBRATION_IMAGES  # training images that calibrate int8 activations
     latency_repeats: int = LATENCY_REPEATS  # timed calls per figure; 0: no latency table
     latency_batch: int = LATENCY_BATCH  # the throughput batch (besides batch 1)
@@ -91,7 +85,6 @@ def export_onnx(run_dir: str, output: str | None = None, max_images: int | None 
     if precision.openvino:
         openvino_ir.check_installed()
     _check_saved_model(run)
-    _check_reducible(run, precision)
     pictures, labels, source, data = _verification_images(run, images, max_images)  # before the model: quick refusal
     calibration = _calibration_images(run, data, precision.calibration_images) if precision.quantize else None
     model, processor = _load(run)
@@ -111,18 +104,14 @@ def export_onnx(run_dir: str, output: str | None = None, max_images: int | None 
         shutil.copy(run / name, out / name)
     seconds = time.perf_counter() - started
 
-    worst, relative, disagree, predicted = _compare(model, path, pixel_values)
+    task = task_of(model.config).of_model(model.config)  # its answers: the top-1, or decisions at its threshold
+    match = checks.against_pytorch(model, pixel_values, _onnx_runner(path))
     results = {"format": "onnx", "model": str(path), "images": len(pictures), "image_source": source,
-               "max_abs_logit_diff": worst, "max_relative_logit_diff": relative, "top1_disagreements": disagree,
-               "tolerance": TOLERANCE,
-               "export_seconds": round(seconds, 2), "onnx_bytes": _size(path)}
-    if labels is not None and not isinstance(labels[0], list):  # one class per image: the exported model's score
-        results["onnx_accuracy"] = float((predicted == np.asarray(labels)).mean())
-    refused = None
-    if relative > TOLERANCE or disagree:
-        refused = (f"the ONNX model differs from PyTorch on {source}: largest logit difference {relative:.2e} per unit "
-                   f"of the image's logits (absolute {worst:.2e}; allowed {TOLERANCE:g}), top-1 different on "
-                   f"{disagree} of {len(pictures)} images")
+               "max_abs_logit_diff": match.max_abs_logit_diff, "max_relative_logit_diff": match.max_relative_logit_diff,
+               "top1_disagreements": match.top1_disagreements, "tolerance": TOLERANCE,
+               "export_seconds": round(seconds, 2), "onnx_bytes": _size(path),
+               **{f"onnx_{k}": v for k, v in checks.score(match.logits, labels, task).items()}}
+    refused = match.refusal("ONNX", source, TOLERANCE)
     results["precisions"] = {"fp32": {"model": str(path), "bytes": _size(path), "check": "logits within tolerance",
                                       **{k: results[k] for k in ("max_abs_logit_diff", "top1_disagreements")},
                                       "refused": refused}}  # predict reads it: a refused file is not served
@@ -130,15 +119,15 @@ def export_onnx(run_dir: str, output: str | None = None, max_images: int | None 
     if refused:
         raise UserError(f"{refused}; {path} is kept for inspection, do not serve it")
     if precision.openvino:
-        results["openvino"] = openvino_ir.check(path, model, pixel_values, labels, source)
+        results["openvino"] = openvino_ir.check(path, model, pixel_values, labels, source, task)
         _write(out, results)
         if results["openvino"]["refused"]:
             raise UserError(results["openvino"]["refused"])
 
     refused = []
     for name in precision.reduced():
-        figures = _reduced(name, path, out, model.config, processor, pixel_values, predicted, labels, calibration,
-                           precision)
+        figures = _reduced(name, path, out, model.config, processor, pixel_values, match.logits, labels, calibration,
+                           precision, task)
         results["precisions"][name] = figures
         if figures["refused"]:
             refused.append(f"{name} {figures['model']}: {figures['refused']}")
@@ -165,9 +154,10 @@ def _prepared(processor, pictures: list) -> list[torch.Tensor]:
 
 
 def _reduced(name: str, fp32: Path, out: Path, config, processor, pixel_values, reference, labels, calibration,
-             precision: Precision) -> dict:
-    """Write the `name` precision of the fp32 model beside it, run it on the check's images and compare its top-1
-    with the fp32 model's; `refused` says why it must not be served (None: within --max_accuracy_drop)."""
+             precision: Precision, task) -> dict:
+    """Write the `name` precision of the fp32 model beside it, run it on the check's images and compare its answers
+    with the fp32 file's (`reference`: its logits); `refused` says why it must not be served (None: within
+    --max_accuracy_drop)."""
     from .latency import onnx_session
 
     path = out / f"model.{name}.onnx"
@@ -179,19 +169,16 @@ def _reduced(name: str, fp32: Path, out: Path, config, processor, pixel_values, 
         made = quantize.to_fp16(fp32, path)
     _add_metadata(path, config, processor, precision=name)
     try:
-        predicted = quantize.predictions(onnx_session(path), pixel_values)
+        logits = checks.logits_of(onnx_session(path), pixel_values)
     except Exception as exc:  # an operator onnxruntime has no kernel for in this precision: its message is long
         path.unlink(missing_ok=True)  # a file onnxruntime cannot run is not kept to be served
         raise UserError(f"onnxruntime cannot run the {name} model of this {config.model_type} model: "
                         f"{quantize.first_line(exc)}") from exc
-    figures = quantize.against_fp32(predicted, reference, labels)
-    lost, what = quantize.drop_of(figures)
+    figures = checks.against_fp32(logits, reference, labels, task)
+    lost, what = checks.drop_of(figures)
     refused = None
     if lost > precision.max_accuracy_drop:
-        accuracies = (f" (accuracy {figures['accuracy']:.4f} against fp32 {figures['fp32_accuracy']:.4f})"
-                      if "accuracy" in figures else "")
-        refused = (f"{what} {lost:.4f}{accuracies}, top-1 agreement with fp32 {figures['top1_agreement']:.4f}, "
-                   f"above --max_accuracy_drop {precision.max_accuracy_drop:g}")
+        refused = f"{what} {lost:.4f} ({checks.summary(figures)}), above --max_accuracy_drop {precision.max_accuracy_drop:g}"
     return {"model": str(path), "bytes": _size(path), **made, **figures,
             "max_accuracy_drop": precision.max_accuracy_drop, "refused": refused}
 
@@ -327,16 +314,6 @@ def to_onnx(model, example: torch.Tensor, path: Path, opset: int | None = None) 
         raise UserError(f"torch's ONNX exporter cannot export this {model.config.model_type} model: {first}") from exc
 
 
-def _check_reducible(run: Path, precision: Precision) -> None:
-    """A smaller precision is judged by the top-1 it keeps; a model with several labels per image answers with a
-    decision per class at its threshold, which that check does not compare: refused rather than judged wrongly."""
-    config = json.loads((run / "config.json").read_text())
-    if precision.reduced() and config.get("problem_type") == "multi_label_classification":
-        raise UserError(f"'{run}' has several labels per image: --quantize and --precision fp16 are checked by the "
-                        "top-1 class, which does not judge such a model's per-class decisions; export it in fp32 "
-                        "(without --quantize / --precision)")
-
-
 def _add_metadata(path: Path, config, processor, precision: str = "fp32") -> None:
     """The facts a server needs to prepare an image and name the class, in the ONNX file itself."""
     import onnx
@@ -357,22 +334,12 @@ def _add_metadata(path: Path, config, processor, precision: str = "fp32") -> Non
     onnx.save(proto, str(path))
 
 
-def _compare(model, path: Path, batches: list[torch.Tensor]) -> tuple[float, float, int, np.ndarray]:
-    """(largest |logit difference|, largest relative difference, images whose top-1 differs, onnxruntime's top-1)
-    against PyTorch."""
+def _onnx_runner(path: Path):
+    """onnxruntime's CPU session on `path` as a call: pixel_values array -> logits array."""
     import onnxruntime
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    worst, relative, disagree, predicted = 0.0, 0.0, 0, []
-    for pixel_values in batches:
-        with torch.no_grad():
-            expected = model(pixel_values=pixel_values).logits.numpy()
-        got = session.run(["logits"], {"pixel_values": pixel_values.numpy()})[0]
-        worst = max(worst, float(np.nan_to_num(np.abs(got - expected), nan=np.inf).max()))
-        relative = max(relative, float(relative_differences(got, expected).max()))
-        disagree += int(((got.argmax(-1) != expected.argmax(-1)) | ~np.isfinite(got).all(-1)).sum())
-        predicted.append(got.argmax(-1))
-    return worst, relative, disagree, np.concatenate(predicted)
+    return lambda pixel_values: session.run(["logits"], {"pixel_values": pixel_values})[0]
 
 
 def _size(path: Path) -> int:

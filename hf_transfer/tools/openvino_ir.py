@@ -3,9 +3,9 @@
 `python -m hf_transfer export RUN_DIR --openvino` converts the checked `model.onnx` with `openvino.convert_model` and
 writes `openvino/model.xml` (the graph) and `openvino/model.bin` (the weights, fp32) beside it, with the run's
 `config.json` and `preprocessor_config.json`. The model is then compiled for OpenVINO's CPU plugin and run on the same
-prepared images as the ONNX check; its logits must be within `TOLERANCE` of PyTorch's (per unit of each image's logits,
-as export's check: `export.relative_differences`) and its top-1 the same on every
-image, else the export is refused (the files kept for inspection).
+prepared images as the ONNX check (`checks.against_pytorch`): its logits must be within `TOLERANCE` of PyTorch's, per
+unit of each image's logits, and its top-1 the same on every image, else the export is refused (the files kept for
+inspection).
 
 OpenVINO's CPU plugin computes in bf16 by default on CPUs that have bf16 instructions (AVX512-BF16, AMX): a file
 written as fp32 would run with about three significant digits. Every compilation here asks for f32 arithmetic
@@ -20,10 +20,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..errors import UserError
+from . import checks
 
 TOLERANCE = 1e-4  # largest |logit difference| allowed between OpenVINO's CPU plugin and PyTorch: the ONNX check's
 FOLDER = "openvino"  # beside model.onnx
@@ -91,34 +91,20 @@ def call(model, pixel_values: torch.Tensor) -> Callable[[], object]:
     return lambda: model(feed)[0]
 
 
-def check(onnx_path: Path, model, batches: list[torch.Tensor], labels, source: str) -> dict:
+def check(onnx_path: Path, model, batches: list[torch.Tensor], labels, source: str, task) -> dict:
     """Convert `onnx_path`, run the result on `batches` and compare its logits with PyTorch's `model`; the figures, with
     `refused` saying why it must not be served (None: within TOLERANCE, the same top-1 on every image)."""
     started = time.perf_counter()
     path = convert(onnx_path)
     seconds = time.perf_counter() - started
     runnable = compiled(path)
-    from .export import relative_differences
-
-    worst, relative, disagree, predicted = 0.0, 0.0, 0, []
-    for pixel_values in batches:
-        with torch.no_grad():
-            expected = model(pixel_values=pixel_values).logits.numpy()
-        got = runnable(pixel_values.numpy())[0]
-        worst = max(worst, float(np.nan_to_num(np.abs(got - expected), nan=np.inf).max()))
-        relative = max(relative, float(relative_differences(got, expected).max()))
-        disagree += int(((got.argmax(-1) != expected.argmax(-1)) | ~np.isfinite(got).all(-1)).sum())
-        predicted.append(got.argmax(-1))
-    images = sum(len(b) for b in batches)
+    match = checks.against_pytorch(model, batches, lambda pixel_values: runnable(pixel_values)[0])
     figures = {"model": str(path), "bytes": sum((path.parent / n).stat().st_size for n in ("model.xml", "model.bin")),
                "openvino": version(), "inference_precision": "f32", "convert_seconds": round(seconds, 2),
-               "max_abs_logit_diff": worst, "max_relative_logit_diff": relative, "top1_disagreements": disagree,
-               "tolerance": TOLERANCE, "refused": None}
-    if labels is not None and not isinstance(labels[0], list):
-        figures["accuracy"] = float((np.concatenate(predicted) == np.asarray(labels)).mean())
-    if relative > TOLERANCE or disagree:
-        figures["refused"] = (f"the OpenVINO model differs from PyTorch on {source}: largest logit difference "
-                              f"{relative:.2e} per unit of the image's logits (absolute {worst:.2e}; allowed {TOLERANCE:g}), "
-                              f"top-1 different on {disagree} of {images} images; "
-                              f"{path} is kept for inspection, do not serve it")
+               "max_abs_logit_diff": match.max_abs_logit_diff, "max_relative_logit_diff": match.max_relative_logit_diff,
+               "top1_disagreements": match.top1_disagreements, "tolerance": TOLERANCE,
+               **checks.score(match.logits, labels, task), "refused": None}
+    refused = match.refusal("OpenVINO", source, TOLERANCE)
+    if refused:
+        figures["refused"] = f"{refused}; {path} is kept for inspection, do not serve it"
     return figures

@@ -18,7 +18,6 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..errors import UserError
@@ -86,29 +85,3 @@ def first_line(exc: Exception) -> str:
     """The first line of an error (onnxruntime's run to pages; the first says which operator and why)."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def predictions(session, batches: list[torch.Tensor]) -> np.ndarray:
-    """Top-1 class of every image of `batches` in an onnxruntime session."""
-    name = session.get_inputs()[0].name
-    return np.concatenate([session.run(None, {name: b.numpy()})[0].argmax(-1) for b in batches])
-
-
-def against_fp32(predicted: np.ndarray, reference: np.ndarray, labels: list | None) -> dict:
-    """How a smaller precision's top-1 compares with the fp32 model's on the same images: agreement, and with one
-    label per image, both accuracies and the drop (fp32 minus this, in fractions)."""
-    figures = {"images": int(len(predicted)), "top1_agreement": float((predicted == reference).mean())}
-    if labels is not None and not isinstance(labels[0], list):
-        truth = np.asarray(labels)
-        figures["accuracy"] = float((predicted == truth).mean())
-        figures["fp32_accuracy"] = float((reference == truth).mean())
-        figures["accuracy_drop"] = figures["fp32_accuracy"] - figures["accuracy"]
-    return figures
-
-
-def drop_of(figures: dict) -> tuple[float, str]:
-    """(the accuracy the model lost at most, what that figure is): the accuracy drop with labels; without them, the
-    share of images whose top-1 changed (the accuracy cannot fall by more than that)."""
-    if "accuracy_drop" in figures:
-        return figures["accuracy_drop"], "accuracy drop"
-    return 1.0 - figures["top1_agreement"], "top-1 changed on (no labels: the most the accuracy can fall)"

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..errors import UserError
 from ..tasks.metrics import draw_confusion_matrix
+from .deployment import exported_table, markdown
 from .report_html import write_html
 
 COLUMNS = [
@@ -135,7 +136,10 @@ def build_report(runs: list[str | Path], output: str | Path) -> str:
         "validation split); peak memory of " + (", ".join(sorted(memory)) or "unknown") + "; epochs to best = "
         "the epoch whose validation accuracy chose the final checkpoint.",
     ]
-    text = "\n".join(["# Run comparison", "", table, "", *notes, "", "![curves](curves.png)", "",
+    deployed = [(Path(run), exported_table(Path(run))) for run in runs]
+    deployment = [f"## Deployment of {run.name}: latency and size\n\n{markdown(latency)}\n"
+                  for run, latency in deployed if latency]  # `python -m hf_transfer export` wrote it
+    text = "\n".join(["# Run comparison", "", table, "", *notes, "", *deployment, "![curves](curves.png)", "",
                       "![confusion matrices](confusion_matrices.png)", ""])
     (output / "report.md").write_text(text)
     (output / "summary.json").write_text(json.dumps(rows, indent=2))

@@ -2,8 +2,8 @@
 the style inline, no script, no font and nothing else from the network.
 
 Per run: the key numbers, the data check's findings with the leaked pairs side by side, the training curves, the
-confusion matrix, the reliability diagram, the test images the model gets most wrong and the likely label errors
-as thumbnails. For several runs first: the comparison table, how often the runs agree on the test images, and the
+confusion matrix, the reliability diagram, the latency and size table of its export (`export`), and the test images
+the model gets most wrong and the likely label errors as thumbnails. For several runs first: the comparison table, how often the runs agree on the test images, and the
 classes on which they differ most. A section whose file a run lacks says so in one line, with the command that
 makes it.
 """
@@ -15,6 +15,7 @@ from html import escape
 from pathlib import Path
 
 from . import report_plots
+from .deployment import cells, exported_table
 from .run_images import RunImages, data_uri, thumbnail_uri
 
 MOST_WRONG = 20  # test images shown as the worst errors
@@ -138,7 +139,7 @@ def _run_section(run: Path, index: int) -> str:
     labels = _label_names(run)
     parts = [f'<section id="run{index}"><h2>{escape(run.name)}</h2><p><code>{escape(str(run))}</code></p>',
              _key_numbers(run), _data_check(run, images, labels), _curves(run), _confusion(run),
-             _calibration(run), _most_wrong(run, images, labels), _label_errors(run, images)]
+             _calibration(run), _deployment(run), _most_wrong(run, images, labels), _label_errors(run, images)]
     if images.problem:
         parts.append(_missing(f"Some pictures are not shown: {images.problem}."))
     return "".join(parts) + "</section>"
@@ -227,6 +228,20 @@ def _calibration(run: Path) -> str:
         line += f" (folded into {escape(calibration['folded_into'])}: the saved model gives these probabilities)"
     return (f"<h3>Calibration</h3><p>{line}.</p>"
             f'<img class="plot" alt="reliability diagram" src="{data_uri(png)}">')
+
+
+def _deployment(run: Path) -> str:
+    table = exported_table(run)
+    if table is None:
+        return _missing("Deployment: no latency table (deployment.json, written by an export). Measure the model's size and "
+                        "latency in ONNX fp32 and int8 (a distilled student's beside its teacher's) with "
+                        f"<code>python -m hf_transfer export {escape(str(run))} --quantize int8</code>.")
+    titles, rows, note = cells(table)
+    head = "".join(f"<th>{escape(title)}</th>" for title in titles)
+    body = "".join("<tr>" + "".join(f"<td{'' if i < 2 else ' class=num'}>{escape(cell)}</td>"
+                                    for i, cell in enumerate(row)) + "</tr>" for row in rows)
+    return (f"<h3>Deployment: latency and size</h3><table><tr>{head}</tr>{body}</table>"
+            f"<p><small>{escape(note.replace('`', ''))}</small></p>")
 
 
 def _most_wrong(run: Path, images: RunImages, labels: list[str]) -> str:
