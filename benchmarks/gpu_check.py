@@ -2,7 +2,8 @@
 """The GPU check: one command sized for one 8-minute call on an H100/H200, every figure into a JSON written as it goes.
 
 The sizing (not yet timed in this form): the speed stage ~2 minutes (the last H200 figures: 31-43 s per
-300-step run), compile capped at --compile_budget_s (170), the GPU tests at --tests_budget_s (170).
+300-step run), compile capped at --compile_budget_s (170), the GPU tests at --tests_budget_s (170), onnx_gpu about a
+minute (one training step, an export, 50 timed calls per figure).
 
     python benchmarks/gpu_check.py --output benchmarks/gpu-h200.json   # all stages
     python benchmarks/gpu_check.py --stages speed                       # some of them
@@ -15,6 +16,10 @@ Stages, in this order (a stage that fails or runs out of time is recorded and th
   seconds (compilation included; the figures of the runs that finished are kept).
 - gpu_tests: the GPU-marked tests (`pytest -m "gpu or multi_gpu"`): CUDA's sync-debug host-read checks, fp16,
   and the shipped FSDP and DeepSpeed configs on one GPU, killed after a checkpoint and resumed (tests/test_scale_out.py).
+- onnx_gpu: a ResNet-50 run (one step) exported by `export --precision fp16`, then model.onnx and model.fp16.onnx
+  timed (batch 1 and 32) with each of onnxruntime's GPU execution providers this installation has (TensorRT, CUDA:
+  the onnxruntime-gpu package; none with the CPU-only onnxruntime, which the stage records), beside PyTorch fp32
+  and fp16 on the GPU, with each file's largest logit difference from onnxruntime's CPU fp32 answer.
 
 The models are the presets (--model resnet50, --model vit-base) with --from_scratch: their
 architectures and preprocessing, random weights, no download (models/loading.py knows the presets'
@@ -43,7 +48,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 GFLOP_PER_IMAGE = {"resnet50": 24.7, "vit-base": 105.5, "distill": 35.2 + 24.7}  # training, 224 px
 GOALS = {"resnet50": 5000, "vit-base": 3000, "distill": 2000}  # train images/s on one H100
-STAGES = ("speed", "compile", "gpu_tests")
+STAGES = ("speed", "compile", "gpu_tests", "onnx_gpu")
+GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")  # onnxruntime-gpu's, where installed
 
 
 def main() -> None:
@@ -60,6 +66,7 @@ def main() -> None:
                              "full (with --compile, a smaller last batch would compile the model again)")
     parser.add_argument("--workers", type=int, default=min(12, (os.cpu_count() or 2) - 1))
     parser.add_argument("--compile", action="store_true", help="torch.compile the speed stage's models")
+    parser.add_argument("--latency_repeats", type=int, default=50, help="timed calls per figure of the onnx_gpu stage")
     parser.add_argument("--smoke", action="store_true", help="tiny models, a few steps, CPU: test the script")
     parser.add_argument("--output", default=None, help="also write the JSON here, rewritten after every run")
     args = parser.parse_args()
@@ -73,7 +80,7 @@ def main() -> None:
 
     if args.smoke:
         args.steps = args.compile_steps = 8
-        args.batch_size, args.images, args.workers = 8, 128, 0
+        args.batch_size, args.images, args.workers, args.latency_repeats = 8, 128, 0, 3
     elif not torch.cuda.is_available():
         sys.exit("no CUDA GPU: run with --smoke to check the script on the CPU")
 
@@ -97,6 +104,8 @@ def main() -> None:
             speed(args, args.runs.split(","), section, save)
         elif stage == "compile":
             report["stages"]["compile"] = compiled(args)
+        elif stage == "onnx_gpu":
+            report["stages"]["onnx_gpu"] = onnx_gpu(args)
         else:
             report["stages"]["gpu_tests"] = gpu_tests(args.tests_budget_s)
         report["stages"][stage]["wall_s"] = round(time.time() - started, 1)
@@ -196,6 +205,81 @@ def compiled(args) -> dict:
                    else {} if code == 0 else {"error": f"exit {code}: {err[-1500:]}"})
         runs = json.loads(partial.read_text())["stages"]["speed"]["runs"] if partial.is_file() else {}
     return {"steps": args.compile_steps, "budget_s": args.compile_budget_s, "runs": runs, **outcome}
+
+
+def onnx_gpu(args) -> dict:
+    """Export a one-step ResNet-50 run in fp32 and fp16 and time both files with onnxruntime's GPU providers (on the
+    CPU provider with --smoke, which checks the path), beside PyTorch on the same device."""
+    import numpy as np
+    import onnxruntime
+    import torch
+    from benchmark import make_dataset
+
+    from hf_transfer.cli.finetune import main as finetune
+    from hf_transfer.tools import checks
+    from hf_transfer.tools.export import Precision, export_onnx
+    from hf_transfer.tools.latency import onnx_session, timed_ms
+    from hf_transfer.tools.quantize import first_line
+
+    available = onnxruntime.get_available_providers()
+    providers = [p for p in GPU_PROVIDERS if p in available] + (["CPUExecutionProvider"] if args.smoke else [])
+    section = {"onnxruntime": onnxruntime.__version__, "available_providers": available, "runs": {}}
+    if not providers:
+        return {**section, "skipped": "this onnxruntime has no GPU execution provider (pip install onnxruntime-gpu)"}
+    batches = [1, 32 if not args.smoke else 4]
+    with tempfile.TemporaryDirectory(prefix="hf-transfer-onnx-gpu-") as tmp:
+        tmp = Path(tmp)
+        make_dataset(tmp / "data", n_train=64, n_eval=64)
+        model_flags = ["--model_name_or_path", tiny_resnet(tmp / "tiny")] if args.smoke else ["--model", "resnet50"]
+        run = tmp / "run"
+        finetune([*model_flags, "--from_scratch", "--dataset_name", str(tmp / "data"), "--max_steps", "1",
+                  "--per_device_train_batch_size", "8", "--dataloader_num_workers", "0", "--eval_strategy", "no",
+                  "--save_strategy", "no", "--load_best_model_at_end", "false", "--report_to", "none",
+                  "--disable_tqdm", "true", "--calibrate", "false", "--output_dir", str(run),
+                  *(["--use_cpu"] if args.smoke else [])])
+        export_onnx(str(run), str(tmp / "onnx"), max_images=64,
+                              precision=Precision(precision="fp16", latency_repeats=0))
+        files = {"fp32": tmp / "onnx" / "model.onnx", "fp16": tmp / "onnx" / "model.fp16.onnx"}
+        config = json.loads((run / "preprocessor_config.json").read_text())
+        side = (config.get("crop_size") or config.get("size") or {}).get("height", 224)
+        example = torch.randn(max(batches), 3, side, side)
+        reference = onnx_session(files["fp32"]).run(None, {"pixel_values": example.numpy()})[0]
+
+        def figures(run_batch) -> dict:
+            row = {}
+            for batch in batches:
+                feed = example[:batch]
+                median, p90 = timed_ms(lambda feed=feed: run_batch(feed), args.latency_repeats)
+                row[f"batch_{batch}"] = {"median_ms": round(median, 3), "p90_ms": round(p90, 3),
+                                         "images_per_s": round(batch / median * 1000, 1)}
+            logits = np.asarray(run_batch(example), dtype=np.float32)
+            row["max_relative_logit_diff_from_cpu_fp32"] = float(checks.relative_differences(logits, reference).max())
+            return row
+
+        for provider in providers:
+            for precision, path in files.items():
+                name = f"{provider.removesuffix('ExecutionProvider')} {precision}"
+                try:
+                    session = onnx_session(path, providers=[provider])
+                    section["runs"][name] = figures(lambda x, s=session: s.run(None, {"pixel_values": x.numpy()})[0])
+                    section["runs"][name]["providers_used"] = session.get_providers()
+                except Exception as error:  # noqa: BLE001 -- a provider that cannot build this graph: recorded
+                    section["runs"][name] = {"error": f"{type(error).__name__}: {first_line(error)}"}
+        if torch.cuda.is_available() and not args.smoke:
+            from hf_transfer.models.loading import _from_pretrained
+
+            model = _from_pretrained("model", str(run)).eval().cuda()
+            for precision, dtype in (("fp32", torch.float32), ("fp16", torch.float16)):
+                model = model.to(dtype)
+
+                def call(x, dtype=dtype, model=model):
+                    with torch.no_grad():
+                        out = model(pixel_values=x.cuda().to(dtype)).logits.float().cpu().numpy()
+                    return out  # .cpu() synchronises: the time is the whole call
+
+                section["runs"][f"PyTorch cuda {precision}"] = figures(call)
+    return {**section, "batches": batches, "repeats": args.latency_repeats,
+            "note": "random weights (one training step): the logit differences check the arithmetic, not accuracy"}
 
 
 def gpu_tests(budget_s: int) -> dict:

@@ -35,19 +35,27 @@ def test_every_benchmark_mode_runs_and_the_summary_has_the_goal_ratios(tmp_path)
 
 @pytest.mark.slow
 def test_gpu_check_smoke(tmp_path):
-    """The GPU check's speed and compile stages on tiny models on the CPU (the compile stage's child process with the
-    eager backend); the JSON is the file it wrote as it went."""
+    """The GPU check's speed, compile and onnx_gpu stages on tiny models on the CPU (the compile stage's child process
+    with the eager backend; onnx_gpu through onnxruntime's CPU provider); the JSON is the file it wrote as it went."""
     output = tmp_path / "gpu.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--stages",
-                           "speed,compile", "--output", str(output)], capture_output=True, text=True, timeout=600)
+                           "speed,compile,onnx_gpu", "--output", str(output)], capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(output.read_text())
+    onnx = report["stages"].pop("onnx_gpu")
     assert set(report["stages"]) == {"speed", "compile"} and report["versions"]["torch"]
     assert set(report["stages"]["speed"]["runs"]) == {"resnet50", "vit-base", "distill"}
     assert set(report["stages"]["compile"]["runs"]) == {"resnet50", "vit-base"}
     for stage in report["stages"].values():
         for run in stage["runs"].values():
             assert run["train_images_per_second"] > 0 and 0 <= run["data_wait_share"] <= 1 and run["peak_memory_mb"] > 0
+    # fp32 and the fp16 file export wrote, timed; fp32 on the same provider is the reference itself
+    assert set(onnx["runs"]) == {"CPU fp32", "CPU fp16"} and onnx["batches"] == [1, 4]
+    assert onnx["runs"]["CPU fp32"]["max_relative_logit_diff_from_cpu_fp32"] == 0
+    assert 0 < onnx["runs"]["CPU fp16"]["max_relative_logit_diff_from_cpu_fp32"] < 0.05
+    for run in onnx["runs"].values():
+        assert 0 < run["batch_1"]["median_ms"] <= run["batch_1"]["p90_ms"] and run["providers_used"]
 
 
 def test_transfer_summary_compares_the_defaults_on_the_seeds_both_cells_have():

@@ -93,7 +93,7 @@ def test_a_distilled_student_quantizes_within_the_threshold_and_its_card_shows_t
     build_report([student], tmp_path / "report")
     report = (tmp_path / "report" / "report.md").read_text()
     assert f"## Deployment of {student.name}: latency and size" in report and "| this model | ONNX int8 |" in report
-    assert f"| {teacher} | ONNX fp32 |" in report
+    assert f"| {teacher} | ONNX fp32 |" in report and f"Files: `{tmp_path / 'onnx'}`." in report
     page = (tmp_path / "report" / "report.html").read_text()
     assert "<h3>Deployment: latency and size</h3>" in page and "<td>ONNX int8</td>" in page
     # a second export replaces the section (no int8 this time), the rest of the card as it was
@@ -103,6 +103,7 @@ def test_a_distilled_student_quantizes_within_the_threshold_and_its_card_shows_t
     assert again.startswith(card_before.rstrip("\n")) and "batch 4 median" in again
     build_report([student], tmp_path / "report")  # the report shows the latest export's table
     assert "batch 4 median" in (tmp_path / "report" / "report.md").read_text()
+    assert f"Files: `{tmp_path / 'again'}`." in (tmp_path / "report" / "report.md").read_text()
     assert "<td>ONNX int8</td>" not in (tmp_path / "report" / "report.html").read_text()
     # the card rendered again (as a push does) keeps the section
     write_model_card(student, CardInfo(**read_card(student)), test, None)

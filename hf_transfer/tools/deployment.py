@@ -50,7 +50,8 @@ def latency_table(run: Path, model, results: dict, example: torch.Tensor, precis
     rows += _teacher_rows(run, pictures, time_it, threads)
     score = "accuracy" if key == "accuracy" else f"micro-F1 at threshold {task_of(model.config).of_model(model.config).threshold:g}"
     return {"threads": threads, "batches": batches, "repeats": precision.latency_repeats, "warmup": 2,
-            "images": results["image_source"], "score": score, "machine": _machine(), "rows": rows}
+            "images": results["image_source"], "score": score, "files": str(Path(results["model"]).parent),
+            "machine": _machine(), "rows": rows}
 
 
 def _teacher_rows(run: Path, pictures: list, time_it, threads: int) -> list[dict]:

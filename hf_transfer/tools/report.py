@@ -137,8 +137,8 @@ def build_report(runs: list[str | Path], output: str | Path) -> str:
         "the epoch whose validation accuracy chose the final checkpoint.",
     ]
     deployed = [(Path(run), exported_table(Path(run))) for run in runs]
-    deployment = [f"## Deployment of {run.name}: latency and size\n\n{markdown(latency)}\n"
-                  for run, latency in deployed if latency]  # `python -m hf_transfer export` wrote it
+    deployment = [f"## Deployment of {run.name}: latency and size\n\n{markdown(latency)} Files: "
+                  f"`{latency.get('files', '?')}`.\n" for run, latency in deployed if latency]  # written by export
     text = "\n".join(["# Run comparison", "", table, "", *notes, "", *deployment, "![curves](curves.png)", "",
                       "![confusion matrices](confusion_matrices.png)", ""])
     (output / "report.md").write_text(text)

@@ -241,7 +241,8 @@ def _deployment(run: Path) -> str:
     body = "".join("<tr>" + "".join(f"<td{'' if i < 2 else ' class=num'}>{escape(cell)}</td>"
                                     for i, cell in enumerate(row)) + "</tr>" for row in rows)
     return (f"<h3>Deployment: latency and size</h3><table><tr>{head}</tr>{body}</table>"
-            f"<p><small>{escape(note.replace('`', ''))}</small></p>")
+            f"<p><small>{escape(note.replace('`', ''))} Files: <code>{escape(table.get('files', '?'))}</code>."
+            "</small></p>")
 
 
 def _most_wrong(run: Path, images: RunImages, labels: list[str]) -> str:
