@@ -48,7 +48,8 @@ def latency_table(run: Path, model, results: dict, example: torch.Tensor, precis
                      "accuracy": figures.get(key), "agreement": None,
                      **time_it(lambda x: openvino_ir.call(compiled, x))})
     rows += _teacher_rows(run, pictures, time_it, threads)
-    score = "accuracy" if key == "accuracy" else f"micro-F1 at threshold {task_of(model.config).of_model(model.config).threshold:g}"
+    threshold = task_of(model.config).of_model(model.config).threshold if key == "f1" else None
+    score = "accuracy" if threshold is None else f"micro-F1 at threshold {threshold:g}"
     return {"threads": threads, "batches": batches, "repeats": precision.latency_repeats, "warmup": 2,
             "images": results["image_source"], "score": score, "files": str(Path(results["model"]).parent),
             "machine": _machine(), "rows": rows}

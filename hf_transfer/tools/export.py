@@ -178,7 +178,8 @@ def _reduced(name: str, fp32: Path, out: Path, config, processor, pixel_values, 
     lost, what = checks.drop_of(figures)
     refused = None
     if lost > precision.max_accuracy_drop:
-        refused = f"{what} {lost:.4f} ({checks.summary(figures)}), above --max_accuracy_drop {precision.max_accuracy_drop:g}"
+        refused = (f"{what} {lost:.4f} ({checks.summary(figures)}), above --max_accuracy_drop "
+                   f"{precision.max_accuracy_drop:g}")
     return {"model": str(path), "bytes": _size(path), **made, **figures,
             "max_accuracy_drop": precision.max_accuracy_drop, "refused": refused}
 

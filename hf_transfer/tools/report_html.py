@@ -2,10 +2,10 @@
 the style inline, no script, no font and nothing else from the network.
 
 Per run: the key numbers, the data check's findings with the leaked pairs side by side, the training curves, the
-confusion matrix, the reliability diagram, the latency and size table of its export (`export`), and the test images
-the model gets most wrong and the likely label errors as thumbnails. For several runs first: the comparison table, how often the runs agree on the test images, and the
-classes on which they differ most. A section whose file a run lacks says so in one line, with the command that
-makes it.
+confusion matrix, the reliability diagram, the latency and size table of its latest export (`export`), and the test
+images the model gets most wrong and the likely label errors as thumbnails. For several runs first: the comparison
+table, how often the runs agree on the test images, and the classes on which they differ most. A section whose file a
+run lacks says so in one line, with the command that makes it.
 """
 
 from __future__ import annotations
@@ -233,8 +233,8 @@ def _calibration(run: Path) -> str:
 def _deployment(run: Path) -> str:
     table = exported_table(run)
     if table is None:
-        return _missing("Deployment: no latency table (deployment.json, written by an export). Measure the model's size and "
-                        "latency in ONNX fp32 and int8 (a distilled student's beside its teacher's) with "
+        return _missing("Deployment: no latency table (deployment.json, written by an export). Measure the "
+                        "model's size and latency in ONNX fp32 and int8 (a distilled student's beside its teacher's) with "
                         f"<code>python -m hf_transfer export {escape(str(run))} --quantize int8</code>.")
     titles, rows, note = cells(table)
     head = "".join(f"<th>{escape(title)}</th>" for title in titles)
