@@ -17,7 +17,7 @@ from transformers import AutoConfig
 
 import run_finetune
 from hf_transfer.cli.tools import main as tools
-from hf_transfer.errors import run_cli
+from hf_transfer.errors import UserError, run_cli
 from hf_transfer.tools import checks, export
 
 
@@ -184,3 +184,20 @@ def test_export_refusals_are_one_line(digits_run, tmp_path, capsys):
     assert run_cli(tools, ["export", str(run_dir), "--output", str(tmp_path / "a-file")]) == 2
     assert capsys.readouterr().err.strip().splitlines() == [
         f"error: --output '{tmp_path / 'a-file'}' is a file: pass a folder (it is created if missing)"]
+
+
+def test_an_opset_the_exporter_could_not_write_is_refused_and_the_file_removed(tmp_path):
+    """torch's exporter keeps opset 18 when it cannot convert to an older one asked for, and only logs it."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    path = tmp_path / "model.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    export._check_opset(path, 18)
+    export._check_opset(path, None)
+    assert path.is_file()
+    with pytest.raises(UserError, match=r"cannot write this model in opset 5 \(it wrote 18\): pass --opset 18 or later"):
+        export._check_opset(path, 5)
+    assert not path.exists()

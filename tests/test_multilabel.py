@@ -279,6 +279,7 @@ def test_a_multilabel_teacher_teaches_through_per_class_sigmoid_targets_alone(mu
     t, threshold = teacher_results["calibration_temperature"], teacher_results["test_threshold"]
     assert results["test_teacher_threshold"] == pytest.approx(sigmoid(t * np.log(threshold / (1 - threshold))))
     assert results["test_teacher_accuracy"] == pytest.approx(teacher_results["test_accuracy"])
+    assert results["test_teacher_f1"] == pytest.approx(teacher_results["test_f1"])  # beside the student's test_f1
     predicted = [json.loads((run / "test_predictions.json").read_text()) for run in (teacher, tmp_path / "out")]
     by_row = [dict(zip(p["rows"], p["predictions"])) for p in predicted]
     assert results["test_agreement"] == pytest.approx(np.mean([by_row[0][r] == by_row[1][r] for r in by_row[0]]))
@@ -345,3 +346,14 @@ def test_a_multilabel_model_quantizes_judged_by_its_decisions_and_micro_f1(multi
                            "--max_accuracy_drop", "-1", "--latency_repeats", "0"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and f"micro-F1 drop at threshold {threshold:g}" in err[0], err
+    # images without labels: judged by the decisions that changed, still named as the model's score; the card keeps
+    # the table of the run's own test split
+    card = (run / "README.md").read_text()
+    (tmp_path / "images").mkdir()
+    for i, image in enumerate(test["image"][:12]):
+        image.save(tmp_path / "images" / f"{i}.png")
+    tools(["export", str(run), "--output", str(tmp_path / "unlabelled"), "--images", str(tmp_path / "images"),
+           "--quantize", "int8", "--calibration_images", "32", "--latency_repeats", "2", "--latency_batch", "4"])
+    unlabelled = json.loads((tmp_path / "unlabelled" / "export_results.json").read_text())
+    assert "f1" not in unlabelled["precisions"]["int8"] and unlabelled["latency"]["score"] == table["score"]
+    assert unlabelled["card"] is None and (run / "README.md").read_text() == card

@@ -92,7 +92,7 @@ def test_a_distilled_student_quantizes_within_the_threshold_and_its_card_shows_t
     # and in the report, from the run's folder though the files went elsewhere: student and teacher side by side
     build_report([student], tmp_path / "report")
     report = (tmp_path / "report" / "report.md").read_text()
-    assert f"## Deployment of {student.name}: latency and size" in report and "| this model | ONNX int8 |" in report
+    assert f"## Deployment of {student}: latency and size" in report and "| this model | ONNX int8 |" in report
     assert f"| {teacher} | ONNX fp32 |" in report and f"Files: `{tmp_path / 'onnx'}`." in report
     page = (tmp_path / "report" / "report.html").read_text()
     assert "<h3>Deployment: latency and size</h3>" in page and "<td>ONNX int8</td>" in page
@@ -108,6 +108,15 @@ def test_a_distilled_student_quantizes_within_the_threshold_and_its_card_shows_t
     # the card rendered again (as a push does) keeps the section
     write_model_card(student, CardInfo(**read_card(student)), test, None)
     assert (student / "README.md").read_text().count("## Deployment: latency and size") == 1
+    # an export elsewhere without a table leaves the table of the files in again/ (they are still there) ...
+    exported(student, tmp_path / "third", "--latency_repeats", "0", "--max_images", "16")
+    assert json.loads((student / "deployment.json").read_text())["files"] == str((tmp_path / "again").resolve())
+    # ... an export that replaces those files without a new table takes it out: it would describe files now gone
+    exported(student, tmp_path / "again", "--latency_repeats", "0", "--max_images", "16")
+    assert not (student / "deployment.json").exists()
+    card = (student / "README.md").read_text()
+    assert f"hf_transfer:{SECTION}" not in card and "Deployment: latency and size" not in card
+    assert card.startswith(card_before.split("\n\n")[0])  # the rest of the card as it was
 
 
 def test_a_quantized_model_below_the_threshold_is_refused_in_one_line_and_kept(digits_run, tmp_path, capsys):
@@ -131,7 +140,10 @@ def test_precision_flags_are_checked_before_any_work(digits_run, tmp_path, capsy
     for argv, message in [(["--quantize", "int4"], "invalid choice: 'int4'"),
                           (["--precision", "bf16"], "invalid choice: 'bf16'"),
                           (["--calibration_images", "0"], "--calibration_images must be >= 1"),
-                          (["--latency_batch", "0"], "--latency_batch must be >= 1")]:
+                          (["--latency_batch", "0"], "--latency_batch must be >= 1"),
+                          # nan would switch the refusal off (no drop is > nan), inf too
+                          (["--max_accuracy_drop", "nan"], "--max_accuracy_drop must be a finite fraction"),
+                          (["--max_accuracy_drop", "inf"], "--max_accuracy_drop must be a finite fraction")]:
         try:
             code = run_cli(tools, ["export", str(run_dir), "--output", str(tmp_path / "o"), *argv])
         except SystemExit as exc:  # argparse's own refusals
@@ -241,3 +253,29 @@ def test_a_smaller_precision_of_a_multilabel_model_is_judged_by_its_decisions_at
     # one class per image: the same logits agree on the top-1 of both images
     single = checks.against_fp32(int8, fp32, [0, 0], SingleLabel(3))
     assert single["top1_agreement"] == 1.0 and single["accuracy_drop"] == 0.0
+
+
+def test_a_multilabel_model_without_a_threshold_is_refused_before_any_work(tmp_path, capsys):
+    """Its answers are decisions at the threshold its run chose at the end (a checkpoint-N folder has none): without
+    one, predict could not serve the file and a smaller precision would be judged at a threshold never chosen."""
+    run = tmp_path / "checkpoint-20"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"model_type": "resnet", "problem_type": "multi_label_classification"}))
+    (run / "preprocessor_config.json").write_text("{}")
+    assert run_cli(tools, ["export", str(run), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "several labels per image but no decision threshold" in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_table_measured_on_a_busy_machine_says_so():
+    from hf_transfer.tools.deployment import cells
+
+    row = {"model": "this model", "runtime": "ONNX fp32", "bytes": 1e6, "parameters": 1e6,
+           "batch_1": {"median_ms": 1.0, "p90_ms": 2.0, "images_per_s": 1000.0},
+           "batch_8": {"median_ms": 4.0, "p90_ms": 5.0, "images_per_s": 2000.0}}
+    table = {"batches": [1, 8], "threads": 2, "repeats": 3, "warmup": 2, "images": "8 images", "rows": [row],
+             "machine": {"cpu": "x86_64", "cpu_count": 2, "torch": "2", "onnxruntime": "1", "load_average": 1.5}}
+    assert "busy" not in cells(table)[2]
+    table["machine"]["load_average"] = 6.0
+    assert "The machine was busy (load average 6 on 2 cores)" in cells(table)[2]

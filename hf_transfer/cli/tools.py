@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,6 +42,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         for flag, least in (("max_images", 1), ("calibration_images", 1), ("latency_repeats", 0), ("latency_batch", 1)):
             if getattr(args, flag) is not None and getattr(args, flag) < least:
                 tools["export"].error(f"--{flag} must be >= {least}")
+        if args.max_accuracy_drop is not None and not math.isfinite(args.max_accuracy_drop):
+            tools["export"].error(f"--max_accuracy_drop must be a finite fraction (0.01: one point), not "
+                                  f"{args.max_accuracy_drop}")
+    if args.command == "report" and Path(args.output).exists() and not Path(args.output).is_dir():
+        tools["report"].error(f"--output '{args.output}' is a file: pass a folder for report.html, report.md and the "
+                              "plots (it is created if missing)")
     if args.command == "predict" and args.top_k < 1:
         tools["predict"].error("--top_k must be >= 1")
     if args.command == "check-data":  # its flags (the run's data flags) refused before any data is read

@@ -222,6 +222,15 @@ def replace_section(path: Path, name: str, markdown: str) -> None:
     path.write_text(text)
 
 
+def remove_section(path: Path, name: str) -> None:
+    """Take the section `name` out of the card at `path` (nothing when it has none); the rest is left as it is."""
+    start, end = _markers(name)
+    text = path.read_text()
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        path.write_text(before.rstrip("\n") + "\n" + rest.split(end, 1)[1].lstrip("\n"))
+
+
 def added_sections(text: str) -> str:
     """The sections `replace_section` added to a card, whole, in their order."""
     import re

@@ -10,6 +10,7 @@ its test accuracy and its agreement with the student as the run measured them (t
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import tempfile
@@ -17,15 +18,16 @@ from pathlib import Path
 
 import torch
 
-from ..tasks.classification import task_of
 from . import checks, openvino_ir
 from .latency import default_threads, measure, onnx_call, onnx_session, pytorch_call
+
+logger = logging.getLogger(__name__)
 
 SECTION = "export-latency"  # the card section's marker: a second export replaces it
 _RUNTIMES = {"fp32": "ONNX fp32", "int8": "ONNX int8", "fp16": "ONNX fp16"}
 
 
-def latency_table(run: Path, model, results: dict, example: torch.Tensor, precision, pictures: list) -> dict:
+def latency_table(run: Path, model, task, results: dict, example: torch.Tensor, precision, pictures: list) -> dict:
     """The table (export_results.json's "latency"): each row's runtime, size, parameters, accuracy, agreement and
     timings; `example`: a batch of the check's prepared images (timing inputs are made of them)."""
     threads = default_threads()
@@ -33,7 +35,7 @@ def latency_table(run: Path, model, results: dict, example: torch.Tensor, precis
     time_it = lambda calls, x=example: measure(calls, x, batches, precision.latency_repeats, threads)  # noqa: E731
     parameters = sum(p.numel() for p in model.parameters())
     own = {"model": "this model", "parameters": parameters}
-    key = "f1" if "onnx_f1" in results else "accuracy"  # several labels per image: micro-F1 at the threshold
+    key = "f1" if task.multi_label else "accuracy"  # several labels per image: micro-F1 at the threshold
     rows = [{**own, "runtime": "PyTorch fp32", "bytes": _weights_bytes(run), "accuracy": results.get(f"onnx_{key}"),
              **time_it(lambda x: pytorch_call(model, x))}]
     for name, figures in results["precisions"].items():
@@ -47,16 +49,17 @@ def latency_table(run: Path, model, results: dict, example: torch.Tensor, precis
         rows.append({**own, "runtime": openvino_ir.RUNTIME, "bytes": figures["bytes"],
                      "accuracy": figures.get(key), "agreement": None,
                      **time_it(lambda x: openvino_ir.call(compiled, x))})
-    rows += _teacher_rows(run, pictures, time_it, threads)
-    threshold = task_of(model.config).of_model(model.config).threshold if key == "f1" else None
-    score = "accuracy" if threshold is None else f"micro-F1 at threshold {threshold:g}"
+    rows += _teacher_rows(run, pictures, time_it, threads, task)
+    score = f"micro-F1 at threshold {task.threshold:g}" if task.multi_label else "accuracy"
     return {"threads": threads, "batches": batches, "repeats": precision.latency_repeats, "warmup": 2,
-            "images": results["image_source"], "score": score, "files": str(Path(results["model"]).parent),
-            "machine": _machine(), "rows": rows}
+            "images": results["image_source"], "score": score,
+            "files": str(Path(results["model"]).parent.resolve()), "machine": _machine(), "rows": rows}
 
 
-def _teacher_rows(run: Path, pictures: list, time_it, threads: int) -> list[dict]:
-    """The teacher of a distilled run, when its folder is still there: PyTorch and ONNX fp32 at its own input size."""
+def _teacher_rows(run: Path, pictures: list, time_it, threads: int, task) -> list[dict]:
+    """The teacher of a distilled run, when its folder is still there: PyTorch and ONNX fp32 at its own input size,
+    with its test score and its agreement with the student as the run measured them (several labels per image: its
+    micro-F1; the run's agreement counts whole label sets, not the table's per-class decisions, so it is left out)."""
     from transformers import AutoImageProcessor
 
     from ..models.loading import _from_pretrained
@@ -65,14 +68,19 @@ def _teacher_rows(run: Path, pictures: list, time_it, threads: int) -> list[dict
 
     saved = record.read(run) or record.read(run.parent) or {}
     teacher = (saved.get("shaping") or {}).get("training.teacher_model_name_or_path")
-    if not teacher or not (Path(teacher) / "config.json").is_file():
+    if not teacher:
+        return []
+    if not (Path(teacher) / "config.json").is_file():
+        logger.warning("the teacher's folder %s is no longer there: the table leaves its rows out", teacher)
         return []
     test_path = run / "test_results.json"
     test = json.loads(test_path.read_text()) if test_path.is_file() else {}
     model = _from_pretrained("teacher", teacher).eval().float()
     example = AutoImageProcessor.from_pretrained(teacher)(images=pictures[:8], return_tensors="pt")["pixel_values"]
+    score, agreement = (("test_teacher_f1", None) if task.multi_label
+                        else ("test_teacher_accuracy", test.get("test_agreement")))
     own = {"model": f"teacher ({Path(teacher).name})", "parameters": sum(p.numel() for p in model.parameters()),
-           "accuracy": test.get("test_teacher_accuracy"), "agreement": test.get("test_agreement")}
+           "accuracy": test.get(score), "agreement": agreement}
     rows = [{**own, "runtime": "PyTorch fp32", "bytes": _weights_bytes(Path(teacher)),
              **time_it(lambda x: pytorch_call(model, x), example)}]
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,6 +101,7 @@ def _machine() -> dict:
     import onnxruntime
 
     machine = {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+               "load_average": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
                "platform": platform.platform(), "torch": torch.__version__, "onnxruntime": onnxruntime.__version__}
     if openvino_ir.version():
         machine["openvino"] = openvino_ir.version()
@@ -122,6 +131,10 @@ def cells(table: dict) -> tuple[list[str], list[list[str]], str]:
             f"Test {score} on {table['images']}; agreement: with this model in fp32 (a smaller precision: "
             f"{'the same top-1' if score == 'accuracy' else 'the same decision per class'}) or with this student "
             "(the teacher, as the run measured it).")
+    load = machine.get("load_average")
+    if load is not None and machine.get("cpu_count") and load > machine["cpu_count"]:
+        note += (f" The machine was busy (load average {load:g} on {machine['cpu_count']} cores): the times are slower "
+                 "than a quiet machine's.")
     return titles, rows, note
 
 
@@ -138,6 +151,20 @@ def _fraction(value) -> str:
 
 
 RECORD = "deployment.json"  # in the run's folder: its latest export's table, which the report shows
+
+
+def forget(run: Path, out: Path) -> None:
+    """Remove the run's table (card section and deployment.json) when it describes the files of `out`, which an export
+    is about to replace: if this export then writes no table (--latency_repeats 0, a refusal), none describes files
+    that are gone. A table of files elsewhere still describes them and stays."""
+    from ..run.card import remove_section
+
+    table = exported_table(run)
+    if table is None or Path(table.get("files", run / "onnx")).resolve() != out.resolve():
+        return
+    (run / RECORD).unlink()
+    if (run / "README.md").is_file():
+        remove_section(run / "README.md", SECTION)
 
 
 def exported_table(run: Path) -> dict | None:

@@ -30,7 +30,7 @@ from ..errors import UserError
 from ..run import record as run_args
 from ..tasks.classification import task_of
 from . import checks, openvino_ir, quantize
-from .deployment import latency_table, update_card
+from .deployment import forget, latency_table, update_card
 
 logger = logging.getLogger(__name__)
 
@@ -85,12 +85,16 @@ def export_onnx(run_dir: str, output: str | None = None, max_images: int | None 
     if precision.openvino:
         openvino_ir.check_installed()
     _check_saved_model(run)
+    _check_threshold(run)
     pictures, labels, source, data = _verification_images(run, images, max_images)  # before the model: quick refusal
     calibration = _calibration_images(run, data, precision.calibration_images) if precision.quantize else None
     model, processor = _load(run)
     pixel_values = _prepared(processor, pictures)
 
+    task = task_of(model.config).of_model(model.config)  # its answers: the top-1, or decisions at its threshold
+
     out.mkdir(parents=True, exist_ok=True)
+    forget(run, out)  # the table of an earlier export to this folder describes files about to be replaced
     for name in (quantize.INT8, quantize.FP16):
         # an earlier export's smaller model (perhaps of another model) must not stay beside this one's fp32 file: not
         # one that is not asked for this time, nor one that is but then cannot be made
@@ -99,12 +103,12 @@ def export_onnx(run_dir: str, output: str | None = None, max_images: int | None 
     path = out / "model.onnx"
     started = time.perf_counter()
     to_onnx(model, pixel_values[0][:1].repeat(2, 1, 1, 1), path, opset)  # batch 2: a batch of 1 would fix the size
+    _check_opset(path, opset)
     _add_metadata(path, model.config, processor)
     for name in ("config.json", "preprocessor_config.json"):
         shutil.copy(run / name, out / name)
     seconds = time.perf_counter() - started
 
-    task = task_of(model.config).of_model(model.config)  # its answers: the top-1, or decisions at its threshold
     match = checks.against_pytorch(model, pixel_values, _onnx_runner(path))
     results = {"format": "onnx", "model": str(path), "images": len(pictures), "image_source": source,
                "max_abs_logit_diff": match.max_abs_logit_diff, "max_relative_logit_diff": match.max_relative_logit_diff,
@@ -136,9 +140,10 @@ def export_onnx(run_dir: str, output: str | None = None, max_images: int | None 
         raise UserError(f"{'; '.join(refused)} on {source}; the file is kept for inspection, do not serve it "
                         "(a larger --max_accuracy_drop would accept it)")
     if precision.latency_repeats:
-        results["latency"] = latency_table(run, model, results, pixel_values[0], precision, pictures)
+        results["latency"] = latency_table(run, model, task, results, pixel_values[0], precision, pictures)
         _write(out, results)
-        results["card"] = update_card(run, results["latency"])
+        # the card and the report show the table of the run's own test split; one of other images stays in the results
+        results["card"] = update_card(run, results["latency"]) if images is None else None
         _write(out, results)
     return results
 
@@ -313,6 +318,31 @@ def to_onnx(model, example: torch.Tensor, path: Path, opset: int | None = None) 
     except Exception as exc:  # the exporter's failures are many and long: the first line says which
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"torch's ONNX exporter cannot export this {model.config.model_type} model: {first}") from exc
+
+
+def _check_threshold(run: Path) -> None:
+    """A model with several labels per image answers with its decisions at the threshold its run chose on validation;
+    without one (a checkpoint-N folder: the run chooses it at the end) predict could not serve the file, and a smaller
+    precision would be judged at a threshold the model was never given."""
+    config = json.loads((run / "config.json").read_text())
+    if config.get("problem_type") == "multi_label_classification" and config.get("multi_label_threshold") is None:
+        raise UserError(f"'{run}' has several labels per image but no decision threshold (multi_label_threshold in its "
+                        "config.json; a checkpoint-N folder has none, the run chooses it on validation at the end): "
+                        "export the run's output directory, or add the threshold to its config.json")
+
+
+def _check_opset(path: Path, opset: int | None) -> None:
+    """torch's exporter writes opset 18 and converts to an older one when asked; when it cannot, it keeps 18 and only
+    logs it: a file of another opset than --opset asks for is refused."""
+    import onnx
+
+    if opset is None:
+        return
+    written = next(o.version for o in onnx.load(str(path), load_external_data=False).opset_import if o.domain in ("", "ai.onnx"))
+    if written != opset:
+        path.unlink(missing_ok=True)
+        raise UserError(f"torch's ONNX exporter cannot write this model in opset {opset} (it wrote {written}): pass "
+                        "--opset 18 or later, or leave it out")
 
 
 def _add_metadata(path: Path, config, processor, precision: str = "fp32") -> None:

@@ -137,8 +137,9 @@ def build_report(runs: list[str | Path], output: str | Path) -> str:
         "the epoch whose validation accuracy chose the final checkpoint.",
     ]
     deployed = [(Path(run), exported_table(Path(run))) for run in runs]
-    deployment = [f"## Deployment of {run.name}: latency and size\n\n{markdown(latency)} Files: "
-                  f"`{latency.get('files', '?')}`.\n" for run, latency in deployed if latency]  # written by export
+    deployment = [f"## Deployment of {run}: latency and size\n\n{markdown(latency)}"
+                  + (f" Files: `{latency['files']}`." if latency.get("files") else "") + "\n"
+                  for run, latency in deployed if latency]  # written by export
     text = "\n".join(["# Run comparison", "", table, "", *notes, "", *deployment, "![curves](curves.png)", "",
                       "![confusion matrices](confusion_matrices.png)", ""])
     (output / "report.md").write_text(text)

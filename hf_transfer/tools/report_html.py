@@ -11,6 +11,7 @@ run lacks says so in one line, with the command that makes it.
 from __future__ import annotations
 
 import json
+import shlex
 from html import escape
 from pathlib import Path
 
@@ -235,14 +236,14 @@ def _deployment(run: Path) -> str:
     if table is None:
         return _missing("Deployment: no latency table (deployment.json, written by an export). Measure the "
                         "model's size and latency in ONNX fp32 and int8 (a distilled student's beside its teacher's) with "
-                        f"<code>python -m hf_transfer export {escape(str(run))} --quantize int8</code>.")
+                        f"<code>python -m hf_transfer export {escape(shlex.quote(str(run)))} --quantize int8</code>.")
     titles, rows, note = cells(table)
     head = "".join(f"<th>{escape(title)}</th>" for title in titles)
     body = "".join("<tr>" + "".join(f"<td{'' if i < 2 else ' class=num'}>{escape(cell)}</td>"
                                     for i, cell in enumerate(row)) + "</tr>" for row in rows)
     return (f"<h3>Deployment: latency and size</h3><table><tr>{head}</tr>{body}</table>"
-            f"<p><small>{escape(note.replace('`', ''))} Files: <code>{escape(table.get('files', '?'))}</code>."
-            "</small></p>")
+            f"<p><small>{escape(note.replace('`', ''))}"
+            + (f" Files: <code>{escape(table['files'])}</code>." if table.get("files") else "") + "</small></p>")
 
 
 def _most_wrong(run: Path, images: RunImages, labels: list[str]) -> str:

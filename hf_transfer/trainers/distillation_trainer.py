@@ -151,7 +151,8 @@ class DistillationTrainer(TransferTrainer):
         same = self.teacher_task.predictions(teacher_logits) == self.task.predictions(output.predictions)
         return {
             "test_teacher_accuracy": teacher["accuracy"],
-            **({"test_teacher_map": teacher["map"], "test_teacher_threshold": teacher["threshold"]}
+            **({"test_teacher_map": teacher["map"], "test_teacher_f1": teacher["f1"],
+                "test_teacher_threshold": teacher["threshold"]}
                if self.task.multi_label else {}),
             "test_agreement": float(same.reshape(len(same), -1).all(-1).mean()),
         }
