@@ -62,6 +62,7 @@ def stated_range(what: str) -> tuple[float, float]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # six whole commands: 263-330 s on 2 quiet cores, more on a shared machine
 def test_readme_walkthrough_as_written(tmp_path, monkeypatch, capsys):
     """The README's figures within a margin only machine-to-machine rounding explains (360 test images: one image is
     0.003): the ranges the README states are what 1, 2 and 4 threads gave. The student is smaller than its teacher
