@@ -366,10 +366,11 @@ def _add_metadata(path: Path, config, processor, precision: str = "fp32") -> Non
 
 
 def _onnx_runner(path: Path):
-    """onnxruntime's CPU session on `path` as a call: pixel_values array -> logits array."""
-    import onnxruntime
+    """onnxruntime's CPU session on `path` (`latency.onnx_session`, its default threads) as a call: pixel_values
+    array -> logits array."""
+    from .latency import onnx_session
 
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = onnx_session(path)
     return lambda pixel_values: session.run(["logits"], {"pixel_values": pixel_values})[0]
 
 
